@@ -1,0 +1,67 @@
+"""Settings: plain data, read once at start-up from flags and the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_API_PORT = 8700
+DEFAULT_PROXY_PORT = 8443
+DEFAULT_PROXY_HTTP_PORT = 8780
+DEFAULT_DOMAIN = "microvm.localhost"
+DEFAULT_REGION = "us-east-1"
+
+
+def default_data_dir() -> Path:
+    """``EMBERVM_DATA_DIR`` or ``~/.local/share/embervm`` (DESIGN §1)."""
+    env = os.environ.get("EMBERVM_DATA_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path.home() / ".local" / "share" / "embervm"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen_host: str = "127.0.0.1"
+    api_port: int = DEFAULT_API_PORT
+    proxy_port: int = DEFAULT_PROXY_PORT
+    proxy_http_port: int = DEFAULT_PROXY_HTTP_PORT
+    domain: str = DEFAULT_DOMAIN
+    region: str = DEFAULT_REGION
+    account_id: str = "000000000000"
+    database_url: str | None = None  # default: sqlite in data_dir
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Guest kernel, initramfs and base images, cached by content hash."""
+        return self.data_dir / "artifacts"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.data_dir / "credentials"
+
+    @property
+    def sqlite_url(self) -> str:
+        return f"sqlite+aiosqlite:///{self.data_dir / 'embervm.db'}"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or self.sqlite_url
