@@ -1,0 +1,3 @@
+from embervm.cli import main
+
+main()

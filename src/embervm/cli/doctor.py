@@ -1,0 +1,172 @@
+"""``embervm doctor``: check the host, and say how to fix each problem."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from embervm.cli._app import current
+from embervm.cli._output import OutputFormat, OutputOption, console, emit
+from embervm.config import DEFAULT_API_PORT, DEFAULT_PROXY_HTTP_PORT, DEFAULT_PROXY_PORT
+
+MIN_FREE_BYTES = 5 * 1024**3
+SETUP_FIX = "run `make setup` (installs the missing Debian packages)"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    fatal: bool = True
+
+
+def _run(argv: list[str], timeout: float = 10) -> tuple[int, str]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, str(exc)
+    return done.returncode, (done.stdout or done.stderr).strip()
+
+
+def check_binary(name: str, package: str, version_flag: str = "--version") -> Check:
+    path = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/sbin") / name) if p.exists()), None
+    )
+    if path is None:
+        return Check(name, False, "not installed", f"{SETUP_FIX} (package {package})")
+    code, out = _run([path, version_flag])
+    first = out.splitlines()[0] if out else ""
+    return Check(name, code == 0, first or path, "" if code == 0 else f"reinstall {package}")
+
+
+def check_root() -> Check:
+    ok = os.geteuid() == 0
+    return Check(
+        "privileges",
+        ok,
+        "root" if ok else f"uid {os.geteuid()}",
+        "" if ok else "run the server as root (it creates network namespaces and cgroups)",
+    )
+
+
+def check_kvm() -> Check:
+    from embervm.vmm.accel import detect_accelerator_sync
+
+    accel = detect_accelerator_sync(current().data_dir / "run" / "accel.json")
+    if accel == "kvm":
+        return Check("accelerator", True, "KVM")
+    return Check(
+        "accelerator",
+        True,
+        "TCG (software emulation): KVM is missing or does not boot guests here; VMs work, slower",
+        "for full speed use a host with working /dev/kvm (bare metal or nested virt enabled)",
+        fatal=False,
+    )
+
+
+def check_nftables() -> Check:
+    code, out = _run(["nft", "list", "tables"])
+    return Check(
+        "nftables",
+        code == 0,
+        "usable" if code == 0 else out[:120],
+        "" if code == 0 else "install nftables and run as root; the kernel needs nf_tables",
+    )
+
+
+def check_cgroups() -> Check:
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    if v2:
+        return Check("cgroups", True, "v2")
+    mounts = Path("/proc/mounts").read_text()
+    has_v1 = " cgroup " in mounts and "memory" in mounts and "cpu" in mounts
+    return Check(
+        "cgroups",
+        has_v1,
+        "v1 (cpu, memory)" if has_v1 else "no cpu/memory cgroup hierarchy",
+        "" if has_v1 else "mount cgroup v2 at /sys/fs/cgroup (or v1 cpu and memory)",
+    )
+
+
+def check_disk(data_dir: Path) -> Check:
+    probe = data_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    ok = free >= MIN_FREE_BYTES
+    return Check(
+        "disk space",
+        ok,
+        f"{free / 1024**3:.1f} GiB free at {probe}",
+        "" if ok else "free at least 5 GiB or choose another --data-dir",
+    )
+
+
+def check_port(port: int, what: str) -> Check:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return Check(
+                f"port {port}",
+                False,
+                f"in use ({what})",
+                f"stop what listens on {port} (maybe a running `embervm server`) or pick another",
+                fatal=False,
+            )
+    return Check(f"port {port}", True, f"free ({what})")
+
+
+def run_checks() -> list[Check]:
+    data_dir = current().data_dir
+    return [
+        check_root(),
+        check_binary("qemu-system-x86_64", "qemu-system-x86"),
+        check_binary("qemu-img", "qemu-utils"),
+        check_binary("mmdebstrap", "mmdebstrap"),
+        check_binary("mkfs.ext4", "e2fsprogs", "-V"),
+        check_binary("nft", "nftables"),
+        check_binary("ip", "iproute2", "-V"),
+        check_binary("dnsmasq", "dnsmasq-base"),
+        check_nftables(),
+        check_cgroups(),
+        check_kvm(),
+        check_disk(data_dir),
+        check_port(DEFAULT_API_PORT, "control API"),
+        check_port(DEFAULT_PROXY_PORT, "endpoint proxy, TLS"),
+        check_port(DEFAULT_PROXY_HTTP_PORT, "endpoint proxy, plain"),
+    ]
+
+
+def doctor(output: OutputOption = OutputFormat.text) -> None:
+    """Check QEMU, the accelerator, nftables, cgroups, disk space and ports."""
+    checks = run_checks()
+    failed = [c for c in checks if not c.ok and c.fatal]
+
+    def text() -> None:
+        for c in checks:
+            mark = (
+                "[green]ok[/green]  "
+                if c.ok
+                else ("[red]FAIL[/red]" if c.fatal else "[yellow]warn[/yellow]")
+            )
+            console.print(f"{mark} {c.name}: {c.detail}")
+            if c.fix and (not c.ok or not c.fatal):
+                console.print(f"      fix: {c.fix}")
+
+    emit([c.__dict__ for c in checks], output, text)
+    if failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(doctor)
