@@ -1,0 +1,31 @@
+"""Isolated networking for microVMs: one network namespace per VM, nftables, a resolver.
+
+Layering inside the package (everything Linux-specific is here and goes through
+``_commands.CommandRunner``):
+
+- ``_names``: interface/namespace names derived from VM ids (kernel length limits).
+- ``_addressing``: the fixed guest network and the per-VM /30 blocks of the pool.
+- ``_allocations``: which VM holds which block, persisted atomically.
+- ``_rules``: the nftables rule sets as text (pure; unit-tested).
+- ``_resolver``: the dnsmasq process guests use for DNS.
+- ``_manager``: ``NetworkManager`` ties them together.
+- ``testing``: helpers for tests (a fake runner, a veth stand-in for the guest NIC).
+
+docs/NETWORK.md describes the addressing and every rule, and why.
+"""
+
+from ._addressing import GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_PREFIX
+from ._commands import CommandResult, CommandRunner, SubprocessRunner
+from ._manager import NetworkManager, VmNetwork
+
+__all__ = [
+    "GATEWAY_IP",
+    "GUEST_IP",
+    "GUEST_MAC",
+    "GUEST_PREFIX",
+    "CommandResult",
+    "CommandRunner",
+    "NetworkManager",
+    "SubprocessRunner",
+    "VmNetwork",
+]
