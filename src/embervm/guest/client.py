@@ -1,0 +1,461 @@
+"""Host side of the agent protocol: ``AgentClient`` over QEMU's unix-socket chardev.
+
+QEMU is the chardev *server* (``server=on,wait=off``); we connect, say ``hello`` with a nonce and
+ignore everything until the matching reply (bytes left over from an earlier connection or from
+before a restore are skipped by the self-synchronising decoder). The guest is untrusted: frame
+sizes are bounded by the decoder, every field we use is type-checked, accumulated output and file
+sizes are capped, and every wait has a deadline or ends when the connection does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embervm.errors import GuestError
+from embervm.guest.agent.protocol import (
+    CHUNK,
+    PROTOCOL_VERSIONS,
+    Decoder,
+    Frame,
+    ProtocolError,
+    encode,
+)
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
+#: Extra time the host allows past an exec's own timeout for the guest to report the exit.
+EXEC_GRACE = 30.0
+MAX_OUTPUT = 64 * 1024 * 1024
+LOG_QUEUE = 10_000
+_HELLO_ATTEMPT = 5.0
+_RETRY_DELAY = 0.05
+_CLOSED = Frame({"op": "_closed"})
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    signal: int | None = None
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """The app to supervise: CMD/ENTRYPOINT argv, environment, user, restart policy."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    restart: str = "always"  # "no" | "on-failure" | "always"
+    max_restarts: int | None = None
+    name: str = "app"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    name: str
+    stream: str
+    line: bytes
+    ts_ns: int
+    seq: int
+
+
+def _int(h: dict[str, Any], key: str) -> int:
+    v = h.get(key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise GuestError(f"agent sent a bad {key!r}: {v!r:.80}")
+    return v
+
+
+def _opt_int(h: dict[str, Any], key: str) -> int | None:
+    return None if h.get(key) is None else _int(h, key)
+
+
+def _check(frame: Frame) -> dict[str, Any]:
+    """The fields of a ``result`` frame, or GuestError for an ``error`` frame."""
+    if frame is _CLOSED:
+        raise GuestError("agent connection closed")
+    if frame.op == "error":
+        code = str(frame.header.get("code"))[:64]
+        msg = str(frame.header.get("message"))[:2000]
+        raise GuestError(f"agent error {code}: {msg}")
+    if frame.op != "result":
+        raise GuestError(f"agent sent unexpected {frame.op[:64]!r}")
+    return frame.header
+
+
+class PtySession:
+    """An interactive terminal in the guest. Iterate it for output bytes; ``wait`` for the exit."""
+
+    def __init__(self, client: AgentClient, sid: int, queue: asyncio.Queue[Frame],
+                 pid: int) -> None:
+        self._client = client
+        self.sid = sid
+        self.pid = pid
+        self._queue = queue
+        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def write(self, data: bytes) -> None:
+        for i in range(0, len(data), CHUNK):
+            await self._client._notify("pty.input", {"session": self.sid}, data[i:i + CHUNK])
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._client._notify("pty.resize", {"session": self.sid, "cols": cols,
+                                                  "rows": rows})
+
+    async def signal(self, sig: int) -> None:
+        await self._client._notify("pty.signal", {"session": self.sid, "signal": int(sig)})
+
+    async def close(self) -> None:
+        """Hang up the terminal (SIGHUP to its session)."""
+        if not self._exit.done():
+            await self._client._notify("pty.close", {"session": self.sid})
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._read()
+
+    async def _read(self) -> AsyncIterator[bytes]:
+        while not self._exit.done():
+            frame = await self._queue.get()
+            if frame is _CLOSED:
+                self._exit.set_exception(GuestError("agent connection closed"))
+                self._exit.exception()
+                return
+            if frame.op == "pty.out":
+                yield frame.body
+            elif frame.op == "pty.exit":
+                self._exit.set_result(_int(frame.header, "exit_code"))
+                self._client._forget(self.sid)
+                return
+
+    async def wait(self, timeout: float | None = None) -> int:  # noqa: ASYNC109
+        """Exit code of the terminal's process (draining any output not read yet)."""
+        async with asyncio.timeout(timeout):
+            async for _ in self:
+                pass
+            return await self._exit
+
+
+class AgentClient:
+    """One connection to one VM's agent. Use ``connect``; ``close`` when done."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 request_timeout: float) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._timeout = request_timeout
+        self._decoder = Decoder()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Queue[Frame]] = {}
+        self._logs: deque[LogLine] = deque(maxlen=LOG_QUEUE)
+        self._log_event = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+        self._read_task: asyncio.Task[None] | None = None
+        self.hello: dict[str, Any] = {}
+
+    # --- connection ----------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, socket_path: Path, *, timeout: float,  # noqa: ASYNC109
+                      request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> AgentClient:
+        """Connect (retrying while QEMU or the agent is not up yet) and complete ``hello``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: BaseException | None = None
+        while loop.time() < deadline:
+            left = deadline - loop.time()
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(socket_path), limit=2 * CHUNK), left)
+            except (OSError, TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(_RETRY_DELAY)
+                continue
+            client = cls(reader, writer, request_timeout=request_timeout)
+            try:
+                await client._greet(min(_HELLO_ATTEMPT, max(deadline - loop.time(), 0.01)))
+                return client
+            except (GuestError, OSError, TimeoutError) as exc:
+                last = exc
+                await client.close()
+        raise GuestError(f"agent at {socket_path} did not answer within {timeout:.1f} s: "
+                         f"{last!r}") from last
+
+    async def _greet(self, limit: float) -> None:
+        nonce = secrets.token_hex(16)
+        self._read_task = asyncio.ensure_future(self._read_loop())
+        rid, q = self._open_request()
+        try:
+            await self._send({"op": "hello", "id": rid, "versions": list(PROTOCOL_VERSIONS),
+                              "nonce": nonce})
+            async with asyncio.timeout(limit):
+                while True:
+                    frame = await q.get()
+                    if frame.op == "result" and frame.header.get("nonce") != nonce:
+                        continue  # a reply meant for an earlier connection
+                    h = _check(frame)
+                    break
+        finally:
+            self._forget(rid)
+        if h.get("version") not in PROTOCOL_VERSIONS:
+            raise GuestError(f"agent chose unsupported version {h.get('version')!r:.40}")
+        self.hello = h
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._read_task is not None:
+            self._read_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._read_task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 2)
+        self._fail_all()
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(2 * CHUNK)
+                if not data:
+                    return
+                for frame in self._decoder.feed(data):
+                    await self._dispatch(frame)
+        except (OSError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self._closed = True
+            self._fail_all()
+
+    async def _dispatch(self, frame: Frame) -> None:
+        h = frame.header
+        if frame.op == "app.log":
+            try:
+                self._logs.append(LogLine(str(h.get("name"))[:64], str(h.get("stream"))[:16],
+                                          frame.body, _int(h, "ts_ns"), _int(h, "seq")))
+                self._log_event.set()
+            except GuestError:
+                pass
+            return
+        rid = h.get("id")
+        q = self._pending.get(rid) if isinstance(rid, int) else None
+        if q is not None:
+            await q.put(frame)  # bounded: a reader that falls behind slows the guest down
+
+    def _fail_all(self) -> None:
+        for q in self._pending.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(_CLOSED)
+        self._log_event.set()
+
+    def _open_request(self, maxsize: int = 1024) -> tuple[int, asyncio.Queue[Frame]]:
+        if self._closed:
+            raise GuestError("agent connection closed")
+        rid = next(self._ids)
+        q: asyncio.Queue[Frame] = asyncio.Queue(maxsize)
+        self._pending[rid] = q
+        return rid, q
+
+    def _forget(self, rid: int) -> None:
+        self._pending.pop(rid, None)
+
+    async def _send(self, header: dict[str, Any], body: bytes = b"") -> None:
+        try:
+            data = encode(header, body)
+        except ProtocolError as exc:
+            raise GuestError(f"cannot encode {header.get('op')}: {exc}") from exc
+        try:
+            async with asyncio.timeout(self._timeout), self._write_lock:
+                self._writer.write(data)
+                await self._writer.drain()
+        except (OSError, TimeoutError) as exc:
+            raise GuestError(f"sending {header.get('op')} to the agent failed: {exc!r}") from exc
+
+    async def _notify(self, op: str, fields: dict[str, Any], body: bytes = b"") -> None:
+        """A request whose success has no reply (PTY input, resize...)."""
+        await self._send({"op": op, "id": next(self._ids), **fields}, body)
+
+    async def _call(self, op: str, fields: dict[str, Any] | None = None, body: bytes = b"",
+                    *, limit: float | None = None) -> dict[str, Any]:
+        rid, q = self._open_request(maxsize=4)
+        try:
+            await self._send({"op": op, "id": rid, **(fields or {})}, body)
+            async with asyncio.timeout(limit or self._timeout):
+                return _check(await q.get())
+        except TimeoutError as exc:
+            raise GuestError(f"agent did not answer {op} in time") from exc
+        finally:
+            self._forget(rid)
+
+    # --- operations ----------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call("health")
+
+    async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   timeout: float | None = None,  # noqa: ASYNC109
+                   stdin: bytes | None = None,
+                   on_output: Callable[[str, bytes], None] | None = None,
+                   max_output: int = MAX_OUTPUT) -> ExecResult:
+        """Run ``argv`` to completion; the guest kills it after ``timeout`` seconds."""
+        if stdin is not None and len(stdin) > CHUNK * 4:
+            raise GuestError("stdin larger than 1 MiB: put_file it instead")
+        rid, q = self._open_request()
+        out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        truncated = False
+        try:
+            await self._send({"op": "exec", "id": rid, "argv": list(argv), "env": env or {},
+                              "cwd": cwd, "user": user, "timeout": timeout}, stdin or b"")
+            limit = None if timeout is None else timeout + EXEC_GRACE
+            async with asyncio.timeout(limit):
+                while True:
+                    frame = await q.get()
+                    if frame.op == "exec.out":
+                        stream = frame.header.get("stream")
+                        if stream not in out:
+                            raise GuestError(f"agent sent bad stream {stream!r:.40}")
+                        if on_output is not None:
+                            on_output(str(stream), frame.body)
+                        buf = out[str(stream)]
+                        room = max_output - len(out["stdout"]) - len(out["stderr"])
+                        truncated = truncated or len(frame.body) > room
+                        buf += frame.body[:max(room, 0)]
+                    elif frame.op == "exec.exit":
+                        h = frame.header
+                        return ExecResult(_int(h, "exit_code"), bytes(out["stdout"]),
+                                          bytes(out["stderr"]), h.get("timed_out") is True,
+                                          _opt_int(h, "signal"), truncated)
+                    elif frame.op != "exec.started":
+                        _check(frame)
+                        raise GuestError(f"agent sent unexpected {frame.op[:64]!r} for exec")
+        except TimeoutError as exc:
+            raise GuestError(f"agent did not finish exec of {argv[0]!r} in time") from exc
+        finally:
+            self._forget(rid)
+
+    async def open_pty(self, argv: list[str] | None = None, *, cols: int = 80, rows: int = 24,
+                       env: dict[str, str] | None = None, cwd: str | None = None,
+                       user: str | None = None) -> PtySession:
+        rid, q = self._open_request()
+        try:
+            await self._send({"op": "pty.open", "id": rid, "argv": argv, "cols": cols,
+                              "rows": rows, "env": env or {}, "cwd": cwd, "user": user})
+            async with asyncio.timeout(self._timeout):
+                h = _check(await q.get())
+        except BaseException:
+            self._forget(rid)
+            raise
+        return PtySession(self, rid, q, _int(h, "pid"))
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0,
+                       gid: int = 0) -> None:
+        """Write ``data`` to ``path`` atomically (temporary file + rename in the guest)."""
+        rid, q = self._open_request(maxsize=4)
+        try:
+            offset = 0
+            while True:
+                chunk = data[offset:offset + CHUNK]
+                last = offset + len(chunk) >= len(data)
+                await self._send({"op": "file.put", "id": rid, "path": path, "offset": offset,
+                                  "last": last, "mode": mode, "uid": uid, "gid": gid}, chunk)
+                offset += len(chunk)
+                if not q.empty():  # an early error stops the upload
+                    _check(q.get_nowait())
+                if last:
+                    break
+            async with asyncio.timeout(self._timeout):
+                h = _check(await q.get())
+            if _int(h, "size") != len(data):
+                raise GuestError(f"agent wrote {h.get('size')} of {len(data)} bytes")
+        except TimeoutError as exc:
+            raise GuestError(f"agent did not confirm writing {path}") from exc
+        finally:
+            self._forget(rid)
+
+    async def get_file(self, path: str, max_bytes: int) -> bytes:
+        rid, q = self._open_request()
+        buf = bytearray()
+        try:
+            await self._send({"op": "file.get", "id": rid, "path": path,
+                              "max_bytes": max_bytes})
+            while True:
+                async with asyncio.timeout(self._timeout):
+                    frame = await q.get()
+                if frame.op == "file.data":
+                    if _int(frame.header, "offset") != len(buf):
+                        raise GuestError("agent sent file data out of order")
+                    if len(buf) + len(frame.body) > max_bytes:
+                        raise GuestError(f"agent sent more than {max_bytes} bytes")
+                    buf += frame.body
+                    continue
+                h = _check(frame)
+                if _int(h, "size") != len(buf):
+                    raise GuestError("agent's file size disagrees with the data sent")
+                return bytes(buf)
+        except TimeoutError as exc:
+            raise GuestError(f"agent did not send {path} in time") from exc
+        finally:
+            self._forget(rid)
+
+    async def start_app(self, spec: AppSpec) -> dict[str, Any]:
+        return await self._call("app.start", {
+            "name": spec.name, "argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd,
+            "user": spec.user, "restart": spec.restart, "max_restarts": spec.max_restarts})
+
+    async def stop_app(self, name: str = "app", *, grace: float = 10.0) -> dict[str, Any]:
+        return await self._call("app.stop", {"name": name, "grace": grace},
+                                limit=grace + self._timeout)
+
+    async def app_status(self) -> list[dict[str, Any]]:
+        apps = (await self._call("app.status")).get("apps")
+        if not isinstance(apps, list) or not all(isinstance(a, dict) for a in apps):
+            raise GuestError("agent sent a bad app list")
+        return apps
+
+    async def app_logs(self) -> AsyncIterator[LogLine]:
+        """App output lines as they arrive (the newest ``LOG_QUEUE`` are kept if unread)."""
+        while True:
+            while self._logs:
+                yield self._logs.popleft()
+            if self._closed:
+                return
+            self._log_event.clear()
+            await self._log_event.wait()
+
+    async def after_restore(self, *, wall_clock_ns: int | None = None,
+                            entropy: bytes | None = None) -> dict[str, Any]:
+        """Set the guest clock and reseed its RNG (clones must not share either)."""
+        return await self._call(
+            "after_restore", {"wall_clock_ns": wall_clock_ns or time.time_ns()},
+            entropy if entropy is not None else os.urandom(64))
+
+    async def quiesce(self, *, auto_thaw: float = 30.0) -> bool:
+        """sync + freeze ``/``; True if frozen. The guest thaws itself after ``auto_thaw`` s."""
+        return (await self._call("quiesce", {"auto_thaw": auto_thaw})).get("frozen") is True
+
+    async def thaw(self) -> None:
+        await self._call("thaw")
