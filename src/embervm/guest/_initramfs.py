@@ -77,10 +77,21 @@ def agent_files() -> Iterator[tuple[str, bytes]]:
 def build_initramfs(modules_dir: Path) -> bytes:
     """The newc archive for the kernel whose modules (and ``order``) sit in ``modules_dir``."""
     order = modules_dir.joinpath("order").read_text().split()
-    entries = [cpio.directory(d) for d in (
-        "bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules",
-        "embervm", "embervm/lib", f"embervm/lib/{GUEST_AGENT_MODULE}",
-    )]
+    entries = [
+        cpio.directory(d)
+        for d in (
+            "bin",
+            "dev",
+            "proc",
+            "sys",
+            "newroot",
+            "lib",
+            "lib/modules",
+            "embervm",
+            "embervm/lib",
+            f"embervm/lib/{GUEST_AGENT_MODULE}",
+        )
+    ]
     entries += [
         cpio.chardev("dev/console", 5, 1),
         cpio.chardev("dev/null", 1, 3, 0o666),

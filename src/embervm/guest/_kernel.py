@@ -47,9 +47,7 @@ def parse_meta_depends(depends: str) -> KernelPackage:
 
 async def resolve_kernel_package() -> KernelPackage:
     """Ask the local apt cache which kernel the meta package's candidate version depends on."""
-    out = await run_tool(
-        ["apt-cache", "show", "--no-all-versions", META_PACKAGE], time_limit=60
-    )
+    out = await run_tool(["apt-cache", "show", "--no-all-versions", META_PACKAGE], time_limit=60)
     for line in out.decode(errors="replace").splitlines():
         if line.startswith("Depends:"):
             return parse_meta_depends(line.split(":", 1)[1])
@@ -95,9 +93,7 @@ def load_order(deps: dict[str, list[str]], wanted: tuple[str, ...]) -> list[str]
     return order
 
 
-async def fetch_kernel(
-    pkg: KernelPackage, dest: Path, progress: Callable[[str], None]
-) -> str:
+async def fetch_kernel(pkg: KernelPackage, dest: Path, progress: Callable[[str], None]) -> str:
     """Fill ``dest`` with ``vmlinuz``, ``release``, ``modules/*.ko`` and ``modules/order``.
 
     Returns the kernel release (``6.1.0-NN-cloud-amd64``).
@@ -105,8 +101,9 @@ async def fetch_kernel(
     with tempfile.TemporaryDirectory(prefix="embervm-kernel-") as work_s:
         work = Path(work_s)
         progress(f"downloading {pkg.name}={pkg.version}")
-        await run_tool(["apt-get", "download", f"{pkg.name}={pkg.version}"], cwd=work,
-                       time_limit=600)
+        await run_tool(
+            ["apt-get", "download", f"{pkg.name}={pkg.version}"], cwd=work, time_limit=600
+        )
         deb = _single_deb(work)
         tree = work / "x"
         progress("unpacking kernel package")
@@ -139,9 +136,7 @@ def _keep_needed(tree: Path, release: str, dest: Path) -> None:
     (dest / "modules").mkdir()
     for rel in order:
         shutil.copy2(moddir / rel, dest / "modules" / rel.rsplit("/", 1)[-1])
-    (dest / "modules" / "order").write_text(
-        "".join(rel.rsplit("/", 1)[-1] + "\n" for rel in order)
-    )
+    (dest / "modules" / "order").write_text("".join(rel.rsplit("/", 1)[-1] + "\n" for rel in order))
     shutil.copy2(tree / "boot" / f"vmlinuz-{release}", dest / "vmlinuz")
     shutil.copy2(tree / "boot" / f"config-{release}", dest / "config")
     (dest / "release").write_text(release + "\n")

@@ -35,9 +35,7 @@ GUEST_HOSTNAME = "embervm"
 GUEST_DNS = "10.0.2.2"
 ROOTFS_RECIPE = "rootfs-v1"
 
-_PEM_RE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.DOTALL
-)
+_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -59,8 +57,17 @@ class RootfsRecipe:
         return cls(
             suite="bookworm",
             packages=(
-                "python3", "python3-venv", "python3-pip", "ca-certificates", "curl",
-                "iproute2", "procps", "util-linux", "iputils-ping", "less", "netbase",
+                "python3",
+                "python3-venv",
+                "python3-pip",
+                "ca-certificates",
+                "curl",
+                "iproute2",
+                "procps",
+                "util-linux",
+                "iputils-ping",
+                "less",
+                "netbase",
             ),
             sources=(
                 "deb http://deb.debian.org/debian bookworm main",
@@ -73,8 +80,13 @@ class RootfsRecipe:
 
     def hash_parts(self) -> list[bytes | str]:
         return [
-            ROOTFS_RECIPE, self.suite, *self.packages, *self.sources, str(self.size),
-            hashlib.sha256(self.host_ca).hexdigest(), _CUSTOMISE_VERSION,
+            ROOTFS_RECIPE,
+            self.suite,
+            *self.packages,
+            *self.sources,
+            str(self.size),
+            hashlib.sha256(self.host_ca).hexdigest(),
+            _CUSTOMISE_VERSION,
         ]
 
 
@@ -105,14 +117,20 @@ async def build_rootfs(recipe: RootfsRecipe, dest: Path, progress: Callable[[str
         progress(f"mmdebstrap {recipe.suite} (minbase + {len(recipe.packages)} packages)")
         await run_tool(
             [
-                "mmdebstrap", "--quiet", "--variant=minbase", "--mode=root",
-                "--format=directory", f"--include={','.join(recipe.packages)}",
+                "mmdebstrap",
+                "--quiet",
+                "--variant=minbase",
+                "--mode=root",
+                "--format=directory",
+                f"--include={','.join(recipe.packages)}",
                 "--dpkgopt=path-exclude=/usr/share/man/*",
                 "--dpkgopt=path-exclude=/usr/share/doc/*",
                 "--dpkgopt=path-include=/usr/share/doc/*/copyright",
                 "--dpkgopt=path-exclude=/usr/share/locale/*",
                 "--dpkgopt=path-exclude=/usr/share/info/*",
-                recipe.suite, str(tree), *recipe.sources,
+                recipe.suite,
+                str(tree),
+                *recipe.sources,
             ],
             time_limit=1200,
         )
@@ -122,8 +140,18 @@ async def build_rootfs(recipe: RootfsRecipe, dest: Path, progress: Callable[[str
         await asyncio.to_thread(_sparse_file, dest, recipe.size)
         await run_tool(
             [
-                "mkfs.ext4", "-q", "-F", "-L", "embervm-root", "-m", "0",
-                "-E", "assume_storage_prezeroed=1", "-d", str(tree), str(dest),
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                "embervm-root",
+                "-m",
+                "0",
+                "-E",
+                "assume_storage_prezeroed=1",
+                "-d",
+                str(tree),
+                str(dest),
             ],
             time_limit=600,
         )

@@ -62,9 +62,7 @@ async def ensure_kernel(
     async def build(tmp: Path) -> None:
         await _kernel.fetch_kernel(pkg, tmp, report)
 
-    kdir = await cached_dir(
-        artifacts_dir, "kernel", key, build, lock_timeout=_KERNEL_LOCK_TIMEOUT
-    )
+    kdir = await cached_dir(artifacts_dir, "kernel", key, build, lock_timeout=_KERNEL_LOCK_TIMEOUT)
     return kdir, (kdir / "release").read_text().strip()
 
 
@@ -89,8 +87,9 @@ async def ensure_boot_artifacts(
     idir = await cached_dir(
         artifacts_dir, "initramfs", key, build, lock_timeout=_KERNEL_LOCK_TIMEOUT
     )
-    return BootArtifacts(kernel=kdir / "vmlinuz", initrd=idir / "initrd.cpio",
-                         kernel_release=release)
+    return BootArtifacts(
+        kernel=kdir / "vmlinuz", initrd=idir / "initrd.cpio", kernel_release=release
+    )
 
 
 async def ensure_base_disk(
@@ -116,8 +115,9 @@ async def ensure_guest_artifacts(
     """Kernel, initramfs and base disk, building whatever is missing or stale."""
     boot = await ensure_boot_artifacts(artifacts_dir, progress=progress)
     disk = await ensure_base_disk(artifacts_dir, progress=progress)
-    return GuestArtifacts(kernel=boot.kernel, initrd=boot.initrd, base_disk=disk,
-                          kernel_release=boot.kernel_release)
+    return GuestArtifacts(
+        kernel=boot.kernel, initrd=boot.initrd, base_disk=disk, kernel_release=boot.kernel_release
+    )
 
 
 def host_tsc_khz(
@@ -162,10 +162,24 @@ def kernel_cmdline(*, guest_ip: str, gateway: str, prefix: int, tsc_khz: int | N
     when ``tsc_khz`` is None it is left out and the VMM must keep the PIT on.
     """
     params = [
-        "console=ttyS0", "quiet", "loglevel=1", "panic=-1", "reboot=k", "mitigations=off",
-        "nokaslr", "init_on_alloc=0", "cryptomgr.notests", "random.trust_cpu=on",
-        "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "8250.nr_uarts=1",
-        "audit=0", "apparmor=0", "rcupdate.rcu_expedited=1",
+        "console=ttyS0",
+        "quiet",
+        "loglevel=1",
+        "panic=-1",
+        "reboot=k",
+        "mitigations=off",
+        "nokaslr",
+        "init_on_alloc=0",
+        "cryptomgr.notests",
+        "random.trust_cpu=on",
+        "i8042.noaux",
+        "i8042.nomux",
+        "i8042.nopnp",
+        "i8042.dumbkbd",
+        "8250.nr_uarts=1",
+        "audit=0",
+        "apparmor=0",
+        "rcupdate.rcu_expedited=1",
     ]
     if tsc_khz is not None:
         if tsc_khz <= 0:

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -100,8 +101,9 @@ def _check(frame: Frame) -> dict[str, Any]:
 class PtySession:
     """An interactive terminal in the guest. Iterate it for output bytes; ``wait`` for the exit."""
 
-    def __init__(self, client: AgentClient, sid: int, queue: asyncio.Queue[Frame],
-                 pid: int) -> None:
+    def __init__(
+        self, client: AgentClient, sid: int, queue: asyncio.Queue[Frame], pid: int
+    ) -> None:
         self._client = client
         self.sid = sid
         self.pid = pid
@@ -110,11 +112,10 @@ class PtySession:
 
     async def write(self, data: bytes) -> None:
         for i in range(0, len(data), CHUNK):
-            await self._client._notify("pty.input", {"session": self.sid}, data[i:i + CHUNK])
+            await self._client._notify("pty.input", {"session": self.sid}, data[i : i + CHUNK])
 
     async def resize(self, cols: int, rows: int) -> None:
-        await self._client._notify("pty.resize", {"session": self.sid, "cols": cols,
-                                                  "rows": rows})
+        await self._client._notify("pty.resize", {"session": self.sid, "cols": cols, "rows": rows})
 
     async def signal(self, sig: int) -> None:
         await self._client._notify("pty.signal", {"session": self.sid, "signal": int(sig)})
@@ -152,8 +153,9 @@ class PtySession:
 class AgentClient:
     """One connection to one VM's agent. Use ``connect``; ``close`` when done."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 request_timeout: float) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, request_timeout: float
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._timeout = request_timeout
@@ -170,8 +172,13 @@ class AgentClient:
     # --- connection ----------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, socket_path: Path, *, timeout: float,  # noqa: ASYNC109
-                      request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> AgentClient:
+    async def connect(
+        cls,
+        socket_path: Path,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> AgentClient:
         """Connect (retrying while QEMU or the agent is not up yet) and complete ``hello``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -180,7 +187,8 @@ class AgentClient:
             left = deadline - loop.time()
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(socket_path), limit=2 * CHUNK), left)
+                    asyncio.open_unix_connection(str(socket_path), limit=2 * CHUNK), left
+                )
             except (OSError, TimeoutError) as exc:
                 last = exc
                 await asyncio.sleep(_RETRY_DELAY)
@@ -192,16 +200,38 @@ class AgentClient:
             except (GuestError, OSError, TimeoutError) as exc:
                 last = exc
                 await client.close()
-        raise GuestError(f"agent at {socket_path} did not answer within {timeout:.1f} s: "
-                         f"{last!r}") from last
+        raise GuestError(
+            f"agent at {socket_path} did not answer within {timeout:.1f} s: {last!r}"
+        ) from last
+
+    @classmethod
+    async def over_socket(
+        cls,
+        sock: socket.socket,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> AgentClient:
+        """Speak to an agent on an already connected stream socket (tests, other transports)."""
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2 * CHUNK)
+        client = cls(reader, writer, request_timeout=request_timeout)
+        try:
+            await client._greet(timeout)
+        except BaseException as exc:
+            await client.close()
+            if isinstance(exc, TimeoutError):
+                raise GuestError("agent did not answer hello in time") from exc
+            raise
+        return client
 
     async def _greet(self, limit: float) -> None:
         nonce = secrets.token_hex(16)
         self._read_task = asyncio.ensure_future(self._read_loop())
         rid, q = self._open_request()
         try:
-            await self._send({"op": "hello", "id": rid, "versions": list(PROTOCOL_VERSIONS),
-                              "nonce": nonce})
+            await self._send(
+                {"op": "hello", "id": rid, "versions": list(PROTOCOL_VERSIONS), "nonce": nonce}
+            )
             async with asyncio.timeout(limit):
                 while True:
                     frame = await q.get()
@@ -254,8 +284,15 @@ class AgentClient:
         h = frame.header
         if frame.op == "app.log":
             try:
-                self._logs.append(LogLine(str(h.get("name"))[:64], str(h.get("stream"))[:16],
-                                          frame.body, _int(h, "ts_ns"), _int(h, "seq")))
+                self._logs.append(
+                    LogLine(
+                        str(h.get("name"))[:64],
+                        str(h.get("stream"))[:16],
+                        frame.body,
+                        _int(h, "ts_ns"),
+                        _int(h, "seq"),
+                    )
+                )
                 self._log_event.set()
             except GuestError:
                 pass
@@ -298,8 +335,14 @@ class AgentClient:
         """A request whose success has no reply (PTY input, resize...)."""
         await self._send({"op": op, "id": next(self._ids), **fields}, body)
 
-    async def _call(self, op: str, fields: dict[str, Any] | None = None, body: bytes = b"",
-                    *, limit: float | None = None) -> dict[str, Any]:
+    async def _call(
+        self,
+        op: str,
+        fields: dict[str, Any] | None = None,
+        body: bytes = b"",
+        *,
+        limit: float | None = None,
+    ) -> dict[str, Any]:
         rid, q = self._open_request(maxsize=4)
         try:
             await self._send({"op": op, "id": rid, **(fields or {})}, body)
@@ -315,12 +358,18 @@ class AgentClient:
     async def health(self) -> dict[str, Any]:
         return await self._call("health")
 
-    async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
-                   cwd: str | None = None, user: str | None = None,
-                   timeout: float | None = None,  # noqa: ASYNC109
-                   stdin: bytes | None = None,
-                   on_output: Callable[[str, bytes], None] | None = None,
-                   max_output: int = MAX_OUTPUT) -> ExecResult:
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+        stdin: bytes | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+        max_output: int = MAX_OUTPUT,
+    ) -> ExecResult:
         """Run ``argv`` to completion; the guest kills it after ``timeout`` seconds."""
         if stdin is not None and len(stdin) > CHUNK * 4:
             raise GuestError("stdin larger than 1 MiB: put_file it instead")
@@ -328,8 +377,18 @@ class AgentClient:
         out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         truncated = False
         try:
-            await self._send({"op": "exec", "id": rid, "argv": list(argv), "env": env or {},
-                              "cwd": cwd, "user": user, "timeout": timeout}, stdin or b"")
+            await self._send(
+                {
+                    "op": "exec",
+                    "id": rid,
+                    "argv": list(argv),
+                    "env": env or {},
+                    "cwd": cwd,
+                    "user": user,
+                    "timeout": timeout,
+                },
+                stdin or b"",
+            )
             limit = None if timeout is None else timeout + EXEC_GRACE
             async with asyncio.timeout(limit):
                 while True:
@@ -343,12 +402,17 @@ class AgentClient:
                         buf = out[str(stream)]
                         room = max_output - len(out["stdout"]) - len(out["stderr"])
                         truncated = truncated or len(frame.body) > room
-                        buf += frame.body[:max(room, 0)]
+                        buf += frame.body[: max(room, 0)]
                     elif frame.op == "exec.exit":
                         h = frame.header
-                        return ExecResult(_int(h, "exit_code"), bytes(out["stdout"]),
-                                          bytes(out["stderr"]), h.get("timed_out") is True,
-                                          _opt_int(h, "signal"), truncated)
+                        return ExecResult(
+                            _int(h, "exit_code"),
+                            bytes(out["stdout"]),
+                            bytes(out["stderr"]),
+                            h.get("timed_out") is True,
+                            _opt_int(h, "signal"),
+                            truncated,
+                        )
                     elif frame.op != "exec.started":
                         _check(frame)
                         raise GuestError(f"agent sent unexpected {frame.op[:64]!r} for exec")
@@ -357,13 +421,30 @@ class AgentClient:
         finally:
             self._forget(rid)
 
-    async def open_pty(self, argv: list[str] | None = None, *, cols: int = 80, rows: int = 24,
-                       env: dict[str, str] | None = None, cwd: str | None = None,
-                       user: str | None = None) -> PtySession:
+    async def open_pty(
+        self,
+        argv: list[str] | None = None,
+        *,
+        cols: int = 80,
+        rows: int = 24,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> PtySession:
         rid, q = self._open_request()
         try:
-            await self._send({"op": "pty.open", "id": rid, "argv": argv, "cols": cols,
-                              "rows": rows, "env": env or {}, "cwd": cwd, "user": user})
+            await self._send(
+                {
+                    "op": "pty.open",
+                    "id": rid,
+                    "argv": argv,
+                    "cols": cols,
+                    "rows": rows,
+                    "env": env or {},
+                    "cwd": cwd,
+                    "user": user,
+                }
+            )
             async with asyncio.timeout(self._timeout):
                 h = _check(await q.get())
         except BaseException:
@@ -371,17 +452,29 @@ class AgentClient:
             raise
         return PtySession(self, rid, q, _int(h, "pid"))
 
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0,
-                       gid: int = 0) -> None:
+    async def put_file(
+        self, path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0
+    ) -> None:
         """Write ``data`` to ``path`` atomically (temporary file + rename in the guest)."""
         rid, q = self._open_request(maxsize=4)
         try:
             offset = 0
             while True:
-                chunk = data[offset:offset + CHUNK]
+                chunk = data[offset : offset + CHUNK]
                 last = offset + len(chunk) >= len(data)
-                await self._send({"op": "file.put", "id": rid, "path": path, "offset": offset,
-                                  "last": last, "mode": mode, "uid": uid, "gid": gid}, chunk)
+                await self._send(
+                    {
+                        "op": "file.put",
+                        "id": rid,
+                        "path": path,
+                        "offset": offset,
+                        "last": last,
+                        "mode": mode,
+                        "uid": uid,
+                        "gid": gid,
+                    },
+                    chunk,
+                )
                 offset += len(chunk)
                 if not q.empty():  # an early error stops the upload
                     _check(q.get_nowait())
@@ -400,8 +493,7 @@ class AgentClient:
         rid, q = self._open_request()
         buf = bytearray()
         try:
-            await self._send({"op": "file.get", "id": rid, "path": path,
-                              "max_bytes": max_bytes})
+            await self._send({"op": "file.get", "id": rid, "path": path, "max_bytes": max_bytes})
             while True:
                 async with asyncio.timeout(self._timeout):
                     frame = await q.get()
@@ -422,13 +514,23 @@ class AgentClient:
             self._forget(rid)
 
     async def start_app(self, spec: AppSpec) -> dict[str, Any]:
-        return await self._call("app.start", {
-            "name": spec.name, "argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd,
-            "user": spec.user, "restart": spec.restart, "max_restarts": spec.max_restarts})
+        return await self._call(
+            "app.start",
+            {
+                "name": spec.name,
+                "argv": list(spec.argv),
+                "env": dict(spec.env),
+                "cwd": spec.cwd,
+                "user": spec.user,
+                "restart": spec.restart,
+                "max_restarts": spec.max_restarts,
+            },
+        )
 
     async def stop_app(self, name: str = "app", *, grace: float = 10.0) -> dict[str, Any]:
-        return await self._call("app.stop", {"name": name, "grace": grace},
-                                limit=grace + self._timeout)
+        return await self._call(
+            "app.stop", {"name": name, "grace": grace}, limit=grace + self._timeout
+        )
 
     async def app_status(self) -> list[dict[str, Any]]:
         apps = (await self._call("app.status")).get("apps")
@@ -446,12 +548,15 @@ class AgentClient:
             self._log_event.clear()
             await self._log_event.wait()
 
-    async def after_restore(self, *, wall_clock_ns: int | None = None,
-                            entropy: bytes | None = None) -> dict[str, Any]:
+    async def after_restore(
+        self, *, wall_clock_ns: int | None = None, entropy: bytes | None = None
+    ) -> dict[str, Any]:
         """Set the guest clock and reseed its RNG (clones must not share either)."""
         return await self._call(
-            "after_restore", {"wall_clock_ns": wall_clock_ns or time.time_ns()},
-            entropy if entropy is not None else os.urandom(64))
+            "after_restore",
+            {"wall_clock_ns": wall_clock_ns or time.time_ns()},
+            entropy if entropy is not None else os.urandom(64),
+        )
 
     async def quiesce(self, *, auto_thaw: float = 30.0) -> bool:
         """sync + freeze ``/``; True if frozen. The guest thaws itself after ``auto_thaw`` s."""

@@ -70,8 +70,13 @@ class Agent:
 
     async def run(self) -> None:
         self.reaper = children.Reaper()
-        self.chan = Channel(self._fd, self._on_frame, self._on_connect, self._on_disconnect,
-                            reconnectable=self._reconnectable)
+        self.chan = Channel(
+            self._fd,
+            self._on_frame,
+            self._on_connect,
+            self._on_disconnect,
+            reconnectable=self._reconnectable,
+        )
         self.apps = Supervisor(self._send, self.reaper)
         self.chan.start()
         try:
@@ -180,19 +185,35 @@ class Agent:
         self._reset_sessions()
         self.reaper.forget_early()
         self._greeted = True
-        self._reply(rid, version=max(common), nonce=nonce, agent_version=AGENT_VERSION,
-                    kernel_release=system.kernel_release(), boot_id=system.boot_id(),
-                    pid=os.getpid(), uptime=system.uptime())
+        self._reply(
+            rid,
+            version=max(common),
+            nonce=nonce,
+            agent_version=AGENT_VERSION,
+            kernel_release=system.kernel_release(),
+            boot_id=system.boot_id(),
+            pid=os.getpid(),
+            uptime=system.uptime(),
+        )
         self.apps.flush_ring()
 
     async def op_health(self, rid: int, h: dict[str, Any], body: bytes) -> None:
-        self._reply(rid, status="ok", agent_version=AGENT_VERSION, pid=os.getpid(),
-                    uptime=system.uptime(), agent_uptime=time.monotonic() - self._started,
-                    kernel_release=system.kernel_release(), memory_kib=system.meminfo(),
-                    loadavg=list(os.getloadavg()), sessions=len(self._sessions),
-                    frozen=self._frozen, wall_clock_ns=time.time_ns(),
-                    apps=[a.status() for a in self.apps.apps.values()],
-                    discarded_bytes=self.chan.discarded_bytes)
+        self._reply(
+            rid,
+            status="ok",
+            agent_version=AGENT_VERSION,
+            pid=os.getpid(),
+            uptime=system.uptime(),
+            agent_uptime=time.monotonic() - self._started,
+            kernel_release=system.kernel_release(),
+            memory_kib=system.meminfo(),
+            loadavg=list(os.getloadavg()),
+            sessions=len(self._sessions),
+            frozen=self._frozen,
+            wall_clock_ns=time.time_ns(),
+            apps=[a.status() for a in self.apps.apps.values()],
+            discarded_bytes=self.chan.discarded_bytes,
+        )
 
     async def op_exec(self, rid: int, h: dict[str, Any], body: bytes) -> None:
         argv = get_argv(h)
@@ -262,9 +283,11 @@ class Agent:
             up.write(offset, body)
             if last:
                 del self._uploads[rid]
-                size = up.commit(get_int(h, "mode", lo=0, hi=0o7777, default=0o644),
-                                 get_int(h, "uid", lo=0, hi=2**32 - 2, default=0),
-                                 get_int(h, "gid", lo=0, hi=2**32 - 2, default=0))
+                size = up.commit(
+                    get_int(h, "mode", lo=0, hi=0o7777, default=0o644),
+                    get_int(h, "uid", lo=0, hi=2**32 - 2, default=0),
+                    get_int(h, "gid", lo=0, hi=2**32 - 2, default=0),
+                )
                 self._reply(rid, size=size)
         except BaseException:
             self._uploads.pop(rid, None)
@@ -288,9 +311,14 @@ class Agent:
         argv = get_argv(h)
         assert argv is not None
         spec = AppSpec(
-            name=get_str(h, "name", max_len=64, default="app"), argv=argv, env=get_env(h),
-            cwd=get_opt_str(h, "cwd"), user=get_opt_str(h, "user", max_len=256),
-            restart=restart, max_restarts=get_opt_int(h, "max_restarts", lo=0, hi=10**6))
+            name=get_str(h, "name", max_len=64, default="app"),
+            argv=argv,
+            env=get_env(h),
+            cwd=get_opt_str(h, "cwd"),
+            user=get_opt_str(h, "user", max_len=256),
+            restart=restart,
+            max_restarts=get_opt_int(h, "max_restarts", lo=0, hi=10**6),
+        )
         try:
             app = self.apps.start(spec)
         except ValueError as exc:
@@ -303,9 +331,11 @@ class Agent:
         if name not in self.apps.apps:
             raise RequestError("not_found", f"no app {name!r}")
         grace = get_num(h, "grace", lo=0.0, hi=300.0)
-        app = await self.apps.stop(name, get_int(h, "signal", lo=1, hi=64,
-                                                 default=signal.SIGTERM),
-                                   10.0 if grace is None else grace)
+        app = await self.apps.stop(
+            name,
+            get_int(h, "signal", lo=1, hi=64, default=signal.SIGTERM),
+            10.0 if grace is None else grace,
+        )
         self._reply(rid, **app.status())
 
     async def op_app_status(self, rid: int, h: dict[str, Any], body: bytes) -> None:
@@ -330,8 +360,7 @@ class Agent:
             self._reply(rid, frozen=True, auto_thaw=limit)
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, system.freeze, self._freeze_path)
+            await asyncio.get_running_loop().run_in_executor(None, system.freeze, self._freeze_path)
         except OSError as exc:
             # Synced at least; not every filesystem can freeze (e.g. a tmpfs root in tests).
             self._reply(rid, frozen=False, synced=True, reason=exc.strerror or str(exc))

@@ -56,9 +56,15 @@ class App:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.spec.name, "state": self.state, "pid": self.pid,
-                "restarts": self.restarts, "last_exit_code": self.last_exit_code,
-                "started_at_ns": self.started_at_ns, "error": self.error}
+        return {
+            "name": self.spec.name,
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit_code,
+            "started_at_ns": self.started_at_ns,
+            "error": self.error,
+        }
 
 
 class Supervisor:
@@ -104,8 +110,13 @@ class Supervisor:
 
     def _log(self, app: App, stream: str, line: bytes) -> None:
         self._seq += 1
-        header = {"op": "app.log", "name": app.spec.name, "stream": stream,
-                  "ts_ns": time.time_ns(), "seq": self._seq}
+        header = {
+            "op": "app.log",
+            "name": app.spec.name,
+            "stream": stream,
+            "ts_ns": time.time_ns(),
+            "seq": self._seq,
+        }
         if self._ring or not self._send(header, line):
             self._ring.append((header, line))
 
@@ -139,8 +150,13 @@ class Supervisor:
         try:
             ident = children.resolve_user(spec.user)
             proc = children.spawn(
-                spec.argv, env=children.child_env(ident, spec.env), cwd=spec.cwd, ident=ident,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                spec.argv,
+                env=children.child_env(ident, spec.env),
+                cwd=spec.cwd,
+                ident=ident,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
         except children.SpawnError as exc:
             app.error = str(exc)
@@ -151,8 +167,10 @@ class Supervisor:
         exited = self._reaper.watch(proc.pid)
         assert proc.stdout is not None
         assert proc.stderr is not None
-        readers = [asyncio.ensure_future(self._lines(app, proc.stdout.fileno(), "stdout")),
-                   asyncio.ensure_future(self._lines(app, proc.stderr.fileno(), "stderr"))]
+        readers = [
+            asyncio.ensure_future(self._lines(app, proc.stdout.fileno(), "stdout")),
+            asyncio.ensure_future(self._lines(app, proc.stderr.fileno(), "stderr")),
+        ]
         try:
             code = await exited
             proc.returncode = code

@@ -27,9 +27,16 @@ HARD_LIMIT = 32 * 1024 * 1024
 class Channel:
     """Frames in, frames out, over one fd; survives the host going away and coming back."""
 
-    def __init__(self, fd: int, on_frame: Callable[[Frame], None],
-                 on_connect: Callable[[], None], on_disconnect: Callable[[], None],
-                 *, reconnectable: bool, probe_interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        fd: int,
+        on_frame: Callable[[Frame], None],
+        on_connect: Callable[[], None],
+        on_disconnect: Callable[[], None],
+        *,
+        reconnectable: bool,
+        probe_interval: float = 0.02,
+    ) -> None:
         os.set_blocking(fd, False)
         self.fd = fd
         self._on_frame = on_frame

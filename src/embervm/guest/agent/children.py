@@ -41,8 +41,9 @@ def resolve_user(user: str | None) -> Identity:
     spec = user or "root"
     name, _, group = spec.partition(":")
     try:
-        pw: pwd.struct_passwd | None = (pwd.getpwuid(int(name)) if name.isdigit()
-                                        else pwd.getpwnam(name))
+        pw: pwd.struct_passwd | None = (
+            pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        )
     except KeyError:
         if not name.isdigit():
             raise SpawnError(f"unknown user {name!r}") from None
@@ -60,8 +61,13 @@ def resolve_user(user: str | None) -> Identity:
 
 def child_env(ident: Identity, extra: dict[str, str], *, term: str | None = None) -> dict[str, str]:
     """A clean environment (never the agent's own) overlaid with the caller's variables."""
-    env = {"PATH": DEFAULT_PATH, "HOME": ident.home or "/", "USER": ident.name,
-           "LOGNAME": ident.name, "LANG": "C.UTF-8"}
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOME": ident.home or "/",
+        "USER": ident.name,
+        "LOGNAME": ident.name,
+        "LANG": "C.UTF-8",
+    }
     if term:
         env["TERM"] = term
     env.update(extra)
@@ -116,14 +122,29 @@ class Reaper:
         self._early.clear()
 
 
-def spawn(argv: list[str], *, env: dict[str, str], cwd: str | None, ident: Identity,
-          stdin: Any, stdout: Any, stderr: Any, new_session: bool = True,
-          preexec: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    cwd: str | None,
+    ident: Identity,
+    stdin: Any,
+    stdout: Any,
+    stderr: Any,
+    new_session: bool = True,
+    preexec: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``argv`` as ``ident``; never waits for it (the reaper does)."""
     try:
         return subprocess.Popen(
-            argv, env=env, cwd=cwd or ident.home or "/", stdin=stdin, stdout=stdout,
-            stderr=stderr, start_new_session=new_session, close_fds=True,
+            argv,
+            env=env,
+            cwd=cwd or _default_cwd(ident),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=new_session,
+            close_fds=True,
             user=ident.uid if ident.uid != os.getuid() else None,
             group=ident.gid if ident.gid != os.getgid() else None,
             extra_groups=list(ident.groups) if os.getuid() == 0 else None,
@@ -132,6 +153,10 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: str | None, ident: Ident
         )
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
+
+
+def _default_cwd(ident: Identity) -> str:
+    return ident.home if ident.home and os.path.isdir(ident.home) else "/"
 
 
 def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:

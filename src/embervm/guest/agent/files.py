@@ -60,7 +60,7 @@ class Upload:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
         except OSError as exc:
             raise FileError("io_error", f"write {self.path}: {exc.strerror}") from exc
         self.offset += len(data)

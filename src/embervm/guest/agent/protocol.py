@@ -54,8 +54,7 @@ def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
     """Serialise one frame, refusing anything the peer would have to reject."""
     if not isinstance(header.get("op"), str):
         raise ProtocolError("header needs a string 'op'")
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False,
-                     allow_nan=False).encode()
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     if len(raw) > MAX_HEADER:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER}")
     if len(body) > MAX_BODY:
@@ -108,15 +107,19 @@ class Decoder:
             if len(buf) < PREFIX_SIZE:
                 return None
             _, version, _flags, _res, hlen, blen, crc = _PREFIX.unpack_from(buf)
-            if (version != FRAME_VERSION or hlen == 0 or hlen > self.max_header
-                    or blen > self.max_body):
+            if (
+                version != FRAME_VERSION
+                or hlen == 0
+                or hlen > self.max_header
+                or blen > self.max_body
+            ):
                 self._skip(1)
                 continue
             total = PREFIX_SIZE + hlen + blen
             if len(buf) < total:
                 return None
-            raw = bytes(buf[PREFIX_SIZE:PREFIX_SIZE + hlen])
-            body = bytes(buf[PREFIX_SIZE + hlen:total])
+            raw = bytes(buf[PREFIX_SIZE : PREFIX_SIZE + hlen])
+            body = bytes(buf[PREFIX_SIZE + hlen : total])
             if zlib.crc32(body, zlib.crc32(raw)) != crc:
                 self._skip(1)
                 continue
@@ -154,8 +157,7 @@ def get_num(h: dict[str, Any], key: str, *, lo: float, hi: float) -> float | Non
     return float(v)
 
 
-def get_str(h: dict[str, Any], key: str, *, max_len: int = 4096,
-            default: str | None = None) -> str:
+def get_str(h: dict[str, Any], key: str, *, max_len: int = 4096, default: str | None = None) -> str:
     v = h.get(key, default)
     if not isinstance(v, str) or len(v) > max_len or "\0" in v:
         raise ProtocolError(f"{key!r} must be a string of at most {max_len} characters")
@@ -170,8 +172,11 @@ def get_argv(h: dict[str, Any], key: str = "argv", *, required: bool = True) -> 
     v = h.get(key)
     if v is None and not required:
         return None
-    if (not isinstance(v, list) or not 1 <= len(v) <= 4096
-            or not all(isinstance(a, str) and "\0" not in a and len(a) <= 131072 for a in v)):
+    if (
+        not isinstance(v, list)
+        or not 1 <= len(v) <= 4096
+        or not all(isinstance(a, str) and "\0" not in a and len(a) <= 131072 for a in v)
+    ):
         raise ProtocolError(f"{key!r} must be a non-empty list of strings")
     return list(v)
 
@@ -181,7 +186,14 @@ def get_env(h: dict[str, Any], key: str = "env") -> dict[str, str]:
     if not isinstance(v, dict) or len(v) > 4096:
         raise ProtocolError(f"{key!r} must be an object of strings")
     for k, val in v.items():
-        if (not isinstance(k, str) or not isinstance(val, str) or not k or "=" in k
-                or "\0" in k or "\0" in val or len(k) + len(val) > 131072):
+        if (
+            not isinstance(k, str)
+            or not isinstance(val, str)
+            or not k
+            or "=" in k
+            or "\0" in k
+            or "\0" in val
+            or len(k) + len(val) > 131072
+        ):
             raise ProtocolError(f"{key!r} has a bad entry")
     return dict(v)

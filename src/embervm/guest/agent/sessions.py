@@ -48,24 +48,36 @@ class ExecSession:
         self._reaper = reaper
         self.proc: subprocess.Popen[bytes] | None = None
 
-    async def run(self, argv: list[str], *, env: dict[str, str], cwd: str | None,
-                  user: str | None, timeout: float | None,  # noqa: ASYNC109
-                  stdin: bytes) -> None:
+    async def run(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str | None,
+        user: str | None,
+        timeout: float | None,  # noqa: ASYNC109
+        stdin: bytes,
+    ) -> None:
         ident = children.resolve_user(user)
         proc = children.spawn(
-            argv, env=children.child_env(ident, env), cwd=cwd, ident=ident,
+            argv,
+            env=children.child_env(ident, env),
+            cwd=cwd,
+            ident=ident,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self.proc = proc
         exited = self._reaper.watch(proc.pid)
         self._send({"op": "exec.started", "id": self.sid, "pid": proc.pid}, b"")
         assert proc.stdout is not None
         assert proc.stderr is not None
-        pumps = [asyncio.ensure_future(self._pump(proc.stdout.fileno(), "stdout")),
-                 asyncio.ensure_future(self._pump(proc.stderr.fileno(), "stderr"))]
-        feeder = (asyncio.ensure_future(self._feed(proc, stdin)) if proc.stdin is not None
-                  else None)
+        pumps = [
+            asyncio.ensure_future(self._pump(proc.stdout.fileno(), "stdout")),
+            asyncio.ensure_future(self._pump(proc.stderr.fileno(), "stderr")),
+        ]
+        feeder = asyncio.ensure_future(self._feed(proc, stdin)) if proc.stdin is not None else None
         timed_out = False
         try:
             try:
@@ -86,8 +98,16 @@ class ExecSession:
                     with contextlib.suppress(OSError):
                         f.close()
         exit_code, sig = split_status(code)
-        self._send({"op": "exec.exit", "id": self.sid, "exit_code": exit_code, "signal": sig,
-                    "timed_out": timed_out}, b"")
+        self._send(
+            {
+                "op": "exec.exit",
+                "id": self.sid,
+                "exit_code": exit_code,
+                "signal": sig,
+                "timed_out": timed_out,
+            },
+            b"",
+        )
 
     async def _pump(self, fd: int, stream: str) -> None:
         os.set_blocking(fd, False)
@@ -137,8 +157,16 @@ class PtySession:
         self.proc: subprocess.Popen[bytes] | None = None
         self._write_lock = asyncio.Lock()
 
-    def open(self, argv: list[str] | None, *, cols: int, rows: int, env: dict[str, str],
-             cwd: str | None, user: str | None) -> int:
+    def open(
+        self,
+        argv: list[str] | None,
+        *,
+        cols: int,
+        rows: int,
+        env: dict[str, str],
+        cwd: str | None,
+        user: str | None,
+    ) -> int:
         ident = children.resolve_user(user)
         master, slave = os.openpty()
         try:
@@ -146,7 +174,11 @@ class PtySession:
             self.proc = children.spawn(
                 argv or default_shell(),
                 env=children.child_env(ident, env, term=env.get("TERM", "xterm-256color")),
-                cwd=cwd, ident=ident, stdin=slave, stdout=slave, stderr=slave,
+                cwd=cwd,
+                ident=ident,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
                 preexec=_set_ctty,
             )
         except BaseException:
@@ -173,8 +205,7 @@ class PtySession:
             if not exited.done():
                 children.kill_group(self.proc.pid)
         exit_code, sig = split_status(code)
-        self._send({"op": "pty.exit", "id": self.sid, "exit_code": exit_code, "signal": sig},
-                   b"")
+        self._send({"op": "pty.exit", "id": self.sid, "exit_code": exit_code, "signal": sig}, b"")
 
     async def _pump(self) -> None:
         while self.master >= 0:
