@@ -23,6 +23,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from embervm.errors import NetworkSetupError
 
@@ -41,9 +42,22 @@ from ._names import (
 from ._resolver import Resolver
 from ._rules import HostVmEntry, render_host_table, render_host_vm_elements, render_netns_table
 
-NETNS_DIR = Path("/run/netns")
-SYS_NET = Path("/sys/class/net")
-PROC_SYS = Path("/proc/sys/net")
+
+@dataclass(frozen=True)
+class HostPaths:
+    """Where the kernel shows namespaces, links and sysctls (tests point these elsewhere)."""
+
+    netns_dir: Path = Path("/run/netns")
+    sys_net: Path = Path("/sys/class/net")
+    proc_sys_net: Path = Path("/proc/sys/net")
+
+
+class ResolverProcess(Protocol):
+    """The DNS resolver's process (``_resolver.Resolver``; a fake in unit tests)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ class VmNetwork:
     @property
     def netns_path(self) -> Path:
         """For ``nsenter --net=<path>`` or ``setns(2)``."""
-        return NETNS_DIR / self.netns
+        return HostPaths.netns_dir / self.netns
 
 
 def _write_sysctl(path: Path, value: str) -> None:
@@ -80,10 +94,10 @@ def _write_sysctl(path: Path, value: str) -> None:
         path.write_text(value)
 
 
-def _list_netns(prefix: str) -> list[str]:
+def _list_netns(netns_dir: Path, prefix: str) -> list[str]:
     """Named network namespaces starting with ``prefix``."""
     try:
-        return sorted(e for e in os.listdir(NETNS_DIR) if e.startswith(prefix))
+        return sorted(e for e in os.listdir(netns_dir) if e.startswith(prefix))
     except FileNotFoundError:
         return []
 
@@ -103,6 +117,8 @@ class NetworkManager:
         resolv_file: Path = Path("/etc/resolv.conf"),
         dns_overrides: Mapping[str, str] | None = None,
         runner: CommandRunner | None = None,
+        resolver: ResolverProcess | None = None,
+        paths: HostPaths | None = None,
     ) -> None:
         """``api_ports``/``protected_ports``: host TCP ports no guest may reach on any address
         (the guest reaches no host port anyway; these are named for defence in depth).
@@ -117,16 +133,22 @@ class NetworkManager:
         self._resolver_port = resolver_port
         self._runner: CommandRunner = runner or SubprocessRunner()
         self._store = AllocationStore(state_dir, self._pool)
-        self._resolver = Resolver(
+        self._resolver: ResolverProcess = resolver or Resolver(
             state_dir,
             listen_ip=self._pool.resolver_ip,
             port=resolver_port,
             resolv_file=resolv_file,
             overrides=dns_overrides,
         )
+        self._paths = paths or HostPaths()
         self._host_state = state_dir / "host.json"
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self._started = False
+
+    @property
+    def pool(self) -> str:
+        """The IPv4 range VM blocks come from."""
+        return str(self._pool)
 
     @property
     def resolver_ip(self) -> str:
@@ -148,7 +170,7 @@ class NetworkManager:
             forwarding_before = self._forwarding_before()
             await self._apply_host_table(isolate_forwarding=forwarding_before == "0")
             await self._ensure_resolver_link()
-            _write_sysctl(PROC_SYS / "ipv4" / "ip_forward", "1")
+            _write_sysctl(self._paths.proc_sys_net / "ipv4" / "ip_forward", "1")
             await self._resolver.start()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -162,7 +184,7 @@ class NetworkManager:
             return str(json.loads(self._host_state.read_text())["ip_forward_before"])
         except (OSError, ValueError, KeyError):
             pass
-        current = (PROC_SYS / "ipv4" / "ip_forward").read_text().strip()
+        current = (self._paths.proc_sys_net / "ipv4" / "ip_forward").read_text().strip()
         write_json_atomic(self._host_state, {"ip_forward_before": current})
         return current
 
@@ -181,13 +203,13 @@ class NetworkManager:
 
     async def _ensure_resolver_link(self) -> None:
         link = self._dns_link
-        if not (SYS_NET / link).exists():
+        if not (self._paths.sys_net / link).exists():
             # A dummy device if the kernel has one, else a bridge without ports: either only
             # carries a local address.
             made = await self._runner.run(["ip", "link", "add", link, "type", "dummy"], check=False)
             if made.returncode != 0:
                 await self._runner.run(["ip", "link", "add", link, "type", "bridge"])
-        _write_sysctl(PROC_SYS / "ipv6" / "conf" / link / "disable_ipv6", "1")
+        _write_sysctl(self._paths.proc_sys_net / "ipv6" / "conf" / link / "disable_ipv6", "1")
         await self._runner.run(
             ["ip", "-batch", "-"],
             input=f"addr replace {self._pool.resolver_ip}/32 dev {link}\nlink set {link} up\n",
@@ -204,14 +226,14 @@ class NetworkManager:
                 ["nft", "-f", "-"],
                 input=f"table inet {self._table} {{}}\ndelete table inet {self._table}\n",
             )
-            if (SYS_NET / self._dns_link).exists():
+            if (self._paths.sys_net / self._dns_link).exists():
                 await self._runner.run(["ip", "link", "del", self._dns_link])
             try:
                 before = str(json.loads(self._host_state.read_text())["ip_forward_before"])
             except (OSError, ValueError, KeyError):
                 before = None
             if before == "0":
-                _write_sysctl(PROC_SYS / "ipv4" / "ip_forward", "0")
+                _write_sysctl(self._paths.proc_sys_net / "ipv4" / "ip_forward", "0")
             with contextlib.suppress(FileNotFoundError):
                 self._host_state.unlink()
         self._store.close()
@@ -311,7 +333,7 @@ class NetworkManager:
             "netns", ns,
         ])  # fmt: skip
         later(lambda: run(["ip", "link", "del", link], check=False))
-        _write_sysctl(PROC_SYS / "ipv6" / "conf" / link / "disable_ipv6", "1")
+        _write_sysctl(self._paths.proc_sys_net / "ipv6" / "conf" / link / "disable_ipv6", "1")
         await run(
             ["ip", "-batch", "-"],
             input=(
@@ -345,9 +367,9 @@ class NetworkManager:
 
     async def _teardown(self, names: VmNames, entry: HostVmEntry | None = None) -> None:
         """Remove whatever exists of a VM's network (each step tolerates absence)."""
-        if (NETNS_DIR / names.netns).exists():
+        if (self._paths.netns_dir / names.netns).exists():
             await self._runner.run(["ip", "netns", "del", names.netns])
-        if (SYS_NET / names.host_link).exists():
+        if (self._paths.sys_net / names.host_link).exists():
             await self._runner.run(["ip", "link", "del", names.host_link], check=False)
         if entry is not None:
             await self._forget_elements(entry)
@@ -375,7 +397,7 @@ class NetworkManager:
                 removed.append(f"allocation {alloc.vm_id}")
         live = {VmNames.derive(v, self._tag) for v in live_vm_ids}
         live_netns = {n.netns for n in live}
-        for entry in _list_netns(netns_prefix(self._tag)):
+        for entry in _list_netns(self._paths.netns_dir, netns_prefix(self._tag)):
             if entry not in live_netns:
                 await self._runner.run(["ip", "netns", "del", entry], check=False)
                 removed.append(f"netns {entry}")

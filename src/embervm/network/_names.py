@@ -26,6 +26,8 @@ TAP_NAME = "tap0"
 NETNS_LINK_NAME = "veth0"
 """The namespace side of the veth pair."""
 SHORT_ID_LEN = 10
+HOST_LINK_PREFIX = "ev"
+"""Every manager's host-side veths are ``ev<short id>`` (the forward hook relies on it)."""
 
 _TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,3}$")
 
@@ -80,7 +82,7 @@ class VmNames:
             vm_id=vm_id,
             short=short,
             netns=f"{netns_prefix(tag)}{short}",
-            host_link=f"ev{short}",
+            host_link=f"{HOST_LINK_PREFIX}{short}",
             netns_link=NETNS_LINK_NAME,
             tap=TAP_NAME,
             alias=f"{link_alias_prefix(tag)}{vm_id}",

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ._addressing import BLOCKED_IPV4, GATEWAY_IP, GUEST_IP
+from ._names import HOST_LINK_PREFIX
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,9 @@ def render_host_table(
         "\t\toifname @vm_links jump to_vm_forward",
     ]
     if isolate_forwarding:
-        lines.append("\t\tdrop")
+        # Traffic between two non-VM links was not forwarded before; keep it so. ``ev*``
+        # rather than @vm_links, so that two managers (tags) on one host don't drop each other.
+        lines.append(f'\t\tiifname != "{HOST_LINK_PREFIX}*" oifname != "{HOST_LINK_PREFIX}*" drop')
     lines += [
         "\t}",
         "\tchain vm_forward {",
@@ -111,7 +114,6 @@ def render_host_table(
         "\t\tiifname != @egress_links drop",
         "\t\tct state invalid drop",
         "\t\tip daddr @blocked4 drop",
-        "\t\ttcp dport @protected_ports drop",
         "\t\tmeta l4proto tcp accept",
         "\t\tdrop",
         "\t}",

@@ -1,0 +1,405 @@
+"""The VM network against the real kernel: namespaces, veths, nftables, dnsmasq.
+
+A QEMU guest is heavy, so a veth named ``tap0`` stands in for the tap (``attach_veth_guest``):
+its peer, in a namespace the test owns, carries the guest's address, MAC and route, and goes
+through exactly the rules a tap would (they match the device name). The "internet" is another
+namespace of the test, holding 203.0.113.10 (TEST-NET-3) behind 198.51.100.2 (TEST-NET-2),
+reached through a host route the test adds: no packet leaves the machine. Every negative probe
+targets a server that exists (so success would show a hole), and each test has a positive
+control, so no test passes because nothing works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import string
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from embervm.errors import NetworkSetupError
+from embervm.network import CommandResult, NetworkManager, SubprocessRunner, VmNetwork
+from embervm.network.testing import attach_veth_guest
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nft", "dnsmasq")),
+        reason="needs root, iproute2, nftables and dnsmasq",
+    ),
+    pytest.mark.timeout(120),
+]
+
+INTERNET_IP = "203.0.113.10"
+INTERNET_LINK_HOST = "198.51.100.1"
+INTERNET_LINK_NS = "198.51.100.2"
+API_PORT = 8700
+GUEST_PORT = 8080
+PROBE_TIMEOUT = 1.0
+
+SERVER = """
+import socket, sys
+kind, addr, port, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if kind == "tcp":
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(16)
+    print("ready", flush=True)
+    while True:
+        c, peer = s.accept()
+        c.sendall(f"{name} {peer[0]}".encode()); c.close()
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((addr, port))
+    print("ready", flush=True)
+    while True:
+        data, peer = s.recvfrom(512)
+        s.sendto(f"{name} {peer[0]}".encode(), peer)
+"""
+
+CLIENT = """
+import socket, struct, sys
+kind, host, src = sys.argv[1], sys.argv[2], sys.argv[4]
+port, timeout = int(sys.argv[3]), float(sys.argv[5])
+source = (src, 0) if src != "-" else None
+try:
+    if kind == "tcp":
+        s = socket.create_connection((host, port), timeout=timeout, source_address=source)
+        print("OK", s.recv(200).decode())
+    elif kind == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+        s.sendto(b"ping", (host, port)); print("OK", s.recv(200).decode())
+    else:  # dns: A query for the name in `src`
+        q = struct.pack(">HHHHHH", 0x1234, 0x100, 1, 0, 0, 0)
+        q += b"".join(bytes([len(p)]) + p.encode() for p in src.split(".")) + b"\\0"
+        q += struct.pack(">HH", 1, 1)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+        s.sendto(q, (host, port)); d = s.recv(512)
+        print("OK", socket.inet_ntoa(d[-4:]) if struct.unpack(">H", d[6:8])[0] else "NOANSWER")
+except OSError as e:
+    print("ERR", type(e).__name__)
+"""
+
+
+async def sh(*argv: str, input: str | None = None, check: bool = True) -> CommandResult:
+    return await SubprocessRunner().run(argv, input=input, check=check, time_limit=20)
+
+
+@dataclass
+class World:
+    """A manager with its own tag, pool and state dir, plus the test's namespaces."""
+
+    tag: str
+    manager: NetworkManager
+    state_dir: Path
+    netns: list[str] = field(default_factory=list)
+    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+    servers: list[asyncio.Server] = field(default_factory=list)
+
+    async def add_netns(self, name: str) -> str:
+        await sh("ip", "netns", "add", name)
+        self.netns.append(name)
+        return name
+
+    async def vm_with_guest(self, name: str, *, egress: bool) -> VmNetwork:
+        net = await self.manager.create(f"{self.tag}-vm-{name}", egress=egress)
+        guest = await self.add_netns(f"{self.tag}g{name}")
+        await attach_veth_guest(net, guest, SubprocessRunner())
+        await self.serve("tcp", guest, "10.0.2.15", GUEST_PORT, f"guest-{name}")
+        return net
+
+    async def serve(self, kind: str, netns: str, addr: str, port: int, name: str) -> None:
+        """A server in ``netns`` that answers "<name> <peer address>"."""
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", netns, sys.executable, "-c", SERVER, kind, addr, str(port),
+            name, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line.strip() == b"ready", f"server {name} did not start"
+
+    async def serve_on_host(self, addr: str, port: int, name: str) -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = writer.get_extra_info("peername")[0]
+            writer.write(f"{name} {peer}".encode())
+            await writer.drain()
+            writer.close()
+
+        self.servers.append(await asyncio.start_server(answer, addr, port))
+
+    async def probe(
+        self, netns: str, kind: str, host: str, port: int, src: str = "-"
+    ) -> str | None:
+        """What a client in ``netns`` gets back, or None when it gets nothing."""
+        out = await sh(
+            "ip", "netns", "exec", netns, sys.executable, "-c", CLIENT, kind, host, str(port),
+            src, str(PROBE_TIMEOUT),
+        )  # fmt: skip
+        status, _, rest = out.stdout.strip().partition(" ")
+        return rest if status == "OK" else None
+
+
+async def host_probe(host: str, port: int) -> str | None:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_TIMEOUT)
+    except (OSError, TimeoutError):
+        return None
+    data = await asyncio.wait_for(reader.read(200), PROBE_TIMEOUT)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return data.decode()
+
+
+def read_file(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def new_tag() -> str:
+    return "t" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(3))
+
+
+async def leftovers(tag: str, table: str) -> list[str]:
+    """Everything with this tag's names still in the kernel."""
+    found = [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(f"{tag}-")]
+    links = (await sh("ip", "-o", "link", "show")).stdout
+    found += [f"link {line}" for line in links.splitlines() if f"embervm:{tag}:" in line]
+    found += [f"link {line}" for line in links.splitlines() if f"{tag}dns0" in line]
+    tables = (await sh("nft", "list", "tables")).stdout
+    found += [f"table {table}" for line in tables.splitlines() if line.split()[-1:] == [table]]
+    return found
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    tag = new_tag()
+    resolv_before = read_file("/etc/resolv.conf")
+    forward_before = read_file("/proc/sys/net/ipv4/ip_forward")
+    pool = f"10.214.{secrets.randbelow(256)}.0/26"
+    manager = NetworkManager(
+        tmp_path / "net",
+        pool=pool,
+        api_ports=[API_PORT],
+        tag=tag,
+        dns_overrides={"example.test": INTERNET_IP},
+    )
+    w = World(tag, manager, tmp_path / "net")
+    inet_link = f"{tag}i0"
+    try:
+        # The stand-in internet exists before any guest does, so egress never leaves the host.
+        inet = await w.add_netns(f"{tag}i")
+        await sh("ip", "link", "add", inet_link, "type", "veth", "peer", "name", "eth0",
+                 "netns", inet)  # fmt: skip
+        await sh("ip", "-batch", "-", input=(
+            f"addr add {INTERNET_LINK_HOST}/30 dev {inet_link}\nlink set {inet_link} up\n"
+            f"route add {INTERNET_IP}/32 via {INTERNET_LINK_NS} dev {inet_link}\n"
+        ))  # fmt: skip
+        await sh("ip", "-n", inet, "-batch", "-", input=(
+            f"addr add {INTERNET_LINK_NS}/30 dev eth0\nlink set eth0 up\nlink set lo up\n"
+            f"addr add {INTERNET_IP}/32 dev lo\n"
+        ))  # fmt: skip
+        await manager.start()
+        yield w
+    finally:
+        for server in w.servers:
+            server.close()
+        for proc in w.procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        for name in reversed(w.netns):
+            await sh("ip", "netns", "del", name, check=False)
+        await sh("ip", "link", "del", inet_link, check=False)
+        await w.manager.reclaim_leftovers(set())
+        await w.manager.stop()
+        assert await leftovers(tag, w.manager.table) == []
+        assert read_file("/etc/resolv.conf") == resolv_before
+        assert read_file("/proc/sys/net/ipv4/ip_forward") == forward_before
+
+
+async def test_host_reaches_guest_port_through_vm_address(world: World) -> None:
+    net = await world.vm_with_guest("a", egress=False)
+
+    assert await host_probe(net.vm_address, GUEST_PORT) == f"guest-a {net.host_ip}"
+
+
+async def test_guest_cannot_reach_host_services_on_any_host_address(world: World) -> None:
+    net = await world.vm_with_guest("a", egress=True)
+    guest = f"{world.tag}ga"
+    port = 18000 + secrets.randbelow(1000)
+    host_addresses = [net.host_ip, world.manager.resolver_ip, INTERNET_LINK_HOST]
+    for addr in host_addresses:
+        await world.serve_on_host(addr, port, "host")
+
+    for addr in host_addresses:
+        assert await host_probe(addr, port) is not None  # the services exist
+        assert await world.probe(guest, "tcp", addr, port) is None, addr
+    assert await world.probe(guest, "tcp", INTERNET_IP, GUEST_PORT) is None  # nothing listens
+    await world.serve("tcp", f"{world.tag}i", INTERNET_IP, port, "internet")
+    assert await world.probe(guest, "tcp", INTERNET_IP, port) is not None  # egress itself works
+
+
+async def test_guest_cannot_reach_control_api_port(world: World) -> None:
+    net = await world.vm_with_guest("a", egress=True)
+    guest = f"{world.tag}ga"
+    for addr in (net.host_ip, INTERNET_LINK_HOST):
+        await world.serve_on_host(addr, API_PORT, "api")
+        assert await host_probe(addr, API_PORT) is not None
+        assert await world.probe(guest, "tcp", addr, API_PORT) is None, addr
+
+
+async def test_guest_cannot_reach_another_vm(world: World) -> None:
+    a = await world.vm_with_guest("a", egress=True)
+    b = await world.vm_with_guest("b", egress=True)
+
+    assert await host_probe(b.vm_address, GUEST_PORT) == f"guest-b {b.host_ip}"
+    assert await host_probe(a.vm_address, GUEST_PORT) == f"guest-a {a.host_ip}"
+    for target in (b.vm_address, b.host_ip):
+        assert await world.probe(f"{world.tag}ga", "tcp", target, GUEST_PORT) is None, target
+    assert await world.probe(f"{world.tag}gb", "tcp", a.vm_address, GUEST_PORT) is None
+
+
+async def test_egress_reaches_internet_through_nat(world: World) -> None:
+    await world.vm_with_guest("a", egress=True)
+    await world.serve("tcp", f"{world.tag}i", INTERNET_IP, 443, "internet")
+
+    reply = await world.probe(f"{world.tag}ga", "tcp", INTERNET_IP, 443)
+
+    assert reply == f"internet {INTERNET_LINK_HOST}"  # masqueraded to the host's address
+
+
+async def test_outbound_udp_is_dropped_except_dns(world: World) -> None:
+    await world.vm_with_guest("a", egress=True)
+    guest = f"{world.tag}ga"
+    await world.serve("udp", f"{world.tag}i", INTERNET_IP, 5353, "internet-udp")
+    assert await world.probe(f"{world.tag}i", "udp", INTERNET_IP, 5353) is not None
+
+    assert await world.probe(guest, "udp", INTERNET_IP, 5353) is None
+    assert await world.probe(guest, "dns", "10.0.2.2", 53, "example.test") == INTERNET_IP
+
+
+async def test_no_egress_and_no_dns_without_the_flag(world: World) -> None:
+    await world.vm_with_guest("on", egress=True)
+    await world.vm_with_guest("off", egress=False)
+    await world.serve("tcp", f"{world.tag}i", INTERNET_IP, 443, "internet")
+
+    assert await world.probe(f"{world.tag}gon", "tcp", INTERNET_IP, 443) is not None
+    assert await world.probe(f"{world.tag}goff", "tcp", INTERNET_IP, 443) is None
+    assert await world.probe(f"{world.tag}goff", "dns", "10.0.2.2", 53, "example.test") is None
+
+
+async def test_spoofed_guest_source_is_dropped(world: World) -> None:
+    await world.vm_with_guest("a", egress=True)
+    guest = f"{world.tag}ga"
+    await sh("ip", "-n", guest, "addr", "add", "10.0.2.99/24", "dev", "eth0")
+    await world.serve("tcp", f"{world.tag}i", INTERNET_IP, 443, "internet")
+
+    assert await world.probe(guest, "tcp", INTERNET_IP, 443, "10.0.2.15") is not None
+    assert await world.probe(guest, "tcp", INTERNET_IP, 443, "10.0.2.99") is None
+
+
+async def test_ingress_only_from_the_host_side_of_its_own_veth(world: World) -> None:
+    net = await world.vm_with_guest("a", egress=True)
+    inet = f"{world.tag}i"
+    pool = str(world.manager.pool)  # the internet side learns a route into the pool
+    await sh("ip", "-n", inet, "route", "add", pool, "via", INTERNET_LINK_HOST)
+
+    assert await host_probe(net.vm_address, GUEST_PORT) is not None
+    assert await world.probe(inet, "tcp", net.vm_address, GUEST_PORT) is None
+
+
+async def test_destroy_and_reclaim_leave_nothing_behind(world: World, tmp_path: Path) -> None:
+    a = await world.vm_with_guest("a", egress=True)
+    await world.manager.create(f"{world.tag}-vm-b", egress=False)
+    await world.manager.create(f"{world.tag}-vm-c", egress=True)
+
+    await world.manager.destroy(a.vm_id)
+    await world.manager.destroy(a.vm_id)  # idempotent
+    assert not exists(f"/run/netns/{a.netns}")
+    assert not exists(f"/sys/class/net/{a.host_link}")
+    assert a.host_link not in (await sh("nft", "list", "table", "inet", world.manager.table)).stdout
+
+    # A crash: the server goes away with VMs b and c still allocated, then comes back with
+    # only c alive. The old manager's stop() keeps the table because VMs remain.
+    await world.manager.stop()
+    restarted = NetworkManager(
+        world.state_dir, pool=str(world.manager.pool), api_ports=[API_PORT], tag=world.tag
+    )
+    world.manager = restarted
+    await restarted.start()
+    c = restarted.lookup(f"{world.tag}-vm-c")
+    assert c is not None
+    assert c.egress
+    removed = await restarted.reclaim_leftovers({c.vm_id})
+    assert f"allocation {world.tag}-vm-b" in removed
+    assert restarted.lookup(f"{world.tag}-vm-b") is None
+    remaining = await leftovers(world.tag, restarted.table)
+    assert sorted(r.split()[0] for r in remaining) == ["link", "link", "netns", "table"]
+    assert c.host_link in (await sh("nft", "list", "table", "inet", restarted.table)).stdout
+
+    await restarted.reclaim_leftovers(set())
+    ruleset = (await sh("nft", "list", "ruleset")).stdout
+    assert c.host_link not in ruleset
+    assert sorted(r.split()[0] for r in await leftovers(world.tag, restarted.table)) == [
+        "link",
+        "table",
+    ]  # only the host-wide resolver link and table remain until stop()
+
+
+async def test_create_converges_after_a_half_done_create(world: World) -> None:
+    vm_id = f"{world.tag}-vm-a"
+    first = await world.manager.create(vm_id, egress=False)
+    await sh("ip", "-n", first.netns, "link", "del", first.tap)  # as if create had died
+
+    again = await world.manager.create(vm_id, egress=True)
+
+    assert again.vm_address == first.vm_address
+    links = (await sh("ip", "-n", again.netns, "-o", "link", "show")).stdout
+    assert f" {again.tap}:" in links
+    rules = (await sh("ip", "netns", "exec", again.netns, "nft", "list", "ruleset")).stdout
+    assert "dport 53" in rules  # rebuilt with egress
+
+
+class FailingRunner(SubprocessRunner):
+    """The real runner, except that the tap creation fails, to exercise the LIFO cleanup."""
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        check: bool = True,
+        time_limit: float = 10.0,
+    ) -> CommandResult:
+        if input and "tuntap add" in input:
+            argv = ["ip", "-n", "nonexistent-embervm-ns", "link", "show"]
+        return await super().run(argv, input=input, check=check, time_limit=time_limit)
+
+
+async def test_failed_create_undoes_what_it_did(world: World) -> None:
+    tag = new_tag()
+    manager = NetworkManager(
+        world.state_dir / "failing", pool="10.215.250.0/26", tag=tag, runner=FailingRunner()
+    )
+    await manager.start()
+    try:
+        with pytest.raises(NetworkSetupError, match="nonexistent-embervm-ns"):
+            await manager.create(f"{tag}-vm-x", egress=True)
+        assert manager.lookup(f"{tag}-vm-x") is None
+        # Only the host-wide pieces remain, and stop() removes them.
+        assert [r.split()[0] for r in await leftovers(tag, manager.table)] == ["link", "table"]
+    finally:
+        await manager.stop()
+    assert await leftovers(tag, manager.table) == []
