@@ -1,0 +1,145 @@
+"""The agent in a real QEMU microvm (TCG): exec, files, PTY, clock, freeze, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import BootedVm
+
+from embervm.guest.client import AgentClient, AppSpec
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="builds the base disk with mmdebstrap as root"),
+    pytest.mark.timeout(300),
+]
+
+BOOT_TIMEOUT = 60.0
+
+
+@pytest.fixture
+async def agent(booted_vm: BootedVm) -> AsyncIterator[AgentClient]:
+    client = await AgentClient.connect(booted_vm.agent_socket, timeout=BOOT_TIMEOUT)
+    if not getattr(booted_vm, "_reported", False):
+        sys.stderr.write(f"boot to agent ready: {time.monotonic() - booted_vm.started:.2f} s\n")
+        object.__setattr__(booted_vm, "_reported", True)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_uname_shows_the_guest_kernel_release(
+    agent: AgentClient, booted_vm: BootedVm
+) -> None:
+    r = await agent.exec(["uname", "-r"])
+    assert r.exit_code == 0
+    assert r.stdout.decode().strip() == booted_vm.artifacts.kernel_release
+    assert agent.hello["pid"] == 1
+
+
+async def test_exit_codes_and_streamed_output_are_intact(agent: AgentClient) -> None:
+    r = await agent.exec(["sh", "-c", "echo to-out; echo to-err >&2; exit 42"])
+    assert (r.exit_code, r.stdout, r.stderr) == (42, b"to-out\n", b"to-err\n")
+    chunks: list[bytes] = []
+    big = await agent.exec(
+        ["sh", "-c", "head -c 2000000 /dev/urandom | tee /tmp/blob; sha256sum /tmp/blob >&2"],
+        on_output=lambda stream, data: chunks.append(data) if stream == "stdout" else None,
+    )
+    assert big.exit_code == 0
+    assert len(big.stdout) == 2_000_000
+    assert b"".join(chunks) == big.stdout
+    assert big.stderr.split()[0].decode() == hashlib.sha256(big.stdout).hexdigest()
+
+
+async def test_exec_timeout_is_enforced_in_the_guest(agent: AgentClient) -> None:
+    r = await agent.exec(["sleep", "60"], timeout=1)
+    assert r.timed_out
+
+
+async def test_file_put_and_get_round_trip(agent: AgentClient) -> None:
+    data = os.urandom(600_000)
+    await agent.put_file("/root/upload.bin", data, mode=0o640, uid=65534, gid=65534)
+    r = await agent.exec(["stat", "-c", "%a %u %g %s", "/root/upload.bin"])
+    assert r.stdout.decode().split() == ["640", "65534", "65534", "600000"]
+    assert await agent.get_file("/root/upload.bin", max_bytes=1_000_000) == data
+
+
+async def test_pty_session_runs_an_interactive_shell(agent: AgentClient) -> None:
+    pty = await agent.open_pty(None, cols=132, rows=43)
+    await pty.write(b"stty size; tty; exit 3\n")
+    out = b""
+    async for chunk in pty:
+        out += chunk
+    assert b"43 132" in out
+    assert b"/dev/pts/" in out
+    assert await pty.wait(timeout=30) == 3
+
+
+async def test_after_restore_sets_the_wall_clock_and_reseeds(agent: AgentClient) -> None:
+    target = time.time_ns() + 86_400 * 10**9  # one day ahead: clearly not the boot clock
+    res = await agent.after_restore(wall_clock_ns=target, entropy=os.urandom(64))
+    assert res["clock_set"] is True
+    assert res["rng_reseeded"] is True
+    r = await agent.exec(["date", "+%s"])
+    assert abs(int(r.stdout) - target // 10**9) < 120
+    await agent.after_restore(wall_clock_ns=time.time_ns())
+
+
+async def test_guest_network_and_dns_are_configured(agent: AgentClient) -> None:
+    r = await agent.exec(["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+    assert "10.0.2.15/24" in r.stdout.decode()
+    r = await agent.exec(["ip", "route", "show", "default"])
+    assert "via 10.0.2.2" in r.stdout.decode()
+    resolv = await agent.get_file("/etc/resolv.conf", max_bytes=4096)
+    assert b"nameserver 10.0.2.2" in resolv
+
+
+async def test_quiesce_freezes_root_until_thaw(agent: AgentClient) -> None:
+    probe = ["sh", "-c", "fsfreeze --freeze / 2>&1; rc=$?; [ $rc = 0 ] && fsfreeze -u /; exit $rc"]
+    assert await agent.quiesce(auto_thaw=60) is True
+    try:
+        frozen = await agent.exec(probe)
+        assert frozen.exit_code != 0  # EBUSY: already frozen
+    finally:
+        await agent.thaw()
+    thawed = await agent.exec(probe)
+    assert thawed.exit_code == 0
+    assert (await agent.exec(["touch", "/root/after-thaw"])).exit_code == 0
+
+
+async def test_quiesce_thaws_itself_when_the_host_forgets(agent: AgentClient) -> None:
+    assert await agent.quiesce(auto_thaw=1) is True
+    r = await agent.exec(["sh", "-c", "touch /root/auto-thawed && echo ok"], timeout=60)
+    assert r.stdout == b"ok\n"
+
+
+async def test_app_survives_host_reconnect_and_logs_are_kept(booted_vm: BootedVm) -> None:
+    c1 = await AgentClient.connect(booted_vm.agent_socket, timeout=BOOT_TIMEOUT)
+    try:
+        await c1.start_app(AppSpec(
+            argv=["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"],
+            name="ticker"))  # fmt: skip
+    finally:
+        await c1.close()
+    await asyncio.sleep(1.0)  # the app keeps logging while no host is connected
+    c2 = await AgentClient.connect(booted_vm.agent_socket, timeout=BOOT_TIMEOUT)
+    try:
+        [st] = [a for a in await c2.app_status() if a["name"] == "ticker"]
+        assert st["state"] == "running"
+        lines = []
+        async with asyncio.timeout(30):
+            async for line in c2.app_logs():
+                lines.append(line.line)
+                if len(lines) >= 3:
+                    break
+        assert all(ln.startswith(b"tick ") for ln in lines)
+        await c2.stop_app("ticker", grace=5)
+    finally:
+        await c2.close()
