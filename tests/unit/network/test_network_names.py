@@ -1,0 +1,57 @@
+"""Names derived from VM ids fit the kernel's limits and are stable."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from embervm.errors import ConfigError
+from embervm.network._names import (
+    IFNAMSIZ,
+    VmNames,
+    check_tag,
+    resolver_link,
+    short_id,
+    table_name,
+)
+
+
+@given(
+    vm_id=st.text(min_size=1, max_size=256),
+    tag=st.from_regex(r"[a-z][a-z0-9]{0,3}", fullmatch=True),
+)
+def test_interface_names_fit_ifnamsiz_for_any_vm_id(vm_id: str, tag: str) -> None:
+    names = VmNames.derive(vm_id, tag)
+    for name in (names.host_link, names.netns_link, names.tap, resolver_link(tag)):
+        assert len(name) <= IFNAMSIZ
+        assert name.isascii()
+        assert "/" not in name
+        assert " " not in name
+
+
+def test_names_are_stable_and_distinct_per_vm() -> None:
+    a1, a2, b = VmNames.derive("mvm-a"), VmNames.derive("mvm-a"), VmNames.derive("mvm-b")
+    assert a1 == a2
+    assert a1.short != b.short
+    assert a1.netns == f"emb-{a1.short}"
+    assert a1.host_link == f"ev{a1.short}"
+    assert a1.tap == "tap0"
+
+
+def test_tag_separates_namespace_names_and_table() -> None:
+    assert VmNames.derive("x", "t1").netns.startswith("t1-")
+    assert table_name("emb") == "embervm"
+    assert table_name("t1") == "embervm_t1"
+
+
+def test_short_id_is_ten_hex_digits() -> None:
+    sid = short_id("arn:aws:lambda:us-east-1:000000000000:microvm:mvm-123")
+    assert len(sid) == 10
+    int(sid, 16)
+
+
+@pytest.mark.parametrize("tag", ["", "EMB", "toolong", "1ab", "a-b"])
+def test_bad_tags_are_refused(tag: str) -> None:
+    with pytest.raises(ConfigError):
+        check_tag(tag)
