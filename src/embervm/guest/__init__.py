@@ -1,6 +1,34 @@
-"""The guest side of a VM: its artifacts (kernel, initramfs, base disk) and the agent protocol.
+"""The guest side of a VM: what it boots from, and how the host talks to it.
 
-- ``artifacts``: builds and caches what a VM boots from.
-- ``agent``: the stdlib-only program that runs as PID 1 inside the guest.
-- ``client``: the host side of the agent protocol (``AgentClient``).
+- ``artifacts``: builds and caches the kernel, the initramfs (which carries the agent) and the
+  ``debian12`` base disk.
+- ``agent``: the stdlib-only program that runs as PID 1 inside the guest (``python3 -m
+  embervm_agent``); ``agent.protocol`` is the framing both sides share.
+- ``client``: ``AgentClient``, the host side of the protocol (see ``docs/GUEST_PROTOCOL.md``).
 """
+
+from embervm.guest.artifacts import (
+    BootArtifacts,
+    GuestArtifacts,
+    ensure_base_disk,
+    ensure_boot_artifacts,
+    ensure_guest_artifacts,
+    host_tsc_khz,
+    kernel_cmdline,
+)
+from embervm.guest.client import AgentClient, AppSpec, ExecResult, LogLine, PtySession
+
+__all__ = [
+    "AgentClient",
+    "AppSpec",
+    "BootArtifacts",
+    "ExecResult",
+    "GuestArtifacts",
+    "LogLine",
+    "PtySession",
+    "ensure_base_disk",
+    "ensure_boot_artifacts",
+    "ensure_guest_artifacts",
+    "host_tsc_khz",
+    "kernel_cmdline",
+]

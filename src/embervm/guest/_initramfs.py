@@ -45,6 +45,7 @@ while [ ! -b /dev/vda ]; do
 done
 mount -t "$rootfs" -o rw,noatime /dev/vda /newroot || fail "mount /dev/vda ($rootfs)"
 ip link set lo up
+[ -r /newroot/etc/hostname ] && hostname "$(cat /newroot/etc/hostname)"
 if [ -e /sys/class/net/eth0 ]; then
   ip link set eth0 up && ip addr add "$ip" dev eth0 && ip route add default via "$gw" \
     || echo "embervm-init: eth0 setup failed" >/dev/console

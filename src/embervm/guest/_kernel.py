@@ -9,6 +9,10 @@ there and keep only ``vmlinuz`` plus the modules the initramfs loads, in load or
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
+import os
 import re
 import shutil
 import tempfile
@@ -45,8 +49,52 @@ def parse_meta_depends(depends: str) -> KernelPackage:
     raise ArtifactError(f"{META_PACKAGE} depends on no versioned linux-image: {depends!r}")
 
 
-async def resolve_kernel_package() -> KernelPackage:
-    """Ask the local apt cache which kernel the meta package's candidate version depends on."""
+APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def _lists_fingerprint(lists: Path) -> str:
+    """Changes whenever ``apt-get update`` changes what apt knows."""
+    parts = []
+    for entry in sorted(os.scandir(lists), key=lambda e: e.name):
+        if entry.is_file():
+            st = entry.stat()
+            parts.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+async def resolve_kernel_package(memo: Path | None = None) -> KernelPackage:
+    """The kernel the meta package's candidate depends on, per the local apt lists.
+
+    ``apt-cache`` parses every list (about a second here, with no pkgcache.bin), so the answer
+    is memoised in ``memo`` next to a fingerprint of the lists and reused until they change.
+    """
+    try:
+        fingerprint = await asyncio.to_thread(_lists_fingerprint, APT_LISTS)
+    except OSError:
+        fingerprint = ""
+    if memo is not None and fingerprint:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            saved = json.loads(await asyncio.to_thread(memo.read_text))
+            if saved["lists"] == fingerprint:
+                return KernelPackage(str(saved["name"]), str(saved["version"]))
+    pkg = await _ask_apt_cache()
+    if memo is not None and fingerprint:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(
+                _write_atomic,
+                memo,
+                json.dumps({"lists": fingerprint, "name": pkg.name, "version": pkg.version}),
+            )
+    return pkg
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def _ask_apt_cache() -> KernelPackage:
     out = await run_tool(["apt-cache", "show", "--no-all-versions", META_PACKAGE], time_limit=60)
     for line in out.decode(errors="replace").splitlines():
         if line.startswith("Depends:"):

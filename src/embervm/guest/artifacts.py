@@ -11,7 +11,9 @@ archive in about a second and leaves the base disk (and every image built on it)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +53,26 @@ def _noop(_: str) -> None:
     return None
 
 
+def _newest_cached(artifacts_dir: Path, kind: str) -> Path | None:
+    """The most recently built ``kind`` artifact (offline fallback when apt cannot answer)."""
+    found = [p for p in artifacts_dir.glob(f"{kind}-*") if p.is_dir()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 async def ensure_kernel(
     artifacts_dir: Path, *, progress: Callable[[str], None] | None = None
 ) -> tuple[Path, str]:
     """The cached kernel directory (``vmlinuz``, ``release``, ``modules/``) and its release."""
     report = progress or _noop
-    pkg = await _kernel.resolve_kernel_package()
+    try:
+        await asyncio.to_thread(artifacts_dir.mkdir, parents=True, exist_ok=True)
+        pkg = await _kernel.resolve_kernel_package(artifacts_dir / "kernel-resolution.json")
+    except ArtifactError as exc:
+        cached = await asyncio.to_thread(_newest_cached, artifacts_dir, "kernel")
+        if cached is None:
+            raise
+        report(f"using cached kernel {cached.name}: {exc}")
+        return cached, (cached / "release").read_text().strip()
     key = hash_inputs([KERNEL_RECIPE, pkg.name, pkg.version, *_kernel.WANTED_MODULES])
 
     async def build(tmp: Path) -> None:
@@ -101,6 +117,11 @@ async def ensure_base_disk(
     key = hash_inputs(recipe.hash_parts())
 
     async def build(tmp: Path) -> None:
+        if os.geteuid() != 0:
+            raise ArtifactError(
+                "building the base disk runs mmdebstrap --mode=root and needs root; "
+                "run once as root (or copy a built artifacts/ directory)"
+            )
         await _rootfs.build_rootfs(recipe, tmp / "rootfs.raw", report)
 
     ddir = await cached_dir(
