@@ -302,3 +302,21 @@ async def test_agent_exits_cleanly_when_host_closes_socketpair(
     proc, sock = agent_proc
     sock.close()
     assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+async def test_request_right_behind_hello_in_one_write_is_served(
+    agent_proc: tuple[subprocess.Popen[bytes], socket.socket],
+) -> None:
+    sock = agent_proc[1]
+    sock.setblocking(False)
+    both = encode({"op": "hello", "id": 1, "versions": [1], "nonce": "n"}) + encode(
+        {"op": "health", "id": 2}
+    )
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, both)
+    dec, got = Decoder(), []
+    while len(got) < 2:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+        assert data
+        got += [f.header for f in dec.feed(data)]
+    assert [(h["op"], h["id"]) for h in got] == [("result", 1), ("result", 2)]

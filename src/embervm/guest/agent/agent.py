@@ -130,7 +130,16 @@ class Agent:
         if rid is None:
             self._error(None, "bad_request", "missing or bad 'id'")
             return
-        if frame.op != "hello" and not self._greeted:
+        if frame.op == "hello":
+            # Synchronously: requests right behind the hello in the same read must see it.
+            try:
+                self._hello(rid, h)
+            except ProtocolError as exc:
+                self._error(rid, "bad_request", str(exc))
+            except RequestError as exc:
+                self._error(rid, exc.code, str(exc))
+            return
+        if not self._greeted:
             self._error(rid, "no_hello", "say hello first")
             return
         self._spawn(self._handle(handler, rid, h, frame.body))
@@ -175,6 +184,9 @@ class Agent:
     # --- handlers ------------------------------------------------------------------------
 
     async def op_hello(self, rid: int, h: dict[str, Any], body: bytes) -> None:
+        self._hello(rid, h)
+
+    def _hello(self, rid: int, h: dict[str, Any]) -> None:
         offered = h.get("versions")
         if not isinstance(offered, list):
             raise ProtocolError("'versions' must be a list")
@@ -183,7 +195,6 @@ class Agent:
             raise RequestError("version", f"agent speaks {list(PROTOCOL_VERSIONS)}")
         nonce = get_str(h, "nonce", max_len=128, default="")
         self._reset_sessions()
-        self.reaper.forget_early()
         self._greeted = True
         self._reply(
             rid,

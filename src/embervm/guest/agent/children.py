@@ -80,19 +80,19 @@ class Reaper:
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._waiting: dict[int, asyncio.Future[int]] = {}
-        self._early: dict[int, int] = {}
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
 
     def close(self) -> None:
         self._loop.remove_signal_handler(signal.SIGCHLD)
 
     def watch(self, pid: int) -> asyncio.Future[int]:
-        """A future for ``pid``'s exit code (negative signal number if killed, like Popen)."""
+        """A future for ``pid``'s exit code (negative signal number if killed, like Popen).
+
+        Call it right after spawning, with no ``await`` in between: the reaper only runs from
+        the event loop, so the child cannot have been reaped yet (no race, no pid-reuse mixup).
+        """
         fut: asyncio.Future[int] = self._loop.create_future()
-        if pid in self._early:
-            fut.set_result(self._early.pop(pid))
-        else:
-            self._waiting[pid] = fut
+        self._waiting[pid] = fut
         self.reap()
         return fut
 
@@ -108,18 +108,10 @@ class Reaper:
                 return
             if pid == 0:
                 return
-            code = os.waitstatus_to_exitcode(status)
             fut = self._waiting.pop(pid, None)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_result(code)
-            elif len(self._early) < 4096:
-                # Might be a child we spawned but have not registered yet; orphans also land
-                # here and are bounded.
-                self._early[pid] = code
-
-    def forget_early(self) -> None:
-        self._early.clear()
+            if fut is not None and not fut.done():
+                fut.set_result(os.waitstatus_to_exitcode(status))
+            # Anything else is an orphan re-parented to PID 1: reaped, forgotten.
 
 
 def spawn(
@@ -135,7 +127,10 @@ def spawn(
     preexec: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` as ``ident``; never waits for it (the reaper does)."""
+    switch = ident.uid != os.getuid() or ident.gid != os.getgid()
     try:
+        # Without a user switch (and without preexec) CPython can use vfork: much cheaper for
+        # a large PID 1 under TCG.
         return subprocess.Popen(
             argv,
             env=env,
@@ -147,7 +142,7 @@ def spawn(
             close_fds=True,
             user=ident.uid if ident.uid != os.getuid() else None,
             group=ident.gid if ident.gid != os.getgid() else None,
-            extra_groups=list(ident.groups) if os.getuid() == 0 else None,
+            extra_groups=list(ident.groups) if switch and os.getuid() == 0 else None,
             preexec_fn=preexec,
             restore_signals=True,
         )
