@@ -9,6 +9,7 @@ Layering inside the package (everything Linux-specific is here and goes through
 - ``_rules``: the nftables rule sets as text (pure; unit-tested).
 - ``_resolver``: the dnsmasq process guests use for DNS.
 - ``_manager``: ``NetworkManager`` ties them together.
+- ``_tapfd``: ``open_tap`` hands a VMM the tap as a file descriptor (no root, no netns).
 - ``testing``: helpers for tests (a fake runner, a veth stand-in for the guest NIC).
 
 docs/NETWORK.md describes the addressing and every rule, and why.
@@ -16,7 +17,8 @@ docs/NETWORK.md describes the addressing and every rule, and why.
 
 from ._addressing import GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_PREFIX
 from ._commands import CommandResult, CommandRunner, SubprocessRunner
-from ._manager import NetworkManager, VmNetwork
+from ._manager import HostPaths, NetworkManager, VmNetwork
+from ._tapfd import open_tap
 
 __all__ = [
     "GATEWAY_IP",
@@ -25,7 +27,9 @@ __all__ = [
     "GUEST_PREFIX",
     "CommandResult",
     "CommandRunner",
+    "HostPaths",
     "NetworkManager",
     "SubprocessRunner",
     "VmNetwork",
+    "open_tap",
 ]

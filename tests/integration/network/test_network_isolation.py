@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from embervm.errors import NetworkSetupError
-from embervm.network import CommandResult, NetworkManager, SubprocessRunner, VmNetwork
+from embervm.network import CommandResult, NetworkManager, SubprocessRunner, VmNetwork, open_tap
 from embervm.network.testing import attach_veth_guest
 
 pytestmark = [
@@ -167,6 +167,18 @@ def exists(path: str) -> bool:
     return Path(path).exists()
 
 
+def resolver_alive(state_dir: Path) -> bool:
+    """Whether a live (not zombie) dnsmasq of this state dir exists."""
+    marker = f"--pid-file={state_dir}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+            if marker in cmdline and state != "Z":
+                return True
+    return False
+
+
 def new_tag() -> str:
     return "t" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(3))
 
@@ -211,6 +223,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             f"addr add {INTERNET_IP}/32 dev lo\n"
         ))  # fmt: skip
         await manager.start()
+        assert resolver_alive(w.state_dir)
         yield w
     finally:
         for server in w.servers:
@@ -225,6 +238,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await w.manager.reclaim_leftovers(set())
         await w.manager.stop()
         assert await leftovers(tag, w.manager.table) == []
+        assert not resolver_alive(w.state_dir)
         assert read_file("/etc/resolv.conf") == resolv_before
         assert read_file("/proc/sys/net/ipv4/ip_forward") == forward_before
 
@@ -403,3 +417,29 @@ async def test_failed_create_undoes_what_it_did(world: World) -> None:
     finally:
         await manager.stop()
     assert await leftovers(tag, manager.table) == []
+
+
+async def test_open_tap_gives_an_unprivileged_qemu_the_guest_nic(world: World) -> None:
+    net = await world.manager.create(f"{world.tag}-vm-q", egress=False)
+    fd = await open_tap(net.netns_path, net.tap)
+    try:
+        flags = (await sh("ip", "-n", net.netns, "-o", "link", "show", net.tap)).stdout
+        assert "NO-CARRIER" not in flags  # something is attached now
+        if shutil.which("qemu-system-x86_64") is None:
+            return
+        qemu = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none",
+            "-S", "-netdev", f"tap,id=n0,fd={fd}", "-device", "virtio-net-device,netdev=n0",
+            "-qmp", "stdio",
+            pass_fds=[fd], stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        qmp = b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
+        out, err = await asyncio.wait_for(qemu.communicate(qmp), 60)
+        assert qemu.returncode == 0, err.decode()
+        assert b"host-qmp-quit" in out
+    finally:
+        os.close(fd)
+    flags = (await sh("ip", "-n", net.netns, "-o", "link", "show", net.tap)).stdout
+    assert "NO-CARRIER" in flags
