@@ -10,8 +10,9 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import BootedVm
+from guest_vm_helpers import BootedVm
 
+from embervm.guest._rootfs import HOST_CA_BUNDLE, extra_certificates
 from embervm.guest.client import AgentClient, AppSpec
 
 pytestmark = [
@@ -99,6 +100,13 @@ async def test_guest_network_and_dns_are_configured(agent: AgentClient) -> None:
     assert "via 10.0.2.2" in r.stdout.decode()
     resolv = await agent.get_file("/etc/resolv.conf", max_bytes=4096)
     assert b"nameserver 10.0.2.2" in resolv
+
+
+async def test_guest_trusts_every_certificate_the_host_trusts(agent: AgentClient) -> None:
+    guest_bundle = await agent.get_file("/etc/ssl/certs/ca-certificates.crt", max_bytes=2**22)
+    host_bundle = HOST_CA_BUNDLE.read_bytes()
+    assert extra_certificates(host_bundle, guest_bundle) == []
+    assert b"BEGIN CERTIFICATE" in guest_bundle
 
 
 async def test_quiesce_freezes_root_until_thaw(agent: AgentClient) -> None:

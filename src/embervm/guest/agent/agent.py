@@ -362,7 +362,16 @@ class Agent:
         except OSError:
             clock_set = False
         credited = system.reseed_rng(body) if body else False
-        self._reply(rid, clock_set=clock_set, rng_reseeded=credited, wall_clock_ns=time.time_ns())
+        # A snapshot is normally taken quiesced; the restored VM must not stay frozen.
+        thawed = self._frozen
+        self._thaw_now()
+        self._reply(
+            rid,
+            clock_set=clock_set,
+            rng_reseeded=credited,
+            thawed=thawed,
+            wall_clock_ns=time.time_ns(),
+        )
 
     async def op_quiesce(self, rid: int, h: dict[str, Any], body: bytes) -> None:
         limit = get_num(h, "auto_thaw", lo=1.0, hi=MAX_FREEZE) or DEFAULT_FREEZE
