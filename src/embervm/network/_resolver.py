@@ -67,12 +67,12 @@ def dnsmasq_argv(
     return argv
 
 
-def _proc_udp_has(ip: str, port: int) -> bool:
+def _proc_udp_has(ip: str, port: int, table: Path = Path("/proc/net/udp")) -> bool:
     """Whether something has bound ``ip:port`` for UDP (``/proc/net/udp`` notation)."""
     packed = int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
     wanted = f"{packed:08X}:{port:04X}"
     try:
-        text = Path("/proc/net/udp").read_text()
+        text = table.read_text()
     except OSError:
         return False
     return any(line.split()[1] == wanted for line in text.splitlines()[1:] if line.strip())

@@ -131,16 +131,19 @@ def render_host_table(
 
 
 def render_host_vm_elements(table: str, vm: HostVmEntry, *, add: bool) -> str:
-    """Add a VM to the host table's sets, or remove it (removal tolerates absent elements:
-    it adds each element first, which is a no-op when present, then deletes it)."""
+    """Add a VM to the host table's sets, or remove it. Removal tolerates absent elements: it
+    adds each element first (a no-op when present), then deletes it. Adding a VM without egress
+    removes it from ``egress_links`` the same way, in case an earlier create had egress."""
     link = _quote(vm.host_link)
-    sets = [("vm_links", link), ("vm_sources", f"{link} . {vm.vm_address}")]
-    if vm.egress or not add:
-        sets.append(("egress_links", link))
+    members = [
+        ("vm_links", link, add),
+        ("vm_sources", f"{link} . {vm.vm_address}", add),
+        ("egress_links", link, add and vm.egress),
+    ]
     lines = []
-    for name, elem in sets:
+    for name, elem, keep in members:
         lines.append(f"add element inet {table} {name} {{ {elem} }}")
-        if not add:
+        if not keep:
             lines.append(f"delete element inet {table} {name} {{ {elem} }}")
     return "\n".join(lines) + "\n"
 

@@ -384,6 +384,11 @@ async def test_create_converges_after_a_half_done_create(world: World) -> None:
     assert f" {again.tap}:" in links
     rules = (await sh("ip", "netns", "exec", again.netns, "nft", "list", "ruleset")).stdout
     assert "dport 53" in rules  # rebuilt with egress
+    egress_links = ("nft", "list", "set", "inet", world.manager.table, "egress_links")
+    assert again.host_link in (await sh(*egress_links)).stdout
+
+    await world.manager.create(vm_id, egress=False)
+    assert again.host_link not in (await sh(*egress_links)).stdout
 
 
 class FailingRunner(SubprocessRunner):

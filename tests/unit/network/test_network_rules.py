@@ -112,11 +112,13 @@ def test_element_removal_tolerates_absent_elements() -> None:
         assert lines[add + 1].startswith(f"delete element inet embervm {name} ")
 
 
-def test_adding_a_vm_without_egress_leaves_egress_links_alone() -> None:
-    assert "egress_links" not in render_host_vm_elements("embervm", B, add=True)
-    assert "add element inet embervm egress_links" in render_host_vm_elements(
-        "embervm", A, add=True
-    )
+def test_adding_a_vm_without_egress_takes_it_out_of_egress_links() -> None:
+    without = render_host_vm_elements("embervm", B, add=True)
+    assert 'delete element inet embervm egress_links { "evabcdefabcd" }' in without
+    assert "delete element inet embervm vm_links" not in without
+    with_egress = render_host_vm_elements("embervm", A, add=True)
+    assert 'add element inet embervm egress_links { "ev0123456789" }' in with_egress
+    assert "delete" not in with_egress
 
 
 def test_netns_ingress_is_dnat_from_the_own_host_veth_only() -> None:
