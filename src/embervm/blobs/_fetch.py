@@ -1,0 +1,165 @@
+"""Fetch a build's ``codeArtifact.uri`` into a local file, bounded in size and time.
+
+Every failure becomes ``BuildFailure`` with a reason written for the user who gave the URI:
+the build's ``stateReason`` is that sentence. Supported: ``file://`` (optionally confined to
+allowed roots), ``https://`` (TLS verified against the system CA bundle, or a given CA file),
+``s3://bucket/key`` (the configured S3 endpoint). Plain ``http://`` is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from embervm.blobs._s3 import S3BlobStore, S3Config
+from embervm.blobs._store import CHUNK, stream_to_file
+from embervm.errors import BuildFailure, NotFoundError, RuntimeFailure
+
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+DEFAULT_TIMEOUT = 300.0
+MAX_REDIRECTS = 5
+
+
+async def fetch_code_artifact(
+    uri: str,
+    dest: Path,
+    *,
+    s3_config: S3Config | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
+    ca_file: Path | None = None,
+    file_roots: Sequence[Path] | None = None,
+) -> Path:
+    """Copy the artifact at ``uri`` to ``dest`` (atomically) and return ``dest``.
+
+    ``ca_file`` replaces the system CA bundle for ``https://`` (tests, private CAs);
+    ``file_roots``, when given, confines ``file://`` to those directories.
+    """
+    scheme = urlsplit(uri).scheme.lower()
+    try:
+        async with asyncio.timeout(timeout):
+            if scheme == "file":
+                chunks = _file_chunks(uri, file_roots)
+            elif scheme == "https":
+                chunks = _https_chunks(uri, ca_file=ca_file, max_bytes=max_bytes)
+            elif scheme == "s3":
+                chunks = _s3_chunks(uri, s3_config or S3Config(), max_bytes=max_bytes)
+            elif scheme == "http":
+                raise BuildFailure(
+                    f"code artifact {uri!r} uses plain http; use https://, s3:// or file://"
+                )
+            else:
+                raise BuildFailure(
+                    f"code artifact URI {uri[:200]!r} is not supported: "
+                    "use file://, https:// or s3://bucket/key"
+                )
+            await stream_to_file(chunks, dest, max_bytes=max_bytes, what="code artifact")
+    except TimeoutError as exc:
+        raise BuildFailure(
+            f"downloading the code artifact {uri!r} did not finish within {timeout:.0f} s"
+        ) from exc
+    except RuntimeFailure as exc:
+        raise BuildFailure(f"code artifact {uri!r}: {exc}") from exc
+    except OSError as exc:
+        raise BuildFailure(f"could not store the code artifact: {exc.strerror or exc}") from exc
+    return dest
+
+
+async def _file_chunks(uri: str, roots: Sequence[Path] | None) -> AsyncIterator[bytes]:
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise BuildFailure(f"code artifact {uri!r}: file:// URIs must name a local path")
+    path = Path(unquote(parts.path))
+    if not path.is_absolute():
+        raise BuildFailure(f"code artifact {uri!r}: file:// URIs need an absolute path")
+    real = await asyncio.to_thread(path.resolve)
+    if roots is not None and not _inside_any(real, roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise BuildFailure(f"code artifact {uri!r} is outside the allowed folders ({allowed})")
+    try:
+        fh = await asyncio.to_thread(real.open, "rb")
+    except FileNotFoundError as exc:
+        raise BuildFailure(f"code artifact {uri!r} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise BuildFailure(f"code artifact {uri!r} is a folder; give a zip file") from exc
+    except OSError as exc:
+        raise BuildFailure(f"code artifact {uri!r} cannot be read: {exc.strerror}") from exc
+    try:
+        while chunk := await asyncio.to_thread(fh.read, CHUNK):
+            yield chunk
+    finally:
+        fh.close()
+
+
+def _inside_any(real: Path, roots: Sequence[Path]) -> bool:
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system trust store (``/etc/ssl/certs``) unless a CA file is given."""
+    if ca_file is not None:
+        return ssl.create_default_context(cafile=str(ca_file))
+    return ssl.create_default_context()
+
+
+async def _https_chunks(uri: str, *, ca_file: Path | None, max_bytes: int) -> AsyncIterator[bytes]:
+    timeouts = httpx.Timeout(30.0, connect=10.0)
+    async with httpx.AsyncClient(
+        verify=_tls_context(ca_file),
+        timeout=timeouts,
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        trust_env=True,
+    ) as client:
+        try:
+            async with client.stream("GET", uri) as response:
+                if response.url.scheme != "https":
+                    raise BuildFailure(f"code artifact {uri!r} redirected to a non-https URL")
+                if response.status_code != 200:
+                    raise BuildFailure(
+                        f"downloading the code artifact {uri!r} returned HTTP "
+                        f"{response.status_code}"
+                    )
+                declared = response.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise BuildFailure(
+                        f"code artifact {uri!r} is {declared} bytes; the limit is {max_bytes}"
+                    )
+                async for chunk in response.aiter_bytes(CHUNK):
+                    yield chunk
+        except httpx.TooManyRedirects as exc:
+            raise BuildFailure(f"code artifact {uri!r}: too many redirects") from exc
+        except httpx.ConnectError as exc:
+            cause = "TLS certificate not trusted" if _is_tls(exc) else "could not connect"
+            raise BuildFailure(f"code artifact {uri!r}: {cause} ({exc})") from exc
+        except httpx.TimeoutException as exc:
+            raise BuildFailure(f"code artifact {uri!r}: the server stopped answering") from exc
+        except httpx.HTTPError as exc:
+            raise BuildFailure(f"code artifact {uri!r}: download failed ({exc})") from exc
+
+
+def _is_tls(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+async def _s3_chunks(uri: str, config: S3Config, *, max_bytes: int) -> AsyncIterator[bytes]:
+    parts = urlsplit(uri)
+    bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
+    if not bucket or not key:
+        raise BuildFailure(f"code artifact {uri!r} must look like s3://bucket/key")
+    store = S3BlobStore(bucket, config.endpoint_url, config.credentials, config=config)
+    try:
+        async for chunk in store.stream_object(key):
+            yield chunk
+    except NotFoundError as exc:
+        raise BuildFailure(f"code artifact {uri!r} does not exist") from exc

@@ -1,0 +1,2 @@
+"""Image builds: code artifact → safe unzip → Dockerfile plan → cached steps in a build
+microVM → ready check → snapshot. See docs/BUILDS.md."""

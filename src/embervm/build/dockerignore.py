@@ -1,0 +1,127 @@
+"""``.dockerignore`` with Docker's semantics (moby/patternmatcher).
+
+Patterns are cleaned like Go's ``filepath.Clean`` (a leading ``/`` dropped), ``*`` matches
+within one path segment, ``?`` one character, ``**`` any number of segments (including none),
+``[...]`` a class, ``\\`` escapes; ``!pattern`` re-includes; the last matching pattern wins;
+a pattern that matches a parent folder excludes everything below it. Lines starting with ``#``
+are comments.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from embervm.errors import BuildFailure
+
+_SPECIAL = set(".+()|{}$^")
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    text: str
+    regex: re.Pattern[str]
+    exclusion: bool
+
+    def match(self, path: str) -> bool:
+        return self.regex.match(path) is not None
+
+
+def _clean(pattern: str) -> str:
+    cleaned = posixpath.normpath(pattern)
+    if cleaned.startswith("//"):
+        cleaned = cleaned[1:]
+    cleaned = cleaned.lstrip("/") or "."
+    return cleaned
+
+
+def _to_regex(pattern: str) -> re.Pattern[str]:
+    out = ["^"]
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "*":
+            if i + 1 < n and pattern[i + 1] == "*":
+                i += 2
+                if i < n and pattern[i] == "/":
+                    i += 1
+                out.append(".*" if i >= n else "(.*/)?")
+                continue
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "\\":
+            i += 1
+            if i < n:
+                out.append(re.escape(pattern[i]))
+            else:
+                out.append(re.escape("\\"))
+        elif ch == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                raise BuildFailure(f".dockerignore pattern {pattern!r} has an unclosed '['")
+            body = pattern[i + 1 : end]
+            if body.startswith("!") or body.startswith("^"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end
+        elif ch in _SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+        i += 1
+    out.append("$")
+    try:
+        return re.compile("".join(out), re.DOTALL)
+    except re.error as exc:
+        raise BuildFailure(f".dockerignore pattern {pattern!r} is invalid: {exc}") from exc
+
+
+class DockerIgnore:
+    """The compiled patterns of one ``.dockerignore``."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.patterns: list[_Pattern] = []
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            exclusion = line.startswith("!")
+            if exclusion:
+                line = line[1:].strip()
+                if not line:
+                    raise BuildFailure(".dockerignore has an illegal exclusion pattern '!'")
+            cleaned = _clean(line)
+            self.patterns.append(_Pattern(cleaned, _to_regex(cleaned), exclusion))
+
+    @classmethod
+    def from_text(cls, text: str) -> DockerIgnore:
+        return cls(text.splitlines())
+
+    @classmethod
+    def from_context(cls, context: Path) -> DockerIgnore:
+        """The context's ``.dockerignore``, or an empty one."""
+        path = context / ".dockerignore"
+        if not path.is_file():
+            return cls([])
+        return cls.from_text(path.read_text(encoding="utf-8", errors="replace"))
+
+    def is_excluded(self, rel_path: str) -> bool:
+        """True when ``rel_path`` (slash-separated, relative to the context) is excluded."""
+        path = _clean(rel_path)
+        parents = path.split("/")[:-1]
+        matched = False
+        for pattern in self.patterns:
+            if pattern.exclusion != matched:
+                continue
+            hit = pattern.match(path)
+            if not hit:
+                for i in range(len(parents)):
+                    if pattern.match("/".join(parents[: i + 1])):
+                        hit = True
+                        break
+            if hit:
+                matched = not pattern.exclusion
+        return matched
