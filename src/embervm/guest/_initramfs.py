@@ -11,6 +11,9 @@ in well under a second instead of a multi-minute root filesystem.
 
 from __future__ import annotations
 
+import py_compile
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +78,31 @@ def agent_files() -> Iterator[tuple[str, bytes]]:
         yield path.relative_to(AGENT_SRC).as_posix(), path.read_bytes()
 
 
+def compiled_agent_files() -> Iterator[tuple[str, bytes]]:
+    """Bytecode of the agent for this host's Python, as ``__pycache__/<mod>.<tag>.pyc``.
+
+    Compiling the agent costs about 0.2 s of a TCG boot. The files are unchecked-hash pycs
+    (valid whatever the mtimes in the guest); a guest whose Python has another cache tag simply
+    ignores them and compiles the sources in memory.
+    """
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="embervm-pyc-") as tmp:
+        for rel, data in agent_files():
+            src = Path(tmp) / "src.py"
+            src.write_bytes(data)
+            out = Path(tmp) / "out.pyc"
+            py_compile.compile(
+                str(src), cfile=str(out), dfile=f"{GUEST_AGENT_DIR}/{GUEST_AGENT_MODULE}/{rel}",
+                doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            )  # fmt: skip
+            parent, _, name = rel.rpartition("/")
+            stem = name.removesuffix(".py")
+            prefix = f"{parent}/" if parent else ""
+            yield f"{prefix}__pycache__/{stem}.{tag}.pyc", out.read_bytes()
+
+
 def build_initramfs(modules_dir: Path) -> bytes:
     """The newc archive for the kernel whose modules (and ``order``) sit in ``modules_dir``."""
     order = modules_dir.joinpath("order").read_text().split()
@@ -103,7 +131,7 @@ def build_initramfs(modules_dir: Path) -> bytes:
     ]
     entries += [cpio.regular(f"lib/modules/{m}", (modules_dir / m).read_bytes()) for m in order]
     dirs: set[str] = set()
-    for rel, data in agent_files():
+    for rel, data in [*agent_files(), *compiled_agent_files()]:
         parent = rel.rpartition("/")[0]
         if parent and parent not in dirs:
             dirs.add(parent)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,8 @@ async def ensure_boot_artifacts(
     kdir, release = await ensure_kernel(artifacts_dir, progress=report)
     if not _initramfs.BUSYBOX.is_file():
         raise ArtifactError(f"{_initramfs.BUSYBOX} missing: install busybox-static")
-    parts: list[bytes | str] = [INITRAMFS_RECIPE, kdir.name, _initramfs.INIT_SCRIPT]
+    parts: list[bytes | str] = [INITRAMFS_RECIPE, kdir.name, _initramfs.INIT_SCRIPT,
+                                str(sys.implementation.cache_tag), sys.version]  # fmt: skip
     parts.append(hashlib.sha256(_initramfs.BUSYBOX.read_bytes()).hexdigest())
     for rel, data in _initramfs.agent_files():
         parts += [rel, data]
