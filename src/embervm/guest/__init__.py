@@ -16,7 +16,14 @@ from embervm.guest.artifacts import (
     host_tsc_khz,
     kernel_cmdline,
 )
-from embervm.guest.client import AgentClient, AppSpec, ExecResult, LogLine, PtySession
+from embervm.guest.client import (
+    AgentClient,
+    AppSpec,
+    ExecResult,
+    HttpResponse,
+    LogLine,
+    PtySession,
+)
 
 __all__ = [
     "AgentClient",
@@ -24,6 +31,7 @@ __all__ = [
     "BootArtifacts",
     "ExecResult",
     "GuestArtifacts",
+    "HttpResponse",
     "LogLine",
     "PtySession",
     "ensure_base_disk",

@@ -66,6 +66,14 @@ class AppSpec:
 
 
 @dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    truncated: bool
+
+
+@dataclass(frozen=True)
 class LogLine:
     name: str
     stream: str
@@ -557,6 +565,47 @@ class AgentClient:
             {"wall_clock_ns": wall_clock_ns or time.time_ns()},
             entropy if entropy is not None else os.urandom(64),
         )
+
+    async def http_request(
+        self,
+        port: int,
+        path: str,
+        *,
+        method: str = "POST",
+        body: bytes = b"",
+        headers: list[tuple[str, str]] | None = None,
+        timeout: float = 30.0,  # noqa: ASYNC109
+    ) -> HttpResponse:
+        """An HTTP/1.1 request to ``127.0.0.1:port`` made by the agent inside the guest.
+
+        Used for lifecycle hooks before (or without) any host-to-guest network path. The guest
+        gives up after ``timeout``; the response body is capped at 1 MiB (``truncated``).
+        """
+        rid, q = self._open_request(maxsize=4)
+        try:
+            await self._send({"op": "http", "id": rid, "method": method, "port": port,
+                              "path": path, "headers": [list(p) for p in headers or []],
+                              "timeout": timeout}, body)  # fmt: skip
+            async with asyncio.timeout(timeout + self._timeout):
+                frame = await q.get()
+            h = _check(frame)
+        except TimeoutError as exc:
+            raise GuestError(f"agent did not relay {method} {path} in time") from exc
+        finally:
+            self._forget(rid)
+        raw = h.get("headers")
+        if not isinstance(raw, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in raw
+        ):
+            raise GuestError("agent sent bad response headers")
+        return HttpResponse(_int(h, "status"), [(k, v) for k, v in raw], frame.body,
+                            h.get("truncated") is True)  # fmt: skip
+
+    async def tcp_probe(self, port: int, *, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
+        """Whether something in the guest accepts TCP connections on 127.0.0.1:``port``."""
+        res = await self._call("tcp.probe", {"port": port, "timeout": timeout},
+                               limit=timeout + self._timeout)  # fmt: skip
+        return res.get("open") is True
 
     async def quiesce(self, *, auto_thaw: float = 30.0) -> bool:
         """sync + freeze ``/``; True if frozen. The guest thaws itself after ``auto_thaw`` s."""

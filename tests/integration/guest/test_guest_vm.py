@@ -151,3 +151,22 @@ async def test_app_survives_host_reconnect_and_logs_are_kept(booted_vm: BootedVm
         await c2.stop_app("ticker", grace=5)
     finally:
         await c2.close()
+
+
+async def test_supervised_app_serves_http_reachable_through_the_relay(agent: AgentClient) -> None:
+    await agent.start_app(
+        AppSpec(argv=["python3", "-m", "http.server", "8080", "--bind", "127.0.0.1"],
+                cwd="/etc", name="web", restart="always")
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                if await agent.tcp_probe(8080):
+                    break
+                await asyncio.sleep(0.2)
+        r = await agent.http_request(8080, "/hostname", method="GET")
+        assert (r.status, r.body) == (200, b"embervm\n")
+        host = await agent.exec(["hostname"])
+        assert host.stdout == b"embervm\n"
+    finally:
+        await agent.stop_app("web", grace=5)

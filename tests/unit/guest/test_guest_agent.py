@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -320,3 +322,58 @@ async def test_request_right_behind_hello_in_one_write_is_served(
         assert data
         got += [f.header for f in dec.feed(data)]
     assert [(h["op"], h["id"]) for h in got] == [("result", 1), ("result", 2)]
+
+
+class _HookHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        n = int(self.headers.get("Content-Length", "0"))
+        data = self.rfile.read(n)
+        status = 200 if self.path.endswith("/ready") else 503
+        out = b"echo:" + data + b":" + self.headers.get("X-Test", "").encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+@pytest.fixture
+def hook_server() -> Iterator[int]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HookHandler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+
+
+async def test_http_relay_calls_hooks_inside_the_guest(
+    client: AgentClient, hook_server: int
+) -> None:
+    r = await client.http_request(hook_server, "/aws/lambda-microvms/runtime/v1/ready",
+                                  body=b"payload", headers=[("X-Test", "yes")])  # fmt: skip
+    assert (r.status, r.body, r.truncated) == (200, b"echo:payload:yes", False)
+    r = await client.http_request(hook_server, "/aws/lambda-microvms/runtime/v1/validate")
+    assert r.status == 503
+
+
+async def test_http_relay_to_a_closed_port_is_connection_refused(
+    client: AgentClient, hook_server: int
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(GuestError, match="connection_refused"):
+        await client.http_request(free, "/")
+    assert await client.tcp_probe(free) is False
+    assert await client.tcp_probe(hook_server) is True
+
+
+async def test_http_relay_rejects_header_injection(client: AgentClient, hook_server: int) -> None:
+    with pytest.raises(GuestError, match="bad_request"):
+        await client.http_request(hook_server, "/x", headers=[("X-A", "b\r\nEvil: 1")])

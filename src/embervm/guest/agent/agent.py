@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import children, files, system
+from . import children, files, relay, system
 from .apps import RESTART_POLICIES, AppSpec, Supervisor
 from .channel import Channel
 from .protocol import (
@@ -394,6 +394,30 @@ class Agent:
         self._thaw_now()
         self._reply(rid, thawed=was)
 
+    async def op_http(self, rid: int, h: dict[str, Any], body: bytes) -> None:
+        hdrs = h.get("headers") or []
+        if not isinstance(hdrs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in hdrs
+        ):
+            raise ProtocolError("'headers' must be a list of [name, value] strings")
+        try:
+            resp = await relay.http_request(
+                get_str(h, "method", max_len=16, default="GET"),
+                get_int(h, "port", lo=1, hi=65535), get_str(h, "path", max_len=8192),
+                [(k, v) for k, v in hdrs], body,
+                get_num(h, "timeout", lo=0.01, hi=3600.0) or 30.0,
+            )  # fmt: skip
+        except relay.RelayError as exc:
+            raise RequestError(exc.code, str(exc)) from exc
+        self._send({"op": "result", "id": rid, "status": resp.status,
+                    "headers": [list(p) for p in resp.headers], "truncated": resp.truncated},
+                   resp.body)  # fmt: skip
+
+    async def op_tcp_probe(self, rid: int, h: dict[str, Any], body: bytes) -> None:
+        port = get_int(h, "port", lo=1, hi=65535)
+        limit = get_num(h, "timeout", lo=0.01, hi=60.0) or 1.0
+        self._reply(rid, open=await relay.tcp_probe(port, limit))
+
     def _arm_thaw(self, limit: float) -> None:
         # A thread, not the event loop: if anything in the loop blocked on the frozen
         # filesystem, the timer must still fire.
@@ -432,6 +456,8 @@ _HANDLERS: dict[str, _Handler] = {
     "after_restore": Agent.op_after_restore,
     "quiesce": Agent.op_quiesce,
     "thaw": Agent.op_thaw,
+    "http": Agent.op_http,
+    "tcp.probe": Agent.op_tcp_probe,
 }
 
 assert MAX_BODY >= CHUNK
