@@ -21,10 +21,12 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from embervm.errors import NetworkSetupError
+from embervm.guest.artifacts import host_tsc_khz
 from embervm.network import CommandResult, NetworkManager, SubprocessRunner, VmNetwork, open_tap
 from embervm.network.testing import attach_veth_guest
 
@@ -44,7 +46,7 @@ API_PORT = 8700
 GUEST_PORT = 8080
 PROBE_TIMEOUT = 1.0
 
-SERVER = """
+SERVER = r"""
 import socket, sys
 kind, addr, port, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 if kind == "tcp":
@@ -61,7 +63,12 @@ else:
     print("ready", flush=True)
     while True:
         data, peer = s.recvfrom(512)
-        s.sendto(f"{name} {peer[0]}".encode(), peer)
+        if kind == "dns":  # answer every A query with 198.51.100.77
+            end = data.index(b"\0", 12) + 5
+            answer = b"\xc0\x0c" + bytes([0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 51, 100, 77])
+            s.sendto(data[:2] + b"\x81\x80\0\x01\0\x01\0\0\0\0" + data[12:end] + answer, peer)
+        else:
+            s.sendto(f"{name} {peer[0]}".encode(), peer)
 """
 
 CLIENT = """
@@ -448,3 +455,104 @@ async def test_open_tap_gives_an_unprivileged_qemu_the_guest_nic(world: World) -
         os.close(fd)
     flags = (await sh("ip", "-n", net.netns, "-o", "link", "show", net.tap)).stdout
     assert "NO-CARRIER" in flags
+
+
+GUEST_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do insmod /modules/$m 2>/dev/null; done
+ip link set lo up; ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
+mkdir -p /www; echo hello-from-qemu > /www/index.html; httpd -p 8080 -h /www
+echo "EGRESS $(nc -w 3 {internet} 443 </dev/null)" > /dev/console
+echo "DNS $(nslookup example.test 10.0.2.2 2>&1 | grep -c {internet})" > /dev/console
+echo "HOST $(nc -w 3 {host_ip} {host_port} </dev/null)." > /dev/console
+echo "UDP $(nslookup other.test {internet} 2>&1 | grep -c 198.51.100.77)" > /dev/console
+echo PROBES-DONE > /dev/console
+while true; do sleep 60; done
+"""
+
+
+def probe_initramfs_tree(dest: Path, modules: Path, **values: object) -> Path:
+    """busybox, the virtio modules and GUEST_INIT with ``values`` filled in."""
+    root = dest / "initramfs"
+    for sub in ("bin", "proc", "sys", "dev", "modules", "tmp"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for module in modules.iterdir():
+        shutil.copy(module, root / "modules" / module.name)
+    init = root / "init"
+    init.write_text(GUEST_INIT.format(**values))
+    init.chmod(0o755)
+    return root
+
+
+async def build_probe_initramfs(dest: Path, modules: Path, **values: object) -> Path:
+    root = probe_initramfs_tree(dest, modules, **values)
+    await sh("sh", "-c", f"cd {root} && find . | cpio -o -H newc --quiet > {dest / 'initrd'}")
+    return dest / "initrd"
+
+
+async def http_get(host: str, port: int) -> str | None:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return data.decode(errors="replace")
+    except (OSError, TimeoutError):
+        return None
+
+
+async def test_real_qemu_guest_on_the_tap_gets_the_same_isolation(
+    world: World, tmp_path: Path, guest_artifacts: Any
+) -> None:
+    """The stand-in above is a veth; here a real TCG guest sits on the real tap."""
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("cpio") is None:
+        pytest.skip("needs qemu-system-x86_64 and cpio")
+    net = await world.manager.create(f"{world.tag}-vm-real", egress=True)
+    host_port = 18000 + secrets.randbelow(1000)
+    await world.serve_on_host(net.host_ip, host_port, "host")
+    await world.serve("tcp", f"{world.tag}i", INTERNET_IP, 443, "internet")
+    await world.serve("dns", f"{world.tag}i", INTERNET_IP, 53, "internet-dns")
+    assert await world.probe(f"{world.tag}i", "dns", INTERNET_IP, 53, "other.test") == (
+        "198.51.100.77"
+    )  # the outside resolver works; the guest just may not use it
+    kernel = Path(guest_artifacts.kernel)
+    initrd = await build_probe_initramfs(
+        tmp_path, kernel.parent / "modules", internet=INTERNET_IP, host_ip=net.host_ip,
+        host_port=host_port,
+    )  # fmt: skip
+    console = tmp_path / "console.log"
+    tsc = host_tsc_khz()
+    machine = "microvm,pit=off,pic=off" if tsc else "microvm"
+    cmdline = "console=ttyS0 quiet panic=-1 reboot=k mitigations=off rdinit=/init" + (
+        f" tsc_early_khz={tsc}" if tsc else ""
+    )
+    fd = await open_tap(net.netns_path, net.tap)
+    try:
+        qemu = await asyncio.create_subprocess_exec(
+            "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+            "-M", machine, "-accel", "tcg,thread=single", "-cpu", "max", "-smp", "1",
+            "-m", "128M", "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+            "-serial", f"file:{console}", "-netdev", f"tap,id=n0,fd={fd}",
+            "-device", f"virtio-net-device,netdev=n0,mac={net.guest_mac}",
+            pass_fds=[fd], stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    world.procs.append(qemu)
+    page = None
+    for _ in range(120):
+        page = await http_get(net.vm_address, GUEST_PORT)
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if page and "PROBES-DONE" in text:
+            break
+        await asyncio.sleep(0.5)
+    text = console.read_text(errors="replace")
+    assert page is not None, text
+    assert "hello-from-qemu" in page
+    assert f"EGRESS internet {INTERNET_LINK_HOST}" in text
+    assert "DNS 1" in text
+    assert "HOST ." in text  # the host service answered nothing
+    assert "UDP 0" in text
