@@ -15,7 +15,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from embervm.errors import ConfigError
+from embervm.errors import ConfigError, NetworkSetupError
 
 IFNAMSIZ = 15
 """Longest interface name the kernel accepts (IFNAMSIZ is 16 including the NUL)."""
@@ -30,6 +30,15 @@ HOST_LINK_PREFIX = "ev"
 """Every manager's host-side veths are ``ev<short id>`` (the forward hook relies on it)."""
 
 _TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,3}$")
+_VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,199}$")
+
+
+def check_vm_id(vm_id: str) -> str:
+    """VM ids end up in a link alias written through ``ip -batch``: no spaces, quotes or
+    newlines, at most 200 characters (ids and ARNs fit)."""
+    if not _VM_ID_RE.match(vm_id):
+        raise NetworkSetupError(f"VM id {vm_id[:60]!r} is not usable for network names")
+    return vm_id
 
 
 def check_tag(tag: str) -> str:
@@ -77,7 +86,7 @@ class VmNames:
 
     @classmethod
     def derive(cls, vm_id: str, tag: str = DEFAULT_TAG) -> VmNames:
-        short = short_id(vm_id)
+        short = short_id(check_vm_id(vm_id))
         return cls(
             vm_id=vm_id,
             short=short,

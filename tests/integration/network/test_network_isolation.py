@@ -556,3 +556,19 @@ async def test_real_qemu_guest_on_the_tap_gets_the_same_isolation(
     assert "DNS 1" in text
     assert "HOST ." in text  # the host service answered nothing
     assert "UDP 0" in text
+
+
+async def test_concurrent_creates_get_distinct_working_networks(world: World) -> None:
+    ids = [f"{world.tag}-vm-c{i}" for i in range(8)]
+    nets = await asyncio.gather(*(world.manager.create(i, egress=i.endswith("0")) for i in ids))
+
+    assert len({n.vm_address for n in nets}) == len(ids)
+    assert len({n.netns for n in nets}) == len(ids)
+    for net in nets:
+        addrs = (await sh("ip", "-n", net.netns, "-o", "addr", "show", "veth0")).stdout
+        assert f"{net.vm_address}/30" in addrs
+    sets = (await sh("nft", "list", "set", "inet", world.manager.table, "vm_sources")).stdout
+    assert all(n.vm_address in sets for n in nets)
+
+    await asyncio.gather(*(world.manager.destroy(i) for i in ids))
+    assert [r for r in await leftovers(world.tag, world.manager.table) if "netns" in r] == []

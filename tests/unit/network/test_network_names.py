@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from embervm.errors import ConfigError
+from embervm.errors import ConfigError, NetworkSetupError
 from embervm.network._names import (
     IFNAMSIZ,
     VmNames,
@@ -18,7 +18,7 @@ from embervm.network._names import (
 
 
 @given(
-    vm_id=st.text(min_size=1, max_size=256),
+    vm_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,199}", fullmatch=True),
     tag=st.from_regex(r"[a-z][a-z0-9]{0,3}", fullmatch=True),
 )
 def test_interface_names_fit_ifnamsiz_for_any_vm_id(vm_id: str, tag: str) -> None:
@@ -55,3 +55,14 @@ def test_short_id_is_ten_hex_digits() -> None:
 def test_bad_tags_are_refused(tag: str) -> None:
     with pytest.raises(ConfigError):
         check_tag(tag)
+
+
+@pytest.mark.parametrize("vm_id", ["", "a b", 'a"b', "a\nlink del eth0", "-x", "x" * 201])
+def test_vm_ids_that_could_break_a_batch_line_are_refused(vm_id: str) -> None:
+    with pytest.raises(NetworkSetupError):
+        VmNames.derive(vm_id)
+
+
+def test_arns_are_accepted() -> None:
+    arn = "arn:aws:lambda:us-east-1:000000000000:microvm/mvm-0123456789abcdef"
+    assert VmNames.derive(arn).alias.endswith(arn)
