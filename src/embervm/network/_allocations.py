@@ -78,8 +78,12 @@ class AllocationStore:
             raise NetworkSetupError(
                 f"network state directory {self._dir.parent} is in use by another process"
             ) from exc
+        try:
+            self._by_vm = {a.vm_id: a for a in self._load()}
+        except BaseException:
+            fh.close()
+            raise
         self._lock_file = fh
-        self._by_vm = {a.vm_id: a for a in self._load()}
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -97,8 +101,14 @@ class AllocationStore:
                     block=int(raw["block"]),
                     egress=bool(raw["egress"]),
                 )
+                pool = str(raw["pool"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise NetworkSetupError(f"unreadable network allocation {path}: {exc}") from exc
+            if pool != str(self._pool):
+                raise NetworkSetupError(
+                    f"VM {alloc.vm_id} holds an address of pool {pool}, not {self._pool}: "
+                    "destroy the VMs (or restore the old pool setting) before changing it"
+                )
             found.append(alloc)
         return found
 
@@ -125,7 +135,8 @@ class AllocationStore:
                 block = self._lowest_free()
             alloc = Allocation(vm_id=vm_id, short=short, block=block, egress=egress)
             if alloc != existing:
-                write_json_atomic(self._path(short), {"version": FORMAT_VERSION, **asdict(alloc)})
+                record = {"version": FORMAT_VERSION, "pool": str(self._pool), **asdict(alloc)}
+                write_json_atomic(self._path(short), record)
                 self._by_vm[vm_id] = alloc
             return alloc
 

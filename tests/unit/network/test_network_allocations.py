@@ -84,7 +84,14 @@ async def test_files_are_complete_json_without_temporaries(
     files = list((tmp_path / "vms").iterdir())
     assert [f.name for f in files] == [f"{alloc.short}.json"]
     data = json.loads(files[0].read_text())
-    assert data == {"version": 1, "vm_id": "vm-x", "short": alloc.short, "block": 1, "egress": True}
+    assert data == {
+        "version": 1,
+        "pool": "10.213.0.0/24",
+        "vm_id": "vm-x",
+        "short": alloc.short,
+        "block": 1,
+        "egress": True,
+    }
 
 
 async def test_release_is_idempotent(tmp_path: Path, store: OpenStore) -> None:
@@ -101,3 +108,13 @@ async def test_corrupt_allocation_file_is_reported(tmp_path: Path, store: OpenSt
     (tmp_path / "vms" / "0123456789.json").write_text("{")
     with pytest.raises(NetworkSetupError, match="unreadable"):
         store(tmp_path)
+
+
+async def test_changing_the_pool_under_live_allocations_is_refused(
+    tmp_path: Path, store: OpenStore
+) -> None:
+    s = store(tmp_path)
+    await s.allocate("a", egress=False)
+    s.close()
+    with pytest.raises(NetworkSetupError, match="pool"):
+        store(tmp_path, "10.99.0.0/24")
