@@ -168,7 +168,9 @@ class AgentClient:
         self._writer = writer
         self._timeout = request_timeout
         self._decoder = Decoder()
-        self._ids = itertools.count(1)
+        # Ids start at a random point so that stray frames of an earlier connection (possibly
+        # still in QEMU's buffers) cannot match a request of this one.
+        self._ids = itertools.count(secrets.randbelow(2**40) + 1)
         self._pending: dict[int, asyncio.Queue[Frame]] = {}
         self._logs: deque[LogLine] = deque(maxlen=LOG_QUEUE)
         self._log_event = asyncio.Event()

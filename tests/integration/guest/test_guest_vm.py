@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sys
@@ -170,3 +171,35 @@ async def test_supervised_app_serves_http_reachable_through_the_relay(agent: Age
         assert host.stdout == b"embervm\n"
     finally:
         await agent.stop_app("web", grace=5)
+
+
+async def test_base_image_has_the_promised_packages(agent: AgentClient) -> None:
+    pkgs = ["python3", "python3-venv", "python3-pip", "ca-certificates", "curl", "iproute2",
+            "procps"]  # fmt: skip
+    r = await agent.exec(["dpkg-query", "-W", "-f", "${Package} ${Status}\\n", *pkgs])
+    assert r.exit_code == 0, r.stderr
+    installed = {ln.split()[0] for ln in r.stdout.decode().splitlines() if "installed" in ln}
+    assert installed == set(pkgs)
+
+
+async def test_host_disconnect_mid_stream_leaves_the_agent_healthy(booted_vm: BootedVm) -> None:
+    c1 = await AgentClient.connect(booted_vm.agent_socket, timeout=BOOT_TIMEOUT)
+    got = asyncio.Event()
+    task = asyncio.ensure_future(
+        c1.exec(["sh", "-c", "while true; do head -c 65536 /dev/zero; done"],
+                on_output=lambda s, d: got.set())
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        await got.wait()
+    await c1.close()  # vanish mid-stream, without a word
+    with contextlib.suppress(Exception):
+        await task
+    c2 = await AgentClient.connect(booted_vm.agent_socket, timeout=BOOT_TIMEOUT)
+    try:
+        r = await c2.exec(["echo", "still here"])
+        assert r.stdout == b"still here\n"
+        # the old connection's session was killed by the new hello
+        ps = await c2.exec(["sh", "-c", "ps -eo args | grep -c '[h]ead -c 65536' || true"])
+        assert ps.stdout.strip() == b"0"
+    finally:
+        await c2.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import signal
 import threading
@@ -46,6 +47,9 @@ MAX_FREEZE = 600.0
 DEFAULT_FREEZE = 30.0
 
 
+_CONN_GEN: contextvars.ContextVar[int] = contextvars.ContextVar("embervm_conn_gen", default=-1)
+
+
 class RequestError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -63,6 +67,7 @@ class Agent:
         self._uploads: dict[int, files.Upload] = {}
         self._thaw_timer: threading.Timer | None = None
         self._frozen = False
+        self._generation = 0
         self._started = time.monotonic()
         self.chan: Channel
         self.reaper: children.Reaper
@@ -77,7 +82,7 @@ class Agent:
             self._on_disconnect,
             reconnectable=self._reconnectable,
         )
-        self.apps = Supervisor(self._send, self.reaper)
+        self.apps = Supervisor(self._send_event, self.reaper)
         self.chan.start()
         try:
             await self.chan.closed.wait()
@@ -95,6 +100,18 @@ class Agent:
     # --- plumbing ------------------------------------------------------------------------
 
     def _send(self, header: dict[str, Any], body: bytes = b"") -> bool:
+        """Send on behalf of a request: dropped if that request's connection is gone.
+
+        Each request's task carries the connection generation it arrived on (a context
+        variable, inherited by the tasks it starts), so output of a session that belonged to
+        an earlier connection can never reach the next host with a recycled request id.
+        """
+        if _CONN_GEN.get() != self._generation:
+            return False
+        return self.chan.send(encode(header, body))
+
+    def _send_event(self, header: dict[str, Any], body: bytes = b"") -> bool:
+        """Send an event that belongs to no connection (app logs)."""
         return self.chan.send(encode(header, body))
 
     def _send_session(self, header: dict[str, Any], body: bytes) -> None:
@@ -108,9 +125,11 @@ class Agent:
 
     def _on_connect(self) -> None:
         self._greeted = False
+        self._generation += 1
 
     def _on_disconnect(self) -> None:
         self._greeted = False
+        self._generation += 1
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -118,6 +137,7 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     def _on_frame(self, frame: Frame) -> None:
+        _CONN_GEN.set(self._generation)
         h = frame.header
         raw_id = h.get("id")
         rid = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
@@ -195,6 +215,8 @@ class Agent:
             raise RequestError("version", f"agent speaks {list(PROTOCOL_VERSIONS)}")
         nonce = get_str(h, "nonce", max_len=128, default="")
         self._reset_sessions()
+        self._generation += 1
+        _CONN_GEN.set(self._generation)
         self._greeted = True
         self._reply(
             rid,
