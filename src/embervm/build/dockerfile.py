@@ -43,6 +43,9 @@ _IGNORED = {
     "ONBUILD": "images built here are not used as Docker base images",
 }
 MAX_TEXT = 200
+# The managed base image's own ENV (as Debian's Docker image sets it), so `ENV PATH=...:$PATH`
+# and RUN see the usual search path.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def managed_image_name(base_image_arn: str) -> str:
@@ -96,7 +99,7 @@ class _State:
     build_args: Mapping[str, str]
     meta_args: dict[str, str] = field(default_factory=dict)
     args: dict[str, str] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=lambda: {"PATH": DEFAULT_PATH})
     workdir: str = "/"
     user: str = ""
     shell: tuple[str, ...] = ("/bin/sh", "-c")

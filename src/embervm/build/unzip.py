@@ -48,23 +48,23 @@ def _clean_name(raw: str) -> PurePosixPath | None:
 
 
 def _kind(info: zipfile.ZipInfo) -> str:
-    """'dir', 'file', or a refusal for links, devices, FIFOs and sockets."""
-    mode = info.external_attr >> 16
-    if info.is_dir():
-        return "dir"
-    if mode and stat.S_ISLNK(mode):
+    """'dir', 'file', or a refusal for links, devices, FIFOs and sockets.
+
+    The Unix file type lives in the high bits of ``external_attr``; zips made elsewhere (or by
+    ``ZipFile.writestr``) carry none, which means a plain file (or a folder, by its name).
+    """
+    ftype = stat.S_IFMT(info.external_attr >> 16)
+    if ftype == stat.S_IFLNK:
         raise BuildFailure(
             f"zip entry {info.filename[:200]!r} is a symbolic link; links are not supported "
             "in code artifacts (zip the file it points to instead)"
         )
-    if mode and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+    if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise BuildFailure(
             f"zip entry {info.filename[:200]!r} is a device, FIFO or socket; only files and "
             "folders are allowed"
         )
-    if mode and stat.S_ISDIR(mode):
-        return "dir"
-    return "file"
+    return "dir" if info.is_dir() or ftype == stat.S_IFDIR else "file"
 
 
 def _file_mode(info: zipfile.ZipInfo) -> int:

@@ -1,0 +1,494 @@
+"""``ImageBuild``: one image version's build, from code artifact to snapshot.
+
+Phases (each logged): fetch the artifact → unpack it safely → parse the Dockerfile → for each
+step, look up its cache key; run the first missing step and every later one in a build VM,
+freezing a layer after each → boot the final layer, start the app with the image's environment,
+wait for the ready hook (or the app's port) → snapshot → optionally restore and call validate.
+
+Everything acquired (temp folders, VMs, a half-written snapshot) is released through one LIFO
+exit stack, on success and on every failure. Every call into a VM is bounded: a step by its
+timeout plus a grace period, the whole build by ``build_timeout``; a VM that does not answer in
+time is shut down (killed) and the build fails with a reason naming the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import posixpath
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from embervm.build.cache import LayerCache, LayerRef, base_key, describe_step, step_key
+from embervm.build.context import BuildContext, CopyItem, digest_items
+from embervm.build.dockerfile import parse_dockerfile
+from embervm.build.log import BuildLog, LineSplitter
+from embervm.build.machine import (
+    AppLaunch,
+    AppMachine,
+    BuildMachine,
+    MachineProvider,
+    TreeEntry,
+)
+from embervm.build.plan import BuildPlan, CopyStep, ImageConfig, RunStep, Step, WorkdirStep
+from embervm.build.ready import DEFAULT_APP_PORT, HookSettings, wait_for_hook, wait_for_port
+from embervm.build.unzip import ZipLimits, safe_extract
+from embervm.errors import BuildFailure, EmbervmError
+
+T = TypeVar("T")
+ArtifactFetcher = Callable[[Path], Awaitable[Path]]
+"""Given a destination path, put the code artifact zip there (e.g. ``fetch_code_artifact``)."""
+
+SHUTDOWN_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Everything one build needs (from CreateMicrovmImage / UpdateMicrovmImage)."""
+
+    base_image_arn: str
+    code_artifact: Path | ArtifactFetcher
+    snapshot_dir: Path  # images/<name>/<version>/snapshot; must not exist yet
+    work_dir: Path  # temp space is created (and removed) inside it
+    environment: Mapping[str, str] = field(default_factory=dict)
+    hooks: HookSettings = field(default_factory=HookSettings)
+    egress: bool = False
+    memory_mib: int = 1024
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    step_timeout: float = 900.0
+    build_timeout: float = 1800.0
+    grace: float = 30.0  # extra time a VM gets to answer before it is considered hung
+    zip_limits: ZipLimits = field(default_factory=ZipLimits)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    snapshot_dir: Path
+    layer: LayerRef
+    config: ImageConfig
+    app: AppLaunch
+    memory_snapshot_bytes: int
+    disk_snapshot_bytes: int
+    code_install_bytes: int
+    steps_total: int
+    steps_cached: int
+    warnings: tuple[str, ...] = ()
+
+    def snapshot_build(self) -> dict[str, int]:
+        """The model's ``SnapshotBuild`` shape (GetMicrovmImageBuild)."""
+        return {
+            "memorySnapshotSizeInBytes": self.memory_snapshot_bytes,
+            "diskSnapshotSizeInBytes": self.disk_snapshot_bytes,
+            "codeInstallSizeInBytes": self.code_install_bytes,
+        }
+
+
+def _step_text(step: Step) -> str:
+    return f"`{step.text}` at line {step.line}"
+
+
+class ImageBuild:
+    """Run with ``await ImageBuild(spec, provider=..., cache=..., log=...).run()``."""
+
+    def __init__(
+        self,
+        spec: BuildSpec,
+        *,
+        provider: MachineProvider,
+        cache: LayerCache,
+        log: BuildLog,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.provider = provider
+        self.cache = cache
+        self.log = log
+        self.clock = clock
+
+    # --- entry point -------------------------------------------------------------------
+
+    async def run(self) -> BuildResult:
+        """Build, or raise BuildFailure (logged, everything cleaned up)."""
+        started = self.clock()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    async with asyncio.timeout(self.spec.build_timeout) as deadline:
+                        result = await self._build(stack)
+                except TimeoutError as exc:
+                    if deadline.expired():
+                        raise BuildFailure(
+                            f"the build did not finish within {self.spec.build_timeout:g} s"
+                        ) from exc
+                    raise
+        except BuildFailure as exc:
+            self.log.emit("error", f"build failed: {exc.reason}")
+            self.log.close("FAILED")
+            raise
+        except EmbervmError as exc:
+            reason = f"the build machine failed: {exc}"
+            self.log.emit("error", f"build failed: {reason}")
+            self.log.close("FAILED")
+            raise BuildFailure(reason) from exc
+        except BaseException:
+            self.log.emit("error", "build interrupted")
+            self.log.close("FAILED")
+            raise
+        elapsed = self.clock() - started
+        self.log.emit(
+            "build",
+            f"build succeeded in {elapsed:.1f} s ({result.steps_cached} of "
+            f"{result.steps_total} steps cached)",
+        )
+        self.log.close("SUCCESSFUL")
+        return result
+
+    # --- phases ------------------------------------------------------------------------
+
+    async def _build(self, stack: contextlib.AsyncExitStack) -> BuildResult:
+        spec = self.spec
+        spec.work_dir.mkdir(parents=True, exist_ok=True)
+        workspace = Path(tempfile.mkdtemp(dir=spec.work_dir, prefix="build-"))
+        stack.callback(shutil.rmtree, workspace, True)
+        context = await self._context(workspace)
+        dockerfile = await asyncio.to_thread(context.read_dockerfile)
+        plan = parse_dockerfile(
+            dockerfile,
+            base_image_arn=spec.base_image_arn,
+            egress=spec.egress,
+            build_args=spec.build_args,
+        )
+        for warning in plan.warnings:
+            self.log.emit("warning", warning)
+        layer, code_bytes, cached = await self._steps(stack, plan, context)
+        launch = self._launch(plan.config)
+        success = False
+
+        def drop_partial_snapshot() -> None:
+            if not success:
+                shutil.rmtree(spec.snapshot_dir, ignore_errors=True)
+
+        stack.callback(drop_partial_snapshot)
+        memory_bytes, disk_bytes = await self._ready_and_snapshot(stack, layer, plan, launch)
+        if spec.hooks.validate:
+            await self._validate(stack)
+        success = True
+        return BuildResult(
+            snapshot_dir=spec.snapshot_dir,
+            layer=layer,
+            config=plan.config,
+            app=launch,
+            memory_snapshot_bytes=memory_bytes,
+            disk_snapshot_bytes=disk_bytes,
+            code_install_bytes=code_bytes,
+            steps_total=len(plan.steps),
+            steps_cached=cached,
+            warnings=plan.warnings,
+        )
+
+    async def _context(self, workspace: Path) -> BuildContext:
+        spec = self.spec
+        if isinstance(spec.code_artifact, Path):
+            archive = spec.code_artifact
+        else:
+            self.log.emit("build", "fetching the code artifact")
+            archive = await spec.code_artifact(workspace / "artifact.zip")
+        limits = spec.zip_limits
+        root = await asyncio.to_thread(
+            safe_extract,
+            archive,
+            workspace / "context",
+            max_total_bytes=limits.max_total_bytes,
+            max_files=limits.max_files,
+            max_ratio=limits.max_ratio,
+        )
+        context = await asyncio.to_thread(BuildContext, root)
+        self.log.emit("build", "code artifact unpacked")
+        return context
+
+    async def _steps(
+        self, stack: contextlib.AsyncExitStack, plan: BuildPlan, context: BuildContext
+    ) -> tuple[LayerRef, int, int]:
+        """Run or reuse every step; returns (final layer, bytes the steps added, cached)."""
+        spec = self.spec
+        layer = await self.provider.base_layer(plan.base_image)
+        key = base_key(plan.base_image, layer)
+        machine: BuildMachine | None = None
+        total = len(plan.steps)
+        code_bytes = cached = 0
+        for index, step in enumerate(plan.steps, start=1):
+            label = f"{index}/{total}"
+            items: list[CopyItem] = []
+            digest = ""
+            if isinstance(step, CopyStep):
+                items = await asyncio.to_thread(context.select, step)
+                digest = await asyncio.to_thread(digest_items, items)
+            instruction, inputs = describe_step(step, egress=spec.egress, copy_digest=digest)
+            key = step_key(key, instruction, inputs)
+            if machine is None:
+                hit = await self.cache.get(key)
+                if hit is not None and await self.provider.has_layer(hit):
+                    self.log.emit("build", f"Step {label}: {step.text} (cached)", step=label)
+                    layer, cached, code_bytes = hit, cached + 1, code_bytes + hit.size_bytes
+                    continue
+                machine = await self.provider.start_build_machine(
+                    layer, egress=spec.egress, memory_mib=spec.memory_mib
+                )
+                stack.push_async_callback(self._shutdown, machine)
+            self.log.emit("build", f"Step {label}: {step.text}", step=label)
+            started = self.clock()
+            await self._run_step(machine, step, items, label)
+            layer = await self._bounded(
+                machine.commit_layer(),
+                spec.grace * 4,
+                f"saving the result of {_step_text(step)}",
+                machine,
+            )
+            await self.cache.put(key, layer)
+            code_bytes += layer.size_bytes
+            self.log.emit(
+                "build", f"Step {label} done in {self.clock() - started:.1f} s", step=label
+            )
+        if machine is not None:
+            await self._shutdown(machine)
+        return layer, code_bytes, cached
+
+    async def _run_step(
+        self, machine: BuildMachine, step: Step, items: list[CopyItem], label: str
+    ) -> None:
+        if isinstance(step, RunStep):
+            await self._run(machine, step, label)
+        elif isinstance(step, CopyStep):
+            await self._copy(machine, step, items, label)
+        elif isinstance(step, WorkdirStep):
+            await self._exec_ok(machine, step, ["mkdir", "-p", step.path], label, user=None)
+
+    async def _run(self, machine: BuildMachine, step: RunStep, label: str) -> None:
+        if step.script is not None:
+            await self._bounded(
+                machine.put_file(step.script.name, step.script.content, mode=step.script.mode),
+                self.spec.grace,
+                f"uploading the script of {_step_text(step)}",
+            )
+        await self._exec_ok(machine, step, list(step.argv), label, user=step.state.user or None)
+
+    async def _exec_ok(
+        self,
+        machine: BuildMachine,
+        step: Step,
+        argv: list[str],
+        label: str,
+        *,
+        user: str | None,
+    ) -> str:
+        """Run ``argv`` for ``step``; a non-zero exit or a timeout fails the build. Returns
+        the output's last lines."""
+        spec = self.spec
+        splitter = LineSplitter(self.log, step=label)
+        outcome = await self._bounded(
+            machine.exec(
+                argv,
+                env=step.state.run_env(),
+                cwd=step.state.workdir,
+                user=user,
+                timeout=spec.step_timeout,
+                on_output=splitter,
+            ),
+            spec.step_timeout + spec.grace,
+            _step_text(step),
+            machine,
+        )
+        splitter.flush()
+        if outcome.timed_out:
+            raise BuildFailure(f"{_step_text(step)} did not finish within {spec.step_timeout:g} s")
+        if outcome.exit_code != 0:
+            tail = splitter.last_lines[-1] if splitter.last_lines else ""
+            detail = f": {tail[:300]}" if tail else ""
+            raise BuildFailure(
+                f"{_step_text(step)} failed with exit code {outcome.exit_code}{detail}"
+            )
+        return "\n".join(splitter.last_lines)
+
+    async def _copy(
+        self, machine: BuildMachine, step: CopyStep, items: list[CopyItem], label: str
+    ) -> None:
+        uid, gid = await self._owner(machine, step, label)
+        entries = [
+            TreeEntry(
+                path=item.guest_path,
+                is_dir=item.is_dir,
+                mode=item.mode,
+                uid=uid,
+                gid=gid,
+                source=item.source,
+                data=item.data,
+            )
+            for item in items
+        ]
+        if entries:
+            await self._bounded(
+                machine.put_tree(entries),
+                self.spec.step_timeout + self.spec.grace,
+                _step_text(step),
+                machine,
+            )
+        for url in step.urls:
+            name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) or "index.html"
+            target = posixpath.join(step.dest, name) if step.dest.endswith("/") else step.dest
+            script = (
+                'mkdir -p "$(dirname "$1")" && curl -fsSL --retry 2 -o "$1" "$2" && '
+                'chmod "$3" "$1" && chown "$4" "$1"'
+            )
+            mode = f"{step.chmod:o}" if step.chmod is not None else "600"
+            argv = ["/bin/sh", "-c", script, "sh", target, url, mode, f"{uid}:{gid}"]
+            await self._exec_ok(machine, step, argv, label, user=None)
+
+    async def _owner(self, machine: BuildMachine, step: CopyStep, label: str) -> tuple[int, int]:
+        """``--chown=user[:group]`` as numbers (names are looked up in the build VM)."""
+        if not step.chown:
+            return 0, 0
+        user, _, group = step.chown.partition(":")
+        if user.isdigit():
+            uid = int(user)
+            default_gid = uid
+        else:
+            uid = int(await self._lookup(machine, step, ["id", "-u", user], label, user))
+            default_gid = int(await self._lookup(machine, step, ["id", "-g", user], label, user))
+        if not group:
+            return uid, default_gid
+        if group.isdigit():
+            return uid, int(group)
+        line = await self._lookup(machine, step, ["getent", "group", group], label, group)
+        return uid, int(line.split(":")[2])
+
+    async def _lookup(
+        self, machine: BuildMachine, step: CopyStep, argv: list[str], label: str, name: str
+    ) -> str:
+        try:
+            out = (await self._exec_ok(machine, step, argv, label, user=None)).strip()
+            value = out.splitlines()[-1]
+            int(value.split(":")[2] if ":" in value else value)
+        except (BuildFailure, IndexError, ValueError) as exc:
+            raise BuildFailure(
+                f"{_step_text(step)}: --chown names {name!r}, which does not exist in the image"
+            ) from exc
+        return value
+
+    def _launch(self, config: ImageConfig) -> AppLaunch:
+        env = dict(config.env)
+        env.update(self.spec.environment)
+        return AppLaunch(
+            argv=tuple(config.app_argv()),
+            env=env,
+            cwd=config.workdir,
+            user=config.user or None,
+        )
+
+    async def _ready_and_snapshot(
+        self,
+        stack: contextlib.AsyncExitStack,
+        layer: LayerRef,
+        plan: BuildPlan,
+        launch: AppLaunch,
+    ) -> tuple[int, int]:
+        spec = self.spec
+        self.log.emit("build", f"starting the app: {plan.config.app_command_text()}")
+        app = await self.provider.start_app_machine(
+            layer, egress=spec.egress, memory_mib=spec.memory_mib
+        )
+        stack.push_async_callback(self._shutdown, app)
+        output = LineSplitter(self.log, step="app")
+        await self._bounded(
+            app.start_app(launch, on_output=output), spec.grace, "starting the app", app
+        )
+        try:
+            await self._await_ready(app, plan)
+        finally:
+            output.flush()
+        self.log.emit("build", "the app is ready; taking the snapshot")
+        sizes = await self._bounded(
+            app.snapshot(spec.snapshot_dir), spec.grace * 10, "taking the snapshot", app
+        )
+        await self._shutdown(app)
+        self.log.emit(
+            "build",
+            f"snapshot: memory {sizes.memory_bytes} bytes, disk {sizes.disk_bytes} bytes",
+        )
+        return sizes.memory_bytes, sizes.disk_bytes
+
+    async def _await_ready(self, app: AppMachine, plan: BuildPlan) -> None:
+        hooks = self.spec.hooks
+        if hooks.ready:
+            self.log.emit("build", f"waiting for the ready hook on port {hooks.port}")
+            wait = wait_for_hook(
+                "ready",
+                app.address(hooks.port),
+                timeout=hooks.ready_timeout,
+                app_exit_code=app.app_exit_code,
+                on_attempt=lambda last: self.log.emit("build", f"ready hook: {last}, retrying"),
+            )
+            limit = hooks.ready_timeout
+        else:
+            ports = plan.config.exposed_ports
+            port = ports[0] if ports else DEFAULT_APP_PORT
+            self.log.emit("build", f"waiting for the app to accept connections on port {port}")
+            wait = wait_for_port(
+                app.address(port), timeout=hooks.ready_timeout, app_exit_code=app.app_exit_code
+            )
+            limit = hooks.ready_timeout
+        await self._bounded(wait, limit + self.spec.grace, "waiting for the app", app)
+
+    async def _validate(self, stack: contextlib.AsyncExitStack) -> None:
+        spec, hooks = self.spec, self.spec.hooks
+        self.log.emit("build", "restoring the snapshot to call the validate hook")
+        restored = await self.provider.restore_app_machine(spec.snapshot_dir, egress=spec.egress)
+        stack.push_async_callback(self._shutdown, restored)
+        await self._bounded(
+            wait_for_hook(
+                "validate",
+                restored.address(hooks.port),
+                timeout=hooks.validate_timeout,
+                app_exit_code=restored.app_exit_code,
+            ),
+            hooks.validate_timeout + spec.grace,
+            "the validate hook",
+            restored,
+        )
+        await self._shutdown(restored)
+        self.log.emit("build", "validate hook answered 200")
+
+    # --- helpers -----------------------------------------------------------------------
+
+    async def _bounded(
+        self,
+        work: Coroutine[Any, Any, T],
+        limit: float,
+        what: str,
+        machine: BuildMachine | AppMachine | None = None,
+    ) -> T:
+        """Await ``work`` for at most ``limit`` seconds; past that the VM is considered hung:
+        it is shut down and the build fails naming ``what``."""
+        try:
+            async with asyncio.timeout(limit) as scope:
+                return await work
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise
+            if machine is not None:
+                await self._shutdown(machine)
+            raise BuildFailure(
+                f"{what} did not finish within {limit:g} s; the build VM was stopped"
+            ) from exc
+
+    async def _shutdown(self, machine: BuildMachine | AppMachine) -> None:
+        """Idempotent, bounded, never raises (it runs during cleanup)."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+                await machine.shutdown()
+        except (TimeoutError, EmbervmError, OSError) as exc:
+            self.log.emit("warning", f"stopping a build VM failed: {exc}")
