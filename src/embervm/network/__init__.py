@@ -15,13 +15,14 @@ Layering inside the package (everything Linux-specific is here and goes through
 docs/NETWORK.md describes the addressing and every rule, and why.
 """
 
-from ._addressing import GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_PREFIX
+from ._addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX
 from ._commands import CommandResult, CommandRunner, SubprocessRunner
 from ._manager import HostPaths, NetworkManager, VmNetwork
 from ._tapfd import open_tap
 
 __all__ = [
     "GATEWAY_IP",
+    "GATEWAY_MAC",
     "GUEST_IP",
     "GUEST_MAC",
     "GUEST_PREFIX",

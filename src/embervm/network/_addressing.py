@@ -22,6 +22,11 @@ GUEST_IP = "10.0.2.15"
 GATEWAY_IP = "10.0.2.2"
 GUEST_PREFIX = 24
 GUEST_MAC = "52:54:00:12:34:56"
+GATEWAY_MAC = "52:55:0a:00:02:02"
+"""The tap's MAC, also the same in every namespace: a restored guest's ARP cache still holds
+the gateway's MAC from where the snapshot was taken, and a tap drops frames addressed to any
+other MAC, so a per-VM random MAC would cut a restored guest off until its ARP entry expired.
+(52:55:0a:00:02:02 is what QEMU's slirp uses for 10.0.2.2.)"""
 GUEST_NETWORK = ipaddress.IPv4Network("10.0.2.0/24")
 BLOCK_SIZE = 4
 

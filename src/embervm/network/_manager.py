@@ -27,7 +27,7 @@ from typing import Protocol
 
 from embervm.errors import NetworkSetupError
 
-from ._addressing import GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_PREFIX, Pool
+from ._addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX, Pool
 from ._allocations import Allocation, AllocationStore, write_json_atomic
 from ._commands import CommandRunner, SubprocessRunner
 from ._names import (
@@ -81,6 +81,7 @@ class VmNetwork:
     dns: str = GATEWAY_IP
     """The guest's resolver; it answers only when ``egress`` is on."""
     guest_mac: str = GUEST_MAC
+    gateway_mac: str = GATEWAY_MAC
 
     @property
     def netns_path(self) -> Path:
@@ -353,6 +354,7 @@ class NetworkManager:
                 f"link set {names.netns_link} up\n"
                 f"route add default via {net.host_ip} dev {names.netns_link}\n"
                 f"tuntap add dev {net.tap} mode tap{owner}\n"
+                f"link set dev {net.tap} address {GATEWAY_MAC}\n"
                 f"addr add {net.gateway}/{net.guest_prefix} dev {net.tap}\n"
                 f"link set {net.tap} up\n"
             ),

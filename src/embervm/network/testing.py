@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ._addressing import GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_PREFIX
+from ._addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX
 from ._commands import DEFAULT_TIMEOUT, CommandResult, CommandRunner, failure
 from ._manager import VmNetwork
 
@@ -48,13 +48,14 @@ async def attach_veth_guest(
 ) -> None:
     """Swap ``net``'s tap for a veth named like it, its peer ``guest_dev`` in ``guest_netns``
     (which the caller created and deletes) configured as the guest: 10.0.2.15/24, gateway
-    10.0.2.2, the guest MAC."""
+    10.0.2.2, the guest MAC; the tap's stand-in gets the gateway MAC, like the real tap."""
     ns = net.netns
     await runner.run(["ip", "-n", ns, "link", "del", net.tap])
     await runner.run(
         ["ip", "-n", ns, "-batch", "-"],
         input=(
-            f"link add {net.tap} type veth peer name {guest_dev} netns {guest_netns}\n"
+            f"link add {net.tap} address {GATEWAY_MAC} type veth peer name {guest_dev} "
+            f"netns {guest_netns}\n"
             f"addr add {GATEWAY_IP}/{GUEST_PREFIX} dev {net.tap}\n"
             f"link set {net.tap} up\n"
         ),

@@ -27,7 +27,14 @@ import pytest
 
 from embervm.errors import NetworkSetupError
 from embervm.guest.artifacts import host_tsc_khz
-from embervm.network import CommandResult, NetworkManager, SubprocessRunner, VmNetwork, open_tap
+from embervm.network import (
+    GATEWAY_MAC,
+    CommandResult,
+    NetworkManager,
+    SubprocessRunner,
+    VmNetwork,
+    open_tap,
+)
 from embervm.network.testing import attach_veth_guest
 
 pytestmark = [
@@ -572,3 +579,12 @@ async def test_concurrent_creates_get_distinct_working_networks(world: World) ->
 
     await asyncio.gather(*(world.manager.destroy(i) for i in ids))
     assert [r for r in await leftovers(world.tag, world.manager.table) if "netns" in r] == []
+
+
+async def test_every_vm_tap_has_the_same_gateway_mac(world: World) -> None:
+    """A restored snapshot brings the guest's ARP cache from the VM it was taken in, and a tap
+    drops frames for other MACs: so the gateway MAC must be the same in every VM."""
+    for name in ("a", "b"):
+        net = await world.manager.create(f"{world.tag}-vm-{name}", egress=False)
+        link = (await sh("ip", "-n", net.netns, "-o", "link", "show", net.tap)).stdout
+        assert f"link/ether {GATEWAY_MAC} " in link

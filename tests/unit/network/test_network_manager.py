@@ -109,6 +109,7 @@ async def test_create_builds_netns_rules_veth_and_tap_in_order(rig: Rig) -> None
     batch = rig.runner.calls[-1][1] or ""
     assert "tuntap add dev tap0 mode tap user 1000 group 1001" in batch
     assert "route add default via 10.213.0.5 dev veth0" in batch
+    assert "link set dev tap0 address 52:55:0a:00:02:02" in batch  # same in every VM
 
 
 async def test_failed_create_undoes_in_reverse_order_and_releases_the_block(
