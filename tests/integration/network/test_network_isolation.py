@@ -274,9 +274,21 @@ async def test_guest_cannot_reach_host_services_on_any_host_address(world: World
     for addr in host_addresses:
         assert await host_probe(addr, port) is not None  # the services exist
         assert await world.probe(guest, "tcp", addr, port) is None, addr
-    assert await world.probe(guest, "tcp", INTERNET_IP, GUEST_PORT) is None  # nothing listens
     await world.serve("tcp", f"{world.tag}i", INTERNET_IP, port, "internet")
     assert await world.probe(guest, "tcp", INTERNET_IP, port) is not None  # egress itself works
+
+
+async def test_guest_cannot_reach_host_loopback_services(world: World) -> None:
+    """127.0.0.1 from the guest is its own loopback; the host's is reachable only if a rule or
+    sysctl (route_localnet) let the guest's packets in: try every host address it could use."""
+    net = await world.vm_with_guest("a", egress=True)
+    guest = f"{world.tag}ga"
+    port = 19000 + secrets.randbelow(1000)
+    await world.serve_on_host("127.0.0.1", port, "loopback")
+    assert await host_probe("127.0.0.1", port) == "loopback 127.0.0.1"
+
+    for addr in ("127.0.0.1", "10.0.2.2", net.host_ip, world.manager.resolver_ip):
+        assert await world.probe(guest, "tcp", addr, port) is None, addr
 
 
 async def test_guest_cannot_reach_control_api_port(world: World) -> None:
