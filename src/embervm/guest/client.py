@@ -18,11 +18,21 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from embervm.errors import GuestError
+from embervm.guest._pty import PtySession
+from embervm.guest._wire import (
+    CLOSED,
+    AppSpec,
+    ExecResult,
+    HttpResponse,
+    LogLine,
+    check_result,
+    get_int,
+    get_opt_int,
+)
 from embervm.guest.agent.protocol import (
     CHUNK,
     PROTOCOL_VERSIONS,
@@ -39,123 +49,6 @@ MAX_OUTPUT = 64 * 1024 * 1024
 LOG_QUEUE = 10_000
 _HELLO_ATTEMPT = 5.0
 _RETRY_DELAY = 0.05
-_CLOSED = Frame({"op": "_closed"})
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool
-    signal: int | None = None
-    truncated: bool = False
-
-
-@dataclass(frozen=True)
-class AppSpec:
-    """The app to supervise: CMD/ENTRYPOINT argv, environment, user, restart policy."""
-
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    user: str | None = None
-    restart: str = "always"  # "no" | "on-failure" | "always"
-    max_restarts: int | None = None
-    name: str = "app"
-
-
-@dataclass(frozen=True)
-class HttpResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    truncated: bool
-
-
-@dataclass(frozen=True)
-class LogLine:
-    name: str
-    stream: str
-    line: bytes
-    ts_ns: int
-    seq: int
-
-
-def _int(h: dict[str, Any], key: str) -> int:
-    v = h.get(key)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise GuestError(f"agent sent a bad {key!r}: {v!r:.80}")
-    return v
-
-
-def _opt_int(h: dict[str, Any], key: str) -> int | None:
-    return None if h.get(key) is None else _int(h, key)
-
-
-def _check(frame: Frame) -> dict[str, Any]:
-    """The fields of a ``result`` frame, or GuestError for an ``error`` frame."""
-    if frame is _CLOSED:
-        raise GuestError("agent connection closed")
-    if frame.op == "error":
-        code = str(frame.header.get("code"))[:64]
-        msg = str(frame.header.get("message"))[:2000]
-        raise GuestError(f"agent error {code}: {msg}")
-    if frame.op != "result":
-        raise GuestError(f"agent sent unexpected {frame.op[:64]!r}")
-    return frame.header
-
-
-class PtySession:
-    """An interactive terminal in the guest. Iterate it for output bytes; ``wait`` for the exit."""
-
-    def __init__(
-        self, client: AgentClient, sid: int, queue: asyncio.Queue[Frame], pid: int
-    ) -> None:
-        self._client = client
-        self.sid = sid
-        self.pid = pid
-        self._queue = queue
-        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    async def write(self, data: bytes) -> None:
-        for i in range(0, len(data), CHUNK):
-            await self._client._notify("pty.input", {"session": self.sid}, data[i : i + CHUNK])
-
-    async def resize(self, cols: int, rows: int) -> None:
-        await self._client._notify("pty.resize", {"session": self.sid, "cols": cols, "rows": rows})
-
-    async def signal(self, sig: int) -> None:
-        await self._client._notify("pty.signal", {"session": self.sid, "signal": int(sig)})
-
-    async def close(self) -> None:
-        """Hang up the terminal (SIGHUP to its session)."""
-        if not self._exit.done():
-            await self._client._notify("pty.close", {"session": self.sid})
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._read()
-
-    async def _read(self) -> AsyncIterator[bytes]:
-        while not self._exit.done():
-            frame = await self._queue.get()
-            if frame is _CLOSED:
-                self._exit.set_exception(GuestError("agent connection closed"))
-                self._exit.exception()
-                return
-            if frame.op == "pty.out":
-                yield frame.body
-            elif frame.op == "pty.exit":
-                self._exit.set_result(_int(frame.header, "exit_code"))
-                self._client._forget(self.sid)
-                return
-
-    async def wait(self, timeout: float | None = None) -> int:  # noqa: ASYNC109
-        """Exit code of the terminal's process (draining any output not read yet)."""
-        async with asyncio.timeout(timeout):
-            async for _ in self:
-                pass
-            return await self._exit
 
 
 class AgentClient:
@@ -247,7 +140,7 @@ class AgentClient:
                     frame = await q.get()
                     if frame.op == "result" and frame.header.get("nonce") != nonce:
                         continue  # a reply meant for an earlier connection
-                    h = _check(frame)
+                    h = check_result(frame)
                     break
         finally:
             self._forget(rid)
@@ -299,8 +192,8 @@ class AgentClient:
                         str(h.get("name"))[:64],
                         str(h.get("stream"))[:16],
                         frame.body,
-                        _int(h, "ts_ns"),
-                        _int(h, "seq"),
+                        get_int(h, "ts_ns"),
+                        get_int(h, "seq"),
                     )
                 )
                 self._log_event.set()
@@ -315,10 +208,11 @@ class AgentClient:
     def _fail_all(self) -> None:
         for q in self._pending.values():
             with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(_CLOSED)
+                q.put_nowait(CLOSED)
         self._log_event.set()
 
-    def _open_request(self, maxsize: int = 1024) -> tuple[int, asyncio.Queue[Frame]]:
+    def _open_request(self, maxsize: int = 64) -> tuple[int, asyncio.Queue[Frame]]:
+        # 64 frames of at most 1 MiB: what one slow consumer can pin before the reader stalls.
         if self._closed:
             raise GuestError("agent connection closed")
         rid = next(self._ids)
@@ -357,7 +251,7 @@ class AgentClient:
         try:
             await self._send({"op": op, "id": rid, **(fields or {})}, body)
             async with asyncio.timeout(limit or self._timeout):
-                return _check(await q.get())
+                return check_result(await q.get())
         except TimeoutError as exc:
             raise GuestError(f"agent did not answer {op} in time") from exc
         finally:
@@ -416,15 +310,15 @@ class AgentClient:
                     elif frame.op == "exec.exit":
                         h = frame.header
                         return ExecResult(
-                            _int(h, "exit_code"),
+                            get_int(h, "exit_code"),
                             bytes(out["stdout"]),
                             bytes(out["stderr"]),
                             h.get("timed_out") is True,
-                            _opt_int(h, "signal"),
+                            get_opt_int(h, "signal"),
                             truncated,
                         )
                     elif frame.op != "exec.started":
-                        _check(frame)
+                        check_result(frame)
                         raise GuestError(f"agent sent unexpected {frame.op[:64]!r} for exec")
         except TimeoutError as exc:
             raise GuestError(f"agent did not finish exec of {argv[0]!r} in time") from exc
@@ -456,11 +350,11 @@ class AgentClient:
                 }
             )
             async with asyncio.timeout(self._timeout):
-                h = _check(await q.get())
+                h = check_result(await q.get())
         except BaseException:
             self._forget(rid)
             raise
-        return PtySession(self, rid, q, _int(h, "pid"))
+        return PtySession(self, rid, q, get_int(h, "pid"))
 
     async def put_file(
         self, path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0
@@ -487,12 +381,12 @@ class AgentClient:
                 )
                 offset += len(chunk)
                 if not q.empty():  # an early error stops the upload
-                    _check(q.get_nowait())
+                    check_result(q.get_nowait())
                 if last:
                     break
             async with asyncio.timeout(self._timeout):
-                h = _check(await q.get())
-            if _int(h, "size") != len(data):
+                h = check_result(await q.get())
+            if get_int(h, "size") != len(data):
                 raise GuestError(f"agent wrote {h.get('size')} of {len(data)} bytes")
         except TimeoutError as exc:
             raise GuestError(f"agent did not confirm writing {path}") from exc
@@ -508,14 +402,14 @@ class AgentClient:
                 async with asyncio.timeout(self._timeout):
                     frame = await q.get()
                 if frame.op == "file.data":
-                    if _int(frame.header, "offset") != len(buf):
+                    if get_int(frame.header, "offset") != len(buf):
                         raise GuestError("agent sent file data out of order")
                     if len(buf) + len(frame.body) > max_bytes:
                         raise GuestError(f"agent sent more than {max_bytes} bytes")
                     buf += frame.body
                     continue
-                h = _check(frame)
-                if _int(h, "size") != len(buf):
+                h = check_result(frame)
+                if get_int(h, "size") != len(buf):
                     raise GuestError("agent's file size disagrees with the data sent")
                 return bytes(buf)
         except TimeoutError as exc:
@@ -590,7 +484,7 @@ class AgentClient:
                               "timeout": timeout}, body)  # fmt: skip
             async with asyncio.timeout(timeout + self._timeout):
                 frame = await q.get()
-            h = _check(frame)
+            h = check_result(frame)
         except TimeoutError as exc:
             raise GuestError(f"agent did not relay {method} {path} in time") from exc
         finally:
@@ -600,7 +494,7 @@ class AgentClient:
             isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in raw
         ):
             raise GuestError("agent sent bad response headers")
-        return HttpResponse(_int(h, "status"), [(k, v) for k, v in raw], frame.body,
+        return HttpResponse(get_int(h, "status"), [(k, v) for k, v in raw], frame.body,
                             h.get("truncated") is True)  # fmt: skip
 
     async def tcp_probe(self, port: int, *, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
@@ -615,3 +509,6 @@ class AgentClient:
 
     async def thaw(self) -> None:
         await self._call("thaw")
+
+
+__all__ = ["AgentClient", "AppSpec", "ExecResult", "HttpResponse", "LogLine", "PtySession"]

@@ -41,6 +41,8 @@ from .sessions import MAX_TIMEOUT, ExecSession, PtySession
 AGENT_VERSION = "1.0"
 MAX_SESSIONS = 64
 MAX_UPLOADS = 8
+#: Requests being handled at once (each PTY input frame is one until written).
+MAX_TASKS = 1024
 MAX_ID = 2**53
 #: A freeze is undone after this long even if the host never says thaw.
 MAX_FREEZE = 600.0
@@ -161,6 +163,9 @@ class Agent:
             return
         if not self._greeted:
             self._error(rid, "no_hello", "say hello first")
+            return
+        if len(self._tasks) >= MAX_TASKS:
+            self._error(rid, "busy", f"more than {MAX_TASKS} requests in flight")
             return
         self._spawn(self._handle(handler, rid, h, frame.body))
 
