@@ -109,6 +109,7 @@ class ImageBuild:
         self.cache = cache
         self.log = log
         self.clock = clock
+        self._build_context: BuildContext | None = None
 
     # --- entry point -------------------------------------------------------------------
 
@@ -208,6 +209,7 @@ class ImageBuild:
             max_ratio=limits.max_ratio,
         )
         context = await asyncio.to_thread(BuildContext, root)
+        self._build_context = context
         self.log.emit("build", "code artifact unpacked")
         return context
 
@@ -318,6 +320,11 @@ class ImageBuild:
         self, machine: BuildMachine, step: CopyStep, items: list[CopyItem], label: str
     ) -> None:
         uid, gid = await self._owner(machine, step, label)
+        if not step.dest.endswith("/") and any(i.guest_path == step.dest for i in items):
+            # Docker copies a file *into* an existing folder named without a trailing slash
+            context = self._build_context
+            if context is not None and await self._is_dir(machine, step, step.dest):
+                items = await asyncio.to_thread(context.select, step, True)
         entries = [
             TreeEntry(
                 path=item.guest_path,
@@ -347,6 +354,22 @@ class ImageBuild:
             mode = f"{step.chmod:o}" if step.chmod is not None else "600"
             argv = ["/bin/sh", "-c", script, "sh", target, url, mode, f"{uid}:{gid}"]
             await self._exec_ok(machine, step, argv, label, user=None)
+
+    async def _is_dir(self, machine: BuildMachine, step: Step, path: str) -> bool:
+        outcome = await self._bounded(
+            machine.exec(
+                ["test", "-d", path],
+                env=step.state.run_env(),
+                cwd="/",
+                user=None,
+                timeout=self.spec.grace,
+                on_output=lambda stream, chunk: None,
+            ),
+            self.spec.grace * 2,
+            _step_text(step),
+            machine,
+        )
+        return outcome.exit_code == 0
 
     async def _owner(self, machine: BuildMachine, step: CopyStep, label: str) -> tuple[int, int]:
         """``--chown=user[:group]`` as numbers (names are looked up in the build VM)."""
@@ -438,7 +461,10 @@ class ImageBuild:
             port = ports[0] if ports else DEFAULT_APP_PORT
             self.log.emit("build", f"waiting for the app to accept connections on port {port}")
             wait = wait_for_port(
-                app.address(port), timeout=hooks.ready_timeout, app_exit_code=app.app_exit_code
+                app.address(port),
+                timeout=hooks.ready_timeout,
+                app_exit_code=app.app_exit_code,
+                guest_port=port,
             )
             limit = hooks.ready_timeout
         await self._bounded(wait, limit + self.spec.grace, "waiting for the app", app)

@@ -158,11 +158,14 @@ class BuildContext:
             )
         return [entry], False
 
-    def select(self, step: CopyStep) -> list[CopyItem]:
-        """What ``step`` places in the guest (heredoc and context sources; not URLs)."""
+    def select(self, step: CopyStep, into_dir: bool | None = None) -> list[CopyItem]:
+        """What ``step`` places in the guest (heredoc and context sources; not URLs).
+
+        ``into_dir`` overrides the trailing-slash rule when the destination is known to be an
+        existing folder in the image."""
         items: list[CopyItem] = []
         dest = step.dest
-        into_dir = dest.endswith("/")
+        into_dir = dest.endswith("/") if into_dir is None else into_dir
         base = dest.rstrip("/") or "/"
         for raw in step.sources:
             entries, _ = self._source(step, raw)

@@ -129,7 +129,8 @@ class _State:
         )
 
     def resolve(self, path: str) -> str:
-        trailing = path.endswith("/") and path != "/"
+        last = path.rstrip("/").rsplit("/", 1)[-1]
+        trailing = (path.endswith("/") or last in (".", "..")) and path != "/"
         joined = posixpath.normpath(posixpath.join(self.workdir, path))
         return joined + "/" if trailing and joined != "/" else joined
 

@@ -105,6 +105,12 @@ class LocalBuildLog:
         os.fsync(self._fh.fileno())
         self._fh.close()
 
+    def release(self) -> None:
+        """Close the file without an end record (the server stops mid-build; a later
+        reconciliation marks the build failed)."""
+        self._closed = True
+        self._fh.close()
+
     @staticmethod
     async def follow(
         path: Path, *, poll_interval: float = 0.1, idle_timeout: float | None = None

@@ -112,16 +112,19 @@ async def wait_for_port(
     timeout: float,  # noqa: ASYNC109
     interval: float = 0.2,
     app_exit_code: AppExited | None = None,
+    guest_port: int | None = None,
 ) -> None:
-    """Wait until ``address`` accepts a TCP connection, within ``timeout`` seconds."""
+    """Wait until ``address`` accepts a TCP connection, within ``timeout`` seconds
+    (``guest_port``: the port as the user knows it, for messages)."""
     host, port = address
+    shown = guest_port if guest_port is not None else port
     deadline = time.monotonic() + timeout
     while True:
-        await _check_app(app_exit_code, f"port {port} accepted a connection")
+        await _check_app(app_exit_code, f"port {shown} accepted a connection")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BuildFailure(
-                f"the app did not accept connections on port {port} within {timeout:g} s"
+                f"the app did not accept connections on port {shown} within {timeout:g} s"
             )
         try:
             async with asyncio.timeout(min(ATTEMPT_TIMEOUT, remaining)):

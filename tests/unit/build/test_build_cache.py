@@ -65,14 +65,17 @@ def test_requirements_change_invalidates_the_install(tmp_path: Path) -> None:
     before = keys(root)
     (root / "requirements.txt").write_text("flask==3\n")
     after = keys(root)
-    assert after[0] == before[0] and after[1] != before[1] and after[2] != before[2]
+    assert after[0] == before[0]
+    assert after[1] != before[1]
+    assert after[2] != before[2]
 
 
 def test_run_env_change_invalidates_that_run_not_earlier(tmp_path: Path) -> None:
     root = context(tmp_path)
     before = keys(root)
     after = keys(root, DOCKERFILE.replace("PORT=8080", "PORT=9090"))
-    assert after[:4] == before[:4] and after[4] != before[4]
+    assert after[:4] == before[:4]
+    assert after[4] != before[4]
 
 
 def test_comment_or_line_shift_does_not_invalidate(tmp_path: Path) -> None:
@@ -83,7 +86,8 @@ def test_comment_or_line_shift_does_not_invalidate(tmp_path: Path) -> None:
 def test_egress_flag_is_part_of_run_keys(tmp_path: Path) -> None:
     root = context(tmp_path)
     without, with_egress = keys(root), keys(root, egress=True)
-    assert without[:2] == with_egress[:2] and without[2] != with_egress[2]
+    assert without[:2] == with_egress[:2]
+    assert without[2] != with_egress[2]
 
 
 def test_base_layer_is_the_chain_start() -> None:

@@ -23,7 +23,7 @@ def test_managed_image_name_from_arn() -> None:
 
 def test_wrong_from_says_exactly_what_to_write() -> None:
     with pytest.raises(BuildFailure) as err:
-        plan("FROM python:3.12\nCMD [\"python3\"]\n")
+        plan('FROM python:3.12\nCMD ["python3"]\n')
     assert "write `FROM embervm/debian12`" in err.value.reason
     assert ARN in err.value.reason
     assert "line 1 has `FROM python:3.12`" in err.value.reason
@@ -37,7 +37,7 @@ def test_from_may_use_meta_args_and_a_stage_name() -> None:
 
 def test_multi_stage_is_refused_with_both_lines() -> None:
     text = "FROM embervm/debian12 AS a\nRUN x\nFROM embervm/debian12\nCMD y\n"
-    with pytest.raises(BuildFailure, match="multi-stage.*line 3.*line 1"):
+    with pytest.raises(BuildFailure, match=r"multi-stage.*line 3.*line 1"):
         plan(text)
 
 
@@ -65,10 +65,14 @@ def test_run_shell_and_exec_forms_with_shell_instruction() -> None:
         'SHELL ["/bin/bash", "-eu", "-c"]\nRUN echo c\nCMD x\n'
     )
     a, b, c = p.steps
-    assert isinstance(a, RunStep) and a.argv == ("/bin/sh", "-c", "echo a &&   echo b")
-    assert isinstance(b, RunStep) and b.argv == ("python3", "-V")
-    assert isinstance(c, RunStep) and c.argv == ("/bin/bash", "-eu", "-c", "echo c")
-    assert a.line == 2 and c.line == 6
+    assert isinstance(a, RunStep)
+    assert a.argv == ("/bin/sh", "-c", "echo a &&   echo b")
+    assert isinstance(b, RunStep)
+    assert b.argv == ("python3", "-V")
+    assert isinstance(c, RunStep)
+    assert c.argv == ("/bin/bash", "-eu", "-c", "echo c")
+    assert a.line == 2
+    assert c.line == 6
 
 
 def test_run_heredoc_becomes_the_script() -> None:
@@ -81,7 +85,8 @@ def test_run_heredoc_becomes_the_script() -> None:
 def test_run_heredoc_with_shebang_is_run_as_a_file() -> None:
     p = plan("FROM embervm/debian12\nRUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\nCMD x\n")
     (step,) = p.steps
-    assert isinstance(step, RunStep) and step.script is not None
+    assert isinstance(step, RunStep)
+    assert step.script is not None
     assert step.script.content == b"#!/usr/bin/env python3\nprint(1)\n"
     assert step.script.mode == 0o755
     assert step.script.name in step.argv[-1]
@@ -102,7 +107,9 @@ def test_env_quotes_and_substitution_follow_docker() -> None:
     env = dict(p.config.env)
     assert env["B"] == "two words"
     assert env["C"] == ""  # same-instruction references see the value from before it
-    assert env["D"] == "1x" and env["E"] == "dflt" and env["F"] == "$A"
+    assert env["D"] == "1x"
+    assert env["E"] == "dflt"
+    assert env["F"] == "$A"
     assert env["OLD"] == "legacy form value"
     assert env["PATH"] == "/app/venv/bin:" + DEFAULT_PATH
 
@@ -133,12 +140,18 @@ def test_copy_flags_globs_dest_and_heredoc() -> None:
         "COPY $D/ /etc/$D/\nCOPY <<EOT greeting.txt\nhello $D\nEOT\nCMD x\n"
     )
     workdir, copy1, copy2, copy3 = p.steps
-    assert isinstance(workdir, WorkdirStep) and workdir.path == "/app"
+    assert isinstance(workdir, WorkdirStep)
+    assert workdir.path == "/app"
     assert isinstance(copy1, CopyStep)
     assert copy1.sources == ("*.py", "requirements.txt")
-    assert copy1.dest == "/app/" and copy1.chown == "app:app" and copy1.chmod == 0o640
-    assert isinstance(copy2, CopyStep) and copy2.sources == ("conf/",) and copy2.dest == "/etc/conf/"
-    assert isinstance(copy3, CopyStep) and copy3.dest == "/app/greeting.txt"
+    assert copy1.dest == "/app/"
+    assert copy1.chown == "app:app"
+    assert copy1.chmod == 0o640
+    assert isinstance(copy2, CopyStep)
+    assert copy2.sources == ("conf/",)
+    assert copy2.dest == "/etc/conf/"
+    assert isinstance(copy3, CopyStep)
+    assert copy3.dest == "/app/greeting.txt"
     assert copy3.inline[0].content == b"hello conf\n"
 
 
@@ -152,7 +165,8 @@ def test_add_url_needs_egress() -> None:
     with pytest.raises(BuildFailure, match="needs internet egress"):
         plan(text)
     (step,) = plan(text, egress=True).steps
-    assert isinstance(step, CopyStep) and step.urls == ("https://example.com/f.txt",)
+    assert isinstance(step, CopyStep)
+    assert step.urls == ("https://example.com/f.txt",)
 
 
 def test_run_mount_flag_is_refused() -> None:
@@ -162,11 +176,13 @@ def test_run_mount_flag_is_refused() -> None:
 
 def test_cmd_entrypoint_expose_label_user_workdir_config() -> None:
     p = plan(
-        "FROM embervm/debian12\nWORKDIR /srv\nWORKDIR app\nUSER nobody\nEXPOSE 9000/tcp 53/udp 8080\n"
+        "FROM embervm/debian12\nWORKDIR /srv\nWORKDIR app\nUSER nobody\n"
+        "EXPOSE 9000/tcp 53/udp 8080\n"
         'LABEL a=b "c d"=e\nENTRYPOINT ["python3", "-m", "app"]\nCMD ["--port", "9000"]\n'
     )
     c = p.config
-    assert c.workdir == "/srv/app" and c.user == "nobody"
+    assert c.workdir == "/srv/app"
+    assert c.user == "nobody"
     assert c.exposed_ports == (9000, 8080)
     assert dict(c.labels) == {"a": "b", "c d": "e"}
     assert c.app_argv() == ["python3", "-m", "app", "--port", "9000"]
