@@ -44,7 +44,8 @@ for p in $(cat /proc/cmdline); do
 done
 n=0
 while [ ! -b /dev/vda ]; do
-  n=$((n + 1)); [ "$n" -gt 1000 ] && fail "no /dev/vda after 10 s"; usleep 10000
+  # virtio-blk probes synchronously in insmod: if vda is not there soon, it never will be.
+  n=$((n + 1)); [ "$n" -gt 300 ] && fail "no /dev/vda after 3 s"; usleep 10000
 done
 mount -t "$rootfs" -o rw,noatime /dev/vda /newroot || fail "mount /dev/vda ($rootfs)"
 ip link set lo up

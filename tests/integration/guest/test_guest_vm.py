@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
-from guest_vm_helpers import BootedVm
+from guest_vm_helpers import BootedVm, qemu_argv
 
 from embervm.guest._rootfs import HOST_CA_BUNDLE, extra_certificates
+from embervm.guest.artifacts import GuestArtifacts
 from embervm.guest.client import AgentClient, AppSpec
 
 pytestmark = [
@@ -203,3 +206,14 @@ async def test_host_disconnect_mid_stream_leaves_the_agent_healthy(booted_vm: Bo
         assert ps.stdout.strip() == b"0"
     finally:
         await c2.close()
+
+
+def test_boot_without_a_disk_powers_off_with_a_message(
+    guest_artifacts: GuestArtifacts, tmp_path: Path
+) -> None:
+    argv = qemu_argv(guest_artifacts, tmp_path)
+    i = argv.index("-drive")
+    del argv[i : i + 4]  # the drive and its virtio-blk device
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert proc.returncode == 0  # powered off, not hung, not crashed
+    assert "embervm-init: no /dev/vda" in (tmp_path / "console.log").read_text()
