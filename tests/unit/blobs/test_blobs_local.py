@@ -1,0 +1,97 @@
+"""LocalBlobStore and the blob key rules; file:// and scheme handling of fetch_code_artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embervm.blobs import BlobStore, LocalBlobStore, check_key, fetch_code_artifact
+from embervm.errors import BuildFailure, NotFoundError, RuntimeFailure, ValidationError
+
+
+async def test_local_store_round_trip(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    assert isinstance(store, BlobStore)
+    await store.put("artifacts/a.zip", b"zipdata")
+    assert await store.exists("artifacts/a.zip")
+    chunks = [c async for c in store.get_stream("artifacts/a.zip", chunk_size=3)]
+    assert chunks == [b"zip", b"dat", b"a"]
+    src = tmp_path / "big.bin"
+    src.write_bytes(b"x" * 5000)
+    await store.put_file("snap/mem", src)
+    assert await store.get_to_file("snap/mem", tmp_path / "out.bin", max_bytes=5000) == 5000
+    assert (tmp_path / "out.bin").read_bytes() == b"x" * 5000
+    await store.delete("snap/mem")
+    await store.delete("snap/mem")  # idempotent
+    assert not await store.exists("snap/mem")
+    assert not list((tmp_path / "blobs").rglob("*.tmp"))
+
+
+async def test_missing_blob_is_not_found(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    with pytest.raises(NotFoundError):
+        _ = [c async for c in store.get_stream("nope")]
+
+
+async def test_get_to_file_enforces_the_limit_and_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "b")
+    await store.put("k", b"x" * 100)
+    with pytest.raises(RuntimeFailure, match="larger than 10 bytes"):
+        await store.get_to_file("k", tmp_path / "out" / "k", max_bytes=10)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a", "a\\b", "a\0b"])
+def test_unsafe_keys_are_refused(key: str) -> None:
+    with pytest.raises(ValidationError):
+        check_key(key)
+
+
+async def test_fetch_file_uri_copies_the_artifact(tmp_path: Path) -> None:
+    src = tmp_path / "my app.zip"
+    src.write_bytes(b"PK..")
+    dest = await fetch_code_artifact(src.as_uri(), tmp_path / "work" / "a.zip", max_bytes=100)
+    assert dest.read_bytes() == b"PK.."
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("file:///nonexistent/a.zip", "does not exist"),
+        ("ftp://host/a.zip", "not supported"),
+        ("http://example.com/a.zip", "plain http"),
+        ("s3://bucket-only", "must look like s3://bucket/key"),
+        ("file://otherhost/a.zip", "must name a local path"),
+    ],
+)
+async def test_fetch_refusals_are_build_failures(tmp_path: Path, uri: str, why: str) -> None:
+    with pytest.raises(BuildFailure, match=why):
+        await fetch_code_artifact(uri, tmp_path / "a.zip")
+    assert not (tmp_path / "a.zip").exists()
+
+
+async def test_fetch_file_uri_of_a_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BuildFailure, match="is a folder"):
+        await fetch_code_artifact(tmp_path.as_uri(), tmp_path / "a.zip")
+
+
+async def test_fetch_file_uri_confined_to_roots(tmp_path: Path) -> None:
+    (tmp_path / "uploads").mkdir()
+    outside = tmp_path / "secret.zip"
+    outside.write_bytes(b"x")
+    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+        await fetch_code_artifact(
+            outside.as_uri(), tmp_path / "a.zip", file_roots=[tmp_path / "uploads"]
+        )
+    sneaky = f"file://{tmp_path}/uploads/../secret.zip"
+    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+        await fetch_code_artifact(sneaky, tmp_path / "a.zip", file_roots=[tmp_path / "uploads"])
+
+
+async def test_fetch_size_limit_counts_real_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "big.zip"
+    src.write_bytes(b"x" * 1000)
+    with pytest.raises(BuildFailure, match="larger than 999 bytes"):
+        await fetch_code_artifact(src.as_uri(), tmp_path / "out" / "a.zip", max_bytes=999)
+    assert list((tmp_path / "out").iterdir()) == []
