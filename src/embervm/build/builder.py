@@ -448,36 +448,44 @@ class ImageBuild:
         hooks = self.spec.hooks
         if hooks.ready:
             self.log.emit("build", f"waiting for the ready hook on port {hooks.port}")
+
+            async def call(hook: str, attempt: float) -> int | None:
+                return await app.call_hook(hooks.port, hook, timeout=attempt)
+
             wait = wait_for_hook(
                 "ready",
-                app.address(hooks.port),
+                call,
                 timeout=hooks.ready_timeout,
                 app_exit_code=app.app_exit_code,
                 on_attempt=lambda last: self.log.emit("build", f"ready hook: {last}, retrying"),
             )
-            limit = hooks.ready_timeout
         else:
             ports = plan.config.exposed_ports
             port = ports[0] if ports else DEFAULT_APP_PORT
             self.log.emit("build", f"waiting for the app to accept connections on port {port}")
+
+            async def probe(attempt: float) -> bool:
+                return await app.probe_port(port, timeout=attempt)
+
             wait = wait_for_port(
-                app.address(port),
-                timeout=hooks.ready_timeout,
-                app_exit_code=app.app_exit_code,
-                guest_port=port,
+                probe, port=port, timeout=hooks.ready_timeout, app_exit_code=app.app_exit_code
             )
-            limit = hooks.ready_timeout
-        await self._bounded(wait, limit + self.spec.grace, "waiting for the app", app)
+        limit = hooks.ready_timeout + self.spec.grace
+        await self._bounded(wait, limit, "waiting for the app", app)
 
     async def _validate(self, stack: contextlib.AsyncExitStack) -> None:
         spec, hooks = self.spec, self.spec.hooks
         self.log.emit("build", "restoring the snapshot to call the validate hook")
         restored = await self.provider.restore_app_machine(spec.snapshot_dir, egress=spec.egress)
         stack.push_async_callback(self._shutdown, restored)
+
+        async def call(hook: str, attempt: float) -> int | None:
+            return await restored.call_hook(hooks.port, hook, timeout=attempt)
+
         await self._bounded(
             wait_for_hook(
                 "validate",
-                restored.address(hooks.port),
+                call,
                 timeout=hooks.validate_timeout,
                 app_exit_code=restored.app_exit_code,
             ),

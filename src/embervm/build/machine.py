@@ -90,8 +90,14 @@ class AppMachine(Protocol):
 
     async def start_app(self, launch: AppLaunch, *, on_output: OutputSink) -> None: ...
 
-    def address(self, port: int) -> tuple[str, int]:
-        """Where the host connects to reach the guest's TCP ``port``."""
+    async def call_hook(self, port: int, hook: str, *, timeout: float) -> int | None:  # noqa: ASYNC109
+        """POST ``/aws/lambda-microvms/runtime/v1/<hook>`` to the guest's ``port``; the HTTP
+        status, or None when nothing answered within ``timeout``. (The agent's HTTP relay or a
+        host→guest network path; ``embervm.build.ready.http_hook`` does the latter.)"""
+        ...
+
+    async def probe_port(self, port: int, *, timeout: float) -> bool:  # noqa: ASYNC109
+        """Whether the guest's TCP ``port`` accepts connections."""
         ...
 
     async def app_exit_code(self) -> int | None:

@@ -62,77 +62,109 @@ async def _check_app(app_exit_code: AppExited | None, what: str) -> None:
         raise BuildFailure(f"the app exited with code {code} before {what}")
 
 
+HookCall = Callable[[str, float], Awaitable[int | None]]
+"""``(hook, attempt_timeout) -> HTTP status``, or None when nothing answered (not listening
+yet, connection reset, attempt timed out)."""
+
+PortProbe = Callable[[float], Awaitable[bool]]
+"""``(attempt_timeout) -> True`` once the port accepts a TCP connection."""
+
+
 async def wait_for_hook(
     hook: str,
-    address: tuple[str, int],
+    call: HookCall,
     *,
     timeout: float,  # noqa: ASYNC109
     interval: float = 0.2,
     app_exit_code: AppExited | None = None,
     on_attempt: Callable[[str], None] | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
-    """POST the hook until it answers 200, within ``timeout`` seconds (503 and connection
-    errors are retried; any other status fails at once)."""
-    host, port = address
-    url = f"http://{host}:{port}{HOOK_PATH}{hook}"
+    """Call the hook until it answers 200, within ``timeout`` seconds (503 and no answer are
+    retried; any other status fails at once)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
-    async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
-        while True:
-            await _check_app(app_exit_code, f"the {hook} hook answered")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BuildFailure(
-                    f"the {hook} hook did not answer 200 within {timeout:g} s (last: {last})"
-                )
-            try:
-                response = await client.post(
-                    url, content=b"", timeout=min(ATTEMPT_TIMEOUT, remaining)
-                )
-            except httpx.HTTPError as exc:
-                last = f"{type(exc).__name__}"
-            else:
-                if response.status_code == 200:
-                    return
-                if response.status_code != 503:
-                    raise BuildFailure(
-                        f"the {hook} hook answered HTTP {response.status_code}; "
-                        "it must answer 200 (ready) or 503 (not yet)"
-                    )
-                last = "HTTP 503"
-            if on_attempt is not None:
-                on_attempt(last)
-            await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-
-
-async def wait_for_port(
-    address: tuple[str, int],
-    *,
-    timeout: float,  # noqa: ASYNC109
-    interval: float = 0.2,
-    app_exit_code: AppExited | None = None,
-    guest_port: int | None = None,
-) -> None:
-    """Wait until ``address`` accepts a TCP connection, within ``timeout`` seconds
-    (``guest_port``: the port as the user knows it, for messages)."""
-    host, port = address
-    shown = guest_port if guest_port is not None else port
-    deadline = time.monotonic() + timeout
     while True:
-        await _check_app(app_exit_code, f"port {shown} accepted a connection")
+        await _check_app(app_exit_code, f"the {hook} hook answered")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BuildFailure(
-                f"the app did not accept connections on port {shown} within {timeout:g} s"
+                f"the {hook} hook did not answer 200 within {timeout:g} s (last: {last})"
             )
+        attempt = min(ATTEMPT_TIMEOUT, remaining)
         try:
-            async with asyncio.timeout(min(ATTEMPT_TIMEOUT, remaining)):
-                _, writer = await asyncio.open_connection(host, port)
-        except (OSError, TimeoutError):
-            await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return
+            async with asyncio.timeout(attempt + 1):
+                status = await call(hook, attempt)
+        except TimeoutError:
+            status = None
+        if status == 200:
+            return
+        if status is not None and status != 503:
+            raise BuildFailure(
+                f"the {hook} hook answered HTTP {status}; it must answer 200 (ready) or 503 "
+                "(not yet)"
+            )
+        last = "no answer" if status is None else "HTTP 503"
+        if on_attempt is not None:
+            on_attempt(last)
+        await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+
+
+async def wait_for_port(
+    probe: PortProbe,
+    *,
+    port: int,
+    timeout: float,  # noqa: ASYNC109
+    interval: float = 0.2,
+    app_exit_code: AppExited | None = None,
+) -> None:
+    """Wait until ``probe`` says the app's ``port`` accepts connections, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await _check_app(app_exit_code, f"port {port} accepted a connection")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BuildFailure(
+                f"the app did not accept connections on port {port} within {timeout:g} s"
+            )
+        attempt = min(ATTEMPT_TIMEOUT, remaining)
+        try:
+            async with asyncio.timeout(attempt + 1):
+                if await probe(attempt):
+                    return
+        except TimeoutError:
+            pass
+        await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+
+
+# --- over a network path (for runtimes that reach the guest's ports from the host) ---------
+
+
+async def http_hook(
+    address: tuple[str, int],
+    hook: str,
+    timeout: float,  # noqa: ASYNC109
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> int | None:
+    """POST ``/aws/lambda-microvms/runtime/v1/<hook>`` to ``address``; the status or None."""
+    host, port = address
+    url = f"http://{host}:{port}{HOOK_PATH}{hook}"
+    async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+        try:
+            response = await client.post(url, content=b"", timeout=timeout)
+        except httpx.HTTPError:
+            return None
+    return response.status_code
+
+
+async def tcp_probe(address: tuple[str, int], timeout: float) -> bool:  # noqa: ASYNC109
+    """True if ``address`` accepts a TCP connection within ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(*address)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

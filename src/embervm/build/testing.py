@@ -19,6 +19,7 @@ from pathlib import Path
 
 from embervm.build.cache import LayerRef
 from embervm.build.machine import AppLaunch, ExecOutcome, OutputSink, SnapshotSizes, TreeEntry
+from embervm.build.ready import http_hook, tcp_probe
 
 
 @dataclass
@@ -120,6 +121,12 @@ class FakeAppMachine:
 
     def address(self, port: int) -> tuple[str, int]:
         return "127.0.0.1", self.provider.port_map.get(port, port)
+
+    async def call_hook(self, port: int, hook: str, *, timeout: float) -> int | None:  # noqa: ASYNC109
+        return await http_hook(self.address(port), hook, timeout)
+
+    async def probe_port(self, port: int, *, timeout: float) -> bool:  # noqa: ASYNC109
+        return await tcp_probe(self.address(port), timeout)
 
     async def app_exit_code(self) -> int | None:
         return self.provider.app_exit_code

@@ -14,7 +14,7 @@ import pytest
 from embervm.build.builder import BuildSpec, ImageBuild
 from embervm.build.cache import LocalLayerCache
 from embervm.build.log import MemoryBuildLog
-from embervm.build.ready import HOOK_PATH, HookSettings, wait_for_hook
+from embervm.build.ready import HOOK_PATH, HookSettings, http_hook, wait_for_hook
 from embervm.build.testing import FakeMachineProvider
 from embervm.errors import BuildFailure
 
@@ -57,6 +57,13 @@ class HookServer:
         await self.server.wait_closed()
 
 
+def caller(port: int):  # type: ignore[no-untyped-def]
+    async def call(hook: str, attempt: float) -> int | None:
+        return await http_hook(("127.0.0.1", port), hook, attempt)
+
+    return call
+
+
 @pytest.fixture
 async def hooks_503_503_200() -> AsyncIterator[HookServer]:
     async with HookServer({"ready": [503, 503, 200], "validate": [503, 200]}) as server:
@@ -65,14 +72,14 @@ async def hooks_503_503_200() -> AsyncIterator[HookServer]:
 
 async def test_ready_hook_503_503_200_is_retried(hooks_503_503_200: HookServer) -> None:
     server = hooks_503_503_200
-    await wait_for_hook("ready", ("127.0.0.1", server.port), timeout=10, interval=0.05)
+    await wait_for_hook("ready", caller(server.port), timeout=10, interval=0.05)
     assert server.seen == ["POST ready"] * 3
 
 
 async def test_never_ready_hook_fails_at_its_timeout() -> None:
     async with HookServer({"ready": [503]}) as server:
         with pytest.raises(BuildFailure, match=r"ready hook did not answer 200 within 0.5 s"):
-            await wait_for_hook("ready", ("127.0.0.1", server.port), timeout=0.5, interval=0.05)
+            await wait_for_hook("ready", caller(server.port), timeout=0.5, interval=0.05)
         assert len(server.seen) >= 2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from embervm.build.ready import HOOK_PATH, HookSettings, wait_for_hook
+from embervm.build.ready import HOOK_PATH, HookSettings, http_hook, wait_for_hook, wait_for_port
 from embervm.errors import BuildFailure
 
 
@@ -30,42 +30,71 @@ def test_hook_settings_from_model() -> None:
     )
 
 
-def scripted(statuses: list[int]) -> tuple[httpx.MockTransport, list[httpx.Request]]:
-    seen: list[httpx.Request] = []
+def scripted(statuses: list[int | None]):  # type: ignore[no-untyped-def]
+    """A HookCall answering the scripted statuses in turn (the last repeats)."""
+    seen: list[tuple[str, float]] = []
+
+    async def call(hook: str, attempt: float) -> int | None:
+        seen.append((hook, attempt))
+        return statuses[min(len(seen), len(statuses)) - 1]
+
+    return call, seen
+
+
+async def test_503_and_no_answer_are_retried_until_200() -> None:
+    call, seen = scripted([None, 503, 503, 200])
+    await wait_for_hook("ready", call, timeout=5, interval=0)
+    assert [hook for hook, _ in seen] == ["ready"] * 4
+
+
+async def test_http_hook_posts_to_the_hook_path() -> None:
+    requests: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(statuses[min(len(seen), len(statuses)) - 1])
+        requests.append(request)
+        return httpx.Response(503)
 
-    return httpx.MockTransport(handler), seen
-
-
-async def test_503_is_retried_until_200() -> None:
-    transport, seen = scripted([503, 503, 200])
-    await wait_for_hook("ready", ("10.0.0.1", 8080), timeout=5, interval=0, transport=transport)
-    assert len(seen) == 3
-    assert all(r.method == "POST" for r in seen)
-    assert seen[0].url.path == HOOK_PATH + "ready"
+    transport = httpx.MockTransport(handler)
+    assert await http_hook(("10.0.0.1", 9000), "ready", 1, transport=transport) == 503
+    (request,) = requests
+    assert request.method == "POST"
+    assert str(request.url) == f"http://10.0.0.1:9000{HOOK_PATH}ready"
 
 
 async def test_other_status_fails_at_once() -> None:
-    transport, seen = scripted([404])
+    call, seen = scripted([404])
     with pytest.raises(BuildFailure, match="answered HTTP 404"):
-        await wait_for_hook("validate", ("h", 1), timeout=5, interval=0, transport=transport)
+        await wait_for_hook("validate", call, timeout=5, interval=0)
     assert len(seen) == 1
 
 
 async def test_never_ready_fails_at_timeout_naming_the_last_answer() -> None:
-    transport, _ = scripted([503])
+    call, _ = scripted([503])
     with pytest.raises(BuildFailure, match=r"did not answer 200 within 0.2 s \(last: HTTP 503\)"):
-        await wait_for_hook("ready", ("h", 1), timeout=0.2, interval=0.01, transport=transport)
+        await wait_for_hook("ready", call, timeout=0.2, interval=0.01)
 
 
 async def test_app_exit_stops_the_wait() -> None:
-    transport, _ = scripted([503])
+    call, _ = scripted([503])
 
     async def exited() -> int | None:
         return 2
 
     with pytest.raises(BuildFailure, match="exited with code 2"):
-        await wait_for_hook("ready", ("h", 1), timeout=5, transport=transport, app_exit_code=exited)
+        await wait_for_hook("ready", call, timeout=5, app_exit_code=exited)
+
+
+async def test_port_wait_retries_until_open_and_fails_at_timeout() -> None:
+    answers = [False, False, True]
+
+    async def probe(attempt: float) -> bool:
+        return answers.pop(0)
+
+    await wait_for_port(probe, port=8080, timeout=5, interval=0)
+    assert answers == []
+
+    async def never(attempt: float) -> bool:
+        return False
+
+    with pytest.raises(BuildFailure, match=r"port 8081 within 0.1 s"):
+        await wait_for_port(never, port=8081, timeout=0.1, interval=0.01)
