@@ -7,6 +7,7 @@
 - ``client``: ``AgentClient``, the host side of the protocol (see ``docs/GUEST_PROTOCOL.md``).
 """
 
+from embervm.guest.api import GuestAgent
 from embervm.guest.artifacts import (
     BootArtifacts,
     GuestArtifacts,
@@ -30,6 +31,7 @@ __all__ = [
     "AppSpec",
     "BootArtifacts",
     "ExecResult",
+    "GuestAgent",
     "GuestArtifacts",
     "HttpResponse",
     "LogLine",

@@ -17,9 +17,9 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embervm.errors import GuestError
 from embervm.guest._pty import PtySession
@@ -264,7 +264,7 @@ class AgentClient:
 
     async def exec(
         self,
-        argv: list[str],
+        argv: Sequence[str],
         *,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
@@ -327,7 +327,7 @@ class AgentClient:
 
     async def open_pty(
         self,
-        argv: list[str] | None = None,
+        argv: Sequence[str] | None = None,
         *,
         cols: int = 80,
         rows: int = 24,
@@ -341,7 +341,7 @@ class AgentClient:
                 {
                     "op": "pty.open",
                     "id": rid,
-                    "argv": argv,
+                    "argv": None if argv is None else list(argv),
                     "cols": cols,
                     "rows": rows,
                     "env": env or {},
@@ -509,6 +509,13 @@ class AgentClient:
 
     async def thaw(self) -> None:
         await self._call("thaw")
+
+
+if TYPE_CHECKING:
+    from embervm.guest.api import GuestAgent
+
+    def _implements(c: AgentClient) -> GuestAgent:
+        return c  # mypy proves AgentClient satisfies the GuestAgent seam
 
 
 __all__ = ["AgentClient", "AppSpec", "ExecResult", "HttpResponse", "LogLine", "PtySession"]

@@ -18,8 +18,9 @@ import pytest
 from embervm.errors import GuestError
 from embervm.guest.agent.protocol import Decoder, encode
 from embervm.guest.client import AgentClient, AppSpec
+from embervm.guest.testing import local_agent
 
-SRC = Path(__file__).resolve().parents[3] / "src"
+SRC = Path(__file__).resolve().parents[3] / "src"  # for the raw-socket agent fixture
 
 
 @pytest.fixture
@@ -53,14 +54,9 @@ def agent_proc() -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
 
 
 @pytest.fixture
-async def client(
-    agent_proc: tuple[subprocess.Popen[bytes], socket.socket],
-) -> AsyncIterator[AgentClient]:
-    c = await AgentClient.over_socket(agent_proc[1], timeout=20, request_timeout=20)
-    try:
+async def client() -> AsyncIterator[AgentClient]:
+    async with local_agent() as c:
         yield c
-    finally:
-        await c.close()
 
 
 async def test_hello_reports_versions_and_kernel(client: AgentClient) -> None:
