@@ -58,7 +58,8 @@ class BuildSpec:
     environment: Mapping[str, str] = field(default_factory=dict)
     hooks: HookSettings = field(default_factory=HookSettings)
     egress: bool = False
-    memory_mib: int = 1024
+    build_memory_mib: int = 2048  # the build VM (pip, compilers)
+    app_memory_mib: int = 1024  # the snapshot's memory size: what RunMicrovm restores
     build_args: Mapping[str, str] = field(default_factory=dict)
     step_timeout: float = 900.0
     build_timeout: float = 1800.0
@@ -239,7 +240,7 @@ class ImageBuild:
                     layer, cached, code_bytes = hit, cached + 1, code_bytes + hit.size_bytes
                     continue
                 machine = await self.provider.start_build_machine(
-                    layer, egress=spec.egress, memory_mib=spec.memory_mib
+                    layer, egress=spec.egress, memory_mib=spec.build_memory_mib
                 )
                 stack.push_async_callback(self._shutdown, machine)
             self.log.emit("build", f"Step {label}: {step.text}", step=label)
@@ -422,7 +423,7 @@ class ImageBuild:
         spec = self.spec
         self.log.emit("build", f"starting the app: {plan.config.app_command_text()}")
         app = await self.provider.start_app_machine(
-            layer, egress=spec.egress, memory_mib=spec.memory_mib
+            layer, egress=spec.egress, memory_mib=spec.app_memory_mib
         )
         stack.push_async_callback(self._shutdown, app)
         output = LineSplitter(self.log, step="app")
