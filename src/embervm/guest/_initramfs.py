@@ -30,24 +30,37 @@ INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 fail() { echo "embervm-init: $*" >/dev/console; sync; poweroff -f; sleep 5; exit 1; }
+debug=
+# With vmdebug=1 on the kernel command line, print guest uptime at each step (boot profiling).
+mark() {
+  [ -n "$debug" ] || return 0
+  u=/proc/uptime; [ -r "$u" ] || u=/newroot/proc/uptime
+  read -r up _ <"$u"
+  echo "embervm-init: $up $*" >/dev/console
+}
 mount -t devtmpfs -o mode=0755 devtmpfs /dev || fail "devtmpfs"
 mount -t proc proc /proc || fail "proc"
 mount -t sysfs sysfs /sys || fail "sysfs"
-while read -r m; do insmod "/lib/modules/$m" || fail "insmod $m"; done </lib/modules/order
 ip=10.0.2.15/24; gw=10.0.2.2; rootfs=ext4
-for p in $(cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for p in $cmdline; do
   case "$p" in
     vmip=*) ip="${p#vmip=}" ;;
     vmgw=*) gw="${p#vmgw=}" ;;
     vmroot=*) rootfs="${p#vmroot=}" ;;
+    vmdebug=1) debug=1 ;;
   esac
 done
+mark "init started"
+while read -r m; do insmod "/lib/modules/$m" || fail "insmod $m"; done </lib/modules/order
+mark "modules loaded"
 n=0
 while [ ! -b /dev/vda ]; do
   # virtio-blk probes synchronously in insmod: if vda is not there soon, it never will be.
   n=$((n + 1)); [ "$n" -gt 300 ] && fail "no /dev/vda after 3 s"; usleep 10000
 done
 mount -t "$rootfs" -o rw,noatime /dev/vda /newroot || fail "mount /dev/vda ($rootfs)"
+mark "root mounted"
 ip link set lo up
 [ -r /newroot/etc/hostname ] && hostname "$(cat /newroot/etc/hostname)"
 if [ -e /sys/class/net/eth0 ]; then
@@ -66,6 +79,7 @@ mount -t devpts -o newinstance,gid=5,mode=620,ptmxmode=666 devpts /newroot/dev/p
 ln -sf pts/ptmx /newroot/dev/ptmx 2>/dev/null
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/dev/shm
 export PYTHONPATH=/run/embervm/lib PYTHONDONTWRITEBYTECODE=1 HOME=/root
+mark "switch_root"
 exec switch_root /newroot /usr/bin/python3 -u -m embervm_agent
 fail "switch_root"
 """

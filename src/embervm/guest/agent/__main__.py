@@ -39,12 +39,28 @@ def find_port(name: str = PORT_NAME) -> str:
         time.sleep(0.01)
 
 
+def _uptime() -> str:
+    try:
+        with open("/proc/uptime") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
 def _log(msg: str) -> None:
     try:
         with open("/dev/console", "w") as con:
             con.write(f"embervm-agent: {msg}\n")
     except OSError:
         sys.stderr.write(f"embervm-agent: {msg}\n")
+
+
+def debug_enabled() -> bool:
+    try:
+        with open("/proc/cmdline") as f:
+            return "vmdebug=1" in f.read().split()
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             path = args.port or find_port()
             fd, reconnectable = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC), True
-        asyncio.run(Agent(fd, reconnectable=reconnectable, freeze_path=args.freeze_path).run())
+        agent = Agent(fd, reconnectable=reconnectable, freeze_path=args.freeze_path)
+        if pid1 and debug_enabled():
+            agent.on_ready = lambda: _log(f"{_uptime()} agent listening")
+        asyncio.run(agent.run())
     except BaseException as exc:
         if not pid1:
             raise

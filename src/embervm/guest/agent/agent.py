@@ -71,6 +71,8 @@ class Agent:
         self._frozen = False
         self._generation = 0
         self._started = time.monotonic()
+        #: Called once the channel is open (boot profiling with ``vmdebug=1``).
+        self.on_ready: Callable[[], None] | None = None
         self.chan: Channel
         self.reaper: children.Reaper
         self.apps: Supervisor
@@ -86,6 +88,8 @@ class Agent:
         )
         self.apps = Supervisor(self._send_event, self.reaper)
         self.chan.start()
+        if self.on_ready is not None:
+            self.on_ready()
         try:
             await self.chan.closed.wait()
         finally:
