@@ -71,6 +71,7 @@ class AgentClient:
         self._closed = False
         self._read_task: asyncio.Task[None] | None = None
         self.hello: dict[str, Any] = {}
+        self.restore_result: dict[str, Any] | None = None
 
     # --- connection ----------------------------------------------------------------------
 
@@ -81,8 +82,14 @@ class AgentClient:
         *,
         timeout: float,  # noqa: ASYNC109
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        after_restore: bool = False,
     ) -> AgentClient:
-        """Connect (retrying while QEMU or the agent is not up yet) and complete ``hello``."""
+        """Connect (retrying while QEMU or the agent is not up yet) and complete ``hello``.
+
+        With ``after_restore=True`` the ``after_restore`` request (host clock now, 64 random
+        bytes) is pipelined right behind the hello, saving a round trip on the restore path;
+        its result is in ``restore_result``.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         last: BaseException | None = None
@@ -98,7 +105,9 @@ class AgentClient:
                 continue
             client = cls(reader, writer, request_timeout=request_timeout)
             try:
-                await client._greet(min(_HELLO_ATTEMPT, max(deadline - loop.time(), 0.01)))
+                await client._greet(
+                    min(_HELLO_ATTEMPT, max(deadline - loop.time(), 0.01)), after_restore
+                )
                 return client
             except (GuestError, OSError, TimeoutError) as exc:
                 last = exc
@@ -127,14 +136,20 @@ class AgentClient:
             raise
         return client
 
-    async def _greet(self, limit: float) -> None:
+    async def _greet(self, limit: float, restore: bool = False) -> None:
         nonce = secrets.token_hex(16)
         self._read_task = asyncio.ensure_future(self._read_loop())
         rid, q = self._open_request()
+        rrid, rq = self._open_request(maxsize=4) if restore else (0, None)
         try:
             await self._send(
                 {"op": "hello", "id": rid, "versions": list(PROTOCOL_VERSIONS), "nonce": nonce}
             )
+            if rq is not None:
+                await self._send(
+                    {"op": "after_restore", "id": rrid, "wall_clock_ns": time.time_ns()},
+                    os.urandom(64),
+                )
             async with asyncio.timeout(limit):
                 while True:
                     frame = await q.get()
@@ -142,10 +157,14 @@ class AgentClient:
                         continue  # a reply meant for an earlier connection
                     h = check_result(frame)
                     break
+                if h.get("version") not in PROTOCOL_VERSIONS:
+                    raise GuestError(f"agent chose unsupported version {h.get('version')!r:.40}")
+                if rq is not None:
+                    self.restore_result = check_result(await rq.get())
         finally:
             self._forget(rid)
-        if h.get("version") not in PROTOCOL_VERSIONS:
-            raise GuestError(f"agent chose unsupported version {h.get('version')!r:.40}")
+            if rq is not None:
+                self._forget(rrid)
         self.hello = h
 
     async def close(self) -> None:

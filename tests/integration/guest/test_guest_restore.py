@@ -159,16 +159,17 @@ async def test_agent_answers_after_restore_with_apps_and_memory_intact(vm: Vm) -
     await qmp.cmd("cont")
     await qmp.close()
 
-    c2 = await AgentClient.connect(sock, timeout=60)
+    c2 = await AgentClient.connect(sock, timeout=60, after_restore=True)
     try:
         assert c2.hello["boot_id"] == boot_id  # the same guest, not a reboot
+        assert c2.restore_result is not None
+        assert c2.restore_result["thawed"] is True  # the snapshot was taken quiesced
         assert await c2.get_file("/dev/shm/marker", max_bytes=100) == b"before-snapshot"
         [app] = [a for a in await c2.app_status() if a["name"] == "sleeper"]
         assert app["state"] == "running"
         later = snapshot_taken + 3600 * 10**9
         res = await c2.after_restore(wall_clock_ns=later, entropy=os.urandom(32))
         assert res["clock_set"] is True
-        assert res["thawed"] is True  # the snapshot was taken quiesced
         assert abs(res["wall_clock_ns"] - later) < 60 * 10**9
         assert (await c2.exec(["touch", "/root/writable-after-restore"])).exit_code == 0
     finally:
