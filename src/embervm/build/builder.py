@@ -269,7 +269,9 @@ class ImageBuild:
         elif isinstance(step, CopyStep):
             await self._copy(machine, step, items, label)
         elif isinstance(step, WorkdirStep):
-            await self._exec_ok(machine, step, ["mkdir", "-p", step.path], label, user=None)
+            # from "/": the folder to create is the step's own working directory
+            argv = ["mkdir", "-p", step.path]
+            await self._exec_ok(machine, step, argv, label, user=None, cwd="/")
 
     async def _run(self, machine: BuildMachine, step: RunStep, label: str) -> None:
         if step.script is not None:
@@ -288,6 +290,7 @@ class ImageBuild:
         label: str,
         *,
         user: str | None,
+        cwd: str | None = None,
     ) -> str:
         """Run ``argv`` for ``step``; a non-zero exit or a timeout fails the build. Returns
         the output's last lines."""
@@ -297,7 +300,7 @@ class ImageBuild:
             machine.exec(
                 argv,
                 env=step.state.run_env(),
-                cwd=step.state.workdir,
+                cwd=cwd or step.state.workdir,
                 user=user,
                 timeout=spec.step_timeout,
                 on_output=splitter,
