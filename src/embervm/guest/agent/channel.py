@@ -84,11 +84,21 @@ class Channel:
         else:
             self.closed.set()
 
+    def _probe_delay(self, away: float) -> float:
+        """Probe fast right after a disconnect (a restore or reconnect is usually imminent),
+        then slower, so a VM left without a host does not burn TCG time waking up."""
+        if away < 1.0:
+            return self._probe_interval / 4
+        if away < 10.0:
+            return self._probe_interval
+        return self._probe_interval * 5
+
     async def _wait_for_host(self) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        since = self._loop.time()
         while True:
-            await asyncio.sleep(self._probe_interval)
+            await asyncio.sleep(self._probe_delay(self._loop.time() - since))
             events = poller.poll(0)
             hup = any(ev & select.POLLHUP for _, ev in events)
             if not hup:
