@@ -8,9 +8,12 @@ Needs a real runtime: a ``MachineProvider`` from ``embervm.host.build_machines.
 open_machine_provider(settings)`` (an async context manager). Until the host layer provides it,
 this prints that the measurement is pending and exits 0; it never reports made-up numbers.
 ``--self-test`` runs the same harness on the fake VMs of ``embervm.build.testing`` to show the
-harness works; its times measure nothing but this harness.
+harness works; its times measure nothing but this harness. ``--qemu`` uses the test-only
+provider of ``tests/integration/build/build_qemu_helpers.py``: real TCG microVMs, real steps
+(pip install through QEMU user networking, so it needs the package registry), layers frozen
+with QMP, but a stand-in snapshot (no memory snapshot) — until the host provides its own.
 
-    .venv/bin/python bench/build.py [--self-test]
+    .venv/bin/python bench/build.py [--self-test | --qemu]
 """
 
 from __future__ import annotations
@@ -70,13 +73,15 @@ async def fake_provider(settings: Settings) -> AsyncIterator[MachineProvider]:
 
 
 async def timed_build(
-    provider: MachineProvider, archive: Path, work: Path, cache: Path, name: str
+    provider: MachineProvider, archive: Path, work: Path, cache: Path, name: str, egress: bool
 ) -> tuple[float, Any]:
     spec = BuildSpec(
         base_image_arn=ARN,
         code_artifact=archive,
         snapshot_dir=work / name / "snapshot",
         work_dir=work / "scratch",
+        egress=egress,
+        step_timeout=600,
     )
     log = MemoryBuildLog()
     started = time.perf_counter()
@@ -86,6 +91,8 @@ async def timed_build(
 
 async def measure(
     opener: Callable[[Settings], AbstractAsyncContextManager[MachineProvider]],
+    *,
+    egress: bool = True,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="embervm-bench-build-"))
     try:
@@ -97,8 +104,9 @@ async def measure(
         second_zip = zip_dir(app, work / "v2.zip")
         settings = Settings(data_dir=work / "data")
         async with opener(settings) as provider:
-            first, r1 = await timed_build(provider, first_zip, work, work / "cache", "v1")
-            second, r2 = await timed_build(provider, second_zip, work, work / "cache", "v2")
+            cache = work / "cache"
+            first, r1 = await timed_build(provider, first_zip, work, cache, "v1", egress)
+            second, r2 = await timed_build(provider, second_zip, work, cache, "v2", egress)
         return {
             "first_build_s": round(first, 3),
             "rebuild_s": round(second, 3),
@@ -112,10 +120,33 @@ async def measure(
         shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.asynccontextmanager
+async def qemu_test_provider(settings: Settings) -> AsyncIterator[MachineProvider]:
+    sys.path.insert(0, str(ROOT / "tests" / "integration" / "build"))
+    from build_qemu_helpers import QemuTestProvider  # type: ignore[import-not-found]
+
+    from embervm.guest.artifacts import ensure_guest_artifacts
+
+    cache = Path.home() / ".cache" / "embervm-test" / "artifacts"
+    artifacts = await ensure_guest_artifacts(cache)
+    provider = QemuTestProvider(artifacts, settings.data_dir / "vms", allow_egress=True)
+    try:
+        yield provider
+    finally:
+        for vm in provider.vms:
+            await vm.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--self-test", action="store_true", help="run the harness on fake VMs")
+    parser.add_argument("--qemu", action="store_true", help="real VMs, test-only provider")
     args = parser.parse_args()
+    if args.qemu:
+        out = asyncio.run(measure(qemu_test_provider, egress=True))
+        print("build bench on real TCG microVMs (test-only provider, stand-in snapshot):")
+        print(json.dumps(out, indent=2))
+        return 0
     if args.self_test:
         out = asyncio.run(measure(fake_provider))
         print("build bench SELF-TEST on fake VMs (measures only the harness, not Embervm):")

@@ -32,7 +32,7 @@ MEMORY_MIB = 512
 BOOT_TIMEOUT = 90.0
 
 
-def _argv(art: GuestArtifacts, workdir: Path, disk: Path) -> list[str]:
+def _argv(art: GuestArtifacts, workdir: Path, disk: Path, *, egress: bool) -> list[str]:
     tsc = host_tsc_khz()
     machine = "microvm,pit=off,pic=off" if tsc is not None else "microvm"
     cmdline = kernel_cmdline(guest_ip="10.0.2.15", gateway="10.0.2.2", prefix=24, tsc_khz=tsc)
@@ -48,7 +48,7 @@ def _argv(art: GuestArtifacts, workdir: Path, disk: Path) -> list[str]:
         "-chardev", f"socket,id=agent,path={workdir / 'agent.sock'},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=org.embervm.agent",
         "-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
-        "-netdev", "user,id=n0,restrict=on",
+        "-netdev", "user,id=n0" + ("" if egress else ",restrict=on"),
         "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
     ]  # fmt: skip
 
@@ -107,8 +107,11 @@ class QemuVm(AgentOps):
 
 
 class QemuTestProvider:
-    def __init__(self, artifacts: GuestArtifacts, root: Path) -> None:
+    def __init__(
+        self, artifacts: GuestArtifacts, root: Path, *, allow_egress: bool = False
+    ) -> None:
         self.artifacts = artifacts
+        self.allow_egress = allow_egress  # QEMU user networking to the outside (manual runs)
         self.root = root
         self.count = 0
         self.vms: list[QemuVm] = []
@@ -119,7 +122,7 @@ class QemuTestProvider:
     async def has_layer(self, layer: LayerRef) -> bool:
         return await asyncio.to_thread(Path(layer.id).exists)
 
-    async def _boot(self, layer: LayerRef) -> QemuVm:
+    async def _boot(self, layer: LayerRef, *, egress: bool = False) -> QemuVm:
         self.count += 1
         workdir = self.root / f"vm-{self.count}"
         disk = workdir / "disk-0.qcow2"
@@ -133,7 +136,7 @@ class QemuTestProvider:
             raise RuntimeError("qemu-img create failed")
         stderr = await asyncio.to_thread((workdir / "qemu.stderr").open, "wb")
         proc = await asyncio.create_subprocess_exec(
-            *_argv(self.artifacts, workdir, disk),
+            *_argv(self.artifacts, workdir, disk, egress=egress and self.allow_egress),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -149,12 +152,17 @@ class QemuTestProvider:
             raise
         vm = QemuVm(client, proc, workdir, disk)
         self.vms.append(vm)
+        if egress and self.allow_egress:
+            # QEMU user networking answers DNS on 10.0.2.3, the guest is told 10.0.2.2 (the
+            # runtime's resolver); point it at slirp's (this lands in the layer: test-only)
+            fix = ["/bin/sh", "-c", "echo nameserver 10.0.2.3 > /etc/resolv.conf"]
+            await client.exec(fix, timeout=30)
         return vm
 
     async def start_build_machine(
         self, layer: LayerRef, *, egress: bool, memory_mib: int
     ) -> QemuVm:
-        return await self._boot(layer)
+        return await self._boot(layer, egress=egress)
 
     async def start_app_machine(self, layer: LayerRef, *, egress: bool, memory_mib: int) -> QemuVm:
         return await self._boot(layer)
