@@ -137,7 +137,12 @@ class ImageBuild:
             self.log.emit("error", f"build failed: {reason}")
             self.log.close("FAILED")
             raise BuildFailure(reason) from exc
-        except BaseException:
+        except Exception as exc:  # a bug or an untranslated runtime error: still a clean failure
+            reason = f"internal error during the build ({type(exc).__name__})"
+            self.log.emit("error", f"build failed: {reason}: {exc}")
+            self.log.close("FAILED")
+            raise BuildFailure(reason) from exc
+        except BaseException:  # cancelled (server stopping): cleaned up, then re-raised
             self.log.emit("error", "build interrupted")
             self.log.close("FAILED")
             raise

@@ -276,3 +276,43 @@ async def test_copy_into_existing_folder_without_trailing_slash(
     machine = provider.build_machines[0]
     assert "/usr/local/bin/tool" in machine.files
     assert "/opt/renamed" in machine.files
+
+
+async def test_untranslated_runtime_error_becomes_a_clean_build_failure(tmp_path: Path) -> None:
+    def broken(machine: FakeBuildMachine, call: ExecCall, out: OutputSink) -> int | None:
+        raise OSError("qmp socket vanished")
+
+    provider = FakeMachineProvider(exec_script=broken)
+    log = MemoryBuildLog()
+    with pytest.raises(BuildFailure, match=r"internal error during the build \(OSError\)"):
+        await ImageBuild(
+            spec(tmp_path, write_zip(tmp_path / "a.zip", files())),
+            provider=provider,
+            cache=LocalLayerCache(tmp_path / "c"),
+            log=log,
+        ).run()
+    assert provider.all_shut_down()
+    assert log.closed == "FAILED"
+
+
+async def test_cancelled_build_cleans_up_and_propagates(tmp_path: Path) -> None:
+    provider = FakeMachineProvider(exec_script=hang_on_pip)
+    log = MemoryBuildLog()
+    task = asyncio.create_task(
+        ImageBuild(
+            spec(tmp_path, write_zip(tmp_path / "a.zip", files())),
+            provider=provider,
+            cache=LocalLayerCache(tmp_path / "c"),
+            log=log,
+        ).run()
+    )
+    for _ in range(500):  # until the build hangs in `RUN pip install`
+        if any("pip" in c.argv[-1] for c in provider.exec_calls):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert provider.all_shut_down()
+    assert log.messages("error") == ["build interrupted"]
+    assert list((tmp_path / "work").iterdir()) == []
