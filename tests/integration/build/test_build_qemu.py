@@ -25,8 +25,10 @@ DOCKERFILE = """FROM embervm/debian12
 WORKDIR /app
 COPY deps.txt .
 RUN echo "installing $(cat deps.txt)" && cp deps.txt /app/installed.txt
+COPY static/ /app/static/
 COPY app.py .
 RUN test -f /app/installed.txt && python3 -m py_compile app.py && echo "compiled app"
+RUN stat -c '%a %u:%g %n' /app/static/css /app/static/css/site.css
 ENV GREETING=hello
 EXPOSE 8080
 CMD ["python3", "/app/app.py"]
@@ -54,6 +56,9 @@ def write_zip(path: Path, dockerfile: str, version: str) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("Dockerfile", dockerfile)
         zf.writestr("deps.txt", "flask\n")
+        css = zipfile.ZipInfo("static/css/site.css")
+        css.external_attr = 0o100640 << 16
+        zf.writestr(css, "body {}\n")
         zf.writestr("app.py", f"VERSION = {version!r}\n" + APP)
     return path
 
@@ -96,6 +101,8 @@ async def test_build_and_app_only_rebuild_in_real_vms(
     first_s = time.monotonic() - started
     assert "installing flask" in log1.messages("stdout")
     assert "compiled app" in log1.messages("stdout")
+    assert "640 0:0 /app/static/css/site.css" in log1.messages("stdout")  # folders via put_tree
+    assert any(m.endswith(" 0:0 /app/static/css") for m in log1.messages("stdout"))
     assert "app listening v1" in log1.messages("stdout")  # the app's startup output
     assert first.steps_cached == 0
     assert first.code_install_bytes > 0
@@ -110,7 +117,7 @@ async def test_build_and_app_only_rebuild_in_real_vms(
         log=log2,
     ).run()
     rebuild_s = time.monotonic() - started
-    assert second.steps_cached == 3  # WORKDIR, COPY deps.txt, RUN install
+    assert second.steps_cached == 4  # WORKDIR, COPY deps.txt, RUN install, COPY static/
     assert "installing flask" not in log2.messages("stdout")
     assert "compiled app" in log2.messages("stdout")  # ran on the cached layer's files
     assert "app listening v2" in log2.messages("stdout")
