@@ -93,11 +93,12 @@ async def measure(
     opener: Callable[[Settings], AbstractAsyncContextManager[MachineProvider]],
     *,
     egress: bool = True,
+    example: Path = EXAMPLE,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="embervm-bench-build-"))
     try:
         app = work / "app"
-        shutil.copytree(EXAMPLE, app)
+        shutil.copytree(example, app)
         first_zip = zip_dir(app, work / "v1.zip")
         with (app / "app.py").open("a") as fh:
             fh.write("\n# app-only change for the rebuild benchmark\n")
@@ -141,14 +142,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--self-test", action="store_true", help="run the harness on fake VMs")
     parser.add_argument("--qemu", action="store_true", help="real VMs, test-only provider")
+    parser.add_argument("--example", default=EXAMPLE.name, help="folder under examples/")
     args = parser.parse_args()
+    example = ROOT / "examples" / args.example
     if args.qemu:
-        out = asyncio.run(measure(qemu_test_provider, egress=True))
+        out = asyncio.run(measure(qemu_test_provider, egress=True, example=example))
         print("build bench on real TCG microVMs (test-only provider, stand-in snapshot):")
         print(json.dumps(out, indent=2))
         return 0
     if args.self_test:
-        out = asyncio.run(measure(fake_provider))
+        out = asyncio.run(measure(fake_provider, example=example))
         print("build bench SELF-TEST on fake VMs (measures only the harness, not Embervm):")
         print(json.dumps(out, indent=2))
         return 0
@@ -160,7 +163,7 @@ def main() -> int:
             "No numbers reported; `--self-test` checks the harness on fake VMs."
         )
         return 0
-    out = asyncio.run(measure(opener))
+    out = asyncio.run(measure(opener, example=example))
     verdict = "meets" if out["ratio"] <= TARGET_RATIO else "MISSES"
     print(
         f"build bench: first build {out['first_build_s']} s, rebuild after app-only change "
