@@ -109,7 +109,14 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
 
 async def _https_chunks(uri: str, *, ca_file: Path | None, max_bytes: int) -> AsyncIterator[bytes]:
     timeouts = httpx.Timeout(30.0, connect=10.0)
+
+    async def https_only(request: httpx.Request) -> None:
+        """Checked before every request, so a redirect to http:// is never followed."""
+        if request.url.scheme != "https":
+            raise BuildFailure(f"code artifact {uri!r} redirected to a non-https URL")
+
     async with httpx.AsyncClient(
+        event_hooks={"request": [https_only]},
         verify=_tls_context(ca_file),
         timeout=timeouts,
         follow_redirects=True,
@@ -118,8 +125,6 @@ async def _https_chunks(uri: str, *, ca_file: Path | None, max_bytes: int) -> As
     ) as client:
         try:
             async with client.stream("GET", uri) as response:
-                if response.url.scheme != "https":
-                    raise BuildFailure(f"code artifact {uri!r} redirected to a non-https URL")
                 if response.status_code != 200:
                     raise BuildFailure(
                         f"downloading the code artifact {uri!r} returned HTTP "
