@@ -64,6 +64,7 @@ class BuildSpec:
     step_timeout: float = 900.0
     build_timeout: float = 1800.0
     grace: float = 30.0  # extra time a VM gets to answer before it is considered hung
+    boot_timeout: float = 180.0  # a VM boot or restore (TCG boots take seconds, not minutes)
     zip_limits: ZipLimits = field(default_factory=ZipLimits)
 
 
@@ -244,8 +245,12 @@ class ImageBuild:
                     self.log.emit("build", f"Step {label}: {step.text} (cached)", step=label)
                     layer, cached, code_bytes = hit, cached + 1, code_bytes + hit.size_bytes
                     continue
-                machine = await self.provider.start_build_machine(
-                    layer, egress=spec.egress, memory_mib=spec.build_memory_mib
+                machine = await self._bounded(
+                    self.provider.start_build_machine(
+                        layer, egress=spec.egress, memory_mib=spec.build_memory_mib
+                    ),
+                    spec.boot_timeout,
+                    "starting the build VM",
                 )
                 stack.push_async_callback(self._shutdown, machine)
             self.log.emit("build", f"Step {label}: {step.text}", step=label)
@@ -430,8 +435,12 @@ class ImageBuild:
     ) -> tuple[int, int]:
         spec = self.spec
         self.log.emit("build", f"starting the app: {plan.config.app_command_text()}")
-        app = await self.provider.start_app_machine(
-            layer, egress=spec.egress, memory_mib=spec.app_memory_mib
+        app = await self._bounded(
+            self.provider.start_app_machine(
+                layer, egress=spec.egress, memory_mib=spec.app_memory_mib
+            ),
+            spec.boot_timeout,
+            "starting the app VM",
         )
         stack.push_async_callback(self._shutdown, app)
         output = LineSplitter(self.log, step="app")
@@ -485,7 +494,11 @@ class ImageBuild:
     async def _validate(self, stack: contextlib.AsyncExitStack) -> None:
         spec, hooks = self.spec, self.spec.hooks
         self.log.emit("build", "restoring the snapshot to call the validate hook")
-        restored = await self.provider.restore_app_machine(spec.snapshot_dir, egress=spec.egress)
+        restored = await self._bounded(
+            self.provider.restore_app_machine(spec.snapshot_dir, egress=spec.egress),
+            spec.boot_timeout,
+            "restoring the snapshot",
+        )
         stack.push_async_callback(self._shutdown, restored)
 
         async def call(hook: str, attempt: float) -> int | None:
@@ -524,9 +537,8 @@ class ImageBuild:
                 raise
             if machine is not None:
                 await self._shutdown(machine)
-            raise BuildFailure(
-                f"{what} did not finish within {limit:g} s; the build VM was stopped"
-            ) from exc
+            stopped = "; the VM was stopped" if machine is not None else ""
+            raise BuildFailure(f"{what} did not finish within {limit:g} s{stopped}") from exc
 
     async def _shutdown(self, machine: BuildMachine | AppMachine) -> None:
         """Idempotent, bounded, never raises (it runs during cleanup)."""

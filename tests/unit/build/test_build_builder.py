@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from embervm.build.builder import BuildSpec, ImageBuild
-from embervm.build.cache import LocalLayerCache
+from embervm.build.cache import LayerRef, LocalLayerCache
 from embervm.build.log import MemoryBuildLog
 from embervm.build.machine import OutputSink
 from embervm.build.ready import HookSettings
@@ -315,4 +315,19 @@ async def test_cancelled_build_cleans_up_and_propagates(tmp_path: Path) -> None:
         await task
     assert provider.all_shut_down()
     assert log.messages("error") == ["build interrupted"]
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+class HangingBootProvider(FakeMachineProvider):
+    async def start_build_machine(
+        self, layer: LayerRef, *, egress: bool, memory_mib: int
+    ) -> FakeBuildMachine:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_vm_that_never_boots_fails_at_the_boot_timeout(tmp_path: Path) -> None:
+    provider = HangingBootProvider()
+    with pytest.raises(BuildFailure, match=r"starting the build VM did not finish within 0.2 s"):
+        await build(tmp_path, provider, write_zip(tmp_path / "a.zip", files()), boot_timeout=0.2)
     assert list((tmp_path / "work").iterdir()) == []
