@@ -134,6 +134,18 @@ class LocalLayerCache:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self._path(key).unlink)
 
+    async def layers(self) -> dict[str, LayerRef]:
+        """Every readable entry (key → layer): what a layer garbage collector must keep, or
+        must ``forget`` before deleting a layer."""
+        return await asyncio.to_thread(self._scan)
+
+    def _scan(self) -> dict[str, LayerRef]:
+        out: dict[str, LayerRef] = {}
+        for path in sorted(self.root.glob("??/*.json")):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                out[path.stem] = LayerRef.from_json(json.loads(path.read_text()))
+        return out
+
     @staticmethod
     def _write(path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

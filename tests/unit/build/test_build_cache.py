@@ -106,3 +106,12 @@ async def test_local_layer_cache_round_trip_and_damage_is_a_miss(tmp_path: Path)
     assert await cache.get(key) is None
     await cache.forget(key)
     assert not path.exists()
+
+
+async def test_layers_lists_entries_for_garbage_collection(tmp_path: Path) -> None:
+    cache = LocalLayerCache(tmp_path / "cache")
+    assert await cache.layers() == {}
+    k1, k2 = base_key("debian12", LayerRef("a")), base_key("debian12", LayerRef("b"))
+    await cache.put(k1, LayerRef("layer-1", 10))
+    await cache.put(k2, LayerRef("layer-2", 20))
+    assert await cache.layers() == {k1: LayerRef("layer-1", 10), k2: LayerRef("layer-2", 20)}
