@@ -1,0 +1,80 @@
+"""The QEMU command line of a microVM (SPIKE.md recipe), as a pure function of a ``VmConfig``.
+
+Kept pure so unit tests can pin every flag: the boot-hang fix (``pit=off,pic=off``, which needs
+``tsc_early_khz`` in the kernel command line), the RAM in a ``memory-backend-file`` (what makes
+snapshots cheap), the agent port QEMU serves, and the seccomp sandbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from embervm.vmm.config import AGENT_PORT_NAME, GUEST_MAC, VmConfig
+
+QEMU_BINARY = "qemu-system-x86_64"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """How guest RAM is mapped: ``share=True`` writes through to the file (MAP_SHARED),
+    ``share=False`` maps it copy-on-write (MAP_PRIVATE), ``readonly`` opens it O_RDONLY."""
+
+    path: Path
+    share: bool = True
+    readonly: bool = False
+
+
+def machine_option(cfg: VmConfig) -> str:
+    base = "microvm" if cfg.legacy_timers else "microvm,pit=off,pic=off"
+    return f"{base},memory-backend=ram0"
+
+
+def accel_option(cfg: VmConfig) -> str:
+    return "kvm" if cfg.accel == "kvm" else f"tcg,thread={cfg.tcg_thread}"
+
+
+def qemu_argv(
+    cfg: VmConfig,
+    *,
+    memory: MemorySpec | None = None,
+    incoming: bool = False,
+    binary: str = QEMU_BINARY,
+) -> list[str]:
+    """The full argv (binary first). ``incoming`` adds ``-incoming defer`` for restores."""
+    mem = memory or MemorySpec(cfg.memory_file)
+    backend = (
+        f"memory-backend-file,id=ram0,size={cfg.memory_mib}M,mem-path={mem.path},"
+        f"share={'on' if mem.share else 'off'}"
+    )
+    if mem.readonly:
+        backend += ",readonly=on"
+    argv = [
+        binary, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-name", f"embervm-{cfg.vm_id},debug-threads=on",
+        "-M", machine_option(cfg), "-accel", accel_option(cfg), "-cpu", "max",
+        "-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M",
+        "-object", backend,
+        "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.cmdline,
+        "-serial", f"file:{cfg.console_log}",
+        "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
+        "-drive", f"id=d0,file={cfg.disk},format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=d0",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+    ]  # fmt: skip
+    # Every VM has the same devices (a snapshot taken with a tap restores without one and
+    # back): without a tap the NIC sits on an isolated user-mode backend (restrict=on).
+    if cfg.tap is not None:
+        netdev = f"tap,id=n0,ifname={cfg.tap},script=no,downscript=no,vhost=off"
+    else:
+        netdev = "user,id=n0,restrict=on"
+    argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}"]
+    if cfg.sandbox:
+        argv += ["-sandbox", SANDBOX]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    argv += list(cfg.extra_args)
+    return argv

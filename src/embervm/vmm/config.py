@@ -1,0 +1,108 @@
+"""What a VM is made of, as plain data: the VMM turns a ``VmConfig`` into a QEMU process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+Accel = Literal["kvm", "tcg"]
+
+#: Every guest has the same MAC (and address), so snapshots restore anywhere (DESIGN §3).
+GUEST_MAC = "52:54:00:12:34:56"
+#: Name of the virtio-serial port the guest agent listens on.
+AGENT_PORT_NAME = "org.embervm.agent"
+#: Memory the QEMU process needs beyond guest RAM (TCG translation cache, devices, libraries).
+DEFAULT_MEMORY_OVERHEAD_MIB = 192
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """Resource limits of one VMM process; ``None`` means "derive from the VM's size"."""
+
+    cpu_quota_cores: float | None = None  # e.g. 1.0 = one core's worth of CPU time
+    memory_max_mib: int | None = None  # hard limit for the whole QEMU process
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """One VM's configuration: sizes, boot inputs and the paths of its per-VM files.
+
+    Paths normally live in ``vms/<id>/`` (``for_workdir`` builds the standard layout). The
+    same config boots a VM or restores one from a snapshot (then ``memory_mib`` and ``vcpus``
+    must match the snapshot's, and kernel/initrd are the ones the snapshot was booted from).
+    """
+
+    vm_id: str
+    workdir: Path
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    disk: Path  # qcow2 overlay; written by the guest
+    memory_file: Path  # guest RAM (memory-backend-file), on disk, not /dev/shm
+    agent_socket: Path
+    qmp_socket: Path
+    console_log: Path
+    netns: str | None = None
+    tap: str | None = None
+    accel: Accel = "tcg"
+    tcg_thread: Literal["single", "multi"] = "single"
+    cgroup: CgroupLimits | None = None  # None: no cgroup jail
+    sandbox: bool = True  # QEMU's seccomp filter (-sandbox on,...)
+    kernel_release: str = ""  # recorded in snapshot manifests
+    legacy_timers: bool = False  # keep PIT/PIC (only when the cmdline lacks tsc_early_khz)
+    extra_args: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def for_workdir(
+        cls,
+        vm_id: str,
+        workdir: Path,
+        *,
+        memory_mib: int,
+        vcpus: int,
+        kernel: Path,
+        initrd: Path,
+        cmdline: str,
+        **kwargs: object,
+    ) -> VmConfig:
+        """The standard per-VM layout: ``disk.qcow2``, ``memory``, ``qmp.sock``, ``agent.sock``."""
+        return cls(
+            vm_id=vm_id,
+            workdir=workdir,
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            disk=workdir / "disk.qcow2",
+            memory_file=workdir / "memory",
+            agent_socket=workdir / "agent.sock",
+            qmp_socket=workdir / "qmp.sock",
+            console_log=workdir / "console.log",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def with_changes(self, **changes: object) -> VmConfig:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def effective_limits(self) -> CgroupLimits:
+        """The cgroup limits with defaults filled in: a core per vCPU, RAM + overhead."""
+        lim = self.cgroup or CgroupLimits()
+        return CgroupLimits(
+            cpu_quota_cores=lim.cpu_quota_cores or float(self.vcpus),
+            memory_max_mib=lim.memory_max_mib or self.memory_mib + DEFAULT_MEMORY_OVERHEAD_MIB,
+        )
+
+
+@dataclass(frozen=True)
+class VmStats:
+    """Host-side cost of one VMM process (from ``/proc/<pid>``)."""
+
+    pid: int
+    rss_bytes: int
+    pss_bytes: int
+    private_bytes: int  # Private_Clean + Private_Dirty
+    cpu_seconds: float  # user + system

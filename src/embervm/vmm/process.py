@@ -1,0 +1,241 @@
+"""``QemuProcess``: one running QEMU, driven over QMP, watched until it exits.
+
+Exit supervision: a watcher task awaits the process (our child: ``Process.wait``; an attached
+VMM of a previous server run: its pidfd) and resolves ``wait_exit()`` with a ``VmExit`` that
+says whether Embervm asked for the exit (``expected``) and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from embervm.errors import SnapshotError, VmmError
+from embervm.vmm import _proc
+from embervm.vmm import snapshot as snap
+from embervm.vmm.cmdline import MemorySpec
+from embervm.vmm.config import VmConfig, VmStats
+from embervm.vmm.jail import Cgroup
+from embervm.vmm.qmp import Qmp, migrate_to_file, set_migration_caps
+
+MIGRATION_TIMEOUT = 120.0
+_BANDWIDTH = 100 << 30  # the default ~32 MiB/s would make stream snapshots crawl
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """How a VMM process ended. ``returncode`` is -N for signal N, -1 when unknown (attached)."""
+
+    returncode: int
+    reason: str
+    expected: bool  # True when Embervm stopped, killed or snapshotted it
+
+
+class QemuProcess:
+    """A QEMU microVM process (see ``embervm.vmm.api.VmProcess``)."""
+
+    def __init__(
+        self,
+        cfg: VmConfig,
+        pid: int,
+        qmp: Qmp,
+        *,
+        memory: MemorySpec,
+        qemu_version: str,
+        child: asyncio.subprocess.Process | None,
+        cgroup: Cgroup | None,
+    ) -> None:
+        self.cfg = cfg
+        self.pid = pid
+        self.memory = memory
+        self.qemu_version = qemu_version
+        self._qmp = qmp
+        self._child = child
+        self._cgroup = cgroup
+        self._expected: str | None = None
+        self._exit: asyncio.Future[VmExit] = asyncio.get_running_loop().create_future()
+        self._watcher = asyncio.create_task(self._watch(), name=f"vmm-watch-{cfg.vm_id}")
+
+    # --- supervision -----------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        if self._child is not None:
+            code = await self._child.wait()
+        else:
+            await _proc.wait_pidfd(self.pid)
+            code = -1
+        if self._expected is not None:
+            reason, expected = self._expected, True
+        elif code < 0 and code != -1:
+            reason, expected = f"VMM killed by signal {-code}", False
+        else:
+            reason, expected = f"VMM exited unexpectedly (code {code})", False
+        await self._qmp.close()
+        if self._cgroup is not None:
+            with contextlib.suppress(Exception):
+                self._cgroup.destroy()
+        if not self._exit.done():
+            self._exit.set_result(VmExit(code, reason, expected))
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit.result().returncode if self._exit.done() else None
+
+    @property
+    def exit_info(self) -> VmExit | None:
+        return self._exit.result() if self._exit.done() else None
+
+    async def wait(self) -> int:
+        return (await asyncio.shield(self._exit)).returncode
+
+    async def wait_exit(self) -> VmExit:
+        return await asyncio.shield(self._exit)
+
+    def _ensure_alive(self) -> None:
+        if self._exit.done():
+            raise VmmError(f"VM {self.cfg.vm_id}: {self._exit.result().reason}")
+
+    # --- control -----------------------------------------------------------------------------
+
+    async def qmp(self, name: str, args: dict[str, object] | None = None) -> object:
+        """Raw QMP escape hatch (tests, diagnostics)."""
+        self._ensure_alive()
+        return await self._qmp.cmd(name, args)
+
+    async def status(self) -> str:
+        self._ensure_alive()
+        result = await self._qmp.cmd("query-status")
+        return str(result["status"])
+
+    async def pause(self) -> None:
+        self._ensure_alive()
+        await self._qmp.cmd("stop")
+
+    async def cont(self) -> None:
+        self._ensure_alive()
+        await self._qmp.cmd("cont")
+
+    async def kill(self) -> None:
+        """SIGKILL, then wait (bounded) for the exit to be observed."""
+        if self._exit.done():
+            return
+        self._expected = self._expected or "killed by Embervm"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exit), 10)
+        except TimeoutError as exc:
+            raise VmmError(f"VM {self.cfg.vm_id}: pid {self.pid} survived SIGKILL") from exc
+
+    async def stop(self, timeout: float = 5.0) -> int:  # noqa: ASYNC109
+        """QMP ``quit`` (QEMU flushes and exits), then SIGTERM, then SIGKILL; bounded."""
+        if self._exit.done():
+            return self._exit.result().returncode
+        self._expected = self._expected or "stopped by Embervm"
+        with contextlib.suppress(VmmError):
+            await self._qmp.cmd("quit", timeout=max(timeout / 2, 0.1))
+        for sig, wait in ((signal.SIGTERM, timeout / 2), (signal.SIGKILL, 10.0)):
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exit), wait)
+                break
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+        await self.wait()
+        return self._exit.result().returncode
+
+    async def stats(self) -> VmStats:
+        self._ensure_alive()
+        return await asyncio.to_thread(_proc.read_stats, self.pid)
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    async def snapshot(self, dest_dir: Path, *, resume: bool = False) -> snap.SnapshotManifest:
+        """Write a snapshot of this VM to ``dest_dir`` atomically.
+
+        ``resume=False`` (suspend, image snapshot): the VMM exits afterwards. A VM whose RAM
+        is its own shared file (booted, or resumed) hands that file over (hard link, no copy:
+        kind ``shared-memory``, only device state and dirty pages are written); a clone whose
+        RAM is a private copy-on-write mapping streams its RAM (kind ``stream``, zero pages
+        skipped). ``resume=True``: the VM keeps running afterwards; RAM is streamed and the
+        disk frozen by switching the VM onto a new qcow2 overlay.
+
+        If anything fails or the call is cancelled before the snapshot is committed, the temp
+        files are removed and a VM that was running runs again; an old snapshot at
+        ``dest_dir`` is kept.
+        """
+        self._ensure_alive()
+        shared = self.memory.share and not resume
+        tmp = await asyncio.to_thread(snap.temp_dir_for, dest_dir)
+        was_running = (await self._qmp.cmd("query-status"))["running"]
+        committed = False
+        try:
+            await self._qmp.cmd("stop")
+            await set_migration_caps(self._qmp, ignore_shared=shared)
+            await self._qmp.cmd("migrate-set-parameters", {"max-bandwidth": _BANDWIDTH})
+            disk_src = self.cfg.disk
+            if resume:
+                disk_src = await self._switch_disk_overlay()
+            await migrate_to_file(self._qmp, tmp / snap.DEVICE_STATE, timeout=MIGRATION_TIMEOUT)
+            manifest = await asyncio.to_thread(self._assemble, tmp, disk_src, shared=shared)
+            await asyncio.to_thread(snap.commit_snapshot_dir, tmp, dest_dir, manifest)
+            committed = True
+        except BaseException as exc:
+            await asyncio.to_thread(snap.discard_temp_dir, tmp)
+            if was_running and not self._exit.done():
+                with contextlib.suppress(VmmError):
+                    await asyncio.shield(self._qmp.cmd("cont"))
+            if isinstance(exc, VmmError | OSError):
+                raise SnapshotError(f"snapshot of VM {self.cfg.vm_id} failed: {exc}") from exc
+            raise
+        finally:
+            if committed and not resume:
+                # The snapshot now owns the RAM file and disk: this VM must never run again.
+                self._expected = "snapshotted and stopped"
+                await self.kill()
+        if resume and was_running:
+            await self._qmp.cmd("cont")
+        return manifest
+
+    async def _switch_disk_overlay(self) -> Path:
+        """Freeze the current disk: QEMU moves the VM onto a new overlay backed by it."""
+        current = self.cfg.disk
+        new = current.with_name(f"{current.stem}.{int(time.time() * 1000)}.qcow2")
+        await self._qmp.cmd(
+            "blockdev-snapshot-sync",
+            {"device": "d0", "snapshot-file": str(new), "format": "qcow2",
+             "mode": "absolute-paths"},
+        )  # fmt: skip
+        self.cfg = self.cfg.with_changes(disk=new)
+        return current
+
+    def _assemble(self, tmp: Path, disk: Path, *, shared: bool) -> snap.SnapshotManifest:
+        """Link RAM file and disk into ``tmp`` (same filesystem, no copy) and describe them."""
+        files: dict[str, snap.FileEntry] = {}
+        state = tmp / snap.DEVICE_STATE
+        files[snap.DEVICE_STATE] = snap.FileEntry(state.stat().st_size, snap.sha256_file(state))
+        if shared:
+            os.link(self.memory.path, tmp / snap.MEMORY)
+            with open(tmp / snap.MEMORY, "rb+") as f:
+                os.fdatasync(f.fileno())  # dirty guest pages reach the disk
+            files[snap.MEMORY] = snap.FileEntry((tmp / snap.MEMORY).stat().st_size)
+        os.link(disk, tmp / snap.DISK)
+        files[snap.DISK] = snap.FileEntry((tmp / snap.DISK).stat().st_size)
+        return snap.SnapshotManifest(
+            kind="shared-memory" if shared else "stream",
+            vm_id=self.cfg.vm_id,
+            memory_mib=self.cfg.memory_mib,
+            vcpus=self.cfg.vcpus,
+            accel=self.cfg.accel,
+            qemu_version=self.qemu_version,
+            kernel_release=self.cfg.kernel_release,
+            kernel=str(self.cfg.kernel),
+            initrd=str(self.cfg.initrd),
+            cmdline=self.cfg.cmdline,
+            files=files,
+        )

@@ -1,0 +1,133 @@
+"""QMP over a unix socket with ``qemu.qmp``: every command bounded, every failure a ``VmmError``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+from embervm.errors import VmmError
+
+DEFAULT_TIMEOUT = 30.0
+_RETRY = 0.01
+
+# qemu.qmp logs every disconnect at WARNING/ERROR; the VMM reports what matters itself.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class Qmp:
+    """One QMP session to one QEMU."""
+
+    def __init__(self, client: QMPClient, path: Path) -> None:
+        self._client = client
+        self.path = path
+
+    @classmethod
+    async def connect(
+        cls,
+        path: Path,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        alive: asyncio.Future[Any] | None = None,
+    ) -> Qmp:
+        """Connect, retrying while QEMU has not created the socket yet; gives up early when
+        ``alive`` (the process's exit future) completes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: BaseException | None = None
+        while loop.time() < deadline:
+            if alive is not None and alive.done():
+                raise VmmError(f"QEMU exited before QMP at {path} answered")
+            client = QMPClient(f"embervm-{path.parent.name}")
+            try:
+                await asyncio.wait_for(client.connect(str(path)), max(deadline - loop.time(), 0.01))
+                return cls(client, path)
+            except (ConnectError, OSError, TimeoutError) as exc:
+                last = exc
+                await _disconnect(client)
+                await asyncio.sleep(_RETRY)
+        raise VmmError(f"QMP at {path} did not answer within {timeout:.1f} s: {last!r}") from last
+
+    async def cmd(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(name, args), timeout)
+        except ExecuteError as exc:
+            raise VmmError(f"QMP {name} failed: {exc.error.error.desc}") from exc
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
+            raise VmmError(f"QMP {name}: connection to QEMU lost ({exc!r})") from exc
+        except TimeoutError as exc:
+            raise VmmError(f"QMP {name} did not answer within {timeout:.1f} s") from exc
+
+    async def send_fd(self, fd: int, fdname: str) -> None:
+        """Hand QEMU an open file (SCM_RIGHTS) under ``fdname``: QEMU opens no file by itself
+        for migrations, which keeps ``-sandbox spawn=deny`` possible (no ``exec:`` URIs)."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise VmmError(f"cannot pass a file descriptor to QEMU: {exc!r}") from exc
+        await self.cmd("getfd", {"fdname": fdname})
+
+    async def close(self) -> None:
+        await _disconnect(self._client)
+
+
+async def _disconnect(client: QMPClient) -> None:
+    with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+        await asyncio.wait_for(client.disconnect(), 5)
+
+
+async def migrate_to_file(qmp: Qmp, dest: Path, *, timeout: float) -> None:  # noqa: ASYNC109
+    """Run an outgoing migration into ``dest`` and wait until it completes."""
+    fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        await qmp.send_fd(fd, "embervm-mig")
+    finally:
+        os.close(fd)
+    await qmp.cmd("migrate", {"uri": "fd:embervm-mig"})
+    await _wait_migration(qmp, timeout=timeout, what=f"migration to {dest}")
+
+
+async def migrate_from_file(qmp: Qmp, src: Path, *, timeout: float) -> None:  # noqa: ASYNC109
+    """Load an incoming migration (``-incoming defer``) from ``src`` and wait for the end."""
+    fd = await asyncio.to_thread(os.open, src, os.O_RDONLY)
+    try:
+        await qmp.send_fd(fd, "embervm-mig")
+    finally:
+        os.close(fd)
+    await qmp.cmd("migrate-incoming", {"uri": "fd:embervm-mig"})
+    await _wait_migration(qmp, timeout=timeout, what=f"restore from {src}")
+
+
+async def _wait_migration(qmp: Qmp, *, timeout: float, what: str) -> None:  # noqa: ASYNC109
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.002
+    while True:
+        info = await qmp.cmd("query-migrate")
+        status = info.get("status", "none")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise VmmError(f"{what} {status}: {info.get('error-desc', 'no detail')}")
+        if loop.time() > deadline:
+            raise VmmError(f"{what} did not complete within {timeout:.1f} s (status {status})")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def set_migration_caps(qmp: Qmp, *, ignore_shared: bool) -> None:
+    await qmp.cmd(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]},
+    )

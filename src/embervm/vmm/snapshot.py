@@ -1,0 +1,232 @@
+"""The snapshot directory: its layout, its manifest, and how it is written atomically.
+
+Layout of a snapshot directory (``images/<name>/<version>/snapshot/`` or ``vms/<id>/suspend/``)::
+
+    manifest.json   this module's manifest (below); written last, inside the temp dir
+    device.state    QEMU migration stream. kind "shared-memory": device state only (x-ignore-shared,
+                    tens of KiB); kind "stream": device state AND guest RAM (zero pages skipped)
+    memory          kind "shared-memory" only: the guest RAM file, frozen (sparse)
+    disk.qcow2      the VM's disk at snapshot time, frozen (qcow2 whose backing file is absolute)
+
+Manifest (JSON object, ``format`` = ``FORMAT_VERSION``)::
+
+    format, kind, vm_id, created_at (unix s), memory_mib, vcpus, accel, cpu_model, machine,
+    qemu_version, kernel_release, kernel, initrd, cmdline,
+    files: {name: {"size": int, "sha256": str | null}}   sha256 for device.state (small) always,
+                                                         for memory/disk only their size
+    manifest_sha256: sha256 of the canonical JSON (sorted keys, no spaces) of every other field
+
+Writing: everything goes into ``<dest>.tmp-<random>/``; each file and the dir are fsynced; then
+the old ``dest`` (if any) is renamed aside, the temp dir renamed to ``dest``, the parent fsynced,
+and the old one removed. A crash leaves the old or the new snapshot (``recover_snapshot_dir``
+puts an aside copy back if the new one never arrived), never neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from embervm.errors import SnapshotError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DEVICE_STATE = "device.state"
+MEMORY = "memory"
+DISK = "disk.qcow2"
+
+SnapshotKind = Literal["shared-memory", "stream"]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotManifest:
+    """What a snapshot holds and what it needs to be restored (see the module doc)."""
+
+    kind: SnapshotKind
+    vm_id: str
+    memory_mib: int
+    vcpus: int
+    accel: str
+    qemu_version: str
+    kernel_release: str
+    kernel: str
+    initrd: str
+    cmdline: str
+    files: dict[str, FileEntry]
+    created_at: float = field(default_factory=time.time)
+    cpu_model: str = "max"
+    machine: str = "microvm"
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        body = asdict(self)
+        body["manifest_sha256"] = _digest(body)
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: Path) -> SnapshotManifest:
+        try:
+            body = json.loads(data)
+            if not isinstance(body, dict):
+                raise TypeError("not an object")
+            claimed = body.pop("manifest_sha256")
+        except (ValueError, TypeError, KeyError) as exc:
+            raise SnapshotError(f"snapshot manifest {where} is unreadable: {exc}") from exc
+        if body.get("format") != FORMAT_VERSION:
+            raise SnapshotError(
+                f"snapshot {where} has format {body.get('format')!r}, this Embervm reads "
+                f"format {FORMAT_VERSION}; rebuild the image or snapshot"
+            )
+        if claimed != _digest(body):
+            raise SnapshotError(f"snapshot manifest {where} is corrupt (checksum mismatch)")
+        try:
+            files = {k: FileEntry(**v) for k, v in body.pop("files").items()}
+            return cls(files=files, **body)
+        except (TypeError, AttributeError) as exc:
+            raise SnapshotError(f"snapshot manifest {where} has bad fields: {exc}") from exc
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+def _digest(body: dict[str, Any]) -> str:
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canon).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_dir_for(dest: Path) -> Path:
+    """A fresh sibling temp dir of ``dest`` (same filesystem, so the final rename is atomic)."""
+    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise SnapshotError(f"cannot create snapshot temp dir {tmp}: {exc}") from exc
+    return tmp
+
+
+def commit_snapshot_dir(tmp: Path, dest: Path, manifest: SnapshotManifest) -> None:
+    """Write the manifest into ``tmp``, fsync everything, and rename ``tmp`` to ``dest``."""
+    aside = dest.parent / f".{dest.name}.old"
+    try:
+        (tmp / MANIFEST).write_bytes(manifest.to_json())
+        for child in tmp.iterdir():
+            fsync_path(child)
+        fsync_path(tmp)
+        if dest.exists():
+            if aside.exists():
+                shutil.rmtree(aside)
+            dest.rename(aside)
+        tmp.rename(dest)
+        fsync_path(dest.parent)
+    except OSError as exc:
+        if not dest.exists() and aside.exists():
+            aside.rename(dest)
+        raise SnapshotError(f"cannot write snapshot {dest}: {exc}") from exc
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def discard_temp_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_snapshot_dir(dest: Path) -> None:
+    """After a crash: put back an old snapshot renamed aside, drop stale temp dirs."""
+    aside = dest.parent / f".{dest.name}.old"
+    if aside.exists() and not dest.exists():
+        aside.rename(dest)
+    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_manifest(snapshot_dir: Path, *, verify_files: bool = True) -> SnapshotManifest:
+    """Read and check a snapshot: manifest checksum, files present with the recorded sizes,
+    device state checksum. Raises ``SnapshotError`` saying what is wrong."""
+    path = snapshot_dir / MANIFEST
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"no snapshot at {snapshot_dir} (missing {MANIFEST})") from exc
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc}") from exc
+    manifest = SnapshotManifest.from_json(data, where=path)
+    if not verify_files:
+        return manifest
+    for name, entry in manifest.files.items():
+        fpath = snapshot_dir / name
+        try:
+            size = fpath.stat().st_size
+        except OSError as exc:
+            raise SnapshotError(f"snapshot {snapshot_dir} is missing {name}") from exc
+        if size != entry.size:
+            raise SnapshotError(
+                f"snapshot {snapshot_dir}: {name} is {size} bytes, manifest says {entry.size}"
+            )
+        if entry.sha256 is not None and sha256_file(fpath) != entry.sha256:
+            raise SnapshotError(f"snapshot {snapshot_dir}: {name} is corrupt (sha256 mismatch)")
+    return manifest
+
+
+def check_compatible(
+    manifest: SnapshotManifest,
+    *,
+    memory_mib: int,
+    vcpus: int,
+    accel: str,
+    qemu_version: str,
+    where: Path,
+) -> None:
+    """Refuse a snapshot this VMM cannot load (sizes, accelerator, QEMU version)."""
+    problems = []
+    if manifest.memory_mib != memory_mib:
+        problems.append(f"memory {manifest.memory_mib} MiB != {memory_mib} MiB")
+    if manifest.vcpus != vcpus:
+        problems.append(f"vcpus {manifest.vcpus} != {vcpus}")
+    if manifest.accel != accel:
+        problems.append(f"taken with {manifest.accel}, restoring with {accel}")
+    if _major_minor(manifest.qemu_version) != _major_minor(qemu_version):
+        problems.append(f"QEMU {manifest.qemu_version} != {qemu_version}")
+    if problems:
+        raise SnapshotError(f"snapshot {where} is incompatible: " + "; ".join(problems))
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def remove_quietly(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
