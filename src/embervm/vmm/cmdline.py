@@ -19,11 +19,11 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 @dataclass(frozen=True)
 class MemorySpec:
     """How guest RAM is mapped: ``share=True`` writes through to the file (MAP_SHARED),
-    ``share=False`` maps it copy-on-write (MAP_PRIVATE), ``readonly`` opens it O_RDONLY."""
+    ``share=False`` maps it copy-on-write (MAP_PRIVATE); ``path=None`` is anonymous memory
+    (``memory-backend-ram``: untouched pages cost nothing, not even when read)."""
 
-    path: Path
+    path: Path | None
     share: bool = True
-    readonly: bool = False
 
 
 def machine_option(cfg: VmConfig) -> str:
@@ -44,12 +44,13 @@ def qemu_argv(
 ) -> list[str]:
     """The full argv (binary first). ``incoming`` adds ``-incoming defer`` for restores."""
     mem = memory or MemorySpec(cfg.memory_file)
-    backend = (
-        f"memory-backend-file,id=ram0,size={cfg.memory_mib}M,mem-path={mem.path},"
-        f"share={'on' if mem.share else 'off'}"
-    )
-    if mem.readonly:
-        backend += ",readonly=on"
+    if mem.path is None:
+        backend = f"memory-backend-ram,id=ram0,size={cfg.memory_mib}M"
+    else:
+        backend = (
+            f"memory-backend-file,id=ram0,size={cfg.memory_mib}M,mem-path={mem.path},"
+            f"share={'on' if mem.share else 'off'}"
+        )
     argv = [
         binary, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-name", f"embervm-{cfg.vm_id},debug-threads=on",

@@ -170,7 +170,7 @@ class QemuProcess:
         ``dest_dir`` is kept.
         """
         self._ensure_alive()
-        shared = self.memory.share and not resume
+        shared = self.memory.share and self.memory.path is not None and not resume
         tmp = await asyncio.to_thread(snap.temp_dir_for, dest_dir)
         was_running = (await self._qmp.cmd("query-status"))["running"]
         committed = False
@@ -219,7 +219,7 @@ class QemuProcess:
         files: dict[str, snap.FileEntry] = {}
         state = tmp / snap.DEVICE_STATE
         files[snap.DEVICE_STATE] = snap.FileEntry(state.stat().st_size, snap.sha256_file(state))
-        if shared:
+        if shared and self.memory.path is not None:
             os.link(self.memory.path, tmp / snap.MEMORY)
             with open(tmp / snap.MEMORY, "rb+") as f:
                 os.fdatasync(f.fileno())  # dirty guest pages reach the disk

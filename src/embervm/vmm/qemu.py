@@ -29,7 +29,6 @@ from embervm.vmm.process import MIGRATION_TIMEOUT, QemuProcess
 from embervm.vmm.qmp import Qmp, migrate_from_file, set_migration_caps
 
 START_TIMEOUT = 15.0
-STREAM_RESTORE_SHARED = False
 
 
 def qemu_version(binary: str = QEMU_BINARY) -> str:
@@ -51,6 +50,8 @@ class QemuVmm:
 
     ``cgroups``: the host's cgroup driver (``jail.detect_cgroup_driver()``); used for every VM
     whose config has ``cgroup`` limits. ``start_timeout`` bounds spawning until QMP answers.
+    ``stream_restore_shared``: load a ``stream`` snapshot into a shared RAM file (later suspends
+    then write only dirty pages) instead of a private mapping (see docs/SNAPSHOTS.md).
     """
 
     def __init__(
@@ -59,8 +60,10 @@ class QemuVmm:
         cgroups: CgroupDriver | None = None,
         binary: str = QEMU_BINARY,
         start_timeout: float = START_TIMEOUT,
+        stream_restore_shared: bool = False,
     ) -> None:
         self.cgroups = cgroups
+        self.stream_restore_shared = stream_restore_shared
         self.binary = binary
         self.start_timeout = start_timeout
         self._version: str | None = None
@@ -107,7 +110,13 @@ class QemuVmm:
         created: list[Path] = []
         try:
             memory = await asyncio.to_thread(
-                _restore_files, cfg, snapshot_dir, manifest, consume, created
+                _restore_files,
+                cfg,
+                snapshot_dir,
+                manifest,
+                consume,
+                created,
+                self.stream_restore_shared,
             )
         except OSError as exc:
             await asyncio.to_thread(snap.remove_quietly, *created)
@@ -142,8 +151,8 @@ class QemuVmm:
         if not argv or not any(str(cfg.qmp_socket) in a for a in argv):
             raise VmmError(f"pid {pid} is not the VMM of {cfg.vm_id} (or is gone)")
         qmp = await Qmp.connect(cfg.qmp_socket, timeout=self.start_timeout)
-        share = not any("share=off" in a for a in argv)
-        mem_path = cfg.memory_file
+        share = not any("share=off" in a or "memory-backend-ram" in a for a in argv)
+        mem_path: Path | None = None
         for a in argv:
             m = re.search(r"mem-path=([^,]+)", a)
             if m:
@@ -268,6 +277,7 @@ def _restore_files(
     manifest: snap.SnapshotManifest,
     consume: bool,
     created: list[Path],
+    stream_shared: bool,
 ) -> MemorySpec:
     """Prepare RAM file and disk for a restore; record every file made in ``created``."""
     frozen_disk = snapshot_dir / snap.DISK
@@ -284,6 +294,8 @@ def _restore_files(
         os.link(snapshot_dir / snap.MEMORY, cfg.memory_file)
         created.append(cfg.memory_file)
         return MemorySpec(cfg.memory_file, share=True)
+    if not stream_shared:
+        return MemorySpec(None, share=False)
     _fresh_memory_file(cfg.memory_file, manifest.memory_mib)
     created.append(cfg.memory_file)
-    return MemorySpec(cfg.memory_file, share=STREAM_RESTORE_SHARED)
+    return MemorySpec(cfg.memory_file, share=True)
