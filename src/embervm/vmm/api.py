@@ -37,6 +37,8 @@ class VmProcess(Protocol):
 
     async def wait_exit(self) -> VmExit: ...
 
+    async def detach(self) -> None: ...
+
 
 class Vmm(Protocol):
     """Starts VMM processes: cold boot, restore from a snapshot, re-attach after a restart."""

@@ -96,6 +96,17 @@ class QemuProcess:
     async def wait_exit(self) -> VmExit:
         return await asyncio.shield(self._exit)
 
+    async def detach(self) -> None:
+        """Let go of the VMM without stopping it (server shutdown; ``Vmm.attach`` takes it back).
+
+        QEMU serves one QMP client at a time, so the session is closed here. The exit future
+        is left unresolved; this object must not be used afterwards.
+        """
+        self._watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watcher
+        await self._qmp.close()
+
     def _ensure_alive(self) -> None:
         if self._exit.done():
             raise VmmError(f"VM {self.cfg.vm_id}: {self._exit.result().reason}")

@@ -76,4 +76,5 @@ def test_kvm_accel_and_multi_threaded_tcg() -> None:
 def test_default_limits_are_a_core_per_vcpu_and_ram_plus_overhead() -> None:
     lim = cfg().effective_limits()
     assert lim.cpu_quota_cores == 2.0
-    assert lim.memory_max_mib is not None and lim.memory_max_mib > 256
+    assert lim.memory_max_mib is not None
+    assert lim.memory_max_mib > 256

@@ -1,0 +1,367 @@
+"""The QEMU VMM against real QEMU (TCG) microVMs booted from the project's guest artifacts.
+
+One VM is cold-booted per module and snapshotted (the "image"); the other tests restore clones
+of it, which keeps the module to a few VM-seconds. Every VMM a test starts is killed in its
+finalizer, and the leak checks look for QEMU processes by their per-test work directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from embervm.errors import SnapshotError, VmmError
+from embervm.guest.artifacts import GuestArtifacts, host_tsc_khz, kernel_cmdline
+from embervm.guest.client import AgentClient
+from embervm.vmm import (
+    CgroupLimits,
+    QemuProcess,
+    QemuVmm,
+    VmConfig,
+    create_overlay,
+    detect_accelerator,
+    detect_cgroup_driver,
+    load_manifest,
+)
+from embervm.vmm import snapshot as snap
+from embervm.vmm._proc import pid_alive
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="base disk build and cgroups need root"),
+    pytest.mark.timeout(180),
+]
+
+AGENT_TIMEOUT = 60.0
+
+
+@dataclass
+class Lab:
+    art: GuestArtifacts
+    root: Path
+    vmm: QemuVmm = field(default_factory=QemuVmm)
+    procs: list[QemuProcess] = field(default_factory=list)
+    n: int = 0
+
+    def cfg(self, memory_mib: int = 256, **kw: object) -> VmConfig:
+        self.n += 1
+        d = self.root / f"vm{self.n}"
+        d.mkdir()
+        cmd = kernel_cmdline(
+            guest_ip="10.0.2.15", gateway="10.0.2.2", prefix=24, tsc_khz=host_tsc_khz()
+        )
+        return VmConfig.for_workdir(
+            f"t{os.getpid()}-{self.n}", d, memory_mib=memory_mib, vcpus=1,
+            kernel=self.art.kernel, initrd=self.art.initrd, cmdline=cmd,
+            kernel_release=self.art.kernel_release, **kw,
+        )  # fmt: skip
+
+    def track(self, proc: QemuProcess) -> QemuProcess:
+        self.procs.append(proc)
+        return proc
+
+    async def boot(self, **kw: object) -> tuple[QemuProcess, VmConfig]:
+        cfg = self.cfg(**kw)
+        create_overlay(self.art.base_disk, cfg.disk, "raw")
+        return self.track(await self.vmm.boot(cfg)), cfg
+
+    async def restore(
+        self, snapshot_dir: Path, cfg: VmConfig | None = None, *, consume: bool = False
+    ) -> tuple[QemuProcess, VmConfig]:
+        cfg = cfg or self.cfg()
+        return self.track(await self.vmm.restore(cfg, snapshot_dir, consume=consume)), cfg
+
+    def qemu_pids_under(self, d: Path) -> list[int]:
+        found = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if str(d) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                        found.append(int(p.name))
+        return found
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        for pid in self.qemu_pids_under(self.root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def agent(cfg: VmConfig, *, restored: bool = True) -> AgentClient:
+    return await AgentClient.connect(
+        cfg.agent_socket, timeout=AGENT_TIMEOUT, after_restore=restored
+    )
+
+
+async def sh(cfg: VmConfig, script: str) -> str:
+    client = await agent(cfg)
+    try:
+        res = await client.exec(["/bin/sh", "-c", script], timeout=30)
+    finally:
+        await client.close()
+    assert res.exit_code == 0, res
+    return res.stdout.decode()
+
+
+COUNTER = (
+    "setsid sh -c 'echo $$ > /run/counter.pid; i=0; "
+    "while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.05; done' "
+    "</dev/null >/dev/null 2>&1 & sleep 0.5; cat /run/counter.pid"
+)
+
+
+@pytest.fixture(scope="module")
+def lab_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vmm")
+
+
+@pytest.fixture(scope="module")
+def image(guest_artifacts: GuestArtifacts, lab_root: Path) -> Iterator[tuple[Path, str]]:
+    """An image snapshot with a shell counter running in guest memory; (dir, counter pid)."""
+    lab = Lab(guest_artifacts, lab_root / "image")
+    lab.root.mkdir()
+
+    async def build() -> tuple[Path, str]:
+        proc, cfg = await lab.boot()
+        pid = (await sh(cfg, COUNTER)).strip()
+        await proc.snapshot(lab.root / "snapshot")
+        return lab.root / "snapshot", pid
+
+    try:
+        yield asyncio.run(build())
+    finally:
+        lab.kill_all()
+
+
+@pytest.fixture
+async def lab(guest_artifacts: GuestArtifacts, tmp_path: Path) -> AsyncIterator[Lab]:
+    short = Path(f"/tmp/vmm-{os.getpid()}-{tmp_path.name[-12:]}")  # unix socket paths <108
+    os.makedirs(short)
+    lab = Lab(guest_artifacts, short)
+    try:
+        yield lab
+    finally:
+        for proc in lab.procs:
+            with contextlib.suppress(Exception):
+                await proc.kill()
+        lab.kill_all()
+        assert lab.qemu_pids_under(short) == []
+        shutil.rmtree(short, ignore_errors=True)
+
+
+async def test_cold_boot_reaches_the_agent_and_stops_cleanly(lab: Lab) -> None:
+    proc, cfg = await lab.boot()
+    assert (await sh(cfg, "cat /proc/cmdline")).count("tsc_early_khz") == 1
+    assert await proc.status() == "running"
+    stats = await proc.stats()
+    assert stats.rss_bytes > 0
+    assert stats.pss_bytes > 0
+    assert await proc.stop(timeout=10) == 0
+    info = await proc.wait_exit()
+    assert info.expected
+    assert "stopped" in info.reason
+
+
+async def test_pause_freezes_the_guest_and_cont_resumes_it(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, cfg = await lab.restore(image[0])
+    before = int(await sh(cfg, "cat /run/counter"))
+    await proc.pause()
+    assert await proc.status() == "paused"
+    cpu0 = (await proc.stats()).cpu_seconds
+    await asyncio.sleep(1.0)
+    assert await proc.status() == "paused"
+    await proc.cont()
+    assert await proc.status() == "running"
+    await asyncio.sleep(0.3)
+    assert int(await sh(cfg, "cat /run/counter")) > before
+    assert (await proc.stats()).cpu_seconds >= cpu0
+
+
+async def test_restored_clone_keeps_the_guest_process_and_its_memory(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    snapshot_dir, counter_pid = image
+    _, cfg = await lab.restore(snapshot_dir)
+    # /run is a tmpfs and the counter a shell variable: both exist only in guest RAM.
+    out = await sh(cfg, "cat /run/counter.pid; cat /run/counter; kill -0 $(cat /run/counter.pid)")
+    pid, count = out.split()
+    assert pid == counter_pid
+    assert int(count) > 0
+    later = int(await sh(cfg, "sleep 0.3; cat /run/counter"))
+    assert later > int(count)
+
+
+async def test_two_clones_of_one_snapshot_have_independent_disks(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    _, a = await lab.restore(image[0])
+    _, b = await lab.restore(image[0])
+    await sh(a, "echo from-a > /root/mark && sync")
+    assert (await sh(b, "cat /root/mark 2>/dev/null || echo none")).strip() == "none"
+    assert (await sh(a, "cat /root/mark")).strip() == "from-a"
+    await sh(b, "echo from-b > /root/mark && sync")
+    assert (await sh(a, "cat /root/mark")).strip() == "from-a"
+
+
+async def test_suspend_and_resume_cycles_keep_processes_and_files(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, cfg = await lab.restore(image[0])
+    await sh(cfg, "echo kept > /root/file && sync")
+    kinds = []
+    for _ in range(3):
+        count = int(await sh(cfg, "cat /run/counter"))
+        manifest = await proc.snapshot(cfg.workdir / "suspend")
+        kinds.append(manifest.kind)
+        assert (await proc.wait_exit()).expected
+        proc, cfg = await lab.restore(cfg.workdir / "suspend", cfg, consume=True)
+        assert not (cfg.workdir / "suspend").exists()  # a resume consumes the suspend snapshot
+        out = await sh(cfg, "cat /root/file; kill -0 $(cat /run/counter.pid); cat /run/counter")
+        kept, after = out.split()
+        assert kept == "kept"
+        assert int(after) >= count
+    assert kinds == ["stream"] * 3  # a clone's RAM is private: it is streamed
+
+
+async def test_booted_vm_suspends_by_handing_over_its_ram_file(lab: Lab) -> None:
+    proc, cfg = await lab.boot()
+    await sh(
+        cfg,
+        "echo 7 > /run/x",
+    )
+    manifest = await proc.snapshot(cfg.workdir / "suspend")
+    assert manifest.kind == "shared-memory"
+    assert manifest.files[snap.DEVICE_STATE].size < 1 << 20  # device state only
+    proc, cfg = await lab.restore(cfg.workdir / "suspend", cfg, consume=True)
+    assert (await sh(cfg, "cat /run/x")).strip() == "7"
+
+
+async def test_snapshot_keeping_the_vm_running(lab: Lab, image: tuple[Path, str]) -> None:
+    proc, cfg = await lab.restore(image[0])
+    await sh(cfg, "echo before > /root/f && sync")
+    await proc.snapshot(cfg.workdir / "snap", resume=True)
+    assert await proc.status() == "running"
+    await sh(cfg, "echo after > /root/f && sync")
+    _, clone = await lab.restore(cfg.workdir / "snap")
+    assert (await sh(clone, "cat /root/f")).strip() == "before"
+    assert (await sh(cfg, "cat /root/f")).strip() == "after"
+
+
+async def test_sigkill_of_the_vmm_is_detected_with_a_reason(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, _ = await lab.restore(image[0])
+    os.kill(proc.pid, signal.SIGKILL)
+    info = await asyncio.wait_for(proc.wait_exit(), 30)
+    assert not info.expected
+    assert info.returncode == -signal.SIGKILL
+    assert "signal 9" in info.reason
+    with pytest.raises(VmmError, match="signal 9"):
+        await proc.pause()
+
+
+async def test_a_new_vmm_object_attaches_to_a_running_vmm(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, cfg = await lab.restore(image[0])
+    await proc.detach()  # what a server shutdown does; the VM keeps running
+    attached = lab.track(await QemuVmm().attach(cfg, proc.pid))
+    assert await attached.status() == "running"
+    await attached.pause()
+    assert await attached.status() == "paused"
+    await attached.cont()
+    assert int(await sh(cfg, "cat /run/counter")) > 0
+    os.kill(proc.pid, signal.SIGKILL)
+    info = await asyncio.wait_for(attached.wait_exit(), 30)
+    assert not info.expected
+    assert "unexpectedly" in info.reason
+
+
+async def test_attach_refuses_a_pid_that_is_not_this_vms_vmm(lab: Lab) -> None:
+    with pytest.raises(VmmError, match="not the VMM"):
+        await lab.vmm.attach(lab.cfg(), os.getpid())
+
+
+async def test_corrupt_snapshot_raises_and_leaves_no_process(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    bad = lab.root / "bad"
+    os.mkdir(bad)
+    for name in (snap.MANIFEST, snap.MEMORY, snap.DISK):
+        os.link(image[0] / name, bad / name)
+    state = (image[0] / snap.DEVICE_STATE).read_bytes()
+    (bad / snap.DEVICE_STATE).write_bytes(state[:100] + bytes([state[100] ^ 1]) + state[101:])
+    cfg = lab.cfg()
+    with pytest.raises(SnapshotError, match="sha256"):
+        await lab.vmm.restore(cfg, bad)
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        await lab.vmm.restore(cfg, lab.root / "missing")
+    (bad / snap.MANIFEST).unlink()
+    with pytest.raises(SnapshotError):
+        await lab.vmm.restore(cfg, bad)
+    assert lab.qemu_pids_under(lab.root) == []
+    assert not cfg.disk.exists()
+
+
+async def test_device_state_qemu_rejects_raises_and_leaves_no_process(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    """A snapshot whose manifest is consistent but whose stream QEMU cannot load."""
+    bad = lab.root / "bad"
+    tmp = snap.temp_dir_for(bad)
+    for name in (snap.MEMORY, snap.DISK):
+        os.link(image[0] / name, tmp / name)
+    (tmp / snap.DEVICE_STATE).write_bytes(b"QEVM garbage" * 10)
+    good = load_manifest(image[0])
+    files = dict(good.files)
+    files[snap.DEVICE_STATE] = snap.FileEntry(120, snap.sha256_file(tmp / snap.DEVICE_STATE))
+    snap.commit_snapshot_dir(tmp, bad, replace(good, files=files))
+    cfg = lab.cfg()
+    with pytest.raises(SnapshotError, match="restore from"):
+        await lab.vmm.restore(cfg, bad)
+    assert lab.qemu_pids_under(lab.root) == []
+
+
+async def test_incompatible_snapshot_is_refused_before_starting_qemu(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    with pytest.raises(SnapshotError, match="incompatible"):
+        await lab.vmm.restore(lab.cfg(memory_mib=512), image[0])
+
+
+async def test_vmm_runs_in_its_own_cgroup_with_limits(lab: Lab, image: tuple[Path, str]) -> None:
+    driver = detect_cgroup_driver()
+    lab.vmm = QemuVmm(cgroups=driver)
+    cfg = lab.cfg(cgroup=CgroupLimits())
+    proc, cfg = await lab.restore(image[0], cfg)
+    cg = driver.existing(f"vm-{cfg.vm_id}")
+    assert cg is not None
+    assert proc.pid in cg.pids()
+    assert int(await sh(cfg, "cat /run/counter")) > 0
+    await proc.stop()
+    assert driver.existing(f"vm-{cfg.vm_id}") is None
+
+
+@pytest.mark.timeout(60)
+async def test_accelerator_probe_answers_tcg_here_and_never_hangs(
+    guest_artifacts: GuestArtifacts, tmp_path: Path
+) -> None:
+    result = await detect_accelerator(
+        tmp_path / "accel.json", timeout=5, kernel=guest_artifacts.kernel
+    )
+    if "fc" in os.uname().release:
+        assert result == "tcg"  # the nested paravirtual KVM of the development machines
+    assert (tmp_path / "accel.json").exists()
+    assert pid_alive(os.getpid())
