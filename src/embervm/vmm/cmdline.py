@@ -67,11 +67,11 @@ def qemu_argv(
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
     ]  # fmt: skip
     # Every VM has the same devices (a snapshot taken with a tap restores without one and
-    # back): without a tap the NIC sits on an isolated user-mode backend (restrict=on).
+    # back): without a tap the NIC sits on an empty hub (slirp would add migration state).
     if cfg.tap is not None:
         netdev = f"tap,id=n0,ifname={cfg.tap},script=no,downscript=no,vhost=off"
     else:
-        netdev = "user,id=n0,restrict=on"
+        netdev = "hubport,id=n0,hubid=0"
     argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}"]
     if cfg.sandbox:
         argv += ["-sandbox", SANDBOX]

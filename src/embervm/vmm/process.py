@@ -197,10 +197,9 @@ class QemuProcess:
             await asyncio.to_thread(snap.commit_snapshot_dir, tmp, dest_dir, manifest)
             committed = True
         except BaseException as exc:
+            if not self._exit.done():
+                await asyncio.shield(self._undo_snapshot(was_running))
             await asyncio.to_thread(snap.discard_temp_dir, tmp)
-            if was_running and not self._exit.done():
-                with contextlib.suppress(VmmError):
-                    await asyncio.shield(self._qmp.cmd("cont"))
             if isinstance(exc, VmmError | OSError):
                 raise SnapshotError(f"snapshot of VM {self.cfg.vm_id} failed: {exc}") from exc
             raise
@@ -212,6 +211,20 @@ class QemuProcess:
         if resume and was_running:
             await self._qmp.cmd("cont")
         return manifest
+
+    async def _undo_snapshot(self, was_running: bool) -> None:
+        """Cancel a migration still in flight and let a VM that was running run again."""
+        with contextlib.suppress(VmmError):
+            await self._qmp.cmd("migrate_cancel", timeout=5)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while loop.time() < deadline:
+                status = (await self._qmp.cmd("query-migrate", timeout=5)).get("status")
+                if status in (None, "cancelled", "failed", "completed"):
+                    break
+                await asyncio.sleep(0.01)
+            if was_running:
+                await self._qmp.cmd("cont", timeout=5)
 
     async def _switch_disk_overlay(self) -> Path:
         """Freeze the current disk: QEMU moves the VM onto a new overlay backed by it."""

@@ -365,3 +365,80 @@ async def test_accelerator_probe_answers_tcg_here_and_never_hangs(
         assert result == "tcg"  # the nested paravirtual KVM of the development machines
     assert (tmp_path / "accel.json").exists()
     assert pid_alive(os.getpid())
+
+
+async def test_cancelled_suspend_leaves_the_vm_running_and_the_old_snapshot(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, cfg = await lab.restore(image[0], lab.cfg(memory_mib=256))
+    dest = cfg.workdir / "suspend"
+    await proc.snapshot(dest, resume=True)  # an older snapshot that must survive
+    old = load_manifest(dest)
+    task = asyncio.create_task(proc.snapshot(dest))
+    await asyncio.sleep(0.05)  # mid-migration (a stream snapshot takes ~0.3 s)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await proc.status() == "running"
+    assert load_manifest(dest) == old
+    assert [p.name for p in cfg.workdir.iterdir() if p.name.startswith(".suspend")] == []
+    assert int(await sh(cfg, "cat /run/counter")) > 0
+
+
+@pytest.fixture
+def tiny_fs() -> Iterator[Path]:
+    mnt = Path(f"/tmp/vmm-full-{os.getpid()}")
+    mnt.mkdir()
+    rc = os.system(f"mount -t tmpfs -o size=4m tmpfs {mnt}")
+    if rc != 0:
+        mnt.rmdir()
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        yield mnt
+    finally:
+        os.system(f"umount {mnt}")
+        mnt.rmdir()
+
+
+async def test_disk_full_during_snapshot_raises_keeps_old_state_and_cleans_up(
+    lab: Lab, image: tuple[Path, str], tiny_fs: Path
+) -> None:
+    proc, cfg = await lab.restore(image[0])
+    dest = tiny_fs / "suspend"
+    dest.mkdir()
+    (dest / "manifest.json").write_text("old")  # stands for the previous state
+    with pytest.raises(SnapshotError, match="snapshot of VM"):
+        await proc.snapshot(dest)
+    assert (dest / "manifest.json").read_text() == "old"
+    assert sorted(os.listdir(tiny_fs)) == ["suspend"]
+    assert await proc.status() == "running"
+    assert int(await sh(cfg, "cat /run/counter")) > 0
+
+
+@pytest.fixture
+def netns_with_tap() -> Iterator[str]:
+    ns = f"vmmtest{os.getpid()}"
+    setup = [
+        f"ip netns add {ns}",
+        f"ip netns exec {ns} ip tuntap add dev tap0 mode tap",
+        f"ip netns exec {ns} ip addr add 10.0.2.2/24 dev tap0",
+        f"ip netns exec {ns} ip link set tap0 up",
+    ]
+    try:
+        for cmd in setup:
+            if os.system(cmd) != 0:
+                pytest.skip(f"cannot set up a netns: {cmd}")
+        yield ns
+    finally:
+        os.system(f"ip netns del {ns} 2>/dev/null")
+
+
+async def test_restored_vm_in_a_netns_talks_over_its_tap(
+    lab: Lab, image: tuple[Path, str], netns_with_tap: str
+) -> None:
+    cfg = lab.cfg(netns=netns_with_tap, tap="tap0")
+    _, cfg = await lab.restore(image[0], cfg)
+    assert int(await sh(cfg, "cat /run/counter")) > 0
+    # 10.0.2.2 exists only on the tap inside the test's netns: an answer proves the wiring.
+    out = await sh(cfg, "ping -c 1 -W 5 10.0.2.2")
+    assert "1 received" in out

@@ -43,7 +43,7 @@ def test_tap_is_used_when_given_else_an_isolated_user_backend_keeps_devices_iden
     with_tap = qemu_argv(cfg(tap="tap0", netns="ns1"))
     assert opt(with_tap, "-netdev") == ["tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off"]
     without = qemu_argv(cfg())
-    assert opt(without, "-netdev") == ["user,id=n0,restrict=on"]
+    assert opt(without, "-netdev") == ["hubport,id=n0,hubid=0"]
     assert opt(with_tap, "-device") == opt(without, "-device")
     assert "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56" in opt(without, "-device")
 
