@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from embervm.guest.artifacts import (
 )
 from embervm.guest.client import AgentClient
 from embervm.vmm import QemuProcess, QemuVmm, VmConfig, create_overlay
+from embervm.vmm.snapshot import warm_memory_file
 
 AGENT_TIMEOUT = 60.0
 CLONES = 10
@@ -174,6 +174,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for p, *_ in clones:
             await p.kill()
 
+        t0 = time.monotonic()
+        await asyncio.to_thread(warm_memory_file, big)
+        res["warm_2g_image_s"] = time.monotonic() - t0
         res["suspend_resume_2g"] = await suspend_resume(b, big, 2048, rounds=3)
     finally:
         for p in b.procs:
@@ -199,19 +202,27 @@ def table(res: dict[str, Any]) -> str:
     lines = [f"{'measure':48} {'value':>10}  target"]
     for label, key, unit, target in TARGETS:
         lines.append(f"{label:48} {res[key]:>9.3f}{unit}  {target or ''}")
+    warm = "warm the 2 GiB image (once, off the path)"
+    lines.append(f"{warm:48} {res['warm_2g_image_s']:>9.3f}s")
     for r in res["suspend_resume_2g"]:
-        lines.append(
-            f"suspend #{r['round']} idle 2 GiB ({r['kind']:13})          {r['suspend_s']:>9.3f}s  <= 0.5"
+        n, kind = r["round"], r["kind"]
+        written = (
+            f"state {r['state_file_bytes'] >> 20} MiB, disk {r['disk_written_bytes'] >> 20} MiB"
         )
-        lines.append(
-            f"resume  #{r['round']} idle 2 GiB -> running / agent   "
-            f"{r['resume_running_s']:>6.3f}s / {r['resume_agent_s']:.3f}s  <= 0.5"
-        )
-        lines.append(
-            f"suspend #{r['round']} written / guest memory            {r['written_vs_memory']:>9.3f}x  "
-            f"<= 0.25 (state file {r['state_file_bytes'] >> 20} MiB, host disk "
-            f"{r['disk_written_bytes'] >> 20} MiB)"
-        )
+        rows = [
+            (f"suspend #{n} idle 2 GiB ({kind})", f"{r['suspend_s']:>9.3f}s", "<= 0.5"),
+            (
+                f"resume  #{n} idle 2 GiB -> running / agent",
+                f"{r['resume_running_s']:.3f}s / {r['resume_agent_s']:.3f}s",
+                "<= 0.5",
+            ),
+            (
+                f"suspend #{n} written / guest memory",
+                f"{r['written_vs_memory']:>9.3f}x",
+                f"<= 0.25 ({written})",
+            ),
+        ]
+        lines += [f"{a:48} {b:>10}  {c}" for a, b, c in rows]
     return "\n".join(lines)
 
 

@@ -32,7 +32,12 @@ def machine_option(cfg: VmConfig) -> str:
 
 
 def accel_option(cfg: VmConfig) -> str:
-    return "kvm" if cfg.accel == "kvm" else f"tcg,thread={cfg.tcg_thread}"
+    if cfg.accel == "kvm":
+        return "kvm"
+    thread = cfg.tcg_thread
+    if thread == "auto":
+        thread = "multi" if cfg.vcpus > 1 else "single"
+    return f"tcg,thread={thread}"
 
 
 def qemu_argv(

@@ -21,7 +21,7 @@ def test_microvm_runs_without_pit_and_pic_and_ram_in_a_shared_file() -> None:
     assert opt(argv, "-object") == [
         "memory-backend-file,id=ram0,size=256M,mem-path=/d/memory,share=on"
     ]
-    assert opt(argv, "-accel") == ["tcg,thread=single"]
+    assert opt(argv, "-accel") == ["tcg,thread=multi"]  # auto: 2 vCPUs
     assert opt(argv, "-smp") == ["2"]
     assert {"-nodefaults", "-no-user-config", "-nographic"} <= set(argv)
     assert "-incoming" not in argv
@@ -70,7 +70,9 @@ def test_sandbox_denies_spawn_and_privileges_unless_disabled() -> None:
 
 def test_kvm_accel_and_multi_threaded_tcg() -> None:
     assert opt(qemu_argv(cfg(accel="kvm")), "-accel") == ["kvm"]
-    assert opt(qemu_argv(cfg(tcg_thread="multi")), "-accel") == ["tcg,thread=multi"]
+    assert opt(qemu_argv(cfg(tcg_thread="single")), "-accel") == ["tcg,thread=single"]
+    one_vcpu = cfg().with_changes(vcpus=1)
+    assert opt(qemu_argv(one_vcpu), "-accel") == ["tcg,thread=single"]
 
 
 def test_default_limits_are_a_core_per_vcpu_and_ram_plus_overhead() -> None:
