@@ -98,7 +98,7 @@ class QemuVmm:
         A missing, corrupt or incompatible snapshot raises ``SnapshotError``; nothing is left
         running on any failure.
         """
-        manifest = await asyncio.to_thread(snap.load_manifest, snapshot_dir)
+        manifest = await asyncio.to_thread(snap.load_manifest, snapshot_dir, verify_hashes=False)
         snap.check_compatible(
             manifest,
             memory_mib=cfg.memory_mib,
@@ -125,7 +125,13 @@ class QemuVmm:
             await asyncio.to_thread(snap.remove_quietly, *created)
             raise
 
+        # Hash the device state while QEMU starts; nothing is loaded before it checks out.
+        hashed = asyncio.ensure_future(
+            asyncio.to_thread(snap.verify_file_hashes, snapshot_dir, manifest)
+        )
+
         async def load(qmp: Qmp) -> None:
+            await hashed
             await set_migration_caps(qmp, ignore_shared=manifest.kind == "shared-memory")
             await migrate_from_file(
                 qmp, snapshot_dir / snap.DEVICE_STATE, timeout=MIGRATION_TIMEOUT
@@ -135,9 +141,15 @@ class QemuVmm:
         try:
             proc = await self._start(cfg, memory, incoming=True, after_start=load)
         except EmbervmError as exc:
+            with contextlib.suppress(EmbervmError, OSError):
+                await hashed
             await asyncio.to_thread(snap.remove_quietly, *created)
             if isinstance(exc, VmmError):
                 raise SnapshotError(f"restore from {snapshot_dir} failed: {exc}") from exc
+            raise
+        except BaseException:
+            hashed.cancel()
+            await asyncio.to_thread(snap.remove_quietly, *created)
             raise
         if consume:
             await asyncio.to_thread(shutil.rmtree, snapshot_dir, True)

@@ -171,9 +171,12 @@ def recover_snapshot_dir(dest: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_manifest(snapshot_dir: Path, *, verify_files: bool = True) -> SnapshotManifest:
+def load_manifest(
+    snapshot_dir: Path, *, verify_files: bool = True, verify_hashes: bool = True
+) -> SnapshotManifest:
     """Read and check a snapshot: manifest checksum, files present with the recorded sizes,
-    device state checksum. Raises ``SnapshotError`` saying what is wrong."""
+    device state checksum (``verify_hashes=False`` leaves that to ``verify_hashes`` so a
+    restore can hash while QEMU starts). Raises ``SnapshotError`` saying what is wrong."""
     path = snapshot_dir / MANIFEST
     try:
         data = path.read_bytes()
@@ -194,9 +197,22 @@ def load_manifest(snapshot_dir: Path, *, verify_files: bool = True) -> SnapshotM
             raise SnapshotError(
                 f"snapshot {snapshot_dir}: {name} is {size} bytes, manifest says {entry.size}"
             )
-        if entry.sha256 is not None and sha256_file(fpath) != entry.sha256:
-            raise SnapshotError(f"snapshot {snapshot_dir}: {name} is corrupt (sha256 mismatch)")
+    if verify_hashes:
+        verify_file_hashes(snapshot_dir, manifest)
     return manifest
+
+
+def verify_file_hashes(snapshot_dir: Path, manifest: SnapshotManifest) -> None:
+    """Check every file the manifest has a sha256 for (the device state)."""
+    for name, entry in manifest.files.items():
+        if entry.sha256 is None:
+            continue
+        try:
+            digest = sha256_file(snapshot_dir / name)
+        except OSError as exc:
+            raise SnapshotError(f"snapshot {snapshot_dir}: cannot read {name}: {exc}") from exc
+        if digest != entry.sha256:
+            raise SnapshotError(f"snapshot {snapshot_dir}: {name} is corrupt (sha256 mismatch)")
 
 
 def check_compatible(
