@@ -21,6 +21,7 @@ from typing import Any
 from embervm.errors import EmbervmError, JailError, SnapshotError, VmmError
 from embervm.vmm import _proc
 from embervm.vmm import snapshot as snap
+from embervm.vmm.api import Vmm, VmProcess
 from embervm.vmm.cmdline import QEMU_BINARY, MemorySpec, qemu_argv
 from embervm.vmm.config import VmConfig
 from embervm.vmm.disks import create_overlay
@@ -311,3 +312,8 @@ def _restore_files(
     _fresh_memory_file(cfg.memory_file, manifest.memory_mib)
     created.append(cfg.memory_file)
     return MemorySpec(cfg.memory_file, share=True)
+
+
+def _implements(vmm: QemuVmm, proc: QemuProcess) -> tuple[Vmm, VmProcess]:
+    """Never called: mypy checks here that the QEMU classes satisfy the Protocols."""
+    return vmm, proc
