@@ -192,8 +192,10 @@ class QemuProcess:
             disk_src = self.cfg.disk
             if resume:
                 disk_src = await self._switch_disk_overlay()
-            await migrate_to_file(self._qmp, tmp / snap.DEVICE_STATE, timeout=MIGRATION_TIMEOUT)
-            manifest = await asyncio.to_thread(self._assemble, tmp, disk_src, shared=shared)
+            state = await migrate_to_file(
+                self._qmp, tmp / snap.DEVICE_STATE, timeout=MIGRATION_TIMEOUT
+            )
+            manifest = await asyncio.to_thread(self._assemble, tmp, disk_src, state, shared=shared)
             await asyncio.to_thread(snap.commit_snapshot_dir, tmp, dest_dir, manifest)
             committed = True
         except BaseException as exc:
@@ -238,11 +240,12 @@ class QemuProcess:
         self.cfg = self.cfg.with_changes(disk=new)
         return current
 
-    def _assemble(self, tmp: Path, disk: Path, *, shared: bool) -> snap.SnapshotManifest:
+    def _assemble(
+        self, tmp: Path, disk: Path, state: tuple[int, str], *, shared: bool
+    ) -> snap.SnapshotManifest:
         """Link RAM file and disk into ``tmp`` (same filesystem, no copy) and describe them."""
         files: dict[str, snap.FileEntry] = {}
-        state = tmp / snap.DEVICE_STATE
-        files[snap.DEVICE_STATE] = snap.FileEntry(state.stat().st_size, snap.sha256_file(state))
+        files[snap.DEVICE_STATE] = snap.FileEntry(*state)
         if shared and self.memory.path is not None:
             os.link(self.memory.path, tmp / snap.MEMORY)
             with open(tmp / snap.MEMORY, "rb+") as f:

@@ -126,30 +126,25 @@ class QemuVmm:
             await asyncio.to_thread(snap.remove_quietly, *created)
             raise
 
-        # Hash the device state while QEMU starts; nothing is loaded before it checks out.
-        hashed = asyncio.ensure_future(
-            asyncio.to_thread(snap.verify_file_hashes, snapshot_dir, manifest)
-        )
+        state_sha = manifest.files[snap.DEVICE_STATE].sha256
 
         async def load(qmp: Qmp) -> None:
-            await hashed
             await set_migration_caps(qmp, ignore_shared=manifest.kind == "shared-memory")
             await migrate_from_file(
-                qmp, snapshot_dir / snap.DEVICE_STATE, timeout=MIGRATION_TIMEOUT
+                qmp, snapshot_dir / snap.DEVICE_STATE, sha256=state_sha, timeout=MIGRATION_TIMEOUT
             )
             await qmp.cmd("cont")
 
         try:
             proc = await self._start(cfg, memory, incoming=True, after_start=load)
         except EmbervmError as exc:
-            with contextlib.suppress(EmbervmError, OSError):
-                await hashed
             await asyncio.to_thread(snap.remove_quietly, *created)
             if isinstance(exc, VmmError):
+                # A corrupt stream usually makes QEMU fail first: name the real cause.
+                await asyncio.to_thread(snap.verify_file_hashes, snapshot_dir, manifest)
                 raise SnapshotError(f"restore from {snapshot_dir} failed: {exc}") from exc
             raise
         except BaseException:
-            hashed.cancel()
             await asyncio.to_thread(snap.remove_quietly, *created)
             raise
         if consume:

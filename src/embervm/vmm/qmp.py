@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
-from embervm.errors import VmmError
+from embervm.errors import SnapshotError, VmmError
 
 DEFAULT_TIMEOUT = 30.0
 _RETRY = 0.01
@@ -87,26 +89,107 @@ async def _disconnect(client: QMPClient) -> None:
         await asyncio.wait_for(client.disconnect(), 5)
 
 
-async def migrate_to_file(qmp: Qmp, dest: Path, *, timeout: float) -> None:  # noqa: ASYNC109
-    """Run an outgoing migration into ``dest`` and wait until it completes."""
-    fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        await qmp.send_fd(fd, "embervm-mig")
-    finally:
-        os.close(fd)
-    await qmp.cmd("migrate", {"uri": "fd:embervm-mig"})
-    await _wait_migration(qmp, timeout=timeout, what=f"migration to {dest}")
+_CHUNK = 1 << 20
 
 
-async def migrate_from_file(qmp: Qmp, src: Path, *, timeout: float) -> None:  # noqa: ASYNC109
-    """Load an incoming migration (``-incoming defer``) from ``src`` and wait for the end."""
-    fd = await asyncio.to_thread(os.open, src, os.O_RDONLY)
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _CHUNK)
+    return r, w
+
+
+def _drain_to_file(r: int, dest: Path) -> tuple[int, str]:
+    """Copy the pipe into ``dest`` until EOF, hashing on the way: (size, sha256)."""
+    digest = hashlib.sha256()
+    size = 0
     try:
-        await qmp.send_fd(fd, "embervm-mig")
+        with dest.open("wb") as f:
+            while chunk := os.read(r, _CHUNK):
+                digest.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
     finally:
-        os.close(fd)
-    await qmp.cmd("migrate-incoming", {"uri": "fd:embervm-mig"})
-    await _wait_migration(qmp, timeout=timeout, what=f"restore from {src}")
+        os.close(r)
+    return size, digest.hexdigest()
+
+
+def _feed_from_file(src: Path, w: int) -> str:
+    """Copy ``src`` into the pipe, hashing on the way; the sha256 (EPIPE if QEMU gave up)."""
+    digest = hashlib.sha256()
+    try:
+        with src.open("rb", buffering=0) as f:
+            buf = bytearray(_CHUNK)
+            while n := f.readinto(buf):
+                view = memoryview(buf)[:n]
+                digest.update(view)
+                while view:
+                    view = view[os.write(w, view) :]
+    finally:
+        os.close(w)
+    return digest.hexdigest()
+
+
+async def migrate_to_file(
+    qmp: Qmp,
+    dest: Path,
+    *,
+    timeout: float,  # noqa: ASYNC109
+) -> tuple[int, str]:
+    """Run an outgoing migration into ``dest``; returns its size and sha256.
+
+    QEMU writes into a pipe that a thread copies to the file while hashing, so the checksum
+    costs no time after the migration ends.
+    """
+    r, w = _pipe()
+    try:
+        await qmp.send_fd(w, "embervm-mig")
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    writer = asyncio.ensure_future(asyncio.to_thread(_drain_to_file, r, dest))
+    try:
+        await qmp.cmd("migrate", {"uri": "fd:embervm-mig"})
+        await _wait_migration(qmp, timeout=timeout, what=f"migration to {dest}")
+        return await asyncio.wait_for(asyncio.shield(writer), timeout)
+    except BaseException:
+        # QEMU closes its end when the migration fails or is cancelled: the thread then ends.
+        writer.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+
+
+async def migrate_from_file(
+    qmp: Qmp,
+    src: Path,
+    *,
+    sha256: str | None,
+    timeout: float,  # noqa: ASYNC109
+) -> None:
+    """Load an incoming migration (``-incoming defer``) from ``src`` and wait for the end.
+
+    The file is fed through a pipe by a thread that hashes it on the way; a digest other than
+    ``sha256`` raises ``SnapshotError`` before the caller can ``cont`` the guest.
+    """
+    r, w = _pipe()
+    try:
+        await qmp.send_fd(r, "embervm-mig")
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    feeder = asyncio.ensure_future(asyncio.to_thread(_feed_from_file, src, w))
+    try:
+        await qmp.cmd("migrate-incoming", {"uri": "fd:embervm-mig"})
+        await _wait_migration(qmp, timeout=timeout, what=f"restore from {src}")
+        digest = await asyncio.wait_for(asyncio.shield(feeder), timeout)
+    except BaseException:
+        feeder.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+    if sha256 is not None and digest != sha256:
+        raise SnapshotError(f"{src} is corrupt (sha256 mismatch)")
 
 
 async def _wait_migration(qmp: Qmp, *, timeout: float, what: str) -> None:  # noqa: ASYNC109

@@ -442,3 +442,22 @@ async def test_restored_vm_in_a_netns_talks_over_its_tap(
     # 10.0.2.2 exists only on the tap inside the test's netns: an answer proves the wiring.
     out = await sh(cfg, "ping -c 1 -W 5 10.0.2.2")
     assert "1 received" in out
+
+
+async def test_corrupt_ram_in_a_stream_snapshot_is_caught_before_the_guest_runs(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, _ = await lab.restore(image[0])
+    dest = lab.root / "stream"
+    manifest = await proc.snapshot(dest)
+    assert manifest.kind == "stream"
+    state = dest / snap.DEVICE_STATE
+    with state.open("r+b") as f:  # a byte in the middle: guest RAM that QEMU loads happily
+        f.seek(manifest.files[snap.DEVICE_STATE].size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    cfg2 = lab.cfg()
+    with pytest.raises(SnapshotError, match="sha256"):
+        await lab.vmm.restore(cfg2, dest)
+    assert lab.qemu_pids_under(cfg2.workdir) == []
