@@ -177,6 +177,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         await asyncio.to_thread(warm_memory_file, big)
         res["warm_2g_image_s"] = time.monotonic() - t0
+        await asyncio.sleep(2.0)  # let the host settle after reading 2 GiB of holes
         res["suspend_resume_2g"] = await suspend_resume(b, big, 2048, rounds=3)
     finally:
         for p in b.procs:

@@ -396,7 +396,7 @@ def tiny_fs() -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        os.system(f"umount {mnt}")
+        os.system(f"umount {mnt} || umount -l {mnt}")
         mnt.rmdir()
 
 
