@@ -58,9 +58,21 @@ def check_root() -> Check:
 
 
 def check_kvm() -> Check:
-    from embervm.vmm.accel import detect_accelerator_sync
+    import asyncio
 
-    accel = detect_accelerator_sync(current().data_dir / "run" / "accel.json")
+    from embervm.guest.artifacts import ensure_boot_artifacts
+    from embervm.vmm.accel import detect_accelerator
+
+    data_dir = current().data_dir
+
+    async def probe() -> str:
+        boot = await ensure_boot_artifacts(data_dir / "artifacts")
+        return await detect_accelerator(data_dir / "run" / "accel.json", kernel=boot.kernel)
+
+    try:
+        accel = asyncio.run(probe())
+    except Exception as exc:  # the probe is advisory; say why it could not run
+        return Check("accelerator", False, f"probe failed: {exc}", SETUP_FIX, fatal=False)
     if accel == "kvm":
         return Check("accelerator", True, "KVM")
     return Check(

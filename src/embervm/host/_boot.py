@@ -1,0 +1,76 @@
+"""Shared pieces of starting a microVM on this host: config, network, agent connection."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from embervm.guest.artifacts import GuestArtifacts, host_tsc_khz, kernel_cmdline
+from embervm.guest.client import AgentClient
+from embervm.network import GATEWAY_IP, GUEST_IP, GUEST_PREFIX, VmNetwork
+from embervm.vmm import CgroupLimits, VmConfig
+from embervm.vmm.config import Accel
+
+#: How long a cold-booted guest may take to answer (TCG boots take ~4 s; loaded hosts more).
+BOOT_AGENT_TIMEOUT = 90.0
+#: How long a restored guest may take to answer (~0.2 s here).
+RESTORE_AGENT_TIMEOUT = 30.0
+
+
+def vm_dir_name(vm_id: str) -> str:
+    """A short directory name for a VM: unix socket paths must stay under 108 bytes."""
+    return hashlib.blake2b(vm_id.encode(), digest_size=8).hexdigest()
+
+
+def vcpus_for(memory_mib: int) -> int:
+    """DESIGN §7: one vCPU per 2 GiB of memory, at least one (QEMU has no fractional vCPU;
+    the cgroup quota carries the fraction)."""
+    return max(1, memory_mib // 2048)
+
+
+def cpu_quota_for(memory_mib: int) -> float:
+    """vCPU share per DESIGN §7 (memory / 2 GiB, at least a quarter of a core)."""
+    return max(0.25, memory_mib / 2048)
+
+
+@dataclass(frozen=True)
+class BootInputs:
+    """What every VM on this host boots from."""
+
+    artifacts: GuestArtifacts
+    accel: Accel = "tcg"
+
+    def cmdline(self) -> str:
+        return kernel_cmdline(
+            guest_ip=GUEST_IP, gateway=GATEWAY_IP, prefix=GUEST_PREFIX, tsc_khz=host_tsc_khz()
+        )
+
+    def config(
+        self,
+        vm_id: str,
+        workdir: Path,
+        *,
+        memory_mib: int,
+        network: VmNetwork | None,
+        jail: bool = True,
+    ) -> VmConfig:
+        return VmConfig.for_workdir(
+            vm_id,
+            workdir,
+            memory_mib=memory_mib,
+            vcpus=vcpus_for(memory_mib),
+            kernel=self.artifacts.kernel,
+            initrd=self.artifacts.initrd,
+            cmdline=self.cmdline(),
+            kernel_release=self.artifacts.kernel_release,
+            accel=self.accel,
+            netns=network.netns if network else None,
+            tap=network.tap if network else None,
+            cgroup=CgroupLimits(cpu_quota_cores=cpu_quota_for(memory_mib)) if jail else None,
+        )
+
+
+async def connect_agent(cfg: VmConfig, *, restored: bool) -> AgentClient:
+    timeout = RESTORE_AGENT_TIMEOUT if restored else BOOT_AGENT_TIMEOUT
+    return await AgentClient.connect(cfg.agent_socket, timeout=timeout, after_restore=restored)

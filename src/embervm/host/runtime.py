@@ -1,0 +1,266 @@
+"""``LocalHost``: microVMs on this machine, launched from snapshots, suspended to disk.
+
+One ``_Vm`` per live VM holds its VMM process, its agent connection, its network and a LIFO
+cleanup stack of everything its start acquired. A watcher task notices a VMM that exits when
+nobody asked it to, releases the VM's resources and reports the reason to ``on_exit`` (core
+marks the VM TERMINATED with that ``stateReason``).
+
+Suspend = quiesce the guest's disk, snapshot memory + device state + disk into the VM's
+``suspend/`` directory (atomic; the VMM exits), keep the network (so the VM keeps its address).
+Resume = restore that snapshot into a new VMM (``consume=True``: the snapshot is removed once
+the VM runs), reconnect the agent, which sets the clock and reseeds the RNG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embervm.errors import GuestError, NotFoundError, RuntimeFailure, VmmError
+from embervm.guest.client import AgentClient, AppSpec, LogLine, PtySession
+from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
+from embervm.network import NetworkManager, VmNetwork
+from embervm.vmm import QemuProcess, QemuVmm, load_manifest
+
+log = logging.getLogger(__name__)
+
+VmExitHandler = Callable[[str, str], Awaitable[None]]
+"""Called as ``on_exit(vm_id, reason)`` when a VMM exits unexpectedly."""
+
+SUSPEND_DIR = "suspend"
+STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to run: a VM from an image snapshot, with or without internet egress."""
+
+    vm_id: str
+    snapshot_dir: Path
+    egress: bool = False
+
+
+@dataclass
+class _Vm:
+    vm_id: str
+    workdir: Path
+    network: VmNetwork
+    process: QemuProcess | None = None
+    agent: AgentClient | None = None
+    watcher: asyncio.Task[None] | None = None
+    expected_exit: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class LocalHost:
+    """Launch, suspend, resume and terminate microVMs on this machine (see module doc)."""
+
+    def __init__(
+        self,
+        vms_dir: Path,
+        *,
+        boot: BootInputs,
+        network: NetworkManager,
+        vmm: QemuVmm | None = None,
+        on_exit: VmExitHandler | None = None,
+    ) -> None:
+        self._vms_dir = vms_dir
+        self._boot = boot
+        self._network = network
+        self._vmm = vmm or QemuVmm()
+        self._on_exit = on_exit
+        self._vms: dict[str, _Vm] = {}
+
+    # -- queries -------------------------------------------------------------------------
+
+    def address(self, vm_id: str) -> str | None:
+        """Where the proxy connects to reach the guest's ports (same for every port)."""
+        vm = self._vms.get(vm_id)
+        return vm.network.vm_address if vm else None
+
+    def is_running(self, vm_id: str) -> bool:
+        vm = self._vms.get(vm_id)
+        return bool(vm and vm.process and vm.process.returncode is None)
+
+    def _get(self, vm_id: str) -> _Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            raise NotFoundError(f"MicroVM {vm_id} is not on this host")
+        return vm
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def launch(self, spec: LaunchSpec) -> str:
+        """Restore a new VM from an image snapshot; returns its address. Nothing is left
+        behind if any step fails."""
+        if spec.vm_id in self._vms:
+            raise VmmError(f"MicroVM {spec.vm_id} already runs on this host")
+        manifest = await asyncio.to_thread(load_manifest, spec.snapshot_dir)
+        workdir = self._vms_dir / vm_dir_name(spec.vm_id)
+        async with contextlib.AsyncExitStack() as undo:
+            await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=False)
+            undo.callback(shutil.rmtree, workdir, ignore_errors=True)
+            net = await self._network.create(spec.vm_id, egress=spec.egress)
+            undo.push_async_callback(self._network.destroy, spec.vm_id)
+            vm = _Vm(spec.vm_id, workdir, net)
+            cfg = self._boot.config(
+                spec.vm_id, workdir, memory_mib=manifest.memory_mib, network=net
+            )
+            vm.process = await self._vmm.restore(cfg, spec.snapshot_dir)
+            undo.push_async_callback(vm.process.kill)
+            vm.agent = await connect_agent(cfg, restored=True)
+            undo.pop_all()
+        self._vms[spec.vm_id] = vm
+        self._watch(vm)
+        return net.vm_address
+
+    async def suspend(self, vm_id: str) -> None:
+        """Snapshot the VM to its ``suspend/`` directory and stop its VMM."""
+        vm = self._get(vm_id)
+        async with vm.lock:
+            if vm.process is None or vm.process.returncode is not None:
+                raise VmmError(f"MicroVM {vm_id} is not running")
+            if vm.agent is not None:
+                with contextlib.suppress(GuestError, OSError):
+                    await vm.agent.quiesce(auto_thaw=30.0)
+            vm.expected_exit = True
+            try:
+                await vm.process.snapshot(vm.workdir / SUSPEND_DIR)
+            except BaseException:
+                vm.expected_exit = False
+                if vm.agent is not None:
+                    with contextlib.suppress(Exception):
+                        await vm.agent.thaw()
+                raise
+            await self._drop_process(vm)
+
+    async def resume(self, vm_id: str) -> None:
+        """Restore the VM from its own suspend snapshot."""
+        vm = self._get(vm_id)
+        async with vm.lock:
+            if vm.process is not None and vm.process.returncode is None:
+                raise VmmError(f"MicroVM {vm_id} is already running")
+            snapshot = vm.workdir / SUSPEND_DIR
+            manifest = await asyncio.to_thread(load_manifest, snapshot)
+            cfg = self._boot.config(
+                vm_id, vm.workdir, memory_mib=manifest.memory_mib, network=vm.network
+            )
+            vm.expected_exit = False
+            vm.process = await self._vmm.restore(cfg, snapshot, consume=True)
+            try:
+                vm.agent = await connect_agent(cfg, restored=True)
+            except BaseException:
+                vm.expected_exit = True
+                await vm.process.kill()
+                raise
+            self._watch(vm)
+
+    async def terminate(self, vm_id: str) -> None:
+        """Stop the VM and release everything it holds. Idempotent."""
+        vm = self._vms.pop(vm_id, None)
+        if vm is None:
+            return
+        async with vm.lock:
+            vm.expected_exit = True
+            await self._drop_process(vm, stop=True)
+            await self._release(vm)
+
+    async def shutdown(self) -> None:
+        """Terminate every VM (used when the host is told to stop its VMs)."""
+        await asyncio.gather(*(self.terminate(v) for v in list(self._vms)))
+
+    # -- inside the guest ----------------------------------------------------------------
+
+    async def start_app(self, vm_id: str, spec: AppSpec) -> None:
+        agent = self._agent(vm_id)
+        await agent.start_app(spec)
+
+    async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> PtySession:
+        """A login shell on a PTY inside the VM."""
+        return await self._agent(vm_id).open_pty(None, cols=cols, rows=rows)
+
+    async def app_logs(self, vm_id: str) -> AsyncIterator[LogLine]:
+        async for line in self._agent(vm_id).app_logs():
+            yield line
+
+    def agent(self, vm_id: str) -> AgentClient:
+        return self._agent(vm_id)
+
+    def _agent(self, vm_id: str) -> AgentClient:
+        vm = self._get(vm_id)
+        if vm.agent is None or vm.agent.closed:
+            raise GuestError(f"MicroVM {vm_id} has no agent connection (is it suspended?)")
+        return vm.agent
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _watch(self, vm: _Vm) -> None:
+        process = vm.process
+        assert process is not None
+
+        async def watch() -> None:
+            exit_info = await process.wait_exit()
+            if vm.expected_exit or vm.process is not process:
+                return
+            reason = f"the VMM exited unexpectedly: {exit_info.reason}"
+            log.warning("MicroVM %s: %s", vm.vm_id, reason)
+            if self._vms.get(vm.vm_id) is vm:
+                self._vms.pop(vm.vm_id, None)
+                await self._drop_process(vm)
+                await self._release(vm)
+            if self._on_exit is not None:
+                await self._on_exit(vm.vm_id, reason)
+
+        vm.watcher = asyncio.create_task(watch(), name=f"watch-{vm.vm_id}")
+
+    async def _drop_process(self, vm: _Vm, *, stop: bool = False) -> None:
+        if vm.agent is not None:
+            with contextlib.suppress(Exception):
+                await vm.agent.close()
+            vm.agent = None
+        process, vm.process = vm.process, None
+        if process is not None and process.returncode is None and stop:
+            try:
+                await process.stop(timeout=STOP_TIMEOUT)
+            except RuntimeFailure:
+                await process.kill()
+
+    async def _release(self, vm: _Vm) -> None:
+        with contextlib.suppress(Exception):
+            await self._network.destroy(vm.vm_id)
+        await asyncio.to_thread(shutil.rmtree, vm.workdir, True)
+
+    async def reclaim_leftovers(self) -> list[str]:
+        """At start-up: kill QEMU processes and remove VM directories of dead runs."""
+        live = {vm_dir_name(v) for v in self._vms}
+        removed: list[str] = []
+        if not self._vms_dir.exists():
+            return removed
+        for entry in await asyncio.to_thread(lambda: list(self._vms_dir.iterdir())):
+            if entry.name in live:
+                continue
+            for pid in _pids_using(entry):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            await asyncio.to_thread(shutil.rmtree, entry, True)
+            removed.append(entry.name)
+        return removed
+
+
+def _pids_using(workdir: Path) -> list[int]:
+    """QEMU processes whose command line names ``workdir`` (a dead run's VMMs)."""
+    needle = str(workdir).encode()
+    found: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
