@@ -157,7 +157,8 @@ async def test_terminate_releases_everything(
     runtime, _ = host
     await runtime.launch(LaunchSpec("vm-c", env.snapshot))
     netns = env.network.lookup("vm-c")
-    assert netns is not None and netns.netns in _netns_list()
+    assert netns is not None
+    assert netns.netns in _netns_list()
     await runtime.terminate("vm-c")
     await runtime.terminate("vm-c")  # idempotent
     assert netns.netns not in _netns_list()
@@ -175,7 +176,8 @@ async def test_a_killed_vmm_is_reported_and_cleaned_up(
         if exits:
             break
         await asyncio.sleep(0.1)
-    assert exits and exits[0][0] == "vm-d"
+    assert exits
+    assert exits[0][0] == "vm-d"
     assert "unexpectedly" in exits[0][1]
     assert env.network.lookup("vm-d") is None
     assert runtime.address("vm-d") is None
