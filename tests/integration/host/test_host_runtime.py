@@ -62,8 +62,7 @@ def _netns_list() -> str:
 
 @pytest.fixture(scope="module")
 def env(guest_artifacts: GuestArtifacts) -> Iterator[Env]:
-    root = Path(f"/tmp/emb-host-{os.getpid()}")
-    root.mkdir()
+    root = Path(f"/tmp/emb-host-{os.getpid()}")  # short: unix socket paths stay < 108 bytes
     tag = "h" + secrets.token_hex(1)
     network = NetworkManager(root / "network", pool="10.214.0.0/16", tag=tag)
     boot = BootInputs(guest_artifacts)
@@ -91,6 +90,7 @@ def env(guest_artifacts: GuestArtifacts) -> Iterator[Env]:
             await machine.shutdown()
         return root / "image"
 
+    root.mkdir()
     try:
         snapshot = loop.run_until_complete(build())
         yield Env(root, network, boot, snapshot)
