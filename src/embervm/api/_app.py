@@ -1,0 +1,265 @@
+"""The control API: a Starlette app that turns signed rest-json requests into
+``operations.invoke(name, params, caller)`` calls and their results into responses.
+
+Per request: bounded body read → SigV4 (``sigv4``) → route (``_routing``) → parse
+(``_parse``) → shape rules (``embervm.model``) → one call into core → serialize
+(``_serialize``). Every ``ApiError`` becomes its model error shape (``_errors``); anything else
+is logged and answered 500 ``InternalServerException`` without details. Bad input is always a
+4xx: nothing reaches core before it passed the model's rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embervm.config import Settings
+from embervm.core.caller import Caller
+from embervm.errors import (
+    AccessDeniedError,
+    ApiError,
+    InternalError,
+    NotFoundError,
+    ValidationError,
+)
+from embervm.model import operation_model, validate_input, validate_output, validation_message
+
+from ._errors import serialize_error
+from ._parse import parse_request
+from ._routing import Router, parse_query
+from ._serialize import Serialized, serialize_output
+from .sigv4 import SecretLookup, SigV4Verifier
+
+log = logging.getLogger("embervm.api")
+
+MAX_BODY_BYTES = 6 * 1024 * 1024
+BODY_READ_TIMEOUT = 30.0
+INVOKE_TIMEOUT = 120.0
+CALLER_SCOPE_KEY = "embervm.caller"
+_BODY_SCOPE_KEY = "embervm.body"
+PUBLIC_PATHS = frozenset({"/ping"})
+
+
+class Operations(Protocol):
+    """What the API calls: core's ``embervm.core.operations.Operations`` implements it."""
+
+    async def invoke(
+        self, operation: str, params: dict[str, Any], caller: Caller
+    ) -> dict[str, Any]: ...
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_api_app(
+    operations: Operations,
+    credentials: SecretLookup,
+    *,
+    settings: Settings,
+    clock: Callable[[], float] = time.time,
+    extra_routes: Sequence[BaseRoute] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
+    invoke_timeout: float = INVOKE_TIMEOUT,
+    check_outputs: bool = False,
+) -> Starlette:
+    """The control API app.
+
+    ``credentials`` is usually a ``CredentialStore``; ``clock`` (epoch seconds) is what SigV4's
+    ±15 min skew is measured against. ``extra_routes`` (e.g. the log-streaming endpoints) are
+    matched before the model's routes and are SigV4-protected the same way: their handlers find
+    the ``Caller`` with :func:`caller_of`. ``check_outputs`` holds every result of core against
+    its output shape (a 500 if it does not fit) — meant for tests.
+    """
+    router = Router.from_model()
+    verifier = SigV4Verifier(credentials, service="lambda", clock=clock)
+
+    async def ping(request: Request) -> Response:
+        return Response(b"{}", media_type="application/json")
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = scope.get("state", {}).get("request_id") or str(uuid.uuid4())
+        operation: str | None = None
+        try:
+            query = parse_query(scope.get("query_string", b""))
+            raw_path = _raw_path(scope)
+            match = router.match(scope["method"], raw_path, query)
+            if match is None:
+                raise NotFoundError(f"No operation matches {scope['method']} {scope['path']}")
+            operation = match.route.operation
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            params = parse_request(match, query, headers, scope[_BODY_SCOPE_KEY])
+            violations = validate_input(operation, params)
+            if violations:
+                raise ValidationError(validation_message(violations))
+            caller: Caller = scope[CALLER_SCOPE_KEY]
+            try:
+                async with asyncio.timeout(invoke_timeout):
+                    output = await operations.invoke(operation, params, caller)
+            except TimeoutError:
+                log.error("%s %s timed out after %ss", request_id, operation, invoke_timeout)
+                raise InternalError("The operation did not finish in time") from None
+            if check_outputs:
+                bad = validate_output(operation, output)
+                if bad:
+                    log.error(
+                        "%s %s output breaks its shape: %s",
+                        request_id,
+                        operation,
+                        validation_message(bad),
+                    )
+                    raise InternalError("Internal server error")
+            result = serialize_output(operation_model(operation), output)
+        except ApiError as err:
+            model = operation_model(operation) if operation else None
+            result = serialize_error(model, err)
+        except Exception:
+            log.exception("%s %s failed", request_id, operation or scope.get("path"))
+            result = serialize_error(
+                operation_model(operation) if operation else None,
+                InternalError(f"Internal server error (request id {request_id})"),
+            )
+        await _send(send, result, request_id)
+
+    routes: list[BaseRoute] = [
+        Route("/ping", ping, methods=["GET", "HEAD"]),
+        *extra_routes,
+        Mount("", app=dispatch),
+    ]
+    app = Starlette(routes=routes)
+    app.add_middleware(
+        _SigV4Middleware,
+        verifier=verifier,
+        settings=settings,
+        max_body_bytes=max_body_bytes,
+    )
+    return app
+
+
+def caller_of(request: Request) -> Caller:
+    """The verified caller of a request that reached an ``extra_routes`` handler."""
+    caller: Caller = request.scope[CALLER_SCOPE_KEY]
+    return caller
+
+
+def _raw_path(scope: Scope) -> str:
+    raw = scope.get("raw_path")
+    if raw:
+        return bytes(raw).decode("latin-1").split("?", 1)[0]
+    from urllib.parse import quote
+
+    return quote(scope["path"])
+
+
+async def _send(send: Send, result: Serialized, request_id: str) -> None:
+    headers = dict(result.headers)
+    headers["x-amzn-requestid"] = request_id
+    response = Response(result.body, status_code=result.status, headers=headers)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class _SigV4Middleware:
+    """Reads the body (bounded, with a timeout), verifies SigV4 and puts the ``Caller`` into
+    the scope; everything but ``PUBLIC_PATHS`` needs a valid signature."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        verifier: SigV4Verifier,
+        settings: Settings,
+        max_body_bytes: int,
+    ) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.settings = settings
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        public = scope.get("method") in ("GET", "HEAD") and scope.get("path") in PUBLIC_PATHS
+        if scope["type"] != "http" or public:
+            await self.app(scope, receive, send)
+            return
+        request_id = str(uuid.uuid4())
+        scope.setdefault("state", {})["request_id"] = request_id
+        try:
+            body = await self._read_body(scope, receive)
+        except _BodyTooLarge:
+            error = ValidationError(
+                f"Request body is larger than the limit of {self.max_body_bytes} bytes"
+            )
+            result = serialize_error(None, error)
+            result.status = 413
+            await _send(send, result, request_id)
+            return
+        except TimeoutError:
+            result = serialize_error(None, ValidationError("Request body was not received in time"))
+            await _send(send, result, request_id)
+            return
+        try:
+            identity = self.verifier.verify(
+                method=scope["method"],
+                raw_path=_raw_path(scope),
+                raw_query=bytes(scope.get("query_string", b"")).decode("latin-1"),
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+                body=body,
+            )
+        except AccessDeniedError as err:
+            log.info("%s denied: %s", request_id, err.message)
+            await _send(send, serialize_error(None, err), request_id)
+            return
+        scope[CALLER_SCOPE_KEY] = Caller(
+            access_key_id=identity.access_key_id,
+            account_id=self.settings.account_id,
+            region=identity.region,
+        )
+        scope[_BODY_SCOPE_KEY] = body
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise _BodyTooLarge
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body already read, then whatever the server sends next (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
