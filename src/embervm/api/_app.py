@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,7 +24,6 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embervm.config import Settings
-from embervm.core.caller import Caller
 from embervm.errors import (
     AccessDeniedError,
     ApiError,
@@ -39,6 +38,9 @@ from ._parse import parse_request
 from ._routing import Router, parse_query
 from ._serialize import Serialized, serialize_output
 from .sigv4 import SecretLookup, SigV4Verifier
+
+if TYPE_CHECKING:
+    from embervm.core.caller import Caller
 
 log = logging.getLogger("embervm.api")
 
@@ -137,8 +139,13 @@ def create_api_app(
         Mount("", app=dispatch),
     ]
     app = Starlette(routes=routes)
+    # Imported here, not at module level: the credentials file (and so the CLI) must not need
+    # core to be importable.
+    from embervm.core.caller import Caller
+
     app.add_middleware(
         _SigV4Middleware,
+        caller_type=Caller,
         verifier=verifier,
         settings=settings,
         max_body_bytes=max_body_bytes,
@@ -183,8 +190,10 @@ class _SigV4Middleware:
         verifier: SigV4Verifier,
         settings: Settings,
         max_body_bytes: int,
+        caller_type: type[Caller],
     ) -> None:
         self.app = app
+        self.caller_type = caller_type
         self.verifier = verifier
         self.settings = settings
         self.max_body_bytes = max_body_bytes
@@ -222,7 +231,7 @@ class _SigV4Middleware:
             log.info("%s denied: %s", request_id, err.message)
             await _send(send, serialize_error(None, err), request_id)
             return
-        scope[CALLER_SCOPE_KEY] = Caller(
+        scope[CALLER_SCOPE_KEY] = self.caller_type(
             access_key_id=identity.access_key_id,
             account_id=self.settings.account_id,
             region=identity.region,

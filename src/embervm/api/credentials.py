@@ -61,11 +61,11 @@ class CredentialStore:
     # -- reading -----------------------------------------------------------------------
 
     def ensure(self) -> Credential:
-        """Create the file with a random pair as ``default`` and ``embervm`` if it is missing
-        (first start); return the pair the ``embervm`` profile holds."""
+        """On first start (neither ``default`` nor ``embervm`` exists) write a random pair as
+        both; return the pair the ``embervm`` (else ``default``) profile holds."""
         with self._locked():
             parser = self._read()
-            if not parser.sections():
+            if not any(parser.has_section(profile) for profile in DEFAULT_PROFILES):
                 key, secret = new_access_key_id(), new_secret_access_key()
                 for profile in DEFAULT_PROFILES:
                     parser[profile] = {
