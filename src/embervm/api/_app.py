@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embervm.config import Settings
@@ -86,11 +86,13 @@ def create_api_app(
     router = Router.from_model()
     verifier = SigV4Verifier(credentials, service="lambda", clock=clock)
 
-    async def ping(request: Request) -> Response:
-        return Response(b"{}", media_type="application/json")
-
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
         request_id = scope.get("state", {}).get("request_id") or str(uuid.uuid4())
+        if _is_public(scope):
+            await _send(
+                send, Serialized(200, {"content-type": "application/json"}, b"{}"), request_id
+            )
+            return
         operation: str | None = None
         try:
             query = parse_query(scope.get("query_string", b""))
@@ -133,12 +135,10 @@ def create_api_app(
             )
         await _send(send, result, request_id)
 
-    routes: list[BaseRoute] = [
-        Route("/ping", ping, methods=["GET", "HEAD"]),
-        *extra_routes,
-        Mount("", app=dispatch),
-    ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=list(extra_routes))
+    # Not a catch-all route: Starlette's path patterns stop at a decoded newline, the model's
+    # routes must see every path (unmatched ones get a model 404, not a plain-text one).
+    app.router.default = dispatch
     # Imported here, not at module level: the credentials file (and so the CLI) must not need
     # core to be importable.
     from embervm.core.caller import Caller
@@ -151,6 +151,10 @@ def create_api_app(
         max_body_bytes=max_body_bytes,
     )
     return app
+
+
+def _is_public(scope: Scope) -> bool:
+    return scope.get("method") in ("GET", "HEAD") and scope.get("path") in PUBLIC_PATHS
 
 
 def caller_of(request: Request) -> Caller:
@@ -199,8 +203,7 @@ class _SigV4Middleware:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        public = scope.get("method") in ("GET", "HEAD") and scope.get("path") in PUBLIC_PATHS
-        if scope["type"] != "http" or public:
+        if scope["type"] != "http" or _is_public(scope):
             await self.app(scope, receive, send)
             return
         request_id = str(uuid.uuid4())

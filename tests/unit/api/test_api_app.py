@@ -249,3 +249,11 @@ async def test_extra_routes_are_signed_and_see_the_caller(tmp_path: Any) -> None
         assert (await harness.client.get("/embervm/v1/logs")).status_code == 403
         response = await harness.signed_raw("GET", "/embervm/v1/logs")
     assert response.text == harness.credential.access_key_id
+
+
+async def test_labels_with_encoded_newlines_still_get_a_model_error(api: ApiHarness) -> None:
+    # Found by the fuzz test: Starlette's own path patterns stop at a decoded newline.
+    params = {"imageIdentifier": "web", "imageVersion": "a\nb"}
+    response = await api.call("DeleteMicrovmImageVersion", params)
+    assert response.status_code == 400
+    assert response.headers["x-amzn-errortype"] == "ValidationException"
