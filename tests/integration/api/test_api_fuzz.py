@@ -16,9 +16,9 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from api_live_server import LiveApi
 from botocore.awsrequest import AWSRequest
 from botocore.model import ListShape, MapShape, Shape, StructureShape
-from conftest import LiveApi
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
