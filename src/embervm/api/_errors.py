@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from botocore.model import OperationModel, StructureShape
+from botocore.model import NoShapeFoundError, OperationModel, StructureShape
 
 from embervm.errors import ApiError, ThrottledError
 from embervm.model import service_model
@@ -39,7 +39,7 @@ def error_shape_for(operation: OperationModel | None, code: str) -> StructureSha
                 return declared[other]
     try:
         found = service_model().shape_for(code)
-    except Exception:  # botocore raises NoShapeFoundError, not exported cleanly
+    except NoShapeFoundError:
         return None
     return found if isinstance(found, StructureShape) else None
 

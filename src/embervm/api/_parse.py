@@ -46,7 +46,7 @@ def parse_request(
     body: bytes,
 ) -> dict[str, Any]:
     """All input members of the matched operation, typed; raises ValidationError."""
-    shape = match.route.model.input_shape
+    shape = match.route.operation_model.input_shape
     if shape is None:
         return {}
     try:

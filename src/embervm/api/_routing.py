@@ -32,10 +32,12 @@ class Route:
     greedy: frozenset[str]
     query_literals: tuple[tuple[str, str | None], ...]
     literal_segments: int
+    model: OperationModel | None = None
 
     @property
-    def model(self) -> OperationModel:
-        return operation_model(self.operation)
+    def operation_model(self) -> OperationModel:
+        """The operation's model (the service model's, unless the route was given one)."""
+        return self.model if self.model is not None else operation_model(self.operation)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,10 @@ class RouteMatch:
     labels: dict[str, str]
 
 
-def compile_route(operation: str, method: str, request_uri: str) -> Route:
-    """Compile one ``requestUri`` template into a matcher."""
+def compile_route(
+    operation: str, method: str, request_uri: str, model: OperationModel | None = None
+) -> Route:
+    """Compile one ``requestUri`` template into a matcher (``model``: for other models)."""
     path, _, query = request_uri.partition("?")
     parts: list[str] = []
     greedy: set[str] = set()
@@ -75,6 +79,7 @@ def compile_route(operation: str, method: str, request_uri: str) -> Route:
         greedy=frozenset(greedy),
         query_literals=query_literals,
         literal_segments=literals,
+        model=model,
     )
 
 
