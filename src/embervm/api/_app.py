@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,7 +37,7 @@ from ._errors import serialize_error
 from ._parse import parse_request
 from ._routing import Router, parse_query
 from ._serialize import Serialized, serialize_output
-from .sigv4 import SecretLookup, SigV4Verifier
+from .sigv4 import SecretLookup, SigV4Verifier, VerifiedIdentity
 
 if TYPE_CHECKING:
     from embervm.core.caller import Caller
@@ -157,7 +157,7 @@ def _is_public(scope: Scope) -> bool:
     return scope.get("method") in ("GET", "HEAD") and scope.get("path") in PUBLIC_PATHS
 
 
-def caller_of(request: Request) -> Caller:
+def caller_of(request: HTTPConnection) -> Caller:
     """The verified caller of a request that reached an ``extra_routes`` handler."""
     caller: Caller = request.scope[CALLER_SCOPE_KEY]
     return caller
@@ -203,6 +203,9 @@ class _SigV4Middleware:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http" or _is_public(scope):
             await self.app(scope, receive, send)
             return
@@ -223,24 +226,41 @@ class _SigV4Middleware:
             await _send(send, result, request_id)
             return
         try:
-            identity = self.verifier.verify(
-                method=scope["method"],
-                raw_path=_raw_path(scope),
-                raw_query=bytes(scope.get("query_string", b"")).decode("latin-1"),
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
-                body=body,
-            )
+            identity = self._verify(scope, scope["method"], body)
         except AccessDeniedError as err:
             log.info("%s denied: %s", request_id, err.message)
             await _send(send, serialize_error(None, err), request_id)
             return
-        scope[CALLER_SCOPE_KEY] = self.caller_type(
+        scope[CALLER_SCOPE_KEY] = self._caller(identity)
+        scope[_BODY_SCOPE_KEY] = body
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """WebSocket handshakes (extra routes) are signed GETs without a body."""
+        try:
+            identity = self._verify(scope, "GET", b"")
+        except AccessDeniedError as err:
+            log.info("websocket denied: %s", err.message)
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        scope[CALLER_SCOPE_KEY] = self._caller(identity)
+        await self.app(scope, receive, send)
+
+    def _verify(self, scope: Scope, method: str, body: bytes) -> VerifiedIdentity:
+        return self.verifier.verify(
+            method=method,
+            raw_path=_raw_path(scope),
+            raw_query=bytes(scope.get("query_string", b"")).decode("latin-1"),
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+            body=body,
+        )
+
+    def _caller(self, identity: VerifiedIdentity) -> Caller:
+        return self.caller_type(
             access_key_id=identity.access_key_id,
             account_id=self.settings.account_id,
             region=identity.region,
         )
-        scope[_BODY_SCOPE_KEY] = body
-        await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         declared = dict(scope["headers"]).get(b"content-length")

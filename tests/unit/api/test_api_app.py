@@ -257,3 +257,58 @@ async def test_labels_with_encoded_newlines_still_get_a_model_error(api: ApiHarn
     response = await api.call("DeleteMicrovmImageVersion", params)
     assert response.status_code == 400
     assert response.headers["x-amzn-errortype"] == "ValidationException"
+
+
+async def _websocket_handshake(harness: ApiHarness, headers: dict[str, str]) -> list[Any]:
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": "/embervm/v1/shell",
+        "raw_path": b"/embervm/v1/shell",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "subprotocols": [],
+    }
+    incoming = [{"type": "websocket.connect"}]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await harness.app(scope, receive, send)
+    return sent
+
+
+async def test_websocket_extra_routes_need_a_signed_handshake(tmp_path: Any) -> None:
+    from botocore.awsrequest import AWSRequest
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    from embervm.api import caller_of
+    from embervm.api.testing import sign
+
+    async def shell(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(caller_of(websocket).access_key_id)
+        await websocket.close()
+
+    harness = ApiHarness(tmp_path, extra_routes=[WebSocketRoute("/embervm/v1/shell", shell)])
+    denied = await _websocket_handshake(harness, {"host": "testserver"})
+    assert denied == [{"type": "websocket.close", "code": 1008}]
+
+    request = AWSRequest(method="GET", url="http://testserver/embervm/v1/shell")
+    sign(request, harness.credential.access_key_id, harness.credential.secret_access_key)
+    headers = {"host": "testserver", **dict(request.prepare().headers.items())}
+    accepted = await _websocket_handshake(harness, headers)
+    assert accepted[0]["type"] == "websocket.accept"
+    assert accepted[1] == {
+        "type": "websocket.send",
+        "text": harness.credential.access_key_id,
+    }
