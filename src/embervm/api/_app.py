@@ -87,6 +87,9 @@ def create_api_app(
     verifier = SigV4Verifier(credentials, service="lambda", clock=clock)
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no extra route took it: nothing to talk to
+            await send({"type": "websocket.close", "code": 1008})
+            return
         request_id = scope.get("state", {}).get("request_id") or str(uuid.uuid4())
         if _is_public(scope):
             await _send(

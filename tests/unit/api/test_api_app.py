@@ -312,3 +312,14 @@ async def test_websocket_extra_routes_need_a_signed_handshake(tmp_path: Any) -> 
         "type": "websocket.send",
         "text": harness.credential.access_key_id,
     }
+
+
+async def test_websockets_to_unknown_paths_are_closed(api: ApiHarness) -> None:
+    from botocore.awsrequest import AWSRequest
+
+    from embervm.api.testing import sign
+
+    request = AWSRequest(method="GET", url="http://testserver/embervm/v1/shell")
+    sign(request, api.credential.access_key_id, api.credential.secret_access_key)
+    headers = {"host": "testserver", **dict(request.prepare().headers.items())}
+    assert await _websocket_handshake(api, headers) == [{"type": "websocket.close", "code": 1008}]
