@@ -1,0 +1,1 @@
+"""Services and state rules of Embervm (written next; only the caller exists so far)."""
