@@ -1,0 +1,85 @@
+"""State of Embervm: images, versions, builds, microVMs, tags, idempotency, usage.
+
+- ``records``: the rows as frozen dataclasses (what core sees).
+- ``repository``: the ``Repository`` protocol core codes against, and its change types.
+- ``schema``: the tables (SQLAlchemy Core); ``migrations/``: Alembic, run at start-up.
+- ``engine``: engines (SQLite WAL by default, PostgreSQL by URL) and ``migrate``.
+- ``sql``: ``SqlRepository``, the implementation.
+
+``open_repository(url)`` is the one call the server needs: engine, migrations to head, repo.
+"""
+
+from __future__ import annotations
+
+from embervm.store.engine import create_engine, current_revision, downgrade, migrate
+from embervm.store.records import (
+    ACTIVE_MICROVM_STATES,
+    MEMORY_HOLDING_STATES,
+    MICROVM_STATES,
+    AdmissionLimits,
+    BuildRecord,
+    DeleteStatus,
+    IdempotencyClaim,
+    ImageRecord,
+    InsertOutcome,
+    InsertStatus,
+    MicrovmRecord,
+    UsageRecord,
+    VersionRecord,
+)
+from embervm.store.repository import (
+    BuildChange,
+    BuildFilter,
+    Change,
+    ImageChange,
+    Page,
+    Repository,
+    RunnableVersion,
+    Transition,
+    VersionChange,
+)
+from embervm.store.sql import SqlRepository
+
+
+async def open_repository(url: str, *, migrate_to: str | None = "head") -> SqlRepository:
+    """Engine for ``url`` (see ``engine.normalize_url``), migrated to ``migrate_to``."""
+    engine = create_engine(url)
+    if migrate_to is not None:
+        try:
+            await migrate(engine, migrate_to)
+        except BaseException:
+            await engine.dispose()
+            raise
+    return SqlRepository(engine)
+
+
+__all__ = [
+    "ACTIVE_MICROVM_STATES",
+    "MEMORY_HOLDING_STATES",
+    "MICROVM_STATES",
+    "AdmissionLimits",
+    "BuildChange",
+    "BuildFilter",
+    "BuildRecord",
+    "Change",
+    "DeleteStatus",
+    "IdempotencyClaim",
+    "ImageChange",
+    "ImageRecord",
+    "InsertOutcome",
+    "InsertStatus",
+    "MicrovmRecord",
+    "Page",
+    "Repository",
+    "RunnableVersion",
+    "SqlRepository",
+    "Transition",
+    "UsageRecord",
+    "VersionChange",
+    "VersionRecord",
+    "create_engine",
+    "current_revision",
+    "downgrade",
+    "migrate",
+    "open_repository",
+]

@@ -1,0 +1,178 @@
+"""The tables (SQLAlchemy Core). Alembic migrations in ``migrations/`` create exactly these; a
+test compares the migrated database with this metadata.
+
+Timestamps use ``UtcDateTime``: aware UTC datetimes in and out on SQLite (which has no time
+zones) and PostgreSQL (``timestamptz``) alike.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = sa.MetaData(naming_convention=NAMING)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes; naive values are refused (they would be ambiguous)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"unexpected timestamp value {value!r}")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _seq() -> sa.Column[int]:
+    return sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True)
+
+
+images = sa.Table(
+    "images",
+    metadata,
+    _seq(),
+    sa.Column("account_id", sa.String(32), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("arn", sa.String(2048), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state_reason", sa.Text),
+    sa.Column("next_version", sa.Integer, nullable=False),
+    sa.Column("latest_active_version", sa.String(32)),
+    sa.Column("latest_failed_version", sa.String(32)),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("account_id", "name"),
+)
+
+image_versions = sa.Table(
+    "image_versions",
+    metadata,
+    sa.Column("account_id", sa.String(32), primary_key=True),
+    sa.Column("image_name", sa.String(64), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("state_reason", sa.Text),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("memory_mib", sa.Integer, nullable=False),
+    sa.Column("snapshot_dir", sa.Text),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)
+
+image_builds = sa.Table(
+    "image_builds",
+    metadata,
+    _seq(),
+    sa.Column("build_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("account_id", sa.String(32), nullable=False),
+    sa.Column("image_name", sa.String(64), nullable=False),
+    sa.Column("version_number", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state_reason", sa.Text),
+    sa.Column("architecture", sa.String(16), nullable=False),
+    sa.Column("chipset", sa.String(16), nullable=False),
+    sa.Column("chipset_generation", sa.String(64), nullable=False),
+    sa.Column("snapshot_build", sa.JSON),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Index(None, "account_id", "image_name", "version_number"),
+)
+
+image_tags = sa.Table(
+    "image_tags",
+    metadata,
+    sa.Column("account_id", sa.String(32), primary_key=True),
+    sa.Column("image_name", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
+microvms = sa.Table(
+    "microvms",
+    metadata,
+    _seq(),
+    sa.Column("microvm_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("account_id", sa.String(32), nullable=False),
+    sa.Column("image_name", sa.String(64), nullable=False),
+    sa.Column("image_arn", sa.String(2048), nullable=False),
+    sa.Column("image_version", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state_reason", sa.Text),
+    sa.Column("endpoint", sa.String(2048), nullable=False),
+    sa.Column("memory_mib", sa.Integer, nullable=False),
+    sa.Column("vcpus", sa.Integer, nullable=False),
+    sa.Column("maximum_duration_seconds", sa.Integer, nullable=False),
+    sa.Column("ingress", sa.JSON, nullable=False),
+    sa.Column("egress", sa.JSON, nullable=False),
+    sa.Column("idle_policy", sa.JSON),
+    sa.Column("hooks", sa.JSON),
+    sa.Column("logging", sa.JSON),
+    sa.Column("run_hook_payload", sa.Text),
+    sa.Column("execution_role_arn", sa.String(2048)),
+    sa.Column("snapshot_dir", sa.Text),
+    sa.Column("host_id", sa.String(64), nullable=False),
+    sa.Column("address", sa.String(256)),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("terminated_at", UtcDateTime),
+    sa.Column("last_activity_at", UtcDateTime),
+    sa.Column("suspended_at", UtcDateTime),
+    sa.Column("running_since", UtcDateTime),
+    sa.Column("last_snapshot_bytes", sa.BigInteger, nullable=False),
+    sa.Index(None, "account_id", "state"),
+    sa.Index(None, "state"),
+)
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("microvm_id", sa.String(64), primary_key=True),
+    sa.Column("vcpu_seconds", sa.Float, nullable=False),
+    sa.Column("gib_seconds", sa.Float, nullable=False),
+    sa.Column("snapshot_bytes_written", sa.BigInteger, nullable=False),
+    sa.Column("snapshot_bytes_read", sa.BigInteger, nullable=False),
+)
+
+idempotency = sa.Table(
+    "idempotency",
+    metadata,
+    sa.Column("account_id", sa.String(32), primary_key=True),
+    sa.Column("scope", sa.String(64), primary_key=True),
+    sa.Column("client_token", sa.String(128), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("resource_id", sa.String(256), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+locks = sa.Table(
+    "locks",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+)
+"""One row per serialization point (``admission``): writers that must see a consistent count
+(quotas, capacity, idempotency) take its row lock first (``SELECT ... FOR UPDATE`` on
+PostgreSQL; SQLite serializes writers anyway)."""
+
+ADMISSION_LOCK = "admission"
