@@ -132,6 +132,10 @@ class Repository(Protocol):
         """Versions not DELETED, by number."""
         ...
 
+    async def versions_in_states(self, states: Collection[str]) -> list[VersionRecord]:
+        """Every version (any account) in one of ``states``: recovery of interrupted builds."""
+        ...
+
     async def get_build(self, build_id: str) -> BuildRecord | None: ...
 
     async def list_builds(

@@ -291,6 +291,11 @@ class SqlRepository:
         async with self._read() as conn:
             return [VersionRecord(**r._mapping) for r in await conn.execute(query)]
 
+    async def versions_in_states(self, states: Collection[str]) -> list[VersionRecord]:
+        query = sa.select(image_versions).where(image_versions.c.state.in_(list(states)))
+        async with self._read() as conn:
+            return [VersionRecord(**r._mapping) for r in await conn.execute(query)]
+
     async def get_build(self, build_id: str) -> BuildRecord | None:
         async with self._read() as conn:
             row = (

@@ -3,8 +3,9 @@ public fakes of ``embervm.core.testing`` behind every seam and a clock moved by 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ import pytest
 
 from embervm.config import Settings
 from embervm.core import Caller, CoreLimits, Operations
-from embervm.core.testing import FakeAppLogs, FakeBuilder, FakeBuildLogs, FakeClock, FakeHost, FakeTokens
+from embervm.core.testing import (
+    FakeAppLogs,
+    FakeBuilder,
+    FakeBuildLogs,
+    FakeClock,
+    FakeHost,
+    FakeTokens,
+)
 from embervm.model import validate_output
 from embervm.store import SqlRepository, open_repository
 
@@ -44,10 +52,13 @@ class Rig:
     settings: Settings
     build_logs: FakeBuildLogs
     app_logs: FakeAppLogs
-    caller: Caller = Caller("AKIDEXAMPLE", ACCOUNT, REGION)
+    caller: Caller = dataclasses.field(
+        default_factory=lambda: Caller("AKIDEXAMPLE", ACCOUNT, REGION)
+    )
 
-    async def call(self, operation: str, params: dict[str, Any] | None = None,
-                   caller: Caller | None = None) -> dict[str, Any]:
+    async def call(
+        self, operation: str, params: dict[str, Any] | None = None, caller: Caller | None = None
+    ) -> dict[str, Any]:
         out = await self.ops.invoke(operation, dict(params or {}), caller or self.caller)
         violations = validate_output(operation, out)
         assert violations == [], violations
@@ -72,11 +83,16 @@ class Rig:
         return str((await self.call("GetMicrovm", {"microvmIdentifier": vm_id}))["state"])
 
 
-async def make_rig(tmp_path: Path, *, limits: CoreLimits | None = None,
-                   clock: FakeClock | None = None) -> Rig:
+async def make_rig(
+    tmp_path: Path,
+    *,
+    limits: CoreLimits | None = None,
+    clock: FakeClock | None = None,
+    host: FakeHost | None = None,
+) -> Rig:
     settings = Settings(data_dir=tmp_path / "data", region=REGION, account_id=ACCOUNT)
     repo = await open_repository(settings.effective_database_url)
-    host = FakeHost()
+    host = host or FakeHost()
     builder = FakeBuilder(settings.images_dir)
     tokens = FakeTokens()
     clock = clock or FakeClock()
@@ -105,3 +121,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     finally:
         await r.ops.stop()
         await r.repo.close()
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop until ``predicate`` holds (gates count waiters; no event to await)."""
+    while not predicate():  # noqa: ASYNC110 - polling a fake's counter, bounded by the test timeout
+        await asyncio.sleep(0.001)
