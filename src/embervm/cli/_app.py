@@ -67,8 +67,9 @@ def version() -> None:
 
 
 def _register() -> None:
-    from embervm.cli import doctor, images, microvms, shell
+    from embervm.cli import credentials, doctor, images, microvms, shell
 
+    app.add_typer(credentials.app, name="credentials")
     images.register(app)
     microvms.register(app)
     doctor.register(app)
