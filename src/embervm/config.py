@@ -32,6 +32,10 @@ class Settings:
     region: str = DEFAULT_REGION
     account_id: str = "000000000000"
     database_url: str | None = None  # default: sqlite in data_dir
+    # Separate servers (and test runs) on one host need their own nftables tables and address
+    # pools; one server per host keeps the defaults.
+    network_tag: str = "emb"
+    network_pool: str = "10.213.0.0/16"
 
     @property
     def artifacts_dir(self) -> Path:
