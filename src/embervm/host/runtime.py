@@ -27,6 +27,7 @@ from embervm.guest.client import AgentClient, AppSpec, LogLine, PtySession
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.network import NetworkManager, VmNetwork
 from embervm.vmm import QemuProcess, QemuVmm, load_manifest
+from embervm.vmm.snapshot import MEMORY, SnapshotManifest
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,10 @@ class LocalHost:
         self._watch(vm)
         return net.vm_address
 
-    async def suspend(self, vm_id: str) -> None:
-        """Snapshot the VM to its ``suspend/`` directory and stop its VMM."""
+    async def suspend(self, vm_id: str) -> int:
+        """Snapshot the VM to its ``suspend/`` directory and stop its VMM; returns the bytes
+        written (a RAM file handed over by hard link is not rewritten, so it does not count).
+        Cancelled before the snapshot commits, the VM runs on."""
         vm = self._get(vm_id)
         async with vm.lock:
             if vm.process is None or vm.process.returncode is not None:
@@ -131,7 +134,7 @@ class LocalHost:
                     await vm.agent.quiesce(auto_thaw=30.0)
             vm.expected_exit = True
             try:
-                await vm.process.snapshot(vm.workdir / SUSPEND_DIR)
+                manifest = await vm.process.snapshot(vm.workdir / SUSPEND_DIR)
             except BaseException:
                 vm.expected_exit = False
                 if vm.agent is not None:
@@ -139,6 +142,7 @@ class LocalHost:
                         await vm.agent.thaw()
                 raise
             await self._drop_process(vm)
+            return written_bytes(manifest)
 
     async def resume(self, vm_id: str) -> None:
         """Restore the VM from its own suspend snapshot."""
@@ -251,6 +255,15 @@ class LocalHost:
             await asyncio.to_thread(shutil.rmtree, entry, True)
             removed.append(entry.name)
         return removed
+
+
+def written_bytes(manifest: SnapshotManifest) -> int:
+    """Bytes a snapshot wrote: all its files but a RAM file that was handed over."""
+    return sum(
+        entry.size
+        for name, entry in manifest.files.items()
+        if not (manifest.kind == "shared-memory" and name == MEMORY)
+    )
 
 
 def _pids_using(workdir: Path) -> list[int]:

@@ -1,0 +1,119 @@
+"""App output of each MicroVM, kept in a file so it can be read by anyone, any time.
+
+The agent's log stream is consumed once (a queue), so one pump per running VM copies it to
+``DATA_DIR/microvm-logs/<id>.log`` and every reader tails that file: ``embervm logs`` works
+while the VM runs, while it is suspended and after it ended. A file is capped (``MAX_BYTES``,
+then one rotation to ``.log.1``) so a chatty guest cannot fill the host's disk; a line is capped
+at ``MAX_LINE`` bytes. ``<id>.end`` marks a VM that is gone: followers stop there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from embervm.core.ids import MICROVM_ID_RE
+from embervm.errors import GuestError
+from embervm.guest.client import LogLine
+
+log = logging.getLogger("embervm.server.applogs")
+
+MAX_BYTES = 8 * 1024 * 1024
+MAX_LINE = 16 * 1024
+POLL = 0.2
+
+
+class AppLogFiles:
+    """``AppLogSource`` over per-VM files, plus the pumps that fill them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+
+    def _path(self, microvm_id: str, suffix: str = ".log") -> Path:
+        if not MICROVM_ID_RE.match(microvm_id):
+            raise ValueError(f"not a MicroVM id: {microvm_id[:80]!r}")
+        return self.root / f"{microvm_id}{suffix}"
+
+    # -- writing -------------------------------------------------------------------------
+
+    def pump(self, microvm_id: str, lines: Callable[[], AsyncIterator[LogLine]]) -> None:
+        """Copy ``lines()`` into the VM's file until it ends (replaces an earlier pump)."""
+        self.stop_pump(microvm_id)
+        self._pumps[microvm_id] = asyncio.create_task(
+            self._copy(microvm_id, lines), name=f"app-logs-{microvm_id}"
+        )
+
+    def stop_pump(self, microvm_id: str) -> None:
+        task = self._pumps.pop(microvm_id, None)
+        if task is not None:
+            task.cancel()
+
+    def end(self, microvm_id: str) -> None:
+        """The VM is gone: stop its pump and let followers finish."""
+        self.stop_pump(microvm_id)
+        with contextlib.suppress(OSError):
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._path(microvm_id, ".end").touch()
+
+    async def close(self) -> None:
+        tasks = list(self._pumps.values())
+        self._pumps.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _copy(self, microvm_id: str, lines: Callable[[], AsyncIterator[LogLine]]) -> None:
+        path = self._path(microvm_id)
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        try:
+            async for line in lines():
+                text = line.line[:MAX_LINE].rstrip(b"\r\n").decode("utf-8", errors="replace")
+                await asyncio.to_thread(self._append, path, text + "\n")
+        except GuestError as exc:  # the agent went away (suspend, exit): the pump ends
+            log.debug("app log pump of %s ended: %s", microvm_id, exc)
+
+    @staticmethod
+    def _append(path: Path, text: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size >= MAX_BYTES:
+                path.replace(path.with_suffix(".log.1"))
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(text)
+
+    # -- reading (AppLogSource) ----------------------------------------------------------
+
+    async def lines(self, microvm_id: str, *, follow: bool) -> AsyncIterator[str]:
+        path, end = self._path(microvm_id), self._path(microvm_id, ".end")
+        offset = 0
+        pending = ""
+        while True:
+            chunk, offset = await asyncio.to_thread(_read_from, path, offset)
+            pending += chunk
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                yield line
+            if chunk:
+                continue
+            if not follow or end.exists():
+                if pending:
+                    yield pending
+                return
+            await asyncio.sleep(POLL)
+
+
+def _read_from(path: Path, offset: int) -> tuple[str, int]:
+    """New text of ``path`` from ``offset`` (from 0 again if the file was rotated)."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            if size < offset:
+                offset = 0
+            fh.seek(offset)
+            data = fh.read(1024 * 1024)
+    except FileNotFoundError:
+        return "", 0
+    return data.decode("utf-8", errors="replace"), offset + len(data)

@@ -1,0 +1,113 @@
+"""``LocalHostBackend``: core's ``HostBackend`` seam over ``embervm.host.LocalHost``.
+
+It adds what the runtime does not know about: the image's runtime hooks (``hooks``), the app
+log files (``applogs``) and cancellable suspends. A VM's hooks are saved next to its logs at
+launch, so a resume after a server restart still calls them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from embervm.core.seams import SuspendOutcome, VmSpec
+from embervm.errors import GuestError, RuntimeFailure
+from embervm.host import LaunchSpec, LocalHost
+from embervm.server.applogs import AppLogFiles
+from embervm.server.hooks import RuntimeHooks, call_hook
+
+log = logging.getLogger("embervm.server.hostbackend")
+
+
+class LocalHostBackend:
+    def __init__(self, host: LocalHost, logs: AppLogFiles) -> None:
+        self.host = host
+        self.logs = logs
+        self._hooks: dict[str, RuntimeHooks] = {}
+
+    def _hooks_of(self, microvm_id: str) -> RuntimeHooks:
+        hooks = self._hooks.get(microvm_id)
+        if hooks is None:
+            hooks = RuntimeHooks.load(self.logs.root / f"{microvm_id}.hooks.json")
+            self._hooks[microvm_id] = hooks
+        return hooks
+
+    async def _hook(self, microvm_id: str, hook: str, body: bytes = b"") -> None:
+        await call_hook(self.host.agent(microvm_id), self._hooks_of(microvm_id), hook, body)
+
+    def _pump_logs(self, microvm_id: str) -> None:
+        self.logs.pump(microvm_id, lambda: self.host.app_logs(microvm_id))
+
+    # -- HostBackend ---------------------------------------------------------------------
+
+    async def launch(self, vm: VmSpec) -> None:
+        hooks = RuntimeHooks.from_model(vm.hooks)
+        self._hooks[vm.microvm_id] = hooks
+        await asyncio.to_thread(self.logs.root.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(hooks.save, self.logs.root / f"{vm.microvm_id}.hooks.json")
+        await self.host.launch(LaunchSpec(vm.microvm_id, vm.snapshot_dir, vm.egress))
+        self._pump_logs(vm.microvm_id)
+        try:
+            await self._hook(vm.microvm_id, "run", (vm.run_hook_payload or "").encode())
+        except GuestError as exc:
+            await self.terminate(vm.microvm_id, call_hooks=False)
+            raise RuntimeFailure(f"the run hook failed: {exc}") from exc
+
+    async def resume(self, microvm_id: str) -> None:
+        await self.host.resume(microvm_id)
+        self._pump_logs(microvm_id)
+        try:
+            await self._hook(microvm_id, "resume")
+        except GuestError as exc:
+            await self.terminate(microvm_id, call_hooks=False)
+            raise RuntimeFailure(f"the resume hook failed: {exc}") from exc
+
+    async def suspend(self, microvm_id: str, *, cancel: asyncio.Event) -> SuspendOutcome:
+        """The /suspend hook, then the snapshot; ``cancel`` aborts either (the snapshot is
+        abandoned before it commits and the VM runs on)."""
+        if cancel.is_set():
+            return SuspendOutcome(completed=False)
+        try:
+            await self._hook(microvm_id, "suspend")
+        except GuestError as exc:
+            log.warning("MicroVM %s: %s; suspending anyway", microvm_id, exc)
+        if cancel.is_set():
+            return SuspendOutcome(completed=False)
+        snapshot = asyncio.create_task(self.host.suspend(microvm_id))
+        cancelled = asyncio.create_task(cancel.wait())
+        try:
+            await asyncio.wait({snapshot, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            snapshot.cancel()
+            raise
+        finally:
+            cancelled.cancel()
+        if not snapshot.done():
+            snapshot.cancel()
+        try:
+            written = await snapshot
+        except asyncio.CancelledError:
+            if cancel.is_set():
+                return SuspendOutcome(completed=False)
+            raise
+        self.logs.stop_pump(microvm_id)
+        return SuspendOutcome(completed=True, snapshot_bytes=written)
+
+    async def terminate(self, microvm_id: str, *, call_hooks: bool = True) -> None:
+        if call_hooks and self.host.is_running(microvm_id):
+            try:
+                await self._hook(microvm_id, "terminate")
+            except GuestError as exc:
+                log.info("MicroVM %s: %s; terminating anyway", microvm_id, exc)
+        await self.host.terminate(microvm_id)
+        self.logs.end(microvm_id)
+        self._hooks.pop(microvm_id, None)
+        with contextlib.suppress(OSError, ValueError):
+            (self.logs.root / f"{microvm_id}.hooks.json").unlink(missing_ok=True)
+
+    def address(self, microvm_id: str) -> str | None:
+        return self.host.address(microvm_id)
+
+    def is_running(self, microvm_id: str) -> bool:
+        return self.host.is_running(microvm_id)

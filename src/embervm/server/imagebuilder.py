@@ -1,0 +1,100 @@
+"""``PipelineImageBuilder`` (core's ``ImageBuilder``) and ``BuildLogFiles`` (its
+``BuildLogSource``): builds run by ``embervm.build.ImageBuild`` on this host's build microVMs.
+
+Files of one version live in ``DATA_DIR/images/<account>/<image>/<version>/``: ``snapshot/``
+(what RunMicrovm restores), ``build.log`` (JSON records, followed live by the API) and
+``work/`` (temp space, removed after the build). Step layers are shared by every image in
+``DATA_DIR/layers`` and found by content hash in ``DATA_DIR/build-cache``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from embervm.blobs import fetch_code_artifact
+from embervm.build import (
+    ImageBuild,
+    LocalBuildLog,
+    LocalLayerCache,
+    MachineProvider,
+    open_build_log,
+    spec_from_request,
+)
+from embervm.config import Settings
+from embervm.core.seams import BuildJob, BuiltImage
+from embervm.errors import BuildFailure
+
+BUILD_LOG = "build.log"
+FOLLOW_IDLE_TIMEOUT = 3600.0  # a log whose writer died (server killed) ends after this
+
+
+class PipelineImageBuilder:
+    def __init__(self, settings: Settings, machines: MachineProvider) -> None:
+        self.settings = settings
+        self.machines = machines
+        self.cache = LocalLayerCache(settings.data_dir / "build-cache")
+
+    def version_dir(self, account_id: str, image_name: str, version: str) -> Path:
+        return self.settings.images_dir / account_id / image_name / version
+
+    async def build(self, job: BuildJob) -> BuiltImage:
+        root = self.version_dir(job.account_id, job.image_name, job.version)
+        # A directory left by an earlier image of the same name (deleted, then created
+        # again) or by a build cut short by a restart: versions are new, so it is stale.
+        await asyncio.to_thread(shutil.rmtree, root, True)
+        await asyncio.to_thread((root / "work").mkdir, parents=True)
+        uri = str(job.request.get("codeArtifact", {}).get("uri", ""))
+
+        async def fetch(dest: Path) -> Path:
+            return await fetch_code_artifact(uri, dest)
+
+        spec = spec_from_request(
+            job.request, fetch=fetch, snapshot_dir=root / "snapshot", work_dir=root / "work"
+        )
+        log = await asyncio.to_thread(open_build_log, job.request.get("logging"), root / BUILD_LOG)
+        try:
+            result = await ImageBuild(spec, provider=self.machines, cache=self.cache, log=log).run()
+        finally:
+            await asyncio.to_thread(shutil.rmtree, root / "work", True)
+        if not result.snapshot_dir.is_dir():
+            raise BuildFailure("the build ended without a snapshot")
+        return BuiltImage(
+            snapshot_dir=result.snapshot_dir,
+            memory_mib=spec.app_memory_mib,
+            memory_snapshot_bytes=result.memory_snapshot_bytes,
+            disk_snapshot_bytes=result.disk_snapshot_bytes,
+            code_install_bytes=result.code_install_bytes,
+        )
+
+    async def discard(self, image_name: str, version: str | None) -> None:
+        base = self.settings.images_dir / self.settings.account_id / image_name
+        target = base / version if version is not None else base
+        await asyncio.to_thread(shutil.rmtree, target, True)
+
+
+class BuildLogFiles:
+    """Build logs as ``PipelineImageBuilder`` writes them (one JSON record per line)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def lines(self, image_name: str, version: str, *, follow: bool) -> AsyncIterator[str]:
+        path = self.settings.images_dir / self.settings.account_id / image_name / version
+        path = path / BUILD_LOG
+        if not follow:
+            text = await asyncio.to_thread(_read_text, path)
+            for line in text.splitlines():
+                yield line
+            return
+        async for record in LocalBuildLog.follow(path, idle_timeout=FOLLOW_IDLE_TIMEOUT):
+            yield record.to_json()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
