@@ -1,0 +1,125 @@
+"""Endpoint and shell tokens: what they grant, and every way to misuse one."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from embervm.core.seams import PortGrant
+from embervm.core.tokens import TokenAuthority, TokenRejected
+
+VM = "mvm-0123456789abcdef0123"
+OTHER = "mvm-fedcba9876543210fedc"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def authority(tmp_path: Path, clock: Clock) -> TokenAuthority:
+    return TokenAuthority(tmp_path / "keys" / "tokens.json", clock=clock)
+
+
+def test_round_trip_grants_exactly_what_was_issued(authority: TokenAuthority) -> None:
+    ports = PortGrant(ranges=((8080, 8080), (9000, 9010)))
+    token = authority.issue(VM, kind="endpoint", ports=ports, expires_in_minutes=5)
+    claims = authority.verify(token, microvm_id=VM, port=9005, kind="endpoint")
+    assert claims.microvm_id == VM
+    assert claims.ports == ports
+    for port in (8081, 9011, 1):
+        with pytest.raises(TokenRejected):
+            authority.verify(token, microvm_id=VM, port=port, kind="endpoint")
+
+
+def test_wrong_vm_and_wrong_kind_are_rejected(authority: TokenAuthority) -> None:
+    token = authority.issue(VM, kind="endpoint", ports=PortGrant(all_ports=True),
+                            expires_in_minutes=5)  # fmt: skip
+    with pytest.raises(TokenRejected, match="another"):
+        authority.verify(token, microvm_id=OTHER, port=8080, kind="endpoint")
+    with pytest.raises(TokenRejected, match="shell"):
+        authority.verify(token, microvm_id=VM, port=8022, kind="shell")
+
+
+def test_expiry_is_capped_at_an_hour_and_enforced(authority: TokenAuthority, clock: Clock) -> None:
+    token = authority.issue(VM, kind="shell", ports=PortGrant(all_ports=True),
+                            expires_in_minutes=600)  # fmt: skip
+    clock.now += 59 * 60
+    authority.verify(token, microvm_id=VM, port=8022, kind="shell")
+    clock.now += 61
+    with pytest.raises(TokenRejected, match="expired"):
+        authority.verify(token, microvm_id=VM, port=8022, kind="shell")
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),  # tag
+        lambda t: ".".join(p if i != 3 else p[::-1] for i, p in enumerate(t.split("."))),
+        lambda t: "",
+        lambda t: "x" * 5000,
+        lambda t: "a.b.c.d.e",
+        lambda t: t + ".",
+    ],
+    ids=["tag", "ciphertext", "empty", "huge", "garbage", "extra-part"],
+)
+def test_tampered_or_forged_tokens_are_rejected(authority: TokenAuthority, mangle: object) -> None:
+    token = authority.issue(VM, kind="endpoint", ports=PortGrant(all_ports=True),
+                            expires_in_minutes=5)  # fmt: skip
+    with pytest.raises(TokenRejected):
+        authority.verify(mangle(token), microvm_id=VM, port=8080, kind="endpoint")  # type: ignore[operator]
+
+
+def test_a_token_from_another_server_is_rejected(tmp_path: Path, clock: Clock) -> None:
+    ours = TokenAuthority(tmp_path / "a.json", clock=clock)
+    theirs = TokenAuthority(tmp_path / "b.json", clock=clock)
+    token = theirs.issue(VM, kind="endpoint", ports=PortGrant(all_ports=True), expires_in_minutes=5)
+    with pytest.raises(TokenRejected):
+        ours.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+
+
+def test_header_algorithm_cannot_be_swapped(authority: TokenAuthority) -> None:
+    token = authority.issue(VM, kind="endpoint", ports=PortGrant(all_ports=True),
+                            expires_in_minutes=5)  # fmt: skip
+    head = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    head["enc"] = "A128GCM"
+    forged = base64.urlsafe_b64encode(json.dumps(head).encode()).decode().rstrip("=")
+    with pytest.raises(TokenRejected):
+        authority.verify(".".join([forged, *token.split(".")[1:]]), microvm_id=VM, port=8080,
+                         kind="endpoint")  # fmt: skip
+
+
+def test_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(
+    authority: TokenAuthority, tmp_path: Path, clock: Clock
+) -> None:
+    old = authority.issue(VM, kind="endpoint", ports=PortGrant(all_ports=True),
+                          expires_in_minutes=60)  # fmt: skip
+    first_kid = json.loads(authority.keys_file.read_text())["current"]
+    authority.rotate()
+    new = authority.issue(VM, kind="endpoint", ports=PortGrant(all_ports=True),
+                          expires_in_minutes=60)  # fmt: skip
+    assert json.loads(base64.urlsafe_b64decode(new.split(".")[0] + "=="))["kid"] != first_kid
+    other_process = TokenAuthority(authority.keys_file, clock=clock)
+    for token in (old, new):
+        other_process.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+    clock.now += 2 * 3600
+    authority.rotate()  # the first key retired long ago: dropped
+    kids = [k["kid"] for k in json.loads(authority.keys_file.read_text())["keys"]]
+    assert first_kid not in kids
+
+
+def test_key_file_is_private(authority: TokenAuthority) -> None:
+    assert stat.S_IMODE(authority.keys_file.stat().st_mode) == 0o600
