@@ -1,5 +1,8 @@
 """Count requests in memory: ``GET /`` → ``count: N`` (or JSON with ``Accept: application/json``).
 
+``GET /headers`` shows the request headers the app received (the endpoint proxy strips its
+own ``x-aws-proxy-*`` headers); ``GET /events?n=3`` streams server-sent events, one per 0.2 s.
+
 Also answers the lifecycle hooks under ``/aws/lambda-microvms/runtime/v1/`` with 200, so the
 image works with hooks enabled (``ready`` during the build, ``run``/``resume``/``suspend``/
 ``terminate`` at run time) as well as with hooks off (the build then waits for port 8080).
@@ -7,8 +10,11 @@ image works with hooks enabled (``ready`` during the build, ``run``/``resume``/`
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
+from collections.abc import Iterator
 
 from flask import Flask, Response, jsonify, request
 
@@ -27,6 +33,23 @@ def count() -> Response | str:
     if request.accept_mimetypes.best == "application/json":
         return jsonify(count=value, pid=os.getpid())
     return f"count: {value}\n"
+
+
+@app.get("/headers")
+def headers() -> Response:
+    return jsonify({key.lower(): value for key, value in request.headers.items()})
+
+
+@app.get("/events")
+def events() -> Response:
+    n = min(int(request.args.get("n", "3")), 100)
+
+    def stream() -> Iterator[str]:
+        for i in range(1, n + 1):
+            yield f"data: {json.dumps({'event': i, 'at': time.time()})}\n\n"
+            time.sleep(0.2)
+
+    return Response(stream(), mimetype="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 @app.post("/aws/lambda-microvms/runtime/v1/<hook>")

@@ -25,6 +25,7 @@ MAX_COUNT = 1000
 
 
 async def hello(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    context.set_trailing_metadata((("x-served-by", "embervm-example"),))
     return b"hello " + request
 
 

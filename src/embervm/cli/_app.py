@@ -67,9 +67,10 @@ def version() -> None:
 
 
 def _register() -> None:
-    from embervm.cli import credentials, doctor, images, microvms, shell
+    from embervm.cli import credentials, doctor, images, microvms, server, shell
 
     app.add_typer(credentials.app, name="credentials")
+    server.register(app)
     images.register(app)
     microvms.register(app)
     doctor.register(app)

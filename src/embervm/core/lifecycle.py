@@ -45,6 +45,7 @@ class ResolvedVm:
     address: str | None  # where to connect (None unless RUNNING here)
     auto_resume: bool
     endpoint: str
+    memory_mib: int = 1024  # the proxy bounds a VM's connections by its size
 
     def allows(self, kind: str) -> bool:
         """``kind`` "http" or "shell": does the VM accept that traffic at all?"""
@@ -61,6 +62,7 @@ def _resolved(vm: MicrovmRecord) -> ResolvedVm:
         address=vm.address if vm.state == "RUNNING" else None,
         auto_resume=bool((vm.idle_policy or {}).get("autoResumeEnabled")),
         endpoint=vm.endpoint,
+        memory_mib=vm.memory_mib,
     )
 
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class _Vm:
     agent: AgentClient | None = None
     watcher: asyncio.Task[None] | None = None
     expected_exit: bool = False
+    rebuild_network: bool = False  # adopted after a restart: namespace and rules made anew
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -152,6 +153,9 @@ class LocalHost:
                 raise VmmError(f"MicroVM {vm_id} is already running")
             snapshot = vm.workdir / SUSPEND_DIR
             manifest = await asyncio.to_thread(load_manifest, snapshot)
+            if vm.rebuild_network:
+                vm.network = await self._network.create(vm_id, egress=vm.network.egress)
+                vm.rebuild_network = False
             cfg = self._boot.config(
                 vm_id, vm.workdir, memory_mib=manifest.memory_mib, network=vm.network
             )
@@ -176,8 +180,30 @@ class LocalHost:
             await self._release(vm)
 
     async def shutdown(self) -> None:
-        """Terminate every VM (used when the host is told to stop its VMs)."""
-        await asyncio.gather(*(self.terminate(v) for v in list(self._vms)))
+        """Terminate every running VM; suspended VMs stay on disk for ``adopt_suspended``."""
+        running = [v for v in list(self._vms) if self.is_running(v)]
+        await asyncio.gather(*(self.terminate(v) for v in running))
+        self._vms.clear()
+
+    async def adopt_suspended(self, vm_ids: Iterable[str]) -> list[str]:
+        """After a restart: take back the suspended VMs (their snapshot and network
+        allocation survive) so they can be resumed; returns the ids adopted."""
+        adopted: list[str] = []
+        for vm_id in vm_ids:
+            workdir = self._vms_dir / vm_dir_name(vm_id)
+            if vm_id in self._vms:
+                continue
+            try:
+                await asyncio.to_thread(load_manifest, workdir / SUSPEND_DIR)
+            except RuntimeFailure as exc:
+                log.warning("MicroVM %s: suspend snapshot unusable: %s", vm_id, exc)
+                continue
+            net = self._network.lookup(vm_id)
+            if net is None:
+                net = await self._network.create(vm_id, egress=False)
+            self._vms[vm_id] = _Vm(vm_id, workdir, net, rebuild_network=True)
+            adopted.append(vm_id)
+        return adopted
 
     # -- inside the guest ----------------------------------------------------------------
 

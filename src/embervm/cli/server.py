@@ -1,0 +1,76 @@
+"""``embervm server``: one process with the control API, the endpoint proxy and the host."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from embervm.cli._app import current
+from embervm.config import (
+    DEFAULT_API_PORT,
+    DEFAULT_DOMAIN,
+    DEFAULT_PROXY_HTTP_PORT,
+    DEFAULT_PROXY_PORT,
+    Settings,
+)
+
+
+def server(
+    api_port: Annotated[int, typer.Option(help="Control API port.")] = DEFAULT_API_PORT,
+    proxy_port: Annotated[int, typer.Option(help="Endpoint proxy TLS port.")] = DEFAULT_PROXY_PORT,
+    proxy_http_port: Annotated[
+        int, typer.Option(help="Endpoint proxy plain port (HTTP/1.1 + h2c).")
+    ] = DEFAULT_PROXY_HTTP_PORT,
+    domain: Annotated[str, typer.Option(help="Endpoint domain.")] = DEFAULT_DOMAIN,
+    listen: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EMBERVM_DATABASE_URL",
+            help="SQLAlchemy URL, e.g. postgresql+asyncpg://... (default: SQLite in the data dir).",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Data directory (overrides the global one).")
+    ] = None,
+    network_tag: Annotated[
+        str,
+        typer.Option(
+            envvar="EMBERVM_NETWORK_TAG",
+            help="Name prefix of this server's nftables tables and links (1-4 letters); "
+            "only a second server on the same host needs another.",
+        ),
+    ] = "emb",
+    network_pool: Annotated[
+        str,
+        typer.Option(
+            envvar="EMBERVM_NETWORK_POOL",
+            help="Host-side address pool of the VMs' links (a /16 no other network uses).",
+        ),
+    ] = "10.213.0.0/16",
+) -> None:
+    """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
+    from embervm.server.app import run_server
+
+    ctx = current()
+    settings = Settings(
+        data_dir=(data_dir or ctx.data_dir).expanduser().resolve(),
+        listen_host=listen,
+        api_port=api_port,
+        proxy_port=proxy_port,
+        proxy_http_port=proxy_http_port,
+        domain=domain,
+        region=ctx.region,
+        database_url=database_url,
+        network_tag=network_tag,
+        network_pool=network_pool,
+    )
+    code = asyncio.run(run_server(settings))
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(server)

@@ -1,0 +1,13 @@
+"""The endpoint proxy: clients reach the apps in their VMs, with a token, over HTTP/1.1,
+HTTP/2 (TLS and h2c), gRPC, WebSocket and server-sent events (docs/PROXY.md).
+
+- ``admission``: host name → VM, target port, token and ingress checks, connection limits.
+- ``http1`` / ``http2`` / ``h2peer``: the relays (h11 and h2 do the framing).
+- ``shell``: ``/shell`` WebSockets bridged to a PTY in the VM.
+- ``tls``: the local CA and the listener's certificate.
+- ``server``: ``EndpointProxy``, the two listeners.
+"""
+
+from embervm.proxy.server import EndpointProxy
+
+__all__ = ["EndpointProxy"]

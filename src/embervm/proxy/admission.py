@@ -1,0 +1,191 @@
+"""Who may reach what: the VM from the host name, the port, the token, the ingress connectors.
+
+Every refusal is a ``Refusal(status, message)`` with a fixed, short message: a client learns
+that it was refused, never why a token failed (that goes to the debug log).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from embervm.core.ids import MICROVM_ID_RE
+from embervm.core.lifecycle import ResolvedVm
+from embervm.core.tokens import TokenRejected
+from embervm.errors import (
+    ConflictError,
+    EmbervmError,
+    InsufficientCapacityError,
+    NotFoundError,
+)
+
+log = logging.getLogger("embervm.proxy")
+
+DEFAULT_PORT = 8080
+SHELL_PORT = 8022
+AUTH_HEADER = b"x-aws-proxy-auth"
+PORT_HEADER = b"x-aws-proxy-port"
+FORCE_H2_HEADER = b"x-aws-proxy-force-h2"
+PROXY_HEADER_PREFIX = b"x-aws-proxy-"
+SUBPROTOCOL_PREFIX = "lambda-microvms"
+PORT_SUBPROTOCOL = "lambda-microvms.port."
+AUTH_SUBPROTOCOL = "lambda-microvms.authentication."
+
+
+class VmRoutes(Protocol):
+    """What the proxy needs of core (``embervm.core.Lifecycle``)."""
+
+    async def resolve(self, microvm_id: str) -> ResolvedVm: ...
+
+    async def ensure_running(self, microvm_id: str) -> ResolvedVm: ...
+
+    def record_activity(self, microvm_id: str) -> None: ...
+
+
+class TokenVerifier(Protocol):
+    def verify(self, token: str, *, microvm_id: str, port: int, kind: str) -> object: ...
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+FORBIDDEN = Refusal(403, "Forbidden")
+
+
+@dataclass(frozen=True)
+class Target:
+    microvm_id: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What one request asks for, read from its head (before any check)."""
+
+    microvm_id: str
+    port: int
+    token: str | None
+    kind: str  # "http" | "shell"
+
+
+def connection_limit(memory_mib: int) -> int:
+    """Concurrent connections a VM of this size accepts (512 MiB → 32 ... 8 GiB → 512)."""
+    return max(32, memory_mib // 16)
+
+
+def subprotocols(value: bytes | None) -> list[str]:
+    if not value:
+        return []
+    return [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
+
+
+def strip_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers for the app: no ``x-aws-proxy-*``, no ``lambda-microvms*`` subprotocols."""
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name.startswith(PROXY_HEADER_PREFIX):
+            continue
+        if name == b"sec-websocket-protocol":
+            offered = [p for p in subprotocols(value) if not p.startswith(SUBPROTOCOL_PREFIX)]
+            if not offered:
+                continue
+            value = ", ".join(offered).encode()
+        kept.append((name, value))
+    return kept
+
+
+class Admission:
+    def __init__(self, domain: str, routes: VmRoutes, tokens: TokenVerifier) -> None:
+        self.suffix = "." + domain.lower().strip(".")
+        self.routes = routes
+        self.tokens = tokens
+        self._open: dict[str, int] = {}
+
+    def vm_of_host(self, host: bytes | str | None) -> str:
+        if isinstance(host, bytes):
+            host = host.decode("latin-1")
+        name = (host or "").strip().lower()
+        if name.startswith("["):
+            raise Refusal(404, "Unknown endpoint")
+        name = name.rsplit(":", 1)[0] if ":" in name else name
+        if not name.endswith(self.suffix):
+            raise Refusal(404, "Unknown endpoint")
+        vm_id = name[: -len(self.suffix)]
+        if not MICROVM_ID_RE.match(vm_id):
+            raise Refusal(404, "Unknown endpoint")
+        return vm_id
+
+    def ask(
+        self,
+        host: bytes | str | None,
+        headers: dict[bytes, bytes],
+        path: bytes,
+        *,
+        websocket: bool,
+    ) -> Ask:
+        vm_id = self.vm_of_host(host)
+        token = headers.get(AUTH_HEADER)
+        port_text = headers.get(PORT_HEADER)
+        offered = subprotocols(headers.get(b"sec-websocket-protocol")) if websocket else []
+        for proto in offered:
+            if proto.startswith(AUTH_SUBPROTOCOL) and token is None:
+                token = proto[len(AUTH_SUBPROTOCOL) :].encode()
+            elif proto.startswith(PORT_SUBPROTOCOL) and port_text is None:
+                port_text = proto[len(PORT_SUBPROTOCOL) :].encode()
+        port = DEFAULT_PORT
+        if port_text is not None:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise Refusal(400, "Bad X-aws-proxy-port")
+            port = int(port_text)
+        shell = websocket and port == SHELL_PORT and path.split(b"?", 1)[0] == b"/shell"
+        return Ask(vm_id, port, token.decode("latin-1") if token else None,
+                   "shell" if shell else "http")  # fmt: skip
+
+    async def admit(self, ask: Ask) -> Target:
+        """Check the token and the VM (resuming it if it is suspended with auto-resume)."""
+        if not ask.token:
+            raise FORBIDDEN
+        kind = "shell" if ask.kind == "shell" else "endpoint"
+        try:
+            self.tokens.verify(ask.token, microvm_id=ask.microvm_id, port=ask.port, kind=kind)
+        except TokenRejected as exc:
+            log.debug("token refused for %s: %s", ask.microvm_id, exc)
+            raise FORBIDDEN from None
+        try:
+            vm = await self.routes.resolve(ask.microvm_id)
+            if not vm.allows(ask.kind):
+                raise FORBIDDEN
+            if vm.address is None:
+                vm = await self.routes.ensure_running(ask.microvm_id)
+        except NotFoundError:
+            raise Refusal(404, "MicroVM not found") from None
+        except ConflictError:
+            raise Refusal(502, "MicroVM is suspended and auto-resume is off") from None
+        except InsufficientCapacityError:
+            raise Refusal(503, "No capacity to resume the MicroVM") from None
+        except EmbervmError as exc:
+            log.warning("MicroVM %s could not be started for a request: %s", ask.microvm_id, exc)
+            raise Refusal(502, "MicroVM could not be resumed") from None
+        if vm.address is None:
+            raise Refusal(502, "MicroVM is not running")
+        if self._open.get(vm.microvm_id, 0) >= connection_limit(vm.memory_mib):
+            raise Refusal(429, "Too many connections to this MicroVM")
+        self.routes.record_activity(vm.microvm_id)
+        return Target(vm.microvm_id, vm.address, ask.port)
+
+    def opened(self, microvm_id: str) -> None:
+        self._open[microvm_id] = self._open.get(microvm_id, 0) + 1
+
+    def closed(self, microvm_id: str) -> None:
+        left = self._open.get(microvm_id, 0) - 1
+        if left > 0:
+            self._open[microvm_id] = left
+        else:
+            self._open.pop(microvm_id, None)

@@ -1,0 +1,187 @@
+"""One HTTP/2 connection (either side) driven by h2: a read loop that hands each stream's
+events to that stream's queue, and flow-controlled sends.
+
+Data is acknowledged (the peer's window reopened) only when whoever consumed it says so, so
+a slow reader on one side slows the writer on the other: backpressure end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+
+import h2.events as ev
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.exceptions import H2Error, StreamClosedError
+
+from embervm.proxy.streams import READ_SIZE, close_quietly
+
+WINDOW = 1024 * 1024
+MAX_HEADER_LIST = 64 * 1024
+MAX_STREAMS = 256
+
+StreamEvent = ev.Event | None  # None: the connection is gone
+Header = tuple[bytes, bytes]
+
+
+def new_connection(*, client: bool) -> H2Connection:
+    conn = H2Connection(H2Configuration(client_side=client, header_encoding=None))
+    conn.local_settings.initial_window_size = WINDOW
+    conn.local_settings.max_header_list_size = MAX_HEADER_LIST
+    if not client:
+        conn.local_settings.max_concurrent_streams = MAX_STREAMS
+    return conn
+
+
+class StreamGone(Exception):
+    """The stream (or the whole connection) was reset or closed while we used it."""
+
+
+class H2Peer:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: H2Connection,
+        *,
+        on_new_stream: Callable[[ev.RequestReceived], None] | None = None,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = conn
+        self.on_new_stream = on_new_stream
+        self.queues: dict[int, asyncio.Queue[StreamEvent]] = {}
+        self._window = asyncio.Event()
+        self.closed = False
+
+    def start(self, initial: bytes = b"", *, upgrade_settings: bytes | None = None) -> None:
+        """Send our preface/settings (and the window we grant the connection); with
+        ``upgrade_settings`` (an h2c upgrade) stream 1 is the request that asked for it."""
+        if upgrade_settings is not None:
+            self.conn.initiate_upgrade_connection(upgrade_settings)
+            self.queue(1)
+        else:
+            self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(WINDOW)
+        if initial:
+            self._dispatch(self.conn.receive_data(initial))
+        self.write_pending()
+
+    def write_pending(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+
+    async def flush(self) -> None:
+        self.write_pending()
+        await self.writer.drain()
+
+    def queue(self, stream_id: int) -> asyncio.Queue[StreamEvent]:
+        q = self.queues.get(stream_id)
+        if q is None:
+            q = self.queues[stream_id] = asyncio.Queue()
+        return q
+
+    def forget(self, stream_id: int) -> None:
+        self.queues.pop(stream_id, None)
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def read_loop(self, idle_timeout: float) -> None:
+        """Until the peer goes away (then every open stream gets ``None``)."""
+        try:
+            while True:
+                async with asyncio.timeout(idle_timeout if not self.queues else None):
+                    data = await self.reader.read(READ_SIZE)
+                if not data:
+                    return
+                self._dispatch(self.conn.receive_data(data))
+                await self.flush()
+        except (TimeoutError, ConnectionError, H2Error, OSError):
+            return
+        finally:
+            self.closed = True
+            self._window.set()
+            for q in self.queues.values():
+                q.put_nowait(None)
+
+    def _dispatch(self, events: Iterable[ev.Event]) -> None:
+        for event in events:
+            if isinstance(event, ev.RequestReceived):
+                self.queue(event.stream_id)
+                if self.on_new_stream is not None:
+                    self.on_new_stream(event)
+            elif isinstance(event, ev.WindowUpdated | ev.RemoteSettingsChanged):
+                self._window.set()
+            elif isinstance(event, ev.ConnectionTerminated):
+                self.closed = True
+                self._window.set()
+                for q in self.queues.values():
+                    q.put_nowait(None)
+            else:
+                stream_id = getattr(event, "stream_id", None)
+                if stream_id is not None and stream_id in self.queues:
+                    self.queues[stream_id].put_nowait(event)
+                    if isinstance(event, ev.StreamReset):
+                        self._window.set()
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def send_headers(
+        self, stream_id: int, headers: list[Header], *, end: bool = False
+    ) -> None:
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=end)
+        except (StreamClosedError, H2Error) as exc:
+            raise StreamGone(str(exc)) from exc
+        await self.flush()
+
+    async def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
+        view = memoryview(data)
+        while view:
+            if self.closed:
+                raise StreamGone("connection closed")
+            try:
+                window = min(
+                    self.conn.local_flow_control_window(stream_id),
+                    self.conn.max_outbound_frame_size,
+                )
+            except (StreamClosedError, H2Error) as exc:
+                raise StreamGone(str(exc)) from exc
+            if window <= 0:
+                self._window.clear()
+                await self._window.wait()
+                continue
+            try:
+                self.conn.send_data(stream_id, bytes(view[:window]))
+            except (StreamClosedError, H2Error) as exc:
+                raise StreamGone(str(exc)) from exc
+            view = view[window:]
+            await self.flush()
+        if end:
+            await self.end(stream_id)
+
+    async def end(self, stream_id: int) -> None:
+        try:
+            self.conn.end_stream(stream_id)
+        except (StreamClosedError, H2Error) as exc:
+            raise StreamGone(str(exc)) from exc
+        await self.flush()
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        with contextlib.suppress(H2Error):
+            self.conn.acknowledge_received_data(length, stream_id)
+        self.write_pending()
+
+    def reset(self, stream_id: int, code: int = 0x8) -> None:
+        with contextlib.suppress(H2Error):
+            self.conn.reset_stream(stream_id, code)
+        self.write_pending()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close_connection()
+            self.write_pending()
+        await close_quietly(self.writer)

@@ -1,0 +1,256 @@
+"""HTTP/1.1 from a client to an app in a VM, through h11 on both sides.
+
+One ``Http1Session`` per client connection: requests are parsed with h11 (heads bounded by
+``MAX_HEAD``), admitted, stripped of the proxy's own headers and sent to the app over an h11
+client connection that is kept for the next request to the same VM and port. Bodies stream
+both ways at once with backpressure; nothing is buffered whole. A WebSocket upgrade the app
+accepts (101) turns the connection into a byte splice; ``/shell`` upgrades go to ``shell``;
+``Upgrade: h2c`` on the plain listener hands the connection to the HTTP/2 session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h11
+
+from embervm.proxy.admission import (
+    Admission,
+    Refusal,
+    Target,
+    strip_headers,
+)
+from embervm.proxy.shell import ShellOpener, serve_shell_h1
+from embervm.proxy.streams import READ_SIZE, close_quietly, open_upstream, splice
+
+log = logging.getLogger("embervm.proxy.http1")
+
+MAX_HEAD = 64 * 1024
+FIRST_REQUEST_TIMEOUT = 30.0
+KEEPALIVE_TIMEOUT = 120.0
+RESPONSE_HEAD_TIMEOUT = 300.0
+
+H2cHandoff = Callable[
+    [h11.Request, bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+]
+
+
+class H1Upstream:
+    """One keep-alive HTTP/1.1 connection to an app port."""
+
+    def __init__(
+        self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.target = target
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+
+    def send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            self.writer.write(data)
+
+    async def next_event(self, timeout: float) -> Any:  # noqa: ASYNC109
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_SIZE)
+            self.conn.receive_data(data)
+
+    def reusable(self) -> bool:
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+
+class Http1Session:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        admission: Admission,
+        shells: ShellOpener,
+        *,
+        h2c: H2cHandoff | None = None,
+        initial: bytes = b"",
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.admission = admission
+        self.shells = shells
+        self.h2c = h2c
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if initial:
+            self.conn.receive_data(initial)
+        self.upstream: H1Upstream | None = None
+
+    # -- client side ---------------------------------------------------------------------
+
+    def send_event(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            self.writer.write(data)
+
+    async def _next(self, timeout: float) -> Any:  # noqa: ASYNC109
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_SIZE)
+            self.conn.receive_data(data)
+
+    async def refuse(self, status: int, message: str) -> None:
+        body = (message + "\n").encode()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]  # fmt: skip
+        with contextlib.suppress(h11.LocalProtocolError):
+            self.send_event(h11.Response(status_code=status, headers=headers))
+            self.send_event(h11.Data(data=body))
+            self.send_event(h11.EndOfMessage())
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def run(self) -> None:
+        try:
+            timeout = FIRST_REQUEST_TIMEOUT
+            while True:
+                try:
+                    event = await self._next(timeout)
+                except (TimeoutError, ConnectionError):
+                    return
+                except h11.RemoteProtocolError as exc:
+                    await self.refuse(exc.error_status_hint, "Bad request")
+                    return
+                if not isinstance(event, h11.Request):
+                    return
+                if not await self._handle(event):
+                    return
+                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                    return
+                self.conn.start_next_cycle()
+                timeout = KEEPALIVE_TIMEOUT
+        finally:
+            await self._drop_upstream()
+            await close_quietly(self.writer)
+
+    async def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.admission.closed(self.upstream.target.microvm_id)
+            await close_quietly(self.upstream.writer)
+            self.upstream = None
+
+    # -- one request ---------------------------------------------------------------------
+
+    async def _handle(self, request: h11.Request) -> bool:
+        """Serve one request; False when the connection must end afterwards."""
+        headers = dict(request.headers)
+        upgrade = headers.get(b"upgrade", b"").lower()
+        websocket = upgrade == b"websocket"
+        if upgrade == b"h2c" and self.h2c is not None and b"http2-settings" in headers:
+            await self.h2c(request, self.conn.trailing_data[0], self.reader, self.writer)
+            return False
+        try:
+            ask = self.admission.ask(headers.get(b"host"), headers, request.target,
+                                     websocket=websocket)  # fmt: skip
+            target = await self.admission.admit(ask)
+        except Refusal as refusal:
+            await self.refuse(refusal.status, refusal.message)
+            return False
+        if ask.kind == "shell":
+            await serve_shell_h1(self, request, target, self.shells)
+            return False
+        try:
+            upstream = await self._upstream_for(target)
+        except (OSError, TimeoutError):
+            await self.refuse(502, f"The app is not answering on port {target.port}")
+            return False
+        upstream.send(h11.Request(method=request.method, target=request.target,
+                                  headers=strip_headers(request.headers),
+                                  http_version=request.http_version))  # fmt: skip
+        return await self._exchange(upstream, websocket)
+
+    async def _upstream_for(self, target: Target) -> H1Upstream:
+        current = self.upstream
+        if current is not None and current.target == target and current.reusable():
+            current.conn.start_next_cycle()
+            return current
+        await self._drop_upstream()
+        reader, writer = await open_upstream(target.address, target.port)
+        self.upstream = H1Upstream(target, reader, writer)
+        self.admission.opened(target.microvm_id)
+        return self.upstream
+
+    async def _exchange(self, upstream: H1Upstream, websocket: bool) -> bool:
+        body = asyncio.create_task(self._request_body(upstream))
+        try:
+            keep = await self._response(upstream, websocket)
+        except (TimeoutError, ConnectionError, h11.ProtocolError) as exc:
+            log.debug("upstream exchange failed: %r", exc)
+            if self.conn.our_state is h11.SEND_RESPONSE:
+                await self.refuse(502, "The app closed the connection")
+            keep = False
+        finally:
+            if not body.done():
+                body.cancel()
+            with contextlib.suppress(BaseException):
+                await body
+        if not keep or not upstream.reusable():
+            await self._drop_upstream()
+        return keep
+
+    async def _request_body(self, upstream: H1Upstream) -> None:
+        while True:
+            event = await self._next(KEEPALIVE_TIMEOUT)
+            if isinstance(event, h11.Data):
+                upstream.send(event)
+                await upstream.writer.drain()
+            elif isinstance(event, h11.EndOfMessage):
+                upstream.send(event)
+                await upstream.writer.drain()
+                return
+            else:
+                return
+
+    async def _response(self, upstream: H1Upstream, websocket: bool) -> bool:
+        while True:
+            event = await upstream.next_event(RESPONSE_HEAD_TIMEOUT)
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101 and websocket:
+                    return await self._switch(upstream, event)
+                self.send_event(event)
+                continue
+            if isinstance(event, h11.Response):
+                self.send_event(event)
+                await self.writer.drain()
+                break
+            raise ConnectionError("the app closed the connection before answering")
+        while True:
+            event = await upstream.next_event(KEEPALIVE_TIMEOUT)
+            if isinstance(event, h11.Data):
+                self.send_event(event)
+                await self.writer.drain()
+            elif isinstance(event, h11.EndOfMessage):
+                self.send_event(event)
+                await self.writer.drain()
+                return True
+            else:
+                raise ConnectionError("the app closed the connection mid-response")
+
+    async def _switch(self, upstream: H1Upstream, response: h11.InformationalResponse) -> bool:
+        """The app accepted a WebSocket: relay its 101, then bytes both ways."""
+        self.send_event(response)
+        await self.writer.drain()
+        client_rest = self.conn.trailing_data[0]
+        app_rest = upstream.conn.trailing_data[0]
+        if client_rest:
+            upstream.writer.write(client_rest)
+        if app_rest:
+            self.writer.write(app_rest)
+        await splice((self.reader, self.writer), (upstream.reader, upstream.writer))
+        return False

@@ -1,0 +1,322 @@
+"""HTTP/2 from a client (TLS with ALPN ``h2``, or h2c) to an app in a VM.
+
+Each client stream is admitted on its own (``:authority`` picks the VM). gRPC requests
+(``content-type: application/grpc...``) and requests with ``X-aws-proxy-force-h2: true`` go
+to the app as h2c over one multiplexed connection per VM port, trailers included; every other
+request goes to the app as HTTP/1.1 over a pooled h11 connection, so plain HTTP/1.1 apps work
+behind an HTTP/2 client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import h2.events as ev
+import h11
+
+from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
+from embervm.proxy.h2peer import H2Peer, Header, StreamGone, new_connection
+from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, H1Upstream
+from embervm.proxy.streams import open_upstream
+
+log = logging.getLogger("embervm.proxy.http2")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+IDLE_TIMEOUT = 120.0
+BODY_TIMEOUT = 300.0
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                        b"upgrade", b"te", b"host", b"http2-settings"})  # fmt: skip
+MAX_IDLE_H1 = 8
+
+
+def _is_grpc(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-type", b"").startswith(b"application/grpc")
+
+
+class Http2Session:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        admission: Admission,
+        *,
+        initial: bytes = b"",
+    ) -> None:
+        self.admission = admission
+        self.peer = H2Peer(reader, writer, new_connection(client=False), on_new_stream=self._spawn)
+        self._initial = initial
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._h2_upstreams: dict[Target, H2Peer] = {}
+        self._h1_idle: dict[Target, list[H1Upstream]] = {}
+
+    def _spawn(self, request: ev.RequestReceived) -> None:
+        task = asyncio.create_task(self._stream(request.stream_id, list(request.headers or []),
+                                                bool(request.stream_ended)))  # fmt: skip
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, *, upgraded: tuple[bytes, list[Header]] | None = None) -> None:
+        try:
+            if upgraded is None:
+                self.peer.start(self._initial)
+            else:
+                settings, headers = upgraded
+                self.peer.start(self._initial, upgrade_settings=settings)
+                task = asyncio.create_task(self._stream(1, headers, True))
+                self._tasks.add(task)
+            await self.peer.read_loop(IDLE_TIMEOUT)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for peer in self._h2_upstreams.values():
+                await peer.close()
+            for pool in self._h1_idle.values():
+                for upstream in pool:
+                    self.admission.closed(upstream.target.microvm_id)
+                    upstream.writer.close()
+            await self.peer.close()
+
+    # -- one stream ----------------------------------------------------------------------
+
+    async def _stream(self, stream_id: int, raw: list[Header], ended: bool) -> None:
+        try:
+            pseudo = {k: v for k, v in raw if k.startswith(b":")}
+            headers = [(k, v) for k, v in raw if not k.startswith(b":")]
+            fields = dict(headers)
+            authority = pseudo.get(b":authority") or fields.get(b"host")
+            path = pseudo.get(b":path", b"/")
+            try:
+                ask = self.admission.ask(authority, fields, path, websocket=False)
+                target = await self.admission.admit(ask)
+            except Refusal as refusal:
+                await self._refuse(stream_id, refusal.status, refusal.message)
+                return
+            upstream_h2 = _is_grpc(fields) or fields.get(FORCE_H2_HEADER, b"").lower() == b"true"
+            relay = self._via_h2 if upstream_h2 else self._via_h1
+            try:
+                await relay(stream_id, target, pseudo, strip_headers(headers), ended)
+            except (OSError, TimeoutError) as exc:
+                log.debug("upstream %s failed: %r", target, exc)
+                await self._refuse(
+                    stream_id, 502, f"The app is not answering on port {target.port}"
+                )
+        except StreamGone:
+            pass
+        except Exception:
+            log.exception("HTTP/2 stream failed")
+            self.peer.reset(stream_id)
+        finally:
+            self.peer.forget(stream_id)
+
+    async def _refuse(self, stream_id: int, status: int, message: str) -> None:
+        body = (message + "\n").encode()
+        with contextlib.suppress(StreamGone):
+            head = [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode())]  # fmt: skip
+            await self.peer.send_headers(stream_id, head)
+            await self.peer.send_data(stream_id, body, end=True)
+
+    async def _client_body(
+        self, stream_id: int, forward: Callable[[bytes], Awaitable[None]],
+        trailers: Callable[[list[Header]], Awaitable[None]] | None = None,
+    ) -> None:  # fmt: skip
+        """Relay the client's body (and trailers) with ``forward``; return at its end."""
+        queue = self.peer.queue(stream_id)
+        while True:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                event = await queue.get()
+            if isinstance(event, ev.DataReceived):
+                await forward(event.data or b"")
+                self.peer.acknowledge(stream_id, event.flow_controlled_length or 0)
+            elif isinstance(event, ev.TrailersReceived) and trailers is not None:
+                await trailers(list(event.headers or []))
+                return
+            elif isinstance(event, ev.StreamEnded):
+                return
+            elif event is None or isinstance(event, ev.StreamReset):
+                raise StreamGone("client stream reset")
+
+    # -- to an HTTP/1.1 app --------------------------------------------------------------
+
+    async def _h1(self, target: Target) -> H1Upstream:
+        pool = self._h1_idle.get(target)
+        while pool:
+            upstream = pool.pop()
+            if not upstream.reader.at_eof():
+                upstream.conn.start_next_cycle()
+                return upstream
+            self.admission.closed(target.microvm_id)
+        reader, writer = await open_upstream(target.address, target.port)
+        self.admission.opened(target.microvm_id)
+        return H1Upstream(target, reader, writer)
+
+    async def _via_h1(
+        self, stream_id: int, target: Target, pseudo: dict[bytes, bytes],
+        headers: list[Header], ended: bool,
+    ) -> None:  # fmt: skip
+        upstream = await self._h1(target)
+        authority = pseudo.get(b":authority") or b""
+        out = [(b"host", authority)] + [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+        if not ended and not any(k == b"content-length" for k, _ in out):
+            out.append((b"transfer-encoding", b"chunked"))
+        upstream.send(h11.Request(method=pseudo.get(b":method", b"GET"),
+                                  target=pseudo.get(b":path", b"/"), headers=out))  # fmt: skip
+        reusable = False
+        try:
+            if ended:
+                upstream.send(h11.EndOfMessage())
+                body = None
+            else:
+
+                async def forward(data: bytes) -> None:
+                    upstream.send(h11.Data(data=data))
+                    await upstream.writer.drain()
+
+                async def client_body() -> None:
+                    await self._client_body(stream_id, forward)
+                    upstream.send(h11.EndOfMessage())
+                    await upstream.writer.drain()
+
+                body = asyncio.create_task(client_body())
+            await upstream.writer.drain()
+            reusable = await self._h1_response(stream_id, upstream)
+            if body is not None:
+                await body
+        finally:
+            if reusable and upstream.reusable():
+                self._h1_idle.setdefault(target, []).append(upstream)
+                if len(self._h1_idle[target]) > MAX_IDLE_H1:
+                    extra = self._h1_idle[target].pop(0)
+                    self.admission.closed(target.microvm_id)
+                    extra.writer.close()
+            else:
+                self.admission.closed(target.microvm_id)
+                upstream.writer.close()
+
+    async def _h1_response(self, stream_id: int, upstream: H1Upstream) -> bool:
+        while True:
+            event = await upstream.next_event(RESPONSE_HEAD_TIMEOUT)
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if not isinstance(event, h11.Response):
+                raise ConnectionError("the app closed the connection before answering")
+            break
+        out = [(b":status", str(event.status_code).encode())]
+        out += [(k.lower(), v) for k, v in event.headers if k.lower() not in HOP_BY_HOP]
+        await self.peer.send_headers(stream_id, out)
+        while True:
+            event = await upstream.next_event(BODY_TIMEOUT)
+            if isinstance(event, h11.Data):
+                await self.peer.send_data(stream_id, bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self.peer.end(stream_id)
+                return True
+            else:
+                raise ConnectionError("the app closed the connection mid-response")
+
+    # -- to an h2c app (gRPC) ------------------------------------------------------------
+
+    async def _h2(self, target: Target) -> H2Peer:
+        peer = self._h2_upstreams.get(target)
+        if peer is not None and not peer.closed:
+            return peer
+        reader, writer = await open_upstream(target.address, target.port)
+        peer = H2Peer(reader, writer, new_connection(client=True))
+        peer.start()
+        await peer.flush()
+        self._h2_upstreams[target] = peer
+        task = asyncio.create_task(peer.read_loop(IDLE_TIMEOUT))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return peer
+
+    async def _via_h2(
+        self, stream_id: int, target: Target, pseudo: dict[bytes, bytes],
+        headers: list[Header], ended: bool,
+    ) -> None:  # fmt: skip
+        app = await self._h2(target)
+        up_id = app.conn.get_next_available_stream_id()
+        app.queue(up_id)
+        request = [(b":method", pseudo.get(b":method", b"GET")), (b":scheme", b"http"),
+                   (b":authority", pseudo.get(b":authority", b"")),
+                   (b":path", pseudo.get(b":path", b"/"))]  # fmt: skip
+        request += [(k, v) for k, v in headers if k not in HOP_BY_HOP or k == b"te"]
+        try:
+            await app.send_headers(up_id, request, end=ended)
+            body = None
+            if not ended:
+
+                async def forward(data: bytes) -> None:
+                    await app.send_data(up_id, data)
+
+                async def trailers(fields: list[Header]) -> None:
+                    await app.send_headers(up_id, fields, end=True)
+
+                async def client_body() -> None:
+                    await self._client_body(stream_id, forward, trailers)
+                    with contextlib.suppress(StreamGone):
+                        await app.end(up_id)
+
+                body = asyncio.create_task(client_body())
+            await self._h2_response(stream_id, app, up_id)
+            if body is not None:
+                body.cancel()
+                with contextlib.suppress(BaseException):
+                    await body
+        except StreamGone:
+            app.reset(up_id)
+            raise
+        finally:
+            app.forget(up_id)
+
+    async def _h2_response(self, stream_id: int, app: H2Peer, up_id: int) -> None:
+        queue = app.queue(up_id)
+        while True:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                event = await queue.get()
+            if isinstance(event, ev.ResponseReceived):
+                fields = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP]
+                await self.peer.send_headers(stream_id, fields, end=bool(event.stream_ended))
+                if event.stream_ended:
+                    return
+            elif isinstance(event, ev.DataReceived):
+                await self.peer.send_data(stream_id, event.data or b"")
+                app.acknowledge(up_id, event.flow_controlled_length or 0)
+            elif isinstance(event, ev.TrailersReceived):
+                await self.peer.send_headers(stream_id, list(event.headers or []), end=True)
+                return
+            elif isinstance(event, ev.StreamEnded):
+                await self.peer.end(stream_id)
+                return
+            elif event is None or isinstance(event, ev.StreamReset):
+                self.peer.reset(stream_id)
+                raise StreamGone("the app reset the stream")
+
+
+async def upgrade_h2c(
+    admission: Admission,
+    request: h11.Request,
+    rest: bytes,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """``Upgrade: h2c`` (RFC 7540 §3.2): answer 101, then serve the request as stream 1."""
+    import base64
+
+    fields = dict(request.headers)
+    settings = fields.get(b"http2-settings", b"")
+    try:
+        base64.urlsafe_b64decode(settings + b"=" * (-len(settings) % 4))
+    except ValueError:
+        return
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    headers: list[Header] = [(b":method", request.method), (b":scheme", b"http"),
+                             (b":authority", fields.get(b"host", b"")),
+                             (b":path", request.target)]  # fmt: skip
+    headers += [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
+    session = Http2Session(reader, writer, admission, initial=rest)
+    await session.run(upgraded=(settings, headers))

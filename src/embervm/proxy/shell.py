@@ -1,0 +1,133 @@
+"""``wss://<id>.<domain>/shell``: a PTY in the VM over a WebSocket.
+
+Binary frames carry terminal bytes both ways; text frames carry JSON control messages:
+``{"type": "resize", "cols": C, "rows": R}`` from the client, ``{"type": "exit", "code": N}``
+from the proxy when the shell ends (then a normal close). Frames are parsed by wsproto;
+a message is capped at ``MAX_MESSAGE`` bytes and a control message must be valid JSON with
+sane sizes, or it is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+import h11
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import generate_accept_token
+
+from embervm.errors import EmbervmError
+from embervm.guest.client import PtySession
+from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Target, subprotocols
+from embervm.proxy.streams import READ_SIZE
+
+if TYPE_CHECKING:
+    from embervm.proxy.http1 import Http1Session
+
+log = logging.getLogger("embervm.proxy.shell")
+
+MAX_MESSAGE = 1024 * 1024
+MAX_TERMINAL = 1000
+
+
+class ShellOpener(Protocol):
+    async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> PtySession: ...
+
+
+def _accept_headers(request: h11.Request) -> list[tuple[bytes, bytes]]:
+    headers = dict(request.headers)
+    key = headers.get(b"sec-websocket-key", b"")
+    out = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+           (b"sec-websocket-accept", generate_accept_token(key))]  # fmt: skip
+    if SUBPROTOCOL_PREFIX in subprotocols(headers.get(b"sec-websocket-protocol")):
+        out.append((b"sec-websocket-protocol", SUBPROTOCOL_PREFIX.encode()))
+    return out
+
+
+async def serve_shell_h1(
+    session: Http1Session, request: h11.Request, target: Target, shells: ShellOpener
+) -> None:
+    """Answer the upgrade, open the PTY, and bridge them until either side ends."""
+    try:
+        pty = await shells.open_shell(target.microvm_id, cols=80, rows=24)
+    except EmbervmError as exc:
+        log.warning("shell for %s failed to open: %s", target.microvm_id, exc)
+        await session.refuse(502, "The shell could not be opened")
+        return
+    session.send_event(h11.InformationalResponse(status_code=101, headers=_accept_headers(request)))
+    await session.writer.drain()
+    ws = Connection(ConnectionType.SERVER, trailing_data=session.conn.trailing_data[0])
+    await _bridge(ws, pty, session.reader, session.writer)
+
+
+async def _bridge(
+    ws: Connection, pty: PtySession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    async def to_client() -> None:
+        async for chunk in pty:
+            writer.write(ws.send(BytesMessage(data=chunk)))
+            await writer.drain()
+        code = await pty.wait()
+        writer.write(ws.send(TextMessage(data=json.dumps({"type": "exit", "code": code}))))
+        writer.write(ws.send(CloseConnection(code=1000)))
+        await writer.drain()
+
+    async def from_client() -> None:
+        pending: list[Any] = []
+        while True:
+            for event in ws.events():
+                if isinstance(event, BytesMessage):
+                    pending.append(event.data)
+                    if event.message_finished:
+                        await pty.write(b"".join(pending))
+                        pending.clear()
+                elif isinstance(event, TextMessage):
+                    await _control(pty, event.data)
+                elif isinstance(event, Ping):
+                    writer.write(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    with contextlib.suppress(Exception):
+                        writer.write(ws.send(event.response()))
+                    return
+                if sum(len(p) for p in pending) > MAX_MESSAGE:
+                    return
+            data = await reader.read(READ_SIZE)
+            if not data:
+                return
+            ws.receive_data(data)
+
+    out = asyncio.create_task(to_client())
+    inp = asyncio.create_task(from_client())
+    try:
+        await asyncio.wait({out, inp}, return_when=asyncio.FIRST_COMPLETED)
+        if inp.done() and not out.done():  # the client left: end the shell
+            with contextlib.suppress(Exception):
+                await pty.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await out
+    finally:
+        for task in (out, inp):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await pty.close()
+
+
+async def _control(pty: PtySession, text: str) -> None:
+    if len(text) > 4096:
+        return
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return
+    if not isinstance(message, dict) or message.get("type") != "resize":
+        return
+    cols, rows = message.get("cols"), message.get("rows")
+    if not (isinstance(cols, int) and isinstance(rows, int)):
+        return
+    if 0 < cols <= MAX_TERMINAL and 0 < rows <= MAX_TERMINAL:
+        await pty.resize(cols, rows)

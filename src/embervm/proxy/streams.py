@@ -1,0 +1,50 @@
+"""Byte plumbing shared by the protocol handlers: bounded reads and two-way splicing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+READ_SIZE = 64 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+async def open_upstream(
+    address: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to the guest's port; OSError/TimeoutError when nothing answers."""
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        return await asyncio.open_connection(address, port, limit=READ_SIZE)
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until EOF, waiting for the far side to drain (backpressure), then half-close."""
+    try:
+        while data := await reader.read(READ_SIZE):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def splice(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+) -> None:
+    """Relay both ways until both directions end (or one side breaks)."""
+    one = asyncio.create_task(pipe(a[0], b[1]))
+    two = asyncio.create_task(pipe(b[0], a[1]))
+    try:
+        await asyncio.gather(one, two)
+    finally:
+        for task in (one, two):
+            task.cancel()
+
+
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2):
+            await writer.wait_closed()

@@ -1,0 +1,223 @@
+"""Compose the parts into one running server, and take them down in reverse.
+
+Start-up order (each part's shutdown is pushed on one exit stack, so a failure half-way
+releases exactly what was acquired): data dir and credentials → guest artifacts (built once,
+cached by hash) → accelerator probe → network (host rules, resolver) → host runtime (leftovers
+of dead runs reclaimed; suspended VMs kept) → store → core services (recovery, timers) →
+control API listener → endpoint proxy listeners → ``embervm ready api=... proxy=...``.
+
+Every listening socket is bound before anything is announced, so a port in use is reported
+as one readable line, not as a traceback from deep inside a web server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import uvicorn
+
+from embervm.api import CredentialStore, create_api_app
+from embervm.api.logs import log_routes
+from embervm.config import Settings
+from embervm.core import CoreLimits, Operations, host_memory_budget_mib
+from embervm.core.tokens import TokenAuthority
+from embervm.errors import ConfigError, EmbervmError
+from embervm.guest.artifacts import ensure_guest_artifacts
+from embervm.host import LocalHost, open_machine_provider
+from embervm.host._boot import BootInputs
+from embervm.network import NetworkManager
+from embervm.proxy import EndpointProxy
+from embervm.server.backends import (
+    AppLogFiles,
+    BuildLogFiles,
+    LocalHostBackend,
+    PipelineImageBuilder,
+)
+from embervm.store import open_repository
+from embervm.vmm.accel import detect_accelerator
+
+log = logging.getLogger("embervm.server")
+
+Progress = Callable[[str], None]
+
+
+def _stderr_progress(message: str) -> None:
+    print(f"embervm: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunningServer:
+    """What a started server exposes (tests and the demo use the URLs)."""
+
+    settings: Settings
+    operations: Operations
+    host: LocalHost
+    api_url: str
+    proxy_url: str
+    proxy_http_url: str
+
+    @property
+    def ready_line(self) -> str:
+        return f"embervm ready api={self.api_url} proxy={self.proxy_url}"
+
+
+class _QuietUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the server owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind(host: str, port: int, what: str) -> socket.socket:
+    """A listening TCP socket, or a ConfigError that names the flag to change."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        hint = "another process listens there" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"cannot listen on {host}:{port} for the {what}: {hint}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve_api(stack: contextlib.AsyncExitStack, settings: Settings, ops: Operations) -> str:
+    credentials = CredentialStore(settings.credentials_file)
+    app = create_api_app(ops, credentials, settings=settings, extra_routes=log_routes(ops))
+    sock = bind(settings.listen_host, settings.api_port, "control API (--api-port)")
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = _QuietUvicorn(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
+
+    async def stop() -> None:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()
+
+    stack.push_async_callback(stop)
+    while not server.started:
+        if task.done():
+            task.result()
+            raise ConfigError("the control API stopped while starting")
+        await asyncio.sleep(0.01)
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+async def start_server(
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    *,
+    progress: Progress = _stderr_progress,
+    limits: CoreLimits | None = None,
+) -> RunningServer:
+    """Start every part; each shutdown is pushed on ``stack`` (closing it stops the server)."""
+    for path in (settings.data_dir, settings.run_dir, settings.vms_dir, settings.images_dir):
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(CredentialStore(settings.credentials_file).ensure)
+
+    progress("preparing guest artifacts (the first start builds them: a few minutes)")
+    artifacts = await ensure_guest_artifacts(settings.artifacts_dir, progress=progress)
+    accel = await detect_accelerator(settings.run_dir / "accel.json", kernel=artifacts.kernel)
+    progress(f"accelerator: {accel}")
+
+    network = NetworkManager(
+        settings.data_dir / "network",
+        pool=settings.network_pool,
+        tag=settings.network_tag,
+        api_ports=[settings.api_port, settings.proxy_port, settings.proxy_http_port],
+    )
+    await network.start()
+    stack.push_async_callback(network.stop)
+
+    repository = await open_repository(settings.effective_database_url)
+    stack.push_async_callback(repository.close)
+
+    ops_ref: list[Operations] = []
+
+    async def vm_exited(vm_id: str, reason: str) -> None:
+        if ops_ref:
+            await ops_ref[0].vm_exited(vm_id, reason)
+
+    host = LocalHost(
+        settings.vms_dir, boot=BootInputs(artifacts, accel), network=network, on_exit=vm_exited
+    )
+    stack.push_async_callback(host.shutdown)
+    machines = await stack.enter_async_context(open_machine_provider(settings, network=network))
+
+    tokens = TokenAuthority(settings.data_dir / "keys" / "tokens.json")
+    app_logs = AppLogFiles(settings.data_dir / "microvm-logs")
+    stack.push_async_callback(app_logs.close)
+    ops = Operations(
+        settings=settings,
+        repository=repository,
+        host=LocalHostBackend(host, app_logs),
+        builder=PipelineImageBuilder(settings, machines),
+        tokens=tokens,
+        limits=limits or CoreLimits(host_memory_budget_mib=host_memory_budget_mib()),
+        build_logs=BuildLogFiles(settings),
+        app_logs=app_logs,
+    )
+    ops_ref.append(ops)
+    kept = await repository.microvms_in_states(("SUSPENDED", "SUSPENDING", "PENDING"))
+    adopted = await host.adopt_suspended(vm.microvm_id for vm in kept)
+    await network.reclaim_leftovers(set(adopted))
+    removed = await host.reclaim_leftovers()
+    if adopted or removed:
+        progress(f"kept {len(adopted)} suspended VMs; removed {len(removed)} leftovers")
+    await ops.start()
+    stack.push_async_callback(ops.stop)
+
+    api_url = await _serve_api(stack, settings, ops)
+    proxy = EndpointProxy(settings, lifecycle=ops.lifecycle, tokens=tokens, shells=host)
+    await proxy.start()
+    stack.push_async_callback(proxy.stop)
+    return RunningServer(
+        settings=settings,
+        operations=ops,
+        host=host,
+        api_url=api_url,
+        proxy_url=f"https://{settings.listen_host}:{proxy.tls_port}",
+        proxy_http_url=f"http://{settings.listen_host}:{proxy.http_port}",
+    )
+
+
+async def _wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_server(settings: Settings) -> int:
+    """Run until SIGINT/SIGTERM: 0 after a clean stop, 1 when start-up failed."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            server = await start_server(settings, stack)
+            print(server.ready_line, flush=True)
+            await _wait_for_signal()
+            _stderr_progress("stopping")
+    except EmbervmError as exc:
+        _stderr_progress(f"error: {exc}")
+        return 1
+    _stderr_progress("stopped")
+    return 0
