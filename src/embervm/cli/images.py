@@ -151,7 +151,7 @@ def _follow_build(name: str, version: str, output: OutputFormat) -> dict[str, An
     while True:
         image = strip_metadata(client.get_microvm_image(imageIdentifier=name))
         if image["state"] in FINAL_IMAGE_STATES or time.monotonic() > deadline:
-            return image
+            return {**image, "imageVersion": version}
         time.sleep(0.5)
 
 
