@@ -65,7 +65,9 @@ class H1Upstream:
             self.conn.receive_data(data)
 
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        """Both sides finished the last exchange and the app has not hung up since."""
+        done = self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        return done and not self.reader.at_eof()
 
 
 class Http1Session:
@@ -252,5 +254,10 @@ class Http1Session:
             upstream.writer.write(client_rest)
         if app_rest:
             self.writer.write(app_rest)
-        await splice((self.reader, self.writer), (upstream.reader, upstream.writer))
+        vm_id = upstream.target.microvm_id
+        await splice(
+            (self.reader, self.writer),
+            (upstream.reader, upstream.writer),
+            lambda: self.admission.routes.record_activity(vm_id),
+        )
         return False

@@ -121,7 +121,7 @@ class Http2Session:
             await self.peer.send_data(stream_id, body, end=True)
 
     async def _client_body(
-        self, stream_id: int, forward: Callable[[bytes], Awaitable[None]],
+        self, stream_id: int, vm_id: str, forward: Callable[[bytes], Awaitable[None]],
         trailers: Callable[[list[Header]], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         """Relay the client's body (and trailers) with ``forward``; return at its end."""
@@ -130,6 +130,7 @@ class Http2Session:
             async with asyncio.timeout(BODY_TIMEOUT):
                 event = await queue.get()
             if isinstance(event, ev.DataReceived):
+                self.admission.routes.record_activity(vm_id)
                 await forward(event.data or b"")
                 self.peer.acknowledge(stream_id, event.flow_controlled_length or 0)
             elif isinstance(event, ev.TrailersReceived) and trailers is not None:
@@ -177,7 +178,7 @@ class Http2Session:
                     await upstream.writer.drain()
 
                 async def client_body() -> None:
-                    await self._client_body(stream_id, forward)
+                    await self._client_body(stream_id, target.microvm_id, forward)
                     upstream.send(h11.EndOfMessage())
                     await upstream.writer.drain()
 
@@ -257,7 +258,7 @@ class Http2Session:
                     await app.send_headers(up_id, fields, end=True)
 
                 async def client_body() -> None:
-                    await self._client_body(stream_id, forward, trailers)
+                    await self._client_body(stream_id, target.microvm_id, forward, trailers)
                     with contextlib.suppress(StreamGone):
                         await app.end(up_id)
 

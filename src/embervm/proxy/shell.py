@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import h11
@@ -61,11 +62,17 @@ async def serve_shell_h1(
     session.send_event(h11.InformationalResponse(status_code=101, headers=_accept_headers(request)))
     await session.writer.drain()
     ws = Connection(ConnectionType.SERVER, trailing_data=session.conn.trailing_data[0])
-    await _bridge(ws, pty, session.reader, session.writer)
+    routes = session.admission.routes
+    await _bridge(ws, pty, session.reader, session.writer,
+                  lambda: routes.record_activity(target.microvm_id))  # fmt: skip
 
 
 async def _bridge(
-    ws: Connection, pty: PtySession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ws: Connection,
+    pty: PtySession,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    on_input: Callable[[], None],
 ) -> None:
     async def to_client() -> None:
         async for chunk in pty:
@@ -98,6 +105,7 @@ async def _bridge(
             data = await reader.read(READ_SIZE)
             if not data:
                 return
+            on_input()
             ws.receive_data(data)
 
     out = asyncio.create_task(to_client())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 READ_SIZE = 64 * 1024
 CONNECT_TIMEOUT = 10.0
@@ -17,10 +18,16 @@ async def open_upstream(
         return await asyncio.open_connection(address, port, limit=READ_SIZE)
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    on_data: Callable[[], None] | None = None,
+) -> None:
     """Copy until EOF, waiting for the far side to drain (backpressure), then half-close."""
     try:
         while data := await reader.read(READ_SIZE):
+            if on_data is not None:
+                on_data()
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
@@ -32,9 +39,11 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 async def splice(
     a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    on_inbound: Callable[[], None] | None = None,
 ) -> None:
-    """Relay both ways until both directions end (or one side breaks)."""
-    one = asyncio.create_task(pipe(a[0], b[1]))
+    """Relay both ways until both directions end (or one side breaks); ``on_inbound`` is
+    called for every chunk from ``a`` (the client) to ``b``: that traffic is activity."""
+    one = asyncio.create_task(pipe(a[0], b[1], on_inbound))
     two = asyncio.create_task(pipe(b[0], a[1]))
     try:
         await asyncio.gather(one, two)
