@@ -104,6 +104,7 @@ class MicrovmService:
             raise ValidationError(
                 f"'{identifier}' is a managed base image: build an image FROM it, then run that"
             )
+        ingress, egress = self._connectors(params, caller)  # input first, then resources
         image = await self.images._image(identifier, caller)
         version_name = params.get("imageVersion") or image.latest_active_version
         if version_name is None:
@@ -114,7 +115,6 @@ class MicrovmService:
             )
         version = await self.images._version(image, str(version_name))
         self._check_runnable(version, image.arn)
-        ingress, egress = self._connectors(params, caller)
         duration = int(
             params.get("maximumDurationInSeconds")
             or self.ctx.limits.default_maximum_duration_seconds

@@ -1,0 +1,48 @@
+"""One real server per test session, with the example image built once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_harness import REPO, LiveServer, build_image, free_port
+
+from embervm.guest.artifacts import GuestArtifacts
+
+
+def _test_cache() -> Path:
+    env = os.environ.get("EMBERVM_TEST_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "embervm-test"
+
+
+@pytest.fixture(scope="session")
+def live_server(
+    guest_artifacts: GuestArtifacts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """``embervm server`` on free ports; artifacts and build layers from the test cache."""
+    data_dir = tmp_path_factory.mktemp("server-data")
+    cache = _test_cache()
+    (data_dir / "artifacts").symlink_to(cache / "artifacts")
+    server = LiveServer(data_dir, free_port(), free_port(), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def flask_image(live_server: LiveServer) -> dict[str, Any]:
+    image = build_image(live_server, "flask-counter", REPO / "examples" / "flask-counter")
+    assert image["state"] == "CREATED", image
+    return image
+
+
+@pytest.fixture(scope="session")
+def grpc_ws_image(live_server: LiveServer) -> dict[str, Any]:
+    image = build_image(live_server, "grpc-ws", REPO / "examples" / "grpc-websocket")
+    assert image["state"] == "CREATED", image
+    return image

@@ -1,0 +1,96 @@
+"""The product end to end: a real server process, a real image build, real VMs behind the
+endpoint proxy — driven by boto3 and httpx the way users drive it."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from server_harness import LiveServer, run_vm, token, wait_for
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def count_of(response: httpx.Response) -> int:
+    assert response.status_code == 200, response.text
+    return int(response.text.split(":")[1])
+
+
+def state(server: LiveServer, vm_id: str) -> str:
+    return str(server.client().get_microvm(microvmIdentifier=vm_id)["state"])
+
+
+def test_ready_line_names_both_listeners_and_ping_needs_no_auth(live_server: LiveServer) -> None:
+    assert live_server.ready_line == (
+        f"embervm ready api={live_server.api_url} proxy=https://127.0.0.1:{live_server.proxy_port}"
+    )
+    assert httpx.get(f"{live_server.api_url}/ping").status_code == 200
+
+
+def test_a_vm_serves_its_app_through_the_endpoint(
+    live_server: LiveServer, flask_image: dict[str, Any]
+) -> None:
+    vm = run_vm(live_server, "flask-counter")
+    assert vm["state"] == "RUNNING", vm
+    assert vm["endpoint"] == f"https://{vm['microvmId']}.microvm.localhost:{live_server.proxy_port}"
+    secret = token(live_server, vm["microvmId"])
+    first = count_of(live_server.get(vm["microvmId"], secret))
+    assert count_of(live_server.get(vm["microvmId"], secret)) == first + 1
+    base, host = live_server.endpoint(vm["microvmId"], tls=True)
+    with httpx.Client(http2=True, verify=live_server.tls()) as client:
+        answer = client.get(base + "/", headers={**host, "x-aws-proxy-auth": secret})
+    assert answer.http_version == "HTTP/2"
+    assert count_of(answer) == first + 2
+    live_server.client().terminate_microvm(microvmIdentifier=vm["microvmId"])
+
+
+def test_no_token_no_entry(live_server: LiveServer, flask_image: dict[str, Any]) -> None:
+    vm = run_vm(live_server, "flask-counter")
+    base, host = live_server.endpoint(vm["microvmId"])
+    assert httpx.get(base + "/", headers=host, timeout=30).status_code == 403
+    other = run_vm(live_server, "flask-counter")
+    wrong_vm = token(live_server, other["microvmId"])
+    answer = httpx.get(base + "/", headers={**host, "x-aws-proxy-auth": wrong_vm}, timeout=30)
+    assert answer.status_code == 403
+    for vm_id in (vm["microvmId"], other["microvmId"]):
+        live_server.client().terminate_microvm(microvmIdentifier=vm_id)
+
+
+def test_suspended_vm_resumes_on_traffic_once_for_twenty_requests(
+    live_server: LiveServer, flask_image: dict[str, Any]
+) -> None:
+    policy = {"maxIdleDurationSeconds": 3600, "suspendedDurationSeconds": 3600,
+              "autoResumeEnabled": True}  # fmt: skip
+    vm = run_vm(live_server, "flask-counter", idlePolicy=policy)
+    vm_id = vm["microvmId"]
+    secret = token(live_server, vm_id)
+    before = count_of(live_server.get(vm_id, secret))
+    live_server.client().suspend_microvm(microvmIdentifier=vm_id)
+    wait_for(lambda: state(live_server, vm_id), lambda s: s == "SUSPENDED", 120, "SUSPENDED")
+    with ThreadPoolExecutor(20) as pool:
+        counts = list(pool.map(lambda _: count_of(live_server.get(vm_id, secret)), range(20)))
+    assert sorted(counts) == list(range(before + 1, before + 21))
+    assert state(live_server, vm_id) == "RUNNING"
+    live_server.client().terminate_microvm(microvmIdentifier=vm_id)
+
+
+def test_idle_policy_and_lifetime_act_on_their_own(
+    live_server: LiveServer, flask_image: dict[str, Any]
+) -> None:
+    """The model's minimum idle window (60 s): one VM suspends, one with a suspended
+    duration of 0 terminates instead, one reaches its maximum duration."""
+    keep = {"maxIdleDurationSeconds": 60, "suspendedDurationSeconds": 3600,
+            "autoResumeEnabled": True}  # fmt: skip
+    drop = {**keep, "suspendedDurationSeconds": 0}
+    suspends = run_vm(live_server, "flask-counter", idlePolicy=keep)["microvmId"]
+    terminates = run_vm(live_server, "flask-counter", idlePolicy=drop)["microvmId"]
+    expires = run_vm(live_server, "flask-counter", maximumDurationInSeconds=20)["microvmId"]
+    started = time.monotonic()
+    wait_for(lambda: state(live_server, expires), lambda s: s == "TERMINATED", 120, "expiry")
+    wait_for(lambda: state(live_server, suspends), lambda s: s == "SUSPENDED", 180, "idle")
+    wait_for(lambda: state(live_server, terminates), lambda s: s == "TERMINATED", 180, "idle 0")
+    assert time.monotonic() - started >= 55  # not before the idle window (60 s from launch)
+    live_server.client().terminate_microvm(microvmIdentifier=suspends)
