@@ -56,7 +56,9 @@ NGINX_UPSTREAM = """
 worker_processes 1; daemon off; pid {root}/up.pid; error_log {root}/up.err;
 events {{ worker_connections 4096; }}
 http {{ access_log off;
-  server {{ listen 127.0.0.1:{port} reuseport; http2 on; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+    location / {{ root {root}/www; }} }}
+  server {{ listen 127.0.0.1:{h2port} http2; keepalive_requests 1000000;
     location / {{ root {root}/www; }} }} }}
 """
 
@@ -65,7 +67,8 @@ worker_processes 1; daemon off; pid {root}/px.pid; error_log {root}/px.err;
 events {{ worker_connections 4096; }}
 http {{ access_log off;
   upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
-  server {{ listen 127.0.0.1:{port}; http2 on; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{h2port} http2;
+    keepalive_requests 1000000;
     location / {{ proxy_pass http://app; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header X-aws-proxy-auth ""; }} }} }}
 """
@@ -92,8 +95,8 @@ def nginx(root: Path, name: str, conf: str) -> list[str]:
     return ["nginx", "-c", str(path), "-p", str(root)]
 
 
-def wrk(port: int, headers: dict[str, str]) -> dict[str, float]:
-    argv = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency"]
+def wrk(port: int, headers: dict[str, str], connections: int = CONNECTIONS) -> dict[str, float]:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{DURATION}s", "--latency"]
     for key, value in headers.items():
         argv += ["-H", f"{key}: {value}"]
     out = subprocess.run([*argv, f"http://127.0.0.1:{port}/index.html"], capture_output=True,
@@ -160,9 +163,10 @@ def run() -> dict[str, Any]:
 
     root = Path(tempfile.mkdtemp(prefix="embervm-bench-proxy-"))
     try:
+        root.chmod(0o755)
         (root / "www").mkdir()
         (root / "www" / "index.html").write_text("hello from the upstream\n")
-        up, px, ep = free_port(), free_port(), free_port()
+        up, up2, px, px2, ep = (free_port() for _ in range(5))
         keys = root / "keys.json"
         token = TokenAuthority(keys).issue(VM_ID, kind="endpoint", ports=PortGrant(all_ports=True),
                                            expires_in_minutes=60)  # fmt: skip
@@ -171,19 +175,28 @@ def run() -> dict[str, Any]:
         ours = [sys.executable, __file__, "--serve-proxy", str(ep), str(up), str(keys)]
         results: dict[str, Any] = {}
         with (
-            process(nginx(root, "up", NGINX_UPSTREAM.format(root=root, port=up)), up),
-            process(nginx(root, "px", NGINX_PROXY.format(root=root, port=px, upstream=up)), px),
+            process(nginx(root, "up", NGINX_UPSTREAM.format(root=root, port=up, h2port=up2)), up),
+            process(
+                nginx(root, "px", NGINX_PROXY.format(root=root, port=px, h2port=px2, upstream=up)),
+                px,
+            ),
             process(ours, ep),
         ):
+            results["latency_direct"] = wrk(up, {}, connections=1)
+            results["latency_embervm"] = wrk(ep, auth, connections=1)
+            results["latency_nginx"] = wrk(px, {"X-aws-proxy-auth": token}, connections=1)
             results["http1_direct"] = wrk(up, {})
             results["http1_embervm"] = wrk(ep, auth)
             results["http1_nginx"] = wrk(px, {"X-aws-proxy-auth": token})
-            results["h2c_direct"] = h2load(up, {})
-            results["h2c_embervm"] = h2load(ep, auth)
-            results["h2c_nginx"] = h2load(px, {})
+            results["h2c_direct"] = h2load(up2, {})
+            h2_auth = {(":authority" if k == "Host" else k): v for k, v in auth.items()}
+            results["h2c_embervm"] = h2load(ep, h2_auth)
+            results["h2c_nginx"] = h2load(px2, {})
         one, two = results["http1_embervm"], results["http1_nginx"]
         results["ratio_rps_vs_nginx"] = one["rps"] / two["rps"]
-        results["added_p50_ms"] = one["p50_ms"] - results["http1_direct"]["p50_ms"]
+        results["added_p50_ms"] = (
+            results["latency_embervm"]["p50_ms"] - results["latency_direct"]["p50_ms"]
+        )
         results["h2_ratio_rps_vs_nginx"] = (
             results["h2c_embervm"]["rps"] / results["h2c_nginx"]["rps"]
         )
@@ -205,8 +218,10 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
+    print(f"{'case (latency_*: 1 connection; others: 32)':<16}")
     print(f"{'case':<16}{'req/s':>10}{'p50 ms':>10}")
-    for name in ("http1_direct", "http1_embervm", "http1_nginx",
+    for name in ("latency_direct", "latency_embervm", "latency_nginx",
+                 "http1_direct", "http1_embervm", "http1_nginx",
                  "h2c_direct", "h2c_embervm", "h2c_nginx"):  # fmt: skip
         row = results[name]
         p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else "-"
@@ -214,7 +229,7 @@ def main() -> int:
     ratio, added = results["ratio_rps_vs_nginx"], results["added_p50_ms"]
     print(f"HTTP/1.1 embervm/nginx req/s: {ratio:.2f}x (target >= 0.5) "
           f"{'MET' if ratio >= 0.5 else 'MISSED'}")  # fmt: skip
-    print(f"HTTP/1.1 added p50 vs direct: {added:.2f} ms (target <= 1 ms) "
+    print(f"HTTP/1.1 added p50 vs direct, one connection: {added:.2f} ms (target <= 1 ms) "
           f"{'MET' if added <= 1.0 else 'MISSED'}")  # fmt: skip
     print(f"HTTP/2 (h2c) embervm/nginx req/s: {results['h2_ratio_rps_vs_nginx']:.2f}x")
     return 0

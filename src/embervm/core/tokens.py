@@ -34,6 +34,7 @@ from embervm.errors import EmbervmError
 
 MAX_MINUTES = 60
 MAX_TOKEN_CHARS = 4096
+CACHE_SIZE = 4096  # decrypted tokens kept: a client sends the same token on every request
 KINDS: frozenset[str] = frozenset({"endpoint", "shell"})
 _HEADER = {"alg": "dir", "enc": "A256GCM"}
 
@@ -81,6 +82,7 @@ class TokenAuthority:
         self._keys: dict[str, OctKey] = {}
         self._current = ""
         self._loaded_mtime: float | None = None
+        self._verified: dict[str, TokenClaims] = {}
         self._load_or_create()
 
     # -- keys ----------------------------------------------------------------------------
@@ -194,8 +196,18 @@ class TokenAuthority:
         return claims
 
     def verify(self, token: str, *, microvm_id: str, port: int, kind: str) -> TokenClaims:
-        """The token opens ``port`` of ``microvm_id`` for ``kind`` traffic, or TokenRejected."""
-        claims = self.claims(token)
+        """The token opens ``port`` of ``microvm_id`` for ``kind`` traffic, or TokenRejected.
+        A token decrypted before is checked from memory (claims cannot change; expiry is
+        checked every time)."""
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self.claims(token)
+            if len(self._verified) >= CACHE_SIZE:
+                self._verified.clear()
+            self._verified[token] = claims
+        elif claims.expires_at <= self._clock():
+            del self._verified[token]
+            raise TokenRejected("expired token")
         if claims.microvm_id != microvm_id:
             raise TokenRejected("token for another MicroVM")
         if claims.kind != kind:

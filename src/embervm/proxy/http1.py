@@ -49,17 +49,32 @@ class H1Upstream:
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self._out: list[bytes] = []
 
     def send(self, event: Any) -> None:
+        """Queue an event's bytes; ``flush`` writes them (one write per burst, not per event)."""
         data = self.conn.send(event)
         if data:
-            self.writer.write(data)
+            self._out.append(data)
 
-    async def next_event(self, timeout: float) -> Any:  # noqa: ASYNC109
+    async def flush(self) -> None:
+        if self._out:
+            self.writer.write(b"".join(self._out))
+            self._out.clear()
+        await self.writer.drain()
+
+    async def next_event(
+        self,
+        timeout: float,  # noqa: ASYNC109 - per phase (head, body), not per call
+        before_wait: Callable[[], Awaitable[None]] | None = None,
+    ) -> Any:
+        """The next event from the app; ``before_wait`` runs before blocking on the socket."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if before_wait is not None:
+                await before_wait()
             async with asyncio.timeout(timeout):
                 data = await self.reader.read(READ_SIZE)
             self.conn.receive_data(data)
@@ -90,13 +105,21 @@ class Http1Session:
         if initial:
             self.conn.receive_data(initial)
         self.upstream: H1Upstream | None = None
+        self._out: list[bytes] = []
 
     # -- client side ---------------------------------------------------------------------
 
     def send_event(self, event: Any) -> None:
+        """Queue an event's bytes for the client; ``flush`` writes them."""
         data = self.conn.send(event)
         if data:
-            self.writer.write(data)
+            self._out.append(data)
+
+    async def flush(self) -> None:
+        if self._out:
+            self.writer.write(b"".join(self._out))
+            self._out.clear()
+        await self.writer.drain()
 
     async def _next(self, timeout: float) -> Any:  # noqa: ASYNC109
         while True:
@@ -116,7 +139,7 @@ class Http1Session:
             self.send_event(h11.Data(data=body))
             self.send_event(h11.EndOfMessage())
         with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
+            await self.flush()
 
     async def run(self) -> None:
         try:
@@ -189,7 +212,13 @@ class Http1Session:
         return self.upstream
 
     async def _exchange(self, upstream: H1Upstream, websocket: bool) -> bool:
-        body = asyncio.create_task(self._request_body(upstream))
+        first = self.conn.next_event()
+        body: asyncio.Task[None] | None = None
+        if isinstance(first, h11.EndOfMessage):  # no body (most requests): no second task
+            upstream.send(first)
+            await upstream.flush()
+        else:
+            body = asyncio.create_task(self._request_body(upstream, first))
         try:
             keep = await self._response(upstream, websocket)
         except (TimeoutError, ConnectionError, h11.ProtocolError) as exc:
@@ -198,30 +227,36 @@ class Http1Session:
                 await self.refuse(502, "The app closed the connection")
             keep = False
         finally:
-            if not body.done():
-                body.cancel()
-            with contextlib.suppress(BaseException):
-                await body
+            if body is not None:
+                if not body.done():
+                    body.cancel()
+                with contextlib.suppress(BaseException):
+                    await body
         if not keep or not upstream.reusable():
             await self._drop_upstream()
         return keep
 
-    async def _request_body(self, upstream: H1Upstream) -> None:
+    async def _request_body(self, upstream: H1Upstream, event: Any) -> None:
         while True:
-            event = await self._next(KEEPALIVE_TIMEOUT)
+            if event is h11.NEED_DATA:
+                await upstream.flush()
+                event = await self._next(KEEPALIVE_TIMEOUT)
             if isinstance(event, h11.Data):
                 upstream.send(event)
-                await upstream.writer.drain()
             elif isinstance(event, h11.EndOfMessage):
                 upstream.send(event)
-                await upstream.writer.drain()
+                await upstream.flush()
                 return
             else:
+                await upstream.flush()
                 return
+            event = self.conn.next_event()
 
     async def _response(self, upstream: H1Upstream, websocket: bool) -> bool:
+        """Relay the app's answer; client bytes are written whenever the app makes us wait
+        (so a streamed body flows at once, and a small answer goes out in one write)."""
         while True:
-            event = await upstream.next_event(RESPONSE_HEAD_TIMEOUT)
+            event = await upstream.next_event(RESPONSE_HEAD_TIMEOUT, self.flush)
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101 and websocket:
                     return await self._switch(upstream, event)
@@ -229,17 +264,17 @@ class Http1Session:
                 continue
             if isinstance(event, h11.Response):
                 self.send_event(event)
-                await self.writer.drain()
                 break
             raise ConnectionError("the app closed the connection before answering")
         while True:
-            event = await upstream.next_event(KEEPALIVE_TIMEOUT)
+            event = await upstream.next_event(KEEPALIVE_TIMEOUT, self.flush)
             if isinstance(event, h11.Data):
                 self.send_event(event)
-                await self.writer.drain()
+                if sum(len(chunk) for chunk in self._out) >= READ_SIZE:
+                    await self.flush()
             elif isinstance(event, h11.EndOfMessage):
                 self.send_event(event)
-                await self.writer.drain()
+                await self.flush()
                 return True
             else:
                 raise ConnectionError("the app closed the connection mid-response")
@@ -247,7 +282,7 @@ class Http1Session:
     async def _switch(self, upstream: H1Upstream, response: h11.InformationalResponse) -> bool:
         """The app accepted a WebSocket: relay its 101, then bytes both ways."""
         self.send_event(response)
-        await self.writer.drain()
+        await self.flush()
         client_rest = self.conn.trailing_data[0]
         app_rest = upstream.conn.trailing_data[0]
         if client_rest:

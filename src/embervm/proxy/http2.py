@@ -175,15 +175,15 @@ class Http2Session:
 
                 async def forward(data: bytes) -> None:
                     upstream.send(h11.Data(data=data))
-                    await upstream.writer.drain()
+                    await upstream.flush()
 
                 async def client_body() -> None:
                     await self._client_body(stream_id, target.microvm_id, forward)
                     upstream.send(h11.EndOfMessage())
-                    await upstream.writer.drain()
+                    await upstream.flush()
 
                 body = asyncio.create_task(client_body())
-            await upstream.writer.drain()
+            await upstream.flush()
             reusable = await self._h1_response(stream_id, upstream)
             if body is not None:
                 await body

@@ -85,6 +85,14 @@ class EndpointProxy:
             task.add_done_callback(self._connections.discard)
 
     async def _on_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # stop(): the task ends quietly
+            await self._serve_tls(reader, writer)
+
+    async def _on_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._serve_plain(reader, writer)
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._track()
         tls = writer.get_extra_info("ssl_object")
         if isinstance(tls, ssl.SSLObject) and tls.selected_alpn_protocol() == "h2":
@@ -92,7 +100,9 @@ class EndpointProxy:
         else:
             await self._http1(reader, writer, b"")
 
-    async def _on_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_plain(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self._track()
         head = b""
         try:
