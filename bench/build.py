@@ -2,18 +2,13 @@
 
 Builds examples/flask-counter twice with one layer cache: first with an empty cache, then after
 appending a comment to app.py, so the second build reuses every step before ``COPY app.py``.
-Prints both times and the ratio.
+Prints both times and the ratio. Uses the runtime's own build machines
+(``embervm.host.open_machine_provider``: real microVMs, real ``pip install`` through the VM's
+network, layers frozen with QMP, a real memory snapshot at the end), with the guest artifacts
+of the integration-test cache and a network tag of its own. ``--self-test`` runs the same
+harness on the fake VMs of ``embervm.build.testing`` (its times measure only the harness).
 
-Needs a real runtime: a ``MachineProvider`` from ``embervm.host.build_machines.
-open_machine_provider(settings)`` (an async context manager). Until the host layer provides it,
-this prints that the measurement is pending and exits 0; it never reports made-up numbers.
-``--self-test`` runs the same harness on the fake VMs of ``embervm.build.testing`` to show the
-harness works; its times measure nothing but this harness. ``--qemu`` uses the test-only
-provider of ``tests/integration/build/build_qemu_helpers.py``: real TCG microVMs, real steps
-(pip install through QEMU user networking, so it needs the package registry), layers frozen
-with QMP, but a stand-in snapshot (no memory snapshot) — until the host provides its own.
-
-    .venv/bin/python bench/build.py [--self-test | --qemu]
+    .venv/bin/python bench/build.py [--self-test] [--example grpc-websocket]
 """
 
 from __future__ import annotations
@@ -21,8 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -35,11 +30,13 @@ from typing import Any
 
 from embervm.build import BuildSpec, ImageBuild, LocalLayerCache, MachineProvider, MemoryBuildLog
 from embervm.config import Settings
+from embervm.host import open_machine_provider
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flask-counter"
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 TARGET_RATIO = 0.25
+BENCH_POOL = "10.225.0.0/16"  # its own addresses: a server may run beside it
 
 
 def zip_dir(folder: Path, dest: Path) -> Path:
@@ -48,15 +45,6 @@ def zip_dir(folder: Path, dest: Path) -> Path:
             if path.is_file():
                 zf.write(path, path.relative_to(folder).as_posix())
     return dest
-
-
-def real_provider() -> Callable[[Settings], AbstractAsyncContextManager[MachineProvider]] | None:
-    try:
-        module = importlib.import_module("embervm.host.build_machines")
-    except ImportError:
-        return None
-    opener = getattr(module, "open_machine_provider", None)
-    return opener if callable(opener) else None
 
 
 @contextlib.asynccontextmanager
@@ -103,7 +91,11 @@ async def measure(
         with (app / "app.py").open("a") as fh:
             fh.write("\n# app-only change for the rebuild benchmark\n")
         second_zip = zip_dir(app, work / "v2.zip")
-        settings = Settings(data_dir=work / "data")
+        settings = Settings(data_dir=work / "data", network_tag="bld", network_pool=BENCH_POOL)
+        settings.data_dir.mkdir()
+        cache_env = os.environ.get("EMBERVM_TEST_CACHE")
+        shared = Path(cache_env) if cache_env else Path.home() / ".cache" / "embervm-test"
+        (settings.data_dir / "artifacts").symlink_to(shared / "artifacts")
         async with opener(settings) as provider:
             cache = work / "cache"
             first, r1 = await timed_build(provider, first_zip, work, cache, "v1", egress)
@@ -121,49 +113,18 @@ async def measure(
         shutil.rmtree(work, ignore_errors=True)
 
 
-@contextlib.asynccontextmanager
-async def qemu_test_provider(settings: Settings) -> AsyncIterator[MachineProvider]:
-    sys.path.insert(0, str(ROOT / "tests" / "integration" / "build"))
-    from build_qemu_helpers import QemuTestProvider  # type: ignore[import-not-found]
-
-    from embervm.guest.artifacts import ensure_guest_artifacts
-
-    cache = Path.home() / ".cache" / "embervm-test" / "artifacts"
-    artifacts = await ensure_guest_artifacts(cache)
-    provider = QemuTestProvider(artifacts, settings.data_dir / "vms", allow_egress=True)
-    try:
-        yield provider
-    finally:
-        for vm in provider.vms:
-            await vm.shutdown()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--self-test", action="store_true", help="run the harness on fake VMs")
-    parser.add_argument("--qemu", action="store_true", help="real VMs, test-only provider")
     parser.add_argument("--example", default=EXAMPLE.name, help="folder under examples/")
     args = parser.parse_args()
     example = ROOT / "examples" / args.example
-    if args.qemu:
-        out = asyncio.run(measure(qemu_test_provider, egress=True, example=example))
-        print("build bench on real TCG microVMs (test-only provider, stand-in snapshot):")
-        print(json.dumps(out, indent=2))
-        return 0
     if args.self_test:
         out = asyncio.run(measure(fake_provider, example=example))
         print("build bench SELF-TEST on fake VMs (measures only the harness, not Embervm):")
         print(json.dumps(out, indent=2))
         return 0
-    opener = real_provider()
-    if opener is None:
-        print(
-            "build bench: real measurement PENDING: no runtime MachineProvider yet "
-            "(embervm.host.build_machines.open_machine_provider is not importable). "
-            "No numbers reported; `--self-test` checks the harness on fake VMs."
-        )
-        return 0
-    out = asyncio.run(measure(opener, example=example))
+    out = asyncio.run(measure(open_machine_provider, example=example))
     verdict = "meets" if out["ratio"] <= TARGET_RATIO else "MISSES"
     print(
         f"build bench: first build {out['first_build_s']} s, rebuild after app-only change "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -35,6 +36,7 @@ def translate(exc: BaseException, endpoint: str = "") -> CliError | None:
         ConnectionClosedError,
         EndpointConnectionError,
         NoCredentialsError,
+        ParamValidationError,
         ReadTimeoutError,
     )
 
@@ -48,6 +50,9 @@ def translate(exc: BaseException, endpoint: str = "") -> CliError | None:
         )
     if isinstance(exc, ReadTimeoutError):
         return CliError("the Embervm server did not answer in time", EXIT_UNREACHABLE)
+    if isinstance(exc, ParamValidationError):  # botocore's own checks, before any request
+        report = " ".join(str(exc.kwargs.get("report", exc)).split())
+        return CliError(f"invalid input: {report}", EXIT_INVALID)
     if isinstance(exc, NoCredentialsError):
         return CliError("no credentials: start the server once or pass --data-dir", EXIT_FAILED)
     if isinstance(exc, ClientError):
@@ -75,7 +80,12 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
 
             error = translate(exc, current().endpoint_url)
             if error is None:
-                raise
+                if os.environ.get("EMBERVM_DEBUG"):
+                    raise
+                error = CliError(
+                    f"unexpected {type(exc).__name__}: {exc} (EMBERVM_DEBUG=1 shows where)",
+                    EXIT_FAILED,
+                )
             err_console.print(f"[red]error:[/red] {error.message}")
             raise typer.Exit(error.exit_code) from None
 

@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 
 import typer
 
+from embervm.build.request import DEFAULT_APP_MEMORY_MIB as DEFAULT_MEMORY_MIB
 from embervm.cli._app import current
-from embervm.cli._context import CliError
+from embervm.cli._context import EXIT_INVALID, CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli._output import (
     OutputFormat,
@@ -95,6 +96,23 @@ def curl_line(endpoint: str, token: str) -> str:
     )
 
 
+def _check_memory(client: Any, image: str, version: str | None, memory: int) -> None:
+    if version is None:
+        version = client.get_microvm_image(imageIdentifier=image).get("latestActiveImageVersion")
+    if version is None:
+        return  # RunMicrovm will say the image has no active version
+    found = client.get_microvm_image_version(imageIdentifier=image, imageVersion=str(version))
+    resources = found.get("resources") or [{}]
+    built = int(resources[0].get("minimumMemoryInMiB") or DEFAULT_MEMORY_MIB)
+    if built != memory:
+        raise CliError(
+            f"{image} version {version} is built for {built} MiB; a MicroVM restores that "
+            f"snapshot, so it cannot run with {memory} MiB. Build a version with "
+            f"`embervm images create DIR --name {image} --memory {memory}`.",
+            EXIT_INVALID,
+        )
+
+
 @handle_errors
 def run(
     image: Annotated[str, typer.Argument(help="Image name or ARN.")],
@@ -110,6 +128,13 @@ def run(
     ] = 3600,
     max_duration: Annotated[int | None, typer.Option(help="Maximum lifetime in seconds.")] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Also allow shell access.")] = False,
+    memory: Annotated[
+        int | None,
+        typer.Option(
+            help="Expected baseline memory in MiB. A VM restores its image's snapshot, so its "
+            "memory is the image's (`images create --memory`); a mismatch is an error."
+        ),
+    ] = None,
     egress: Annotated[bool, typer.Option(help="Allow internet egress.")] = True,
     payload: Annotated[str | None, typer.Option(help="runHookPayload for the /run hook.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until RUNNING.")] = True,
@@ -135,6 +160,8 @@ def run(
         request["maximumDurationInSeconds"] = max_duration
     if payload is not None:
         request["runHookPayload"] = payload
+    if memory is not None:
+        _check_memory(client, image, version, memory)
     started = time.monotonic()
     vm = strip_metadata(client.run_microvm(**request))
     if wait:

@@ -208,6 +208,8 @@ async def open_machine_provider(
     own = network is None
     net = network or NetworkManager(
         settings.data_dir / "network",
+        pool=settings.network_pool,
+        tag=settings.network_tag,
         api_ports=[settings.api_port, settings.proxy_port, settings.proxy_http_port],
     )
     if own:

@@ -46,6 +46,9 @@ class CoreServer:
     limits: CoreLimits = field(default_factory=lambda: CoreLimits(rate_limits={}))
     port: int = 0
     ops: Operations | None = None
+    builder: FakeBuilder | None = None  # the fakes of the running server, for tests to program
+    build_logs: FakeBuildLogs | None = None
+    app_logs: FakeAppLogs | None = None
     _thread: threading.Thread | None = None
     _server: uvicorn.Server | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -76,10 +79,13 @@ class CoreServer:
         settings = Settings(data_dir=self.data_dir, region=REGION, account_id=ACCOUNT,
                             database_url=self.database_url)  # fmt: skip
         repo = await open_repository(settings.effective_database_url)
+        self.builder = FakeBuilder(settings.images_dir)
+        self.build_logs = FakeBuildLogs(logs={})
+        self.app_logs = FakeAppLogs(logs={})
         ops = Operations(
-            settings=settings, repository=repo, host=FakeHost(),
-            builder=FakeBuilder(settings.images_dir), tokens=FakeTokens(), limits=self.limits,
-            build_logs=FakeBuildLogs(), app_logs=FakeAppLogs(),
+            settings=settings, repository=repo, host=FakeHost(), builder=self.builder,
+            tokens=FakeTokens(), limits=self.limits, build_logs=self.build_logs,
+            app_logs=self.app_logs,
         )  # fmt: skip
         await ops.start()
         self.ops = ops
