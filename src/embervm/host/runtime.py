@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -117,6 +118,7 @@ class LocalHost:
             vm.process = await self._vmm.restore(cfg, spec.snapshot_dir)
             undo.push_async_callback(vm.process.kill)
             vm.agent = await connect_agent(cfg, restored=True)
+            await asyncio.to_thread(_record_process, workdir, vm.process.pid, manifest.memory_mib)
             undo.pop_all()
         self._vms[spec.vm_id] = vm
         self._watch(vm)
@@ -167,6 +169,9 @@ class LocalHost:
                 vm.expected_exit = True
                 await vm.process.kill()
                 raise
+            await asyncio.to_thread(
+                _record_process, vm.workdir, vm.process.pid, manifest.memory_mib
+            )
             self._watch(vm)
 
     async def terminate(self, vm_id: str) -> None:
@@ -184,6 +189,53 @@ class LocalHost:
         running = [v for v in list(self._vms) if self.is_running(v)]
         await asyncio.gather(*(self.terminate(v) for v in running))
         self._vms.clear()
+
+    async def detach_all(self) -> list[str]:
+        """Server shutdown: let go of every running VMM without stopping it (``reattach``
+        takes them back after the restart); suspended VMs stay on disk. Returns the ids."""
+        detached: list[str] = []
+        for vm in list(self._vms.values()):
+            if vm.process is not None and vm.process.returncode is None:
+                vm.expected_exit = True
+                if vm.watcher is not None:
+                    vm.watcher.cancel()
+                if vm.agent is not None:
+                    with contextlib.suppress(Exception):
+                        await vm.agent.close()
+                await vm.process.detach()
+                detached.append(vm.vm_id)
+        self._vms.clear()
+        return detached
+
+    async def reattach(self, vm_ids: Iterable[str]) -> list[str]:
+        """After a restart: take back the VMMs an earlier run left running (pid + QMP socket,
+        agent reconnected, network as allocated); returns the ids that are running again.
+        A VM that cannot be taken back is left to ``reclaim_leftovers``."""
+        attached: list[str] = []
+        for vm_id in vm_ids:
+            workdir = self._vms_dir / vm_dir_name(vm_id)
+            record = await asyncio.to_thread(_read_process, workdir)
+            net = self._network.lookup(vm_id)
+            if vm_id in self._vms or record is None or net is None:
+                continue
+            pid, memory_mib = record
+            cfg = self._boot.config(vm_id, workdir, memory_mib=memory_mib, network=net)
+            try:
+                process = await self._vmm.attach(cfg, pid)
+            except RuntimeFailure as exc:
+                log.warning("MicroVM %s: cannot re-attach: %s", vm_id, exc)
+                continue
+            vm = _Vm(vm_id, workdir, net, process=process)
+            try:
+                vm.agent = await connect_agent(cfg, restored=False)
+            except RuntimeFailure as exc:
+                log.warning("MicroVM %s: agent did not answer after re-attach: %s", vm_id, exc)
+                await process.kill()
+                continue
+            self._vms[vm_id] = vm
+            self._watch(vm)
+            attached.append(vm_id)
+        return attached
 
     async def adopt_suspended(self, vm_ids: Iterable[str]) -> list[str]:
         """After a restart: take back the suspended VMs (their snapshot and network
@@ -281,6 +333,24 @@ class LocalHost:
             await asyncio.to_thread(shutil.rmtree, entry, True)
             removed.append(entry.name)
         return removed
+
+
+PROCESS_FILE = "process.json"
+
+
+def _record_process(workdir: Path, pid: int, memory_mib: int) -> None:
+    """What ``reattach`` needs after a server restart (written atomically)."""
+    tmp = workdir / (PROCESS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"pid": pid, "memory_mib": memory_mib}))
+    tmp.replace(workdir / PROCESS_FILE)
+
+
+def _read_process(workdir: Path) -> tuple[int, int] | None:
+    try:
+        body = json.loads((workdir / PROCESS_FILE).read_text())
+        return int(body["pid"]), int(body["memory_mib"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def written_bytes(manifest: SnapshotManifest) -> int:

@@ -155,16 +155,17 @@ async def start_server(
     host = LocalHost(
         settings.vms_dir, boot=BootInputs(artifacts, accel), network=network, on_exit=vm_exited
     )
-    stack.push_async_callback(host.shutdown)
+    stack.push_async_callback(host.detach_all)  # running VMs outlive a server restart
     machines = await stack.enter_async_context(open_machine_provider(settings, network=network))
 
     tokens = TokenAuthority(settings.data_dir / "keys" / "tokens.json")
     app_logs = AppLogFiles(settings.data_dir / "microvm-logs")
     stack.push_async_callback(app_logs.close)
+    backend = LocalHostBackend(host, app_logs)
     ops = Operations(
         settings=settings,
         repository=repository,
-        host=LocalHostBackend(host, app_logs),
+        host=backend,
         builder=PipelineImageBuilder(settings, machines),
         tokens=tokens,
         limits=limits or CoreLimits(host_memory_budget_mib=host_memory_budget_mib()),
@@ -172,12 +173,13 @@ async def start_server(
         app_logs=app_logs,
     )
     ops_ref.append(ops)
-    kept = await repository.microvms_in_states(("SUSPENDED", "SUSPENDING", "PENDING"))
-    adopted = await host.adopt_suspended(vm.microvm_id for vm in kept)
-    await network.reclaim_leftovers(set(adopted))
+    running = [vm.microvm_id for vm in await repository.microvms_in_states(("RUNNING",))]
+    parked = await repository.microvms_in_states(("SUSPENDED", "SUSPENDING", "PENDING"))
+    held = await backend.recover(running, [vm.microvm_id for vm in parked])
+    await network.reclaim_leftovers(set(held))
     removed = await host.reclaim_leftovers()
-    if adopted or removed:
-        progress(f"kept {len(adopted)} suspended VMs; removed {len(removed)} leftovers")
+    if held or removed:
+        progress(f"took back {len(held)} VMs of the last run; removed {len(removed)} leftovers")
     await ops.start()
     stack.push_async_callback(ops.stop)
 

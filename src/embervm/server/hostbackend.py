@@ -39,6 +39,14 @@ class LocalHostBackend:
     def _pump_logs(self, microvm_id: str) -> None:
         self.logs.pump(microvm_id, lambda: self.host.app_logs(microvm_id))
 
+    async def recover(self, running: list[str], suspended: list[str]) -> list[str]:
+        """After a restart: re-attach the VMs left running, take back the suspended ones;
+        returns every id the host holds again (the rest is reclaimed as leftovers)."""
+        attached = await self.host.reattach(running)
+        for vm_id in attached:
+            self._pump_logs(vm_id)
+        return attached + await self.host.adopt_suspended(suspended)
+
     # -- HostBackend ---------------------------------------------------------------------
 
     async def launch(self, vm: VmSpec) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,19 @@ import pytest
 from server_harness import REPO, LiveServer, build_image, free_port
 
 from embervm.guest.artifacts import GuestArtifacts
+
+
+def kill_vmms_of(data_dir: Path) -> None:
+    """Kill the QEMU processes a test server left running (they outlive the server by design)."""
+    needle = str(data_dir).encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (
+                    b"qemu-system" in (proc / "cmdline").read_bytes()
+                    and needle in (proc / "cmdline").read_bytes()
+                ):
+                    os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _test_cache() -> Path:
@@ -32,6 +47,7 @@ def live_server(
         yield server
     finally:
         server.stop()
+        kill_vmms_of(data_dir)  # a stopped server leaves its running VMs for the next start
 
 
 @pytest.fixture(scope="session")

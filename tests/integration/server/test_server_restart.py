@@ -1,4 +1,5 @@
-"""A server restart keeps every record, and a SUSPENDED VM comes back after it."""
+"""A server restart keeps every record; a RUNNING VM keeps running through it (its VMM is
+re-attached) and a SUSPENDED VM can be resumed after it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def test_restart_keeps_records_and_suspended_vms(
               "autoResumeEnabled": True}  # fmt: skip
     vm_id = run_vm(live_server, "flask-counter", idlePolicy=policy)["microvmId"]
     count = live_server.get(vm_id, token(live_server, vm_id)).text
+    running = run_vm(live_server, "flask-counter")["microvmId"]
+    running_count = live_server.get(running, token(live_server, running)).text
     live_server.client().suspend_microvm(microvmIdentifier=vm_id)
     wait_for(
         lambda: live_server.client().get_microvm(microvmIdentifier=vm_id)["state"],
@@ -32,4 +35,8 @@ def test_restart_keeps_records_and_suspended_vms(
     assert client.get_microvm(microvmIdentifier=vm_id)["state"] == "SUSPENDED"
     after = live_server.get(vm_id, token(live_server, vm_id)).text  # auto-resume
     assert int(after.split(":")[1]) == int(count.split(":")[1]) + 1
-    client.terminate_microvm(microvmIdentifier=vm_id)
+    assert client.get_microvm(microvmIdentifier=running)["state"] == "RUNNING"
+    still = live_server.get(running, token(live_server, running)).text  # same process, same memory
+    assert int(still.split(":")[1]) == int(running_count.split(":")[1]) + 1
+    for vm in (vm_id, running):
+        client.terminate_microvm(microvmIdentifier=vm)

@@ -60,7 +60,7 @@ def session(ws: ClientConnection, *typed: str) -> tuple[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def shell_vm(live_server: LiveServer, flask_image: dict[str, Any]) -> Any:
-    vm = run_vm(live_server, "flask-counter", "SHELL_INGRESS")
+    vm = run_vm(live_server, "flask-counter", "HTTP_INGRESS", "SHELL_INGRESS")
     yield vm["microvmId"]
     live_server.client().terminate_microvm(microvmIdentifier=vm["microvmId"])
 
