@@ -24,6 +24,7 @@ log = logging.getLogger("embervm.server.applogs")
 MAX_BYTES = 8 * 1024 * 1024
 MAX_LINE = 16 * 1024
 POLL = 0.2
+DRAIN_TIMEOUT = 2.0
 
 
 class AppLogFiles:
@@ -51,6 +52,16 @@ class AppLogFiles:
         task = self._pumps.pop(microvm_id, None)
         if task is not None:
             task.cancel()
+
+    async def drain(self, microvm_id: str) -> None:
+        """The VM's agent connection is closed (suspend, terminate): let its pump copy the
+        lines still queued, so a VM's last words are kept, then stop it (bounded)."""
+        task = self._pumps.pop(microvm_id, None)
+        if task is None:
+            return
+        _, pending = await asyncio.wait({task}, timeout=DRAIN_TIMEOUT)
+        for late in pending:
+            late.cancel()
 
     def end(self, microvm_id: str) -> None:
         """The VM is gone: stop its pump and let followers finish."""

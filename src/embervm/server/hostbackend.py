@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
+from typing import TypeVar
 
 from embervm.core.seams import SuspendOutcome, VmSpec
 from embervm.errors import GuestError, RuntimeFailure
@@ -19,6 +21,8 @@ from embervm.server.hooks import RuntimeHooks, call_hook
 
 log = logging.getLogger("embervm.server.hostbackend")
 
+T = TypeVar("T")
+
 
 class LocalHostBackend:
     def __init__(self, host: LocalHost, logs: AppLogFiles) -> None:
@@ -26,10 +30,18 @@ class LocalHostBackend:
         self.logs = logs
         self._hooks: dict[str, RuntimeHooks] = {}
 
+    def _hooks_file(self, microvm_id: str) -> Path:
+        return self.logs.root / f"{microvm_id}.hooks.json"
+
+    def _forget_hooks(self, microvm_id: str) -> None:
+        self._hooks.pop(microvm_id, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._hooks_file(microvm_id).unlink(missing_ok=True)
+
     def _hooks_of(self, microvm_id: str) -> RuntimeHooks:
         hooks = self._hooks.get(microvm_id)
         if hooks is None:
-            hooks = RuntimeHooks.load(self.logs.root / f"{microvm_id}.hooks.json")
+            hooks = RuntimeHooks.load(self._hooks_file(microvm_id))
             self._hooks[microvm_id] = hooks
         return hooks
 
@@ -52,9 +64,13 @@ class LocalHostBackend:
     async def launch(self, vm: VmSpec) -> None:
         hooks = RuntimeHooks.from_model(vm.hooks)
         self._hooks[vm.microvm_id] = hooks
-        await asyncio.to_thread(self.logs.root.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(hooks.save, self.logs.root / f"{vm.microvm_id}.hooks.json")
-        await self.host.launch(LaunchSpec(vm.microvm_id, vm.snapshot_dir, vm.egress))
+        try:
+            await asyncio.to_thread(self.logs.root.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(hooks.save, self._hooks_file(vm.microvm_id))
+            await self.host.launch(LaunchSpec(vm.microvm_id, vm.snapshot_dir, vm.egress))
+        except BaseException:
+            self._forget_hooks(vm.microvm_id)
+            raise
         self._pump_logs(vm.microvm_id)
         try:
             await self._hook(vm.microvm_id, "run", (vm.run_hook_payload or "").encode())
@@ -72,35 +88,24 @@ class LocalHostBackend:
             raise RuntimeFailure(f"the resume hook failed: {exc}") from exc
 
     async def suspend(self, microvm_id: str, *, cancel: asyncio.Event) -> SuspendOutcome:
-        """The /suspend hook, then the snapshot; ``cancel`` aborts either (the snapshot is
-        abandoned before it commits and the VM runs on)."""
+        """The /suspend hook, then the snapshot. ``cancel`` interrupts either: a hook still
+        waiting is abandoned, a snapshot not yet committed is undone and the VM runs on."""
         if cancel.is_set():
             return SuspendOutcome(completed=False)
+        hook = asyncio.create_task(self._suspend_hook(microvm_id))
+        if not await _unless_cancelled(hook, cancel):
+            return SuspendOutcome(completed=False)
+        snapshot = asyncio.create_task(self.host.suspend(microvm_id))
+        if not await _unless_cancelled(snapshot, cancel):
+            return SuspendOutcome(completed=False)
+        await self.logs.drain(microvm_id)
+        return SuspendOutcome(completed=True, snapshot_bytes=snapshot.result())
+
+    async def _suspend_hook(self, microvm_id: str) -> None:
         try:
             await self._hook(microvm_id, "suspend")
         except GuestError as exc:
             log.warning("MicroVM %s: %s; suspending anyway", microvm_id, exc)
-        if cancel.is_set():
-            return SuspendOutcome(completed=False)
-        snapshot = asyncio.create_task(self.host.suspend(microvm_id))
-        cancelled = asyncio.create_task(cancel.wait())
-        try:
-            await asyncio.wait({snapshot, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            snapshot.cancel()
-            raise
-        finally:
-            cancelled.cancel()
-        if not snapshot.done():
-            snapshot.cancel()
-        try:
-            written = await snapshot
-        except asyncio.CancelledError:
-            if cancel.is_set():
-                return SuspendOutcome(completed=False)
-            raise
-        self.logs.stop_pump(microvm_id)
-        return SuspendOutcome(completed=True, snapshot_bytes=written)
 
     async def terminate(self, microvm_id: str, *, call_hooks: bool = True) -> None:
         if call_hooks and self.host.is_running(microvm_id):
@@ -109,13 +114,34 @@ class LocalHostBackend:
             except GuestError as exc:
                 log.info("MicroVM %s: %s; terminating anyway", microvm_id, exc)
         await self.host.terminate(microvm_id)
+        await self.logs.drain(microvm_id)
         self.logs.end(microvm_id)
-        self._hooks.pop(microvm_id, None)
-        with contextlib.suppress(OSError, ValueError):
-            (self.logs.root / f"{microvm_id}.hooks.json").unlink(missing_ok=True)
+        self._forget_hooks(microvm_id)
 
     def address(self, microvm_id: str) -> str | None:
         return self.host.address(microvm_id)
 
     def is_running(self, microvm_id: str) -> bool:
         return self.host.is_running(microvm_id)
+
+
+async def _unless_cancelled(task: asyncio.Task[T], cancel: asyncio.Event) -> bool:
+    """Wait for ``task`` unless ``cancel`` is set first, then cancel it. True when the task
+    finished (it may have got past its point of no return before the cancel reached it);
+    its exception, if any, is raised. The task never outlives this call."""
+    waiter = asyncio.create_task(cancel.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.wait({task})
+        raise
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})  # the undo runs to its end; our own cancel still raises
+        if task.cancelled():
+            return False
+    task.result()
+    return True

@@ -20,6 +20,7 @@ from embervm.build import (
     LocalBuildLog,
     LocalLayerCache,
     MachineProvider,
+    NullBuildLog,
     open_build_log,
     spec_from_request,
 )
@@ -55,9 +56,13 @@ class PipelineImageBuilder:
             job.request, fetch=fetch, snapshot_dir=root / "snapshot", work_dir=root / "work"
         )
         log = await asyncio.to_thread(open_build_log, job.request.get("logging"), root / BUILD_LOG)
+        outcome = "FAILED"
         try:
             result = await ImageBuild(spec, provider=self.machines, cache=self.cache, log=log).run()
+            outcome = "SUCCESSFUL"
         finally:
+            if isinstance(log, NullBuildLog):  # logging disabled: only the end, for followers
+                await asyncio.to_thread(_end_only_log, root / BUILD_LOG, outcome)
             await asyncio.to_thread(shutil.rmtree, root / "work", True)
         if not result.snapshot_dir.is_dir():
             raise BuildFailure("the build ended without a snapshot")
@@ -86,11 +91,18 @@ class BuildLogFiles:
         path = path / BUILD_LOG
         if not follow:
             text = await asyncio.to_thread(_read_text, path)
-            for line in text.splitlines():
-                yield line
+            # Only whole lines: a build still running may be half-way through a record.
+            for line in text.split("\n")[:-1]:
+                if line.strip():
+                    yield line
             return
         async for record in LocalBuildLog.follow(path, idle_timeout=FOLLOW_IDLE_TIMEOUT):
             yield record.to_json()
+
+
+def _end_only_log(path: Path, outcome: str) -> None:
+    """A build log holding just its end record (the build asked for no logs)."""
+    LocalBuildLog(path).close(outcome)
 
 
 def _read_text(path: Path) -> str:
