@@ -24,6 +24,7 @@ from embervm.guest.client import AgentClient
 HOOK_PATH = "/aws/lambda-microvms/runtime/v1/"
 DEFAULT_PORT = 8080
 DEFAULT_TIMEOUT = 1.0
+MAX_TIMEOUT = 60.0  # the model's range for every runtime hook: 1-60 s
 RUNTIME_HOOKS = ("run", "resume", "suspend", "terminate")
 RETRIED = frozenset({"suspend", "terminate"})
 RETRY_PAUSE = 0.1
@@ -39,14 +40,16 @@ class RuntimeHooks:
 
     @classmethod
     def from_model(cls, hooks: Mapping[str, Any] | None) -> RuntimeHooks:
+        """From the model's ``Hooks``; values out of the model's ranges (a record written by
+        another version, a hand-edited store) fall back to the defaults."""
         if not hooks:
             return cls()
         runtime = hooks.get("microvmHooks") or {}
         return cls(
-            port=int(hooks.get("port", DEFAULT_PORT)),
+            port=int(_bounded(hooks.get("port"), 1, 65535, DEFAULT_PORT)),
             enabled=frozenset(h for h in RUNTIME_HOOKS if runtime.get(h) == "ENABLED"),
             timeouts={
-                h: float(runtime.get(f"{h}TimeoutInSeconds", DEFAULT_TIMEOUT))
+                h: _bounded(runtime.get(f"{h}TimeoutInSeconds"), 1, MAX_TIMEOUT, DEFAULT_TIMEOUT)
                 for h in RUNTIME_HOOKS
             },
         )
@@ -65,13 +68,23 @@ class RuntimeHooks:
         """Hooks saved at launch (they outlive a server restart); none if missing or bad."""
         try:
             body = json.loads(path.read_text())
-            return cls(
-                port=int(body["port"]),
-                enabled=frozenset(h for h in body["enabled"] if h in RUNTIME_HOOKS),
-                timeouts={h: float(body["timeouts"][h]) for h in RUNTIME_HOOKS},
+            return cls.from_model(
+                {
+                    "port": body["port"],
+                    "microvmHooks": {
+                        **{h: "ENABLED" for h in body["enabled"] if h in RUNTIME_HOOKS},
+                        **{f"{h}TimeoutInSeconds": body["timeouts"][h] for h in RUNTIME_HOOKS},
+                    },
+                }
             )
         except (OSError, ValueError, KeyError, TypeError):
             return cls()
+
+
+def _bounded(value: object, lo: float, hi: float, default: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return float(value) if lo <= value <= hi else default
 
 
 async def call_hook(agent: AgentClient, hooks: RuntimeHooks, hook: str, body: bytes = b"") -> None:

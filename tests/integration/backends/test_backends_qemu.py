@@ -265,6 +265,21 @@ async def test_a_cancelled_suspend_keeps_the_vm_running(world: World, image: Bui
         await world.backend.terminate(vm.microvm_id)
 
 
+async def test_a_failing_resume_hook_terminates_the_vm(world: World, image: BuiltImage) -> None:
+    vm = vm_spec(image)
+    await world.backend.launch(vm)
+    await get(world, vm.microvm_id, "/fail-resume")  # /resume will answer 500
+    assert (await world.backend.suspend(vm.microvm_id, cancel=asyncio.Event())).completed
+    with pytest.raises(RuntimeFailure) as failure:
+        await world.backend.resume(vm.microvm_id)
+    assert "resume hook" in str(failure.value)
+    assert "HTTP 500" in str(failure.value)
+    assert not world.backend.is_running(vm.microvm_id)
+    assert world.backend.address(vm.microvm_id) is None
+    await world.backend.terminate(vm.microvm_id)  # what core does next: nothing left to do
+    assert list(world.settings.vms_dir.iterdir()) == []
+
+
 async def test_a_run_hook_past_its_timeout_fails_the_launch_and_leaves_nothing(
     world: World, image: BuiltImage
 ) -> None:

@@ -3,6 +3,7 @@
 ``/run`` with the payload ``slow`` answers after 6 s (past the test's 3 s timeout).
 ``/suspend`` answers 503 the first time (the host must retry it), unless ``GET /slow-suspend``
 was called first: then it answers only after 30 s (the test cancels the suspend meanwhile).
+``/resume`` answers 500 after ``GET /fail-resume``.
 """
 
 import json
@@ -10,7 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CALLS = []
-STATE = {"count": 0, "slow_suspend": False}
+STATE = {"count": 0, "slow_suspend": False, "fail_resume": False}
 PREFIX = "/aws/lambda-microvms/runtime/v1/"
 
 
@@ -24,8 +25,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/calls":
             self.reply(200, json.dumps(CALLS).encode())
-        elif self.path == "/slow-suspend":
-            STATE["slow_suspend"] = True
+        elif self.path in ("/slow-suspend", "/fail-resume"):
+            STATE[self.path[1:].replace("-", "_")] = True
             self.reply(200)
         else:
             STATE["count"] += 1
@@ -40,6 +41,8 @@ class Handler(BaseHTTPRequestHandler):
             status = "slow"
         elif hook == "suspend" and not any(c["hook"] == "suspend" for c in CALLS):
             status = 503
+        elif hook == "resume" and STATE["fail_resume"]:
+            status = 500
         CALLS.append({"hook": hook, "payload": payload, "status": status})
         print(f"hook {hook} payload={payload!r} status={status}", flush=True)
         if hook == "run" and payload == "slow":
