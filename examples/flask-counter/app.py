@@ -55,3 +55,15 @@ def events() -> Response:
 @app.post("/aws/lambda-microvms/runtime/v1/<hook>")
 def hook(hook: str) -> tuple[str, int]:
     return ("ok\n", 200) if hook in HOOKS else ("unknown hook\n", 404)
+
+
+@app.get("/healthz")
+def healthz() -> str:
+    return "ok\n"
+
+
+# Warm the request path once at start-up (imports, URL map, response code), before the build
+# takes the snapshot: every MicroVM restored from it then answers its first request at once
+# instead of paying that first-request cost (about a second under TCG). It does not count.
+with app.test_client() as _client:
+    _client.get("/healthz")

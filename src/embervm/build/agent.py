@@ -24,6 +24,10 @@ DIRS_PER_EXEC = 200
 _EXITED = {"exited", "failed", "backoff", "stopped"}
 
 
+IDLE_WINDOW = 0.2  # seconds per sample of /proc/stat
+IDLE_JIFFIES = 3  # busy clock ticks (1/100 s) allowed in a window: under ~15 % of one CPU
+
+
 class AgentOps:
     """exec / put_file / put_tree / start_app / call_hook / probe_port / app_exit_code."""
 
@@ -103,6 +107,23 @@ class AgentOps:
             return await self.client.tcp_probe(port, timeout=timeout)
         except GuestError:
             return False
+
+    async def wait_idle(self, *, timeout: float) -> bool:  # noqa: ASYNC109
+        rounds = max(1, int(timeout / IDLE_WINDOW))
+        script = (
+            f"i=0; while [ $i -lt {rounds} ]; do i=$((i+1)); "
+            "read c u n s rest < /proc/stat; "
+            f"sleep {IDLE_WINDOW}; "
+            "read c u2 n2 s2 rest < /proc/stat; "
+            f"[ $(( (u2+n2+s2) - (u+n+s) )) -le {IDLE_JIFFIES} ] && exit 0; done; exit 1"
+        )
+        try:
+            result = await self.client.exec(
+                ["/bin/sh", "-c", script], env={}, cwd="/", user=None, timeout=timeout + 5
+            )
+        except GuestError:
+            return False
+        return result.exit_code == 0
 
     async def app_exit_code(self) -> int | None:
         for app in await self.client.app_status():

@@ -45,6 +45,7 @@ ArtifactFetcher = Callable[[Path], Awaitable[Path]]
 """Given a destination path, put the code artifact zip there (e.g. ``fetch_code_artifact``)."""
 
 SHUTDOWN_TIMEOUT = 30.0
+SETTLE_TIMEOUT = 15.0  # after the port opens, wait this long at most for the app to go idle
 
 
 @dataclass(frozen=True)
@@ -449,6 +450,13 @@ class ImageBuild:
         )
         try:
             await self._await_ready(app, plan)
+            if not spec.hooks.ready:
+                # An open port only says the listener is up: servers such as gunicorn accept
+                # connections before their workers have loaded the app. Snapshotting then would
+                # make every launch finish that start-up (~1 s under TCG) before it answers.
+                settled = await app.wait_idle(timeout=SETTLE_TIMEOUT)
+                if not settled:
+                    self.log.emit("build", "the app is still busy; taking the snapshot anyway")
         finally:
             output.flush()
         self.log.emit("build", "the app is ready; taking the snapshot")

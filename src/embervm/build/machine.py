@@ -100,6 +100,11 @@ class AppMachine(Protocol):
         """Whether the guest's TCP ``port`` accepts connections."""
         ...
 
+    async def wait_idle(self, *, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until the guest's CPUs are nearly idle (the app finished starting); False if
+        it is still busy after ``timeout``."""
+        ...
+
     async def app_exit_code(self) -> int | None:
         """None while the app runs; its exit code once it has exited."""
         ...

@@ -128,6 +128,9 @@ class FakeAppMachine:
     async def probe_port(self, port: int, *, timeout: float) -> bool:  # noqa: ASYNC109
         return await tcp_probe(self.address(port), timeout)
 
+    async def wait_idle(self, *, timeout: float) -> bool:  # noqa: ASYNC109
+        return True
+
     async def app_exit_code(self) -> int | None:
         return self.provider.app_exit_code
 

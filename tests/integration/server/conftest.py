@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_harness import REPO, LiveServer, build_image, free_port
+from server_harness import REPO, LiveServer, build_image, build_image_with_aws_cli, free_port
 
 from embervm.guest.artifacts import GuestArtifacts
 
@@ -52,7 +52,8 @@ def live_server(
 
 @pytest.fixture(scope="session")
 def flask_image(live_server: LiveServer) -> dict[str, Any]:
-    image = build_image(live_server, "flask-counter", REPO / "examples" / "flask-counter")
+    source = REPO / "examples" / "flask-counter"
+    image = build_image_with_aws_cli(live_server, "flask-counter", source)
     assert image["state"] == "CREATED", image
     return image
 
