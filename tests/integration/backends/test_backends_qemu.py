@@ -265,6 +265,26 @@ async def test_a_cancelled_suspend_keeps_the_vm_running(world: World, image: Bui
         await world.backend.terminate(vm.microvm_id)
 
 
+async def test_a_suspend_cancelled_at_any_moment_leaves_a_whole_vm(
+    world: World, image: BuiltImage
+) -> None:
+    """Cancels land in the hook, mid-snapshot or after the commit: whichever, the VM either
+    runs on or is suspended and resumes, with its memory either way."""
+    vm = vm_spec(image)
+    await world.backend.launch(vm)
+    try:
+        for count, delay in enumerate((0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), start=1):
+            cancel = asyncio.Event()
+            asyncio.get_running_loop().call_later(delay, cancel.set)
+            outcome = await world.backend.suspend(vm.microvm_id, cancel=cancel)
+            assert world.backend.is_running(vm.microvm_id) is not outcome.completed
+            if outcome.completed:
+                await world.backend.resume(vm.microvm_id)
+            assert (await get(world, vm.microvm_id)).text == f"count {count}"
+    finally:
+        await world.backend.terminate(vm.microvm_id)
+
+
 async def test_a_failing_resume_hook_terminates_the_vm(world: World, image: BuiltImage) -> None:
     vm = vm_spec(image)
     await world.backend.launch(vm)
