@@ -196,8 +196,7 @@ class Http1Session:
             await self.refuse(502, f"The app is not answering on port {target.port}")
             return False
         upstream.send(h11.Request(method=request.method, target=request.target,
-                                  headers=strip_headers(request.headers),
-                                  http_version=request.http_version))  # fmt: skip
+                                  headers=strip_headers(request.headers)))  # fmt: skip
         return await self._exchange(upstream, websocket)
 
     async def _upstream_for(self, target: Target) -> H1Upstream:
@@ -260,10 +259,10 @@ class Http1Session:
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101 and websocket:
                     return await self._switch(upstream, event)
-                self.send_event(event)
+                self.send_event(_as_http11(event))
                 continue
             if isinstance(event, h11.Response):
-                self.send_event(event)
+                self.send_event(_as_http11(event))
                 break
             raise ConnectionError("the app closed the connection before answering")
         while True:
@@ -281,7 +280,7 @@ class Http1Session:
 
     async def _switch(self, upstream: H1Upstream, response: h11.InformationalResponse) -> bool:
         """The app accepted a WebSocket: relay its 101, then bytes both ways."""
-        self.send_event(response)
+        self.send_event(_as_http11(response))
         await self.flush()
         client_rest = self.conn.trailing_data[0]
         app_rest = upstream.conn.trailing_data[0]
@@ -296,3 +295,9 @@ class Http1Session:
             lambda: self.admission.routes.record_activity(vm_id),
         )
         return False
+
+
+def _as_http11(event: h11.Response | h11.InformationalResponse) -> Any:
+    """The same answer as HTTP/1.1 (h11 speaks only 1.1; an HTTP/1.0 app's response is
+    framed by h11 on the way in, so nothing is lost)."""
+    return type(event)(status_code=event.status_code, headers=event.headers, reason=event.reason)

@@ -1,0 +1,178 @@
+"""The endpoint proxy against real local upstreams (no VM): admission, refusals, relaying."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from embervm.config import Settings
+from embervm.core.lifecycle import ResolvedVm
+from embervm.core.seams import PortGrant
+from embervm.core.tokens import TokenAuthority
+from embervm.errors import ConflictError, InternalError, NotFoundError
+from embervm.proxy import EndpointProxy
+
+VM = "mvm-0123456789abcdef0123"
+OTHER = "mvm-fedcba9876543210fedc"
+HOST = f"{VM}.microvm.localhost"
+
+
+class Echo(BaseHTTPRequestHandler):
+    """HTTP/1.0 app (http.server's default): answers with the headers it received."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class Routes:
+    vms: dict[str, ResolvedVm]
+    resumes: list[str] = field(default_factory=list)
+    activity: list[str] = field(default_factory=list)
+    resume_fails: bool = False
+
+    async def resolve(self, microvm_id: str) -> ResolvedVm:
+        if microvm_id not in self.vms:
+            raise NotFoundError("no such VM")
+        return self.vms[microvm_id]
+
+    async def ensure_running(self, microvm_id: str) -> ResolvedVm:
+        vm = await self.resolve(microvm_id)
+        if not vm.auto_resume:
+            raise ConflictError("suspended")
+        if self.resume_fails:
+            raise InternalError("resume failed")
+        self.resumes.append(microvm_id)
+        self.vms[microvm_id] = replace(vm, state="RUNNING", address="127.0.0.1")
+        return self.vms[microvm_id]
+
+    def record_activity(self, microvm_id: str) -> None:
+        self.activity.append(microvm_id)
+
+
+class NoShells:
+    async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> object:
+        raise NotImplementedError
+
+
+def running(vm_id: str, *ingress: str) -> ResolvedVm:
+    return ResolvedVm(vm_id, "RUNNING", frozenset(ingress or {"ALL_INGRESS"}), "127.0.0.1",
+                      True, "")  # fmt: skip
+
+
+@dataclass
+class Rig:
+    url: str
+    routes: Routes
+    tokens: TokenAuthority
+    port: int
+
+    def token(self, vm_id: str = VM, *, kind: str = "endpoint", port: int | None = None) -> str:
+        ports = PortGrant(all_ports=True) if port is None else PortGrant(ranges=((port, port),))
+        return self.tokens.issue(vm_id, kind=kind, ports=ports, expires_in_minutes=5)  # type: ignore[arg-type]
+
+    async def get(self, token: str | None, *, host: str = HOST, port: int | None = None,
+                  **headers: str) -> httpx.Response:  # fmt: skip
+        sent = {"host": host, "x-aws-proxy-port": str(port or self.port), **headers}
+        if token is not None:
+            sent["x-aws-proxy-auth"] = token
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await client.get(self.url + "/path", headers=sent)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, upstream: int) -> AsyncIterator[Rig]:
+    routes = Routes({VM: running(VM), OTHER: running(OTHER)})
+    tokens = TokenAuthority(tmp_path / "keys.json")
+    settings = Settings(data_dir=tmp_path, proxy_port=0, proxy_http_port=0)
+    proxy = EndpointProxy(settings, lifecycle=routes, tokens=tokens, shells=NoShells())  # type: ignore[arg-type]
+    await proxy.start()
+    try:
+        yield Rig(f"http://127.0.0.1:{proxy.http_port}", routes, tokens, upstream)
+    finally:
+        await proxy.stop()
+
+
+async def test_a_valid_token_reaches_the_app_without_proxy_headers(rig: Rig) -> None:
+    answer = await rig.get(rig.token(), **{"x-custom": "kept"})
+    assert answer.status_code == 200
+    seen = answer.json()
+    assert seen["x-custom"] == "kept"
+    assert not [name for name in seen if name.startswith("x-aws-proxy")]
+    assert rig.routes.activity == [VM]
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "forged", "other-vm", "wrong-port", "shell-kind", "expired-format"]
+)
+async def test_token_misuse_is_403_without_detail(rig: Rig, case: str) -> None:
+    token = {
+        "missing": None,
+        "forged": rig.token()[:-3] + "AAA",
+        "other-vm": rig.token(OTHER),
+        "wrong-port": rig.token(port=rig.port + 1),
+        "shell-kind": rig.token(kind="shell"),
+        "expired-format": "not.a.token.at.all",
+    }[case]
+    answer = await rig.get(token)
+    assert answer.status_code == 403
+    assert answer.text == "Forbidden\n"
+    assert rig.routes.activity == []
+
+
+async def test_ingress_connectors_are_enforced(rig: Rig) -> None:
+    rig.routes.vms[VM] = running(VM, "NO_INGRESS")
+    assert (await rig.get(rig.token())).status_code == 403
+    rig.routes.vms[VM] = running(VM, "SHELL_INGRESS")
+    assert (await rig.get(rig.token())).status_code == 403
+    rig.routes.vms[VM] = running(VM, "HTTP_INGRESS")
+    assert (await rig.get(rig.token())).status_code == 200
+
+
+async def test_unknown_hosts_and_vms_are_404(rig: Rig) -> None:
+    assert (await rig.get(rig.token(), host="example.com")).status_code == 404
+    ghost = "mvm-99999999999999999999"
+    answer = await rig.get(rig.token(ghost), host=f"{ghost}.microvm.localhost")
+    assert answer.status_code == 404
+
+
+async def test_bad_port_header_is_400_and_a_dead_port_is_502(rig: Rig) -> None:
+    assert (await rig.get(rig.token(), port=70000)).status_code == 400
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    assert (await rig.get(rig.token(), port=dead)).status_code == 502
+
+
+async def test_suspended_vms_resume_or_answer_502(rig: Rig) -> None:
+    rig.routes.vms[VM] = replace(running(VM), state="SUSPENDED", address=None)
+    assert (await rig.get(rig.token())).status_code == 200
+    assert rig.routes.resumes == [VM]
+    rig.routes.vms[VM] = replace(running(VM), state="SUSPENDED", address=None, auto_resume=False)
+    assert (await rig.get(rig.token())).status_code == 502
+    rig.routes.vms[VM] = replace(running(VM), state="SUSPENDED", address=None)
+    rig.routes.resume_fails = True
+    assert (await rig.get(rig.token())).status_code == 502
