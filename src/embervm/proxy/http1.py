@@ -39,23 +39,31 @@ H2cHandoff = Callable[
 ]
 
 
-class H1Upstream:
-    """One keep-alive HTTP/1.1 connection to an app port."""
+class H11Peer:
+    """One side of an HTTP/1.1 connection, framed by h11: events are queued as bytes and
+    written by ``flush`` (one write per burst, not one per event)."""
 
     def __init__(
-        self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        role: type[h11.CLIENT] | type[h11.SERVER],
+        initial: bytes = b"",
     ) -> None:
-        self.target = target
         self.reader = reader
         self.writer = writer
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD)
+        if initial:
+            self.conn.receive_data(initial)
         self._out: list[bytes] = []
 
     def send(self, event: Any) -> None:
-        """Queue an event's bytes; ``flush`` writes them (one write per burst, not per event)."""
         data = self.conn.send(event)
         if data:
             self._out.append(data)
+
+    def queued(self) -> int:
+        return sum(len(chunk) for chunk in self._out)
 
     async def flush(self) -> None:
         if self._out:
@@ -68,7 +76,7 @@ class H1Upstream:
         timeout: float,  # noqa: ASYNC109 - per phase (head, body), not per call
         before_wait: Callable[[], Awaitable[None]] | None = None,
     ) -> Any:
-        """The next event from the app; ``before_wait`` runs before blocking on the socket."""
+        """The next event from the peer; ``before_wait`` runs before blocking on the socket."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
@@ -79,13 +87,25 @@ class H1Upstream:
                 data = await self.reader.read(READ_SIZE)
             self.conn.receive_data(data)
 
+
+class H1Upstream(H11Peer):
+    """One keep-alive HTTP/1.1 connection to an app port."""
+
+    def __init__(
+        self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        super().__init__(reader, writer, h11.CLIENT)
+        self.target = target
+
     def reusable(self) -> bool:
         """Both sides finished the last exchange and the app has not hung up since."""
         done = self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
         return done and not self.reader.at_eof()
 
 
-class Http1Session:
+class Http1Session(H11Peer):
+    """The client's side of one connection, and the requests it carries."""
+
     def __init__(
         self,
         reader: asyncio.StreamReader,
@@ -96,48 +116,20 @@ class Http1Session:
         h2c: H2cHandoff | None = None,
         initial: bytes = b"",
     ) -> None:
-        self.reader = reader
-        self.writer = writer
+        super().__init__(reader, writer, h11.SERVER, initial)
         self.admission = admission
         self.shells = shells
         self.h2c = h2c
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        if initial:
-            self.conn.receive_data(initial)
         self.upstream: H1Upstream | None = None
-        self._out: list[bytes] = []
-
-    # -- client side ---------------------------------------------------------------------
-
-    def send_event(self, event: Any) -> None:
-        """Queue an event's bytes for the client; ``flush`` writes them."""
-        data = self.conn.send(event)
-        if data:
-            self._out.append(data)
-
-    async def flush(self) -> None:
-        if self._out:
-            self.writer.write(b"".join(self._out))
-            self._out.clear()
-        await self.writer.drain()
-
-    async def _next(self, timeout: float) -> Any:  # noqa: ASYNC109
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            async with asyncio.timeout(timeout):
-                data = await self.reader.read(READ_SIZE)
-            self.conn.receive_data(data)
 
     async def refuse(self, status: int, message: str) -> None:
         body = (message + "\n").encode()
         headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]  # fmt: skip
         with contextlib.suppress(h11.LocalProtocolError):
-            self.send_event(h11.Response(status_code=status, headers=headers))
-            self.send_event(h11.Data(data=body))
-            self.send_event(h11.EndOfMessage())
+            self.send(h11.Response(status_code=status, headers=headers))
+            self.send(h11.Data(data=body))
+            self.send(h11.EndOfMessage())
         with contextlib.suppress(ConnectionError):
             await self.flush()
 
@@ -146,7 +138,7 @@ class Http1Session:
             timeout = FIRST_REQUEST_TIMEOUT
             while True:
                 try:
-                    event = await self._next(timeout)
+                    event = await self.next_event(timeout)
                 except (TimeoutError, ConnectionError):
                     return
                 except h11.RemoteProtocolError as exc:
@@ -239,7 +231,7 @@ class Http1Session:
         while True:
             if event is h11.NEED_DATA:
                 await upstream.flush()
-                event = await self._next(KEEPALIVE_TIMEOUT)
+                event = await self.next_event(KEEPALIVE_TIMEOUT)
             if isinstance(event, h11.Data):
                 upstream.send(event)
             elif isinstance(event, h11.EndOfMessage):
@@ -259,20 +251,20 @@ class Http1Session:
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101 and websocket:
                     return await self._switch(upstream, event)
-                self.send_event(_as_http11(event))
+                self.send(_as_http11(event))
                 continue
             if isinstance(event, h11.Response):
-                self.send_event(_as_http11(event))
+                self.send(_as_http11(event))
                 break
             raise ConnectionError("the app closed the connection before answering")
         while True:
             event = await upstream.next_event(KEEPALIVE_TIMEOUT, self.flush)
             if isinstance(event, h11.Data):
-                self.send_event(event)
-                if sum(len(chunk) for chunk in self._out) >= READ_SIZE:
+                self.send(event)
+                if self.queued() >= READ_SIZE:
                     await self.flush()
             elif isinstance(event, h11.EndOfMessage):
-                self.send_event(event)
+                self.send(event)
                 await self.flush()
                 return True
             else:
@@ -280,7 +272,7 @@ class Http1Session:
 
     async def _switch(self, upstream: H1Upstream, response: h11.InformationalResponse) -> bool:
         """The app accepted a WebSocket: relay its 101, then bytes both ways."""
-        self.send_event(_as_http11(response))
+        self.send(_as_http11(response))
         await self.flush()
         client_rest = self.conn.trailing_data[0]
         app_rest = upstream.conn.trailing_data[0]

@@ -59,7 +59,7 @@ async def serve_shell_h1(
         log.warning("shell for %s failed to open: %s", target.microvm_id, exc)
         await session.refuse(502, "The shell could not be opened")
         return
-    session.send_event(h11.InformationalResponse(status_code=101, headers=_accept_headers(request)))
+    session.send(h11.InformationalResponse(status_code=101, headers=_accept_headers(request)))
     await session.flush()
     ws = Connection(ConnectionType.SERVER, trailing_data=session.conn.trailing_data[0])
     routes = session.admission.routes

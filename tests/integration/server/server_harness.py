@@ -180,6 +180,11 @@ def build_image(server: LiveServer, name: str, source: Path, **request: Any) -> 
         client.update_microvm_image(imageIdentifier=name, **params)
     except client.exceptions.ResourceNotFoundException:
         client.create_microvm_image(name=name, **params)
+    return wait_built(server, name)
+
+
+def wait_built(server: LiveServer, name: str) -> dict[str, Any]:
+    client = server.client()
     return dict(
         wait_for(
             lambda: client.get_microvm_image(imageIdentifier=name),
@@ -205,15 +210,7 @@ def build_image_with_aws_cli(server: LiveServer, name: str, source: Path) -> dic
     )  # fmt: skip
     if done.returncode != 0:
         raise AssertionError(f"aws create-microvm-image failed: {done.stderr}")
-    client = server.client()
-    return dict(
-        wait_for(
-            lambda: client.get_microvm_image(imageIdentifier=name),
-            lambda image: image["state"] not in ("CREATING", "UPDATING"),
-            BUILD_TIMEOUT,
-            f"the build of {name}",
-        )
-    )
+    return wait_built(server, name)
 
 
 def run_vm(server: LiveServer, image: str, *connectors: str, **request: Any) -> dict[str, Any]:
