@@ -49,7 +49,8 @@ pytestmark = [
 
 HERE = Path(__file__).parent
 BASE_ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
-POOL = "10.217.0.0/16"  # its own addresses: a server or other tests may run beside it
+# Addresses of its own (a server, other tests or another run may be beside it).
+POOL = f"10.217.{4 * secrets.randbelow(64)}.0/22"
 HOOKS = {
     "port": 8080,
     "microvmHooks": {
