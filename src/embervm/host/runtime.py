@@ -132,11 +132,11 @@ class LocalHost:
         async with vm.lock:
             if vm.process is None or vm.process.returncode is not None:
                 raise VmmError(f"MicroVM {vm_id} is not running")
-            if vm.agent is not None:
-                with contextlib.suppress(GuestError, OSError):
-                    await vm.agent.quiesce(auto_thaw=30.0)
             vm.expected_exit = True
-            try:
+            try:  # a cancel during the freeze must thaw too, not leave it to auto_thaw
+                if vm.agent is not None:
+                    with contextlib.suppress(GuestError, OSError):
+                        await vm.agent.quiesce(auto_thaw=30.0)
                 manifest = await vm.process.snapshot(vm.workdir / SUSPEND_DIR)
             except BaseException:
                 vm.expected_exit = False
