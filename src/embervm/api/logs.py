@@ -2,32 +2,52 @@
 
 - ``GET /embervm/v1/microvm-images/{name}/versions/{version}/logs[?follow=true]``: the
   build's JSON log records, one per line;
-- ``GET /embervm/v1/microvms/{id}/logs[?follow=true]``: the app's output, one line each.
+- ``GET /embervm/v1/microvms/{microvm_id}/logs[?follow=true]``: the app's output, one line each.
 
-``follow=true`` keeps the response open and streams new lines until the build or the VM ends
-(or the client goes away). Unknown resources get the model's ResourceNotFoundException shape.
-Lines are capped at ``MAX_LINE`` characters.
+Mounted with ``create_api_app(..., extra_routes=log_routes(operations))``: the app has verified
+SigV4 before a handler runs, and the handler passes :func:`caller_of` on to core, which raises
+``NotFoundError`` for a resource the caller cannot see before any line is sent — so an unknown
+resource gets the model's ``ResourceNotFoundException`` shape (404), bad input the
+``ValidationException`` one (400), like every other operation.
+
+Every line comes from a guest or a build, so it is bounded: at most ``MAX_LINE_BYTES`` bytes
+(UTF-8), with no line break inside (``\\r``/``\\n`` become spaces). ``follow=true`` keeps the
+response open and sends lines as the source yields them, until the source ends (the build or
+the VM ended), the client disconnects (noticed at once, even while no line comes: Starlette
+only watches for a disconnect under ASGI spec < 2.4), or ``MAX_STREAM_SECONDS`` (a VM's
+maximum lifetime and then some) pass. Each way, the source's generator is closed, so no
+reader outlives its client.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from embervm.api._app import caller_of
 from embervm.api._errors import serialize_error
 from embervm.core.caller import Caller
-from embervm.errors import ApiError
+from embervm.errors import ApiError, InternalError, ValidationError
 
-MAX_LINE = 64 * 1024
+log = logging.getLogger("embervm.api.logs")
+
+MAX_LINE_BYTES = 64 * 1024
+MAX_STREAM_SECONDS = 9 * 3600  # RunMicrovm's maximumDurationInSeconds is at most 8 h
+_FOLLOW_VALUES = {"true": True, "1": True, "false": False, "0": False}
+_MEDIA_TYPE = "text/plain; charset=utf-8"
 
 
 class LogLines(Protocol):
-    """What ``embervm.core.Operations`` offers for logs."""
+    """What ``embervm.core.Operations`` offers for logs: each raises ``NotFoundError`` (or
+    another ``ApiError``) when awaited for an unknown resource, then the lines come."""
 
     async def build_log_lines(
         self, image: str, version: str, follow: bool = False, *, caller: Caller | None = None
@@ -38,13 +58,19 @@ class LogLines(Protocol):
     ) -> AsyncIterator[str]: ...
 
 
+def encode_line(line: str) -> bytes:
+    """One record on one line, at most ``MAX_LINE_BYTES`` bytes plus its ``\\n``."""
+    data = line.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
+    if len(data) > MAX_LINE_BYTES:  # cut on a character boundary, not inside one
+        data = data[:MAX_LINE_BYTES].decode("utf-8", "ignore").encode()
+    return data + b"\n"
+
+
 def _follow(request: Request) -> bool:
-    return request.query_params.get("follow", "").lower() in ("1", "true", "yes")
-
-
-async def _encoded(lines: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    async for line in lines:
-        yield (line[:MAX_LINE].replace("\n", " ") + "\n").encode()
+    value = request.query_params.get("follow", "false").lower()
+    if value not in _FOLLOW_VALUES:
+        raise ValidationError(f"follow must be true or false, not {value[:20]!r}")
+    return _FOLLOW_VALUES[value]
 
 
 def _error(error: ApiError) -> Response:
@@ -52,28 +78,104 @@ def _error(error: ApiError) -> Response:
     return Response(result.body, status_code=result.status, headers=dict(result.headers))
 
 
-def log_routes(source: LogLines) -> list[BaseRoute]:
-    async def build_logs(request: Request) -> Response:
-        params = request.path_params
-        try:
-            lines = await source.build_log_lines(
-                params["name"], params["version"], _follow(request), caller=caller_of(request)
-            )
-        except ApiError as exc:
-            return _error(exc)
-        return StreamingResponse(_encoded(lines), media_type="text/plain; charset=utf-8")
+class LineStream:
+    """A ``text/plain`` response streaming ``lines``; ends with the source, the client, or
+    ``max_seconds`` — whichever comes first — and always closes the source."""
 
-    async def app_logs(request: Request) -> Response:
+    def __init__(self, lines: AsyncIterator[str], max_seconds: float = MAX_STREAM_SECONDS) -> None:
+        self.lines = lines
+        self.max_seconds = max_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", _MEDIA_TYPE.encode()),
+                    (b"cache-control", b"no-store"),
+                    (b"x-content-type-options", b"nosniff"),
+                ],
+            }
+        )
+        streaming = asyncio.ensure_future(self._stream(send))
+        watching = asyncio.ensure_future(_disconnected(receive))
         try:
-            lines = await source.app_log_lines(
-                request.path_params["microvm_id"], _follow(request), caller=caller_of(request)
+            done, _ = await asyncio.wait(
+                {streaming, watching},
+                timeout=self.max_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
             )
-        except ApiError as exc:
-            return _error(exc)
-        return StreamingResponse(_encoded(lines), media_type="text/plain; charset=utf-8")
+        finally:
+            for task in (streaming, watching):
+                task.cancel()
+            await asyncio.gather(streaming, watching, return_exceptions=True)
+            await _close(self.lines)
+        failure = streaming.exception() if streaming in done else None
+        if failure is not None:
+            # The status is sent: the only honest signal left is a body that never ends
+            # properly (the server closes the connection), never a clean end of the log.
+            log.error("log stream failed: %r", failure, exc_info=failure)
+            return
+        if watching not in done:  # the source ended or the time ran out: end the body
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stream(self, send: Send) -> None:
+        async for line in self.lines:
+            await send({"type": "http.response.body", "body": encode_line(line), "more_body": True})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _close(lines: AsyncIterator[str]) -> None:
+    close = getattr(lines, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
+async def _respond(
+    request: Request, open_lines: Callable[[bool], Awaitable[AsyncIterator[str]]]
+) -> Response | LineStream:
+    """Look the resource up (errors answered in the model's shapes), then stream its lines."""
+    try:
+        lines = await open_lines(_follow(request))
+    except ApiError as exc:
+        return _error(exc)
+    except Exception:
+        log.exception("opening %s failed", request.url.path[:200])
+        return _error(InternalError("Internal server error"))
+    if request.method == "HEAD":  # it exists; HEAD has no body to stream
+        await _close(lines)
+        return Response(status_code=200, media_type=_MEDIA_TYPE)
+    return LineStream(lines)
+
+
+def log_routes(source: LogLines) -> list[BaseRoute]:
+    """The two log endpoints over ``source`` (core's ``Operations``)."""
+
+    async def build_logs(request: Request) -> Response | LineStream:
+        name, version = request.path_params["name"], request.path_params["version"]
+        caller = caller_of(request)
+        return await _respond(
+            request, lambda follow: source.build_log_lines(name, version, follow, caller=caller)
+        )
+
+    async def app_logs(request: Request) -> Response | LineStream:
+        microvm_id, caller = request.path_params["microvm_id"], caller_of(request)
+        return await _respond(
+            request, lambda follow: source.app_log_lines(microvm_id, follow, caller=caller)
+        )
 
     return [
-        Route("/embervm/v1/microvm-images/{name}/versions/{version}/logs", build_logs,
-              methods=["GET"]),
+        Route(
+            "/embervm/v1/microvm-images/{name}/versions/{version}/logs",
+            build_logs,
+            methods=["GET"],
+        ),
         Route("/embervm/v1/microvms/{microvm_id}/logs", app_logs, methods=["GET"]),
-    ]  # fmt: skip
+    ]
