@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import typer
+from rich.markup import escape
 
 from embervm.cli._context import (
     EXIT_CONFLICT,
@@ -17,7 +18,7 @@ from embervm.cli._context import (
     EXIT_UNREACHABLE,
     CliError,
 )
-from embervm.cli._output import err_console
+from embervm.cli._output import err_console, one_line
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -27,6 +28,11 @@ _EXIT_BY_CODE = {
     "ConflictException": EXIT_CONFLICT,
     "ValidationException": EXIT_INVALID,
 }
+
+
+def api_error(code: str, message: str) -> CliError:
+    """The CliError for a model error (``x-amzn-ErrorType`` code and message)."""
+    return CliError(f"{code}: {message or code}", _EXIT_BY_CODE.get(code, EXIT_FAILED))
 
 
 def translate(exc: BaseException, endpoint: str = "") -> CliError | None:
@@ -57,9 +63,7 @@ def translate(exc: BaseException, endpoint: str = "") -> CliError | None:
         return CliError("no credentials: start the server once or pass --data-dir", EXIT_FAILED)
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Error"))
-        message = str(error.get("Message", "")) or code
-        return CliError(f"{code}: {message}", _EXIT_BY_CODE.get(code, EXIT_FAILED))
+        return api_error(str(error.get("Code", "Error")), str(error.get("Message", "")))
     return None
 
 
@@ -86,7 +90,8 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
                     f"unexpected {type(exc).__name__}: {exc} (EMBERVM_DEBUG=1 shows where)",
                     EXIT_FAILED,
                 )
-            err_console.print(f"[red]error:[/red] {error.message}")
+            # One line: a message from the server may hold newlines or markup of its own.
+            err_console.print(f"[red]error:[/red] {escape(one_line(error.message))}")
             raise typer.Exit(error.exit_code) from None
 
     return wrapper

@@ -71,7 +71,7 @@ def create(
                 ("aws_secret_access_key", credential.secret_access_key),
             ]
         )
-        console.print(f"written to {store.path}")
+        console.print(f"written to {store.path}", markup=False)
 
     emit(value, output, text)
 
@@ -113,5 +113,5 @@ def revoke(
     emit(
         {"accessKeyId": access_key_id, "revoked": True},
         output,
-        lambda: console.print(f"revoked {access_key_id}"),
+        lambda: console.print(f"revoked {access_key_id}", markup=False),
     )

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from embervm.cli._app import current
-from embervm.cli._output import OutputFormat, OutputOption, console, emit
+from embervm.cli._output import OutputFormat, OutputOption, console, emit, one_line
 from embervm.config import DEFAULT_API_PORT, DEFAULT_PROXY_HTTP_PORT, DEFAULT_PROXY_PORT
 
 MIN_FREE_BYTES = 5 * 1024**3
+PROBE_SECONDS = 180
 SETUP_FIX = "run `make setup` (installs the missing Debian packages)"
 
 
@@ -66,11 +68,21 @@ def check_kvm() -> Check:
     data_dir = current().data_dir
 
     async def probe() -> str:
-        boot = await ensure_boot_artifacts(data_dir / "artifacts")
-        return await detect_accelerator(data_dir / "run" / "accel.json", kernel=boot.kernel)
+        # Fetching the guest kernel goes to the network: bounded, so doctor never hangs.
+        async with asyncio.timeout(PROBE_SECONDS):
+            boot = await ensure_boot_artifacts(data_dir / "artifacts")
+            return await detect_accelerator(data_dir / "run" / "accel.json", kernel=boot.kernel)
 
     try:
         accel = asyncio.run(probe())
+    except TimeoutError:
+        return Check(
+            "accelerator",
+            False,
+            f"probe did not finish in {PROBE_SECONDS} s",
+            SETUP_FIX,
+            fatal=False,
+        )
     except Exception as exc:  # the probe is advisory; say why it could not run
         return Check("accelerator", False, f"probe failed: {exc}", SETUP_FIX, fatal=False)
     if accel == "kvm":
@@ -171,9 +183,9 @@ def doctor(output: OutputOption = OutputFormat.text) -> None:
                 if c.ok
                 else ("[red]FAIL[/red]" if c.fatal else "[yellow]warn[/yellow]")
             )
-            console.print(f"{mark} {c.name}: {c.detail}")
+            console.print(f"{mark} {escape(c.name)}: {escape(one_line(c.detail))}")
             if c.fix and (not c.ok or not c.fatal):
-                console.print(f"      fix: {c.fix}")
+                console.print(f"      fix: {c.fix}", markup=False)
 
     emit([c.__dict__ for c in checks], output, text)
     if failed:

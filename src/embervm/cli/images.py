@@ -9,11 +9,13 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
+from rich.markup import escape
 
 from embervm.cli._app import current
-from embervm.cli._context import EXIT_BUILD_FAILED, CliError
+from embervm.cli._context import EXIT_BUILD_FAILED, EXIT_INVALID, CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli._output import (
     OutputFormat,
@@ -21,6 +23,7 @@ from embervm.cli._output import (
     console,
     emit,
     fields,
+    safe_text,
     strip_metadata,
     table,
 )
@@ -38,15 +41,18 @@ FAILED_IMAGE_STATES = {"CREATE_FAILED", "UPDATE_FAILED"}
 def zip_context(source: Path, uploads: Path) -> Path:
     """Zip a build folder (honouring .dockerignore) into ``uploads``, named by content hash.
 
-    A ready zip is used as it is. The result is what ``codeArtifact.uri`` points at.
+    A ready zip is used as it is. The result is what ``codeArtifact.uri`` points at. The
+    server refuses links in a zip, so a link to a file inside the folder is zipped as that
+    file; a link leading out of the folder (or to a folder) is refused here, where the user
+    can fix it, rather than silently zipping whatever it points at.
     """
     uploads.mkdir(parents=True, exist_ok=True)
     if source.is_file():
         if not zipfile.is_zipfile(source):
-            raise CliError(f"{source} is not a zip file or a folder")
+            raise CliError(f"{source} is not a zip file or a folder", EXIT_INVALID)
         return source.resolve()
     if not (source / "Dockerfile").is_file():
-        raise CliError(f"{source} has no Dockerfile")
+        raise CliError(f"{source} has no Dockerfile", EXIT_INVALID)
     from embervm.build.dockerignore import DockerIgnore
 
     ignore = DockerIgnore.from_context(source)
@@ -56,17 +62,25 @@ def zip_context(source: Path, uploads: Path) -> Path:
         if (path.is_file() or path.is_symlink())
         and not ignore.is_excluded(path.relative_to(source).as_posix())
     )
+    root = source.resolve()
+    for path in files:
+        if path.is_symlink() and not (path.resolve().is_relative_to(root) and path.is_file()):
+            raise CliError(
+                f"{path} is a link out of {source} (or to a folder): replace it with the file "
+                "or add it to .dockerignore",
+                EXIT_INVALID,
+            )
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(source).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() if not path.is_symlink() else str(path.readlink()).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
     target = uploads / f"{digest.hexdigest()[:32]}.zip"
     if target.exists():
         return target
     temp = target.with_suffix(".tmp")
     with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in files:
-            archive.write(path, path.relative_to(source).as_posix())
+            archive.write(path.resolve(), path.relative_to(source).as_posix())
     temp.replace(target)
     return target
 
@@ -127,7 +141,7 @@ def create(
     if image["state"] in FAILED_IMAGE_STATES:
         reason = image.get("stateReason") or _version_reason(name, str(image["imageVersion"]))
         if output is OutputFormat.text and reason:
-            console.print(f"[red]reason:[/red] {reason}")
+            console.print(f"[red]reason:[/red] {escape(safe_text(reason))}")
         raise typer.Exit(EXIT_BUILD_FAILED)
 
 
@@ -138,11 +152,16 @@ def _version_reason(name: str, version: str) -> str:
     return str(response.get("stateReason", ""))
 
 
+def build_log_path(name: str, version: str) -> str:
+    """The build log endpoint of one version (user input quoted: it is a path segment)."""
+    return (
+        f"/embervm/v1/microvm-images/{quote(name, safe='')}/versions/{quote(version, safe='')}/logs"
+    )
+
+
 def _follow_build(name: str, version: str, output: OutputFormat) -> dict[str, Any]:
     """Print build log lines as they come, then return the image once the build has ended."""
-    for line in stream_lines(
-        current(), f"/embervm/v1/microvm-images/{name}/versions/{version}/logs", follow=True
-    ):
+    for line in stream_lines(current(), build_log_path(name, version), follow=True):
         if output is OutputFormat.text:
             sys.stdout.write(_render(line) + "\n")
             sys.stdout.flush()
@@ -156,15 +175,27 @@ def _follow_build(name: str, version: str, output: OutputFormat) -> dict[str, An
 
 
 def _render(line: str) -> str:
+    """A build log record (JSON) as a line for people: ``[step] message``."""
     try:
         record = json.loads(line)
     except ValueError:
-        return line
+        return safe_text(line)
     if not isinstance(record, dict):
-        return line
+        return safe_text(line)
     step = record.get("step")
     prefix = f"[{step}] " if step else ""
-    return f"{prefix}{record.get('message', '')}"
+    return safe_text(f"{prefix}{record.get('message', '')}")
+
+
+def _as_record(line: str) -> str:
+    """A build log line as one JSON object (records pass through; anything else is wrapped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        record = {"message": line}
+    return json.dumps(record, ensure_ascii=False)
 
 
 @images_app.command("ls")
@@ -228,9 +259,10 @@ def logs(
     """Print a build's log."""
     if version is None:
         version = newest_version(name)
-    path = f"/embervm/v1/microvm-images/{name}/versions/{version}/logs"
-    for line in stream_lines(current(), path, follow=follow):
-        sys.stdout.write((line if output is OutputFormat.json else _render(line)) + "\n")
+    for line in stream_lines(current(), build_log_path(name, version), follow=follow):
+        sys.stdout.write(
+            (_as_record(line) if output is OutputFormat.json else _render(line)) + "\n"
+        )
         sys.stdout.flush()
 
 
@@ -248,7 +280,11 @@ def delete(
     else:
         response = client.delete_microvm_image(imageIdentifier=name)
     result = strip_metadata(response)
-    emit(result, output, lambda: console.print(f"deleted {name}{' ' + version if version else ''}"))
+    emit(
+        result,
+        output,
+        lambda: console.print(f"deleted {name}{' ' + version if version else ''}", markup=False),
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import sys
 import time
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import typer
+from rich.markup import escape
 
 from embervm.build.request import DEFAULT_APP_MEMORY_MIB as DEFAULT_MEMORY_MIB
 from embervm.cli._app import current
@@ -20,6 +22,7 @@ from embervm.cli._output import (
     console,
     emit,
     fields,
+    safe_text,
     strip_metadata,
     table,
 )
@@ -144,10 +147,12 @@ def run(
     client = current().client()
     request: dict[str, Any] = {
         "imageIdentifier": image,
-        "ingressNetworkConnectors": [connector("ALL_INGRESS" if shell else "HTTP_INGRESS")],
+        # The shell comes on top of the endpoint (ALL_INGRESS could not be combined with it).
+        "ingressNetworkConnectors": [connector("HTTP_INGRESS")]
+        + ([connector("SHELL_INGRESS")] if shell else []),
+        # Omitted means INTERNET_EGRESS on the server; an empty list means none.
+        "egressNetworkConnectors": [connector("INTERNET_EGRESS")] if egress else [],
     }
-    if egress:
-        request["egressNetworkConnectors"] = [connector("INTERNET_EGRESS")]
     if version:
         request["imageVersion"] = version
     if idle_seconds is not None:
@@ -173,11 +178,12 @@ def run(
     result = {**vm, "token": token, "seconds": round(elapsed, 3)}
 
     def text() -> None:
-        console.print(f"[bold]{vm['microvmId']}[/bold] {vm['state']} in {elapsed:.2f} s")
-        console.print(f"endpoint: {vm['endpoint']}")
-        console.print(f"token:    {token}")
-        console.print(f"try:      embervm curl {vm['microvmId']} /")
-        console.print(f"     or:  {curl_line(vm['endpoint'], token)}")
+        vm_id = escape(vm["microvmId"])
+        console.print(f"[bold]{vm_id}[/bold] {escape(vm['state'])} in {elapsed:.2f} s")
+        console.print(f"endpoint: {vm['endpoint']}", markup=False)
+        console.print(f"token:    {token}", markup=False)
+        console.print(f"try:      embervm curl {vm['microvmId']} /", markup=False)
+        console.print(f"     or:  {curl_line(vm['endpoint'], token)}", markup=False)
 
     emit(result, output, text)
 
@@ -228,7 +234,11 @@ def _transition(call: str, vm_id: str, wanted: set[str], wait: bool, output: Out
         vm = wait_for_state(vm_id, wanted, timeout=300)
     elapsed = time.monotonic() - started
     result = {**vm, "seconds": round(elapsed, 3)}
-    emit(result, output, lambda: console.print(f"{vm_id} {vm['state']} in {elapsed:.2f} s"))
+    emit(
+        result,
+        output,
+        lambda: console.print(f"{vm_id} {vm['state']} in {elapsed:.2f} s", markup=False),
+    )
 
 
 WaitOption = Annotated[bool, typer.Option(help="Wait for the transition to finish.")]
@@ -340,9 +350,9 @@ def curl(
 
     def text() -> None:
         if include:
-            console.print(f"{response.http_version} {response.status_code}")
-            for name, val in response.headers.items():
-                console.print(f"{name}: {val}")
+            console.print(f"{response.http_version} {response.status_code}", markup=False)
+            for name, val in response.headers.items():  # the app's: printable, never markup
+                console.print(safe_text(f"{name}: {val}"), markup=False)
             console.print()
         sys.stdout.write(response.text)
         if response.text and not response.text.endswith("\n"):
@@ -357,36 +367,22 @@ def curl(
 def logs(
     vm_id: IdArg,
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines until the VM ends.")
     ] = False,
     output: OutputOption = OutputFormat.text,
 ) -> None:
-    """Print the app's output (stdout and stderr of CMD/ENTRYPOINT)."""
-    lines = stream_lines(current(), f"/embervm/v1/microvms/{vm_id}/logs", follow=follow)
-    if output is OutputFormat.json:
-        import json
+    """Print the app's output (stdout and stderr of CMD/ENTRYPOINT).
 
-        for line in lines:  # the server sends JSON lines already
-            sys.stdout.write(json.dumps(json.loads(line)) + "\n")
-            sys.stdout.flush()
-        return
-    for line in lines:
-        sys.stdout.write(_render_log_line(line) + "\n")
+    ``--output json`` prints one JSON object per line: ``{"microvmId": ..., "line": ...}``.
+    """
+    path = f"/embervm/v1/microvms/{quote(vm_id, safe='')}/logs"
+    for line in stream_lines(current(), path, follow=follow):
+        if output is OutputFormat.json:
+            text = json.dumps({"microvmId": vm_id, "line": line}, ensure_ascii=False)
+        else:
+            text = safe_text(line)
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
-
-
-def _render_log_line(line: str) -> str:
-    import json
-
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return line
-    if not isinstance(record, dict):
-        return line
-    return (
-        f"{record.get('time', '')} {record.get('stream', '')} {record.get('message', '')}".strip()
-    )
 
 
 def register(app: typer.Typer) -> None:
