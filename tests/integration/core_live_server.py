@@ -80,8 +80,8 @@ class CoreServer:
                             database_url=self.database_url)  # fmt: skip
         repo = await open_repository(settings.effective_database_url)
         self.builder = FakeBuilder(settings.images_dir)
-        self.build_logs = FakeBuildLogs(logs={})
-        self.app_logs = FakeAppLogs(logs={})
+        self.build_logs = self.build_logs or FakeBuildLogs(logs={})  # a test's own, if given
+        self.app_logs = self.app_logs or FakeAppLogs(logs={})
         ops = Operations(
             settings=settings, repository=repo, host=FakeHost(), builder=self.builder,
             tokens=FakeTokens(), limits=self.limits, build_logs=self.build_logs,
