@@ -40,6 +40,8 @@ from embervm.errors import ApiError, InternalError, ValidationError
 log = logging.getLogger("embervm.api.logs")
 
 MAX_LINE_BYTES = 64 * 1024
+BATCH_BYTES = 64 * 1024
+QUEUED_LINES = 1024  # read ahead of a slow client at most this many lines
 MAX_STREAM_SECONDS = 9 * 3600  # RunMicrovm's maximumDurationInSeconds is at most 8 h
 _FOLLOW_VALUES = {"true": True, "1": True, "false": False, "0": False}
 _MEDIA_TYPE = "text/plain; charset=utf-8"
@@ -122,8 +124,40 @@ class LineStream:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream(self, send: Send) -> None:
-        async for line in self.lines:
-            await send({"type": "http.response.body", "body": encode_line(line), "more_body": True})
+        """Send what the source has so far in one body chunk (up to ``BATCH_BYTES``): a log
+        read at once goes out in big writes, a followed line goes out as soon as it comes."""
+        queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(QUEUED_LINES)
+        producer = asyncio.ensure_future(self._produce(queue))
+        try:
+            ended = False
+            while not ended:
+                batch, item = bytearray(), await queue.get()
+                while True:
+                    if item is None or isinstance(item, Exception):
+                        ended = True
+                        break
+                    batch += item
+                    if len(batch) >= BATCH_BYTES or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    await send(
+                        {"type": "http.response.body", "body": bytes(batch), "more_body": True}
+                    )
+                if isinstance(item, Exception):
+                    raise item
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+
+    async def _produce(self, queue: asyncio.Queue[bytes | Exception | None]) -> None:
+        try:
+            async for line in self.lines:
+                await queue.put(encode_line(line))
+        except Exception as exc:  # handed to the sender, which fails the stream with it
+            await queue.put(exc)
+        else:
+            await queue.put(None)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -263,7 +263,8 @@ def logs(
         sys.stdout.write(
             (_as_record(line) if output is OutputFormat.json else _render(line)) + "\n"
         )
-        sys.stdout.flush()
+        if follow:
+            sys.stdout.flush()
 
 
 @images_app.command("delete")

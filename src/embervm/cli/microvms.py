@@ -382,7 +382,8 @@ def logs(
         else:
             text = safe_text(line)
         sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        if follow:  # a follower sees each line at once; a dump is written in big blocks
+            sys.stdout.flush()
 
 
 def register(app: typer.Typer) -> None:

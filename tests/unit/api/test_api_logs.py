@@ -235,6 +235,17 @@ async def test_lines_are_bounded_and_never_split_a_record_or_a_character(
     odd.decode()
 
 
+async def test_a_log_read_at_once_goes_out_in_big_chunks() -> None:
+    source = FakeLogSource(app={"mvm-1": [f"line {n}" for n in range(5000)]})
+    call = AsgiCall()
+    lines = await source.app_log_lines("mvm-1", follow=False)
+    async with asyncio.timeout(10):
+        await LineStream(lines)({"type": "http"}, call.receive, call.send)
+    assert call.body.decode().splitlines() == [f"line {n}" for n in range(5000)]
+    assert len(call.messages) < 50  # not one write per line
+    assert call.finished
+
+
 async def test_head_answers_whether_the_log_exists_without_streaming(
     logs: tuple[ApiHarness, FakeLogSource],
 ) -> None:
