@@ -15,6 +15,7 @@ import h2.events as ev
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import H2Error, StreamClosedError
+from h2.settings import SettingCodes, Settings
 
 from embervm.proxy.streams import READ_SIZE, close_quietly
 
@@ -27,11 +28,17 @@ Header = tuple[bytes, bytes]
 
 
 def new_connection(*, client: bool) -> H2Connection:
+    """Our settings are the initial values (assigning ``local_settings.x`` would only queue a
+    change that the preface does not carry: peers would keep the 64 KiB default window)."""
     conn = H2Connection(H2Configuration(client_side=client, header_encoding=None))
-    conn.local_settings.initial_window_size = WINDOW
-    conn.local_settings.max_header_list_size = MAX_HEADER_LIST
-    if not client:
-        conn.local_settings.max_concurrent_streams = MAX_STREAMS
+    values = {
+        SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+        SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+        SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+    }
+    if client:
+        values[SettingCodes.ENABLE_PUSH] = 0
+    conn.local_settings = Settings(client=client, initial_values=values)
     return conn
 
 

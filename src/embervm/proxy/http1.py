@@ -169,7 +169,7 @@ class Http1Session(H11Peer):
         headers = dict(request.headers)
         upgrade = headers.get(b"upgrade", b"").lower()
         websocket = upgrade == b"websocket"
-        if upgrade == b"h2c" and self.h2c is not None and b"http2-settings" in headers:
+        if upgrade == b"h2c" and self.h2c is not None and _h2c_upgradable(headers):
             await self.h2c(request, self.conn.trailing_data[0], self.reader, self.writer)
             return False
         try:
@@ -287,6 +287,13 @@ class Http1Session(H11Peer):
             lambda: self.admission.routes.record_activity(vm_id),
         )
         return False
+
+
+def _h2c_upgradable(headers: dict[bytes, bytes]) -> bool:
+    """An ``Upgrade: h2c`` we take: it has settings and no body (one with a body is served as
+    HTTP/1.1, which RFC 7540 allows; its body would otherwise have to be read first)."""
+    bodiless = headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers
+    return b"http2-settings" in headers and bodiless
 
 
 def _as_http11(event: h11.Response | h11.InformationalResponse) -> Any:

@@ -20,7 +20,7 @@ import h11
 from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
 from embervm.proxy.h2peer import H2Peer, Header, StreamGone, new_connection
 from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, H1Upstream
-from embervm.proxy.streams import open_upstream
+from embervm.proxy.streams import close_quietly, open_upstream
 
 log = logging.getLogger("embervm.proxy.http2")
 
@@ -30,6 +30,9 @@ BODY_TIMEOUT = 300.0
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                         b"upgrade", b"te", b"host", b"http2-settings"})  # fmt: skip
 MAX_IDLE_H1 = 8
+BAD_UPGRADE = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\nconnection: close\r\n\r\nBad request\n"
+)
 
 
 def _is_grpc(headers: dict[bytes, bytes]) -> bool:
@@ -183,10 +186,13 @@ class Http2Session:
                     await upstream.flush()
 
                 body = asyncio.create_task(client_body())
-            await upstream.flush()
-            reusable = await self._h1_response(stream_id, upstream)
-            if body is not None:
-                await body
+            try:
+                await upstream.flush()
+                reusable = await self._h1_response(stream_id, upstream)
+                if body is not None:
+                    await body
+            finally:
+                await _cancelled(body)
         finally:
             if reusable and upstream.reusable():
                 self._h1_idle.setdefault(target, []).append(upstream)
@@ -263,11 +269,10 @@ class Http2Session:
                         await app.end(up_id)
 
                 body = asyncio.create_task(client_body())
-            await self._h2_response(stream_id, app, up_id)
-            if body is not None:
-                body.cancel()
-                with contextlib.suppress(BaseException):
-                    await body
+            try:
+                await self._h2_response(stream_id, app, up_id)
+            finally:
+                await _cancelled(body)
         except StreamGone:
             app.reset(up_id)
             raise
@@ -298,6 +303,14 @@ class Http2Session:
                 raise StreamGone("the app reset the stream")
 
 
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    """End a body task (if still running) and collect its outcome: it has no one else."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
 async def upgrade_h2c(
     admission: Admission,
     request: h11.Request,
@@ -309,10 +322,14 @@ async def upgrade_h2c(
     import base64
 
     fields = dict(request.headers)
-    settings = fields.get(b"http2-settings", b"")
+    raw = fields.get(b"http2-settings", b"").strip()
+    settings = raw + b"=" * (-len(raw) % 4)  # sent unpadded (RFC 7540 §3.2.1); h2 wants padding
     try:
-        base64.urlsafe_b64decode(settings + b"=" * (-len(settings) % 4))
+        if len(base64.urlsafe_b64decode(settings)) % 6:
+            raise ValueError("not a list of settings")
     except ValueError:
+        writer.write(BAD_UPGRADE)
+        await close_quietly(writer)
         return
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
     headers: list[Header] = [(b":method", request.method), (b":scheme", b"http"),

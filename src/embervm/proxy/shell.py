@@ -1,8 +1,9 @@
 """``wss://<id>.<domain>/shell``: a PTY in the VM over a WebSocket.
 
 Binary frames carry terminal bytes both ways; text frames carry JSON control messages:
-``{"type": "resize", "cols": C, "rows": R}`` from the client, ``{"type": "exit", "code": N}``
-from the proxy when the shell ends (then a normal close). Frames are parsed by wsproto;
+``{"type": "resize", "cols": C, "rows": R}`` from the client, ``{"type": "exit", "status": N,
+"code": N}`` from the proxy when the shell ends (then a normal close; ``code`` is the name the
+``embervm shell`` client of the first release reads). Frames are parsed by wsproto;
 a message is capped at ``MAX_MESSAGE`` bytes and a control message must be valid JSON with
 sane sizes, or it is ignored.
 """
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import h11
@@ -22,7 +23,6 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
 from embervm.errors import EmbervmError
-from embervm.guest.client import PtySession
 from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Target, subprotocols
 from embervm.proxy.streams import READ_SIZE
 
@@ -33,10 +33,27 @@ log = logging.getLogger("embervm.proxy.shell")
 
 MAX_MESSAGE = 1024 * 1024
 MAX_TERMINAL = 1000
+EXIT_WAIT = 10.0
+
+
+class Pty(Protocol):
+    """A terminal in the VM (``embervm.guest.PtySession``): iterate it for output bytes."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def resize(self, cols: int, rows: int) -> None: ...
+
+    async def wait(self, timeout: float | None = None) -> int: ...  # noqa: ASYNC109
+
+    async def close(self) -> None: ...
 
 
 class ShellOpener(Protocol):
-    async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> PtySession: ...
+    """What the proxy needs of the host (``embervm.host.LocalHost``)."""
+
+    async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> Pty: ...
 
 
 def _accept_headers(request: h11.Request) -> list[tuple[bytes, bytes]]:
@@ -69,7 +86,7 @@ async def serve_shell_h1(
 
 async def _bridge(
     ws: Connection,
-    pty: PtySession,
+    pty: Pty,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     on_input: Callable[[], None],
@@ -78,8 +95,9 @@ async def _bridge(
         async for chunk in pty:
             writer.write(ws.send(BytesMessage(data=chunk)))
             await writer.drain()
-        code = await pty.wait()
-        writer.write(ws.send(TextMessage(data=json.dumps({"type": "exit", "code": code}))))
+        code = await pty.wait(EXIT_WAIT)  # the output ended: the exit status follows at once
+        exit_message = json.dumps({"type": "exit", "status": code, "code": code})
+        writer.write(ws.send(TextMessage(data=exit_message)))
         writer.write(ws.send(CloseConnection(code=1000)))
         await writer.drain()
 
@@ -125,7 +143,7 @@ async def _bridge(
             await pty.close()
 
 
-async def _control(pty: PtySession, text: str) -> None:
+async def _control(pty: Pty, text: str) -> None:
     if len(text) > 4096:
         return
     try:
