@@ -16,7 +16,8 @@ response open and sends lines as the source yields them, until the source ends (
 the VM ended), the client disconnects (noticed at once, even while no line comes: Starlette
 only watches for a disconnect under ASGI spec < 2.4), or ``MAX_STREAM_SECONDS`` (a VM's
 maximum lifetime and then some) pass. Each way, the source's generator is closed, so no
-reader outlives its client.
+reader outlives its client. Lines already read go out together (``BATCH_BYTES`` per write):
+a whole log is sent in big writes, a followed line as soon as it comes.
 """
 
 from __future__ import annotations
