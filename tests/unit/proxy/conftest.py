@@ -12,7 +12,7 @@ import socket
 import ssl
 import struct
 import termios
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,21 @@ class Routes:
         self.activity.append(microvm_id)
 
 
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def until(check: Callable[[], Awaitable[bool] | bool], timeout: float = 20) -> None:  # noqa: ASYNC109
+    """Poll ``check`` (bounded) for state that has no event of its own to wait on."""
+    async with asyncio.timeout(timeout):
+        while True:
+            outcome = check()
+            if outcome if isinstance(outcome, bool) else await outcome:
+                return
+            await asyncio.sleep(0.01)
+
+
 class LocalPty:
     """``/bin/sh`` on a real PTY of this machine, shaped like ``embervm.guest.PtySession``."""
 
@@ -129,8 +144,8 @@ class LocalPty:
                 pass
             except OSError:  # EIO: the shell is gone
                 return b""
-            ready = loop.create_future()
-            loop.add_reader(self.master, lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self.master, _set_once, ready)
             try:
                 await ready
             finally:
@@ -307,8 +322,7 @@ async def app() -> AsyncIterator[App]:
                             http="h11", timeout_graceful_shutdown=1)  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(server.started))
     try:
         yield App(sock.getsockname()[1], state)
     finally:

@@ -13,8 +13,6 @@ import h2.events
 import h2.settings
 import httpx
 import pytest
-
-from embervm.proxy.admission import connection_limit
 from tests.unit.proxy.conftest import (
     HOST,
     OTHER,
@@ -25,7 +23,10 @@ from tests.unit.proxy.conftest import (
     running,
     seen_headers,
     suspended,
+    until,
 )
+
+from embervm.proxy.admission import connection_limit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +40,7 @@ async def test_http1_keeps_the_app_connection_and_strips_proxy_headers(rig: Rig,
         answers = [
             await client.get(
                 rig.http_url + "/headers", headers=rig.headers(app.port, **{"x-custom": "kept"})
-            )  # fmt: skip
+            )
             for _ in range(3)
         ]
     bodies = [a.json() for a in answers]
@@ -119,7 +120,7 @@ async def test_h2c_with_prior_knowledge(rig: Rig, app: App) -> None:
 async def test_h2c_upgrade_serves_the_request_as_stream_one(rig: Rig, app: App) -> None:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     settings = conn.initiate_upgrade_connection().rstrip(b"=")  # unpadded, as curl sends it
-    head = [f"GET /headers HTTP/1.1", "Connection: Upgrade, HTTP2-Settings",
+    head = ["GET /headers HTTP/1.1", "Connection: Upgrade, HTTP2-Settings",
             "Upgrade: h2c", f"HTTP2-Settings: {settings.decode()}"]  # fmt: skip
     head += [f"{k}: {v}" for k, v in rig.headers(app.port).items()]
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.proxy.http_port)
@@ -161,13 +162,13 @@ async def test_token_for_one_vm_never_reaches_another(rig: Rig, app: App) -> Non
 
 async def test_http2_refusals_carry_no_detail(rig: Rig, app: App) -> None:
     async with httpx.AsyncClient(http2=True, verify=rig.client_tls(), timeout=10) as client:
-        missing = await client.get(rig.https_url + "/headers",
-                                   headers={"host": HOST, "x-aws-proxy-port": str(app.port)})  # fmt: skip
+        bare = {"host": HOST, "x-aws-proxy-port": str(app.port)}
+        missing = await client.get(rig.https_url + "/headers", headers=bare)
         wrong_port = await client.get(rig.https_url + "/headers", headers={
             "host": HOST, "x-aws-proxy-port": str(app.port),
             "x-aws-proxy-auth": rig.token(port=app.port + 1)})  # fmt: skip
-        unknown = await client.get(rig.https_url + "/headers",
-                                   headers={**rig.headers(app.port), "host": "example.com"})  # fmt: skip
+        elsewhere = {**rig.headers(app.port), "host": "example.com"}
+        unknown = await client.get(rig.https_url + "/headers", headers=elsewhere)
     assert (missing.status_code, missing.text) == (403, "Forbidden\n")
     assert (wrong_port.status_code, wrong_port.text) == (403, "Forbidden\n")
     assert unknown.status_code == 404
@@ -188,9 +189,7 @@ async def test_twenty_requests_to_a_suspended_vm_wait_for_one_resume(
             asyncio.create_task(client.get(url + "/headers", headers=rig.headers(app.port)))
             for _ in range(20)
         ]
-        async with asyncio.timeout(20):
-            while rig.routes.waiting < 20:  # all twenty are held, none refused
-                await asyncio.sleep(0.01)
+        await until(lambda: rig.routes.waiting == 20)  # all twenty are held, none refused
         assert not any(call.done() for call in calls)
         rig.routes.resume_gate.set()
         answers = await gather_bounded(*calls)
@@ -211,6 +210,7 @@ async def test_a_failed_resume_answers_502(rig: Rig, app: App) -> None:
 async def test_connections_beyond_the_vms_size_are_429(rig: Rig, app: App) -> None:
     rig.routes.vms[VM] = running(VM, memory_mib=512)
     limit = connection_limit(512)
+    hdrs = rig.headers(app.port)
     clients = [httpx.AsyncClient(timeout=10) for _ in range(limit + 1)]
     try:
         held = await gather_bounded(*[
@@ -222,10 +222,12 @@ async def test_connections_beyond_the_vms_size_are_429(rig: Rig, app: App) -> No
                                          headers=rig.headers(app.port))  # fmt: skip
         assert extra.status_code == 429
         await clients[0].aclose()
-        async with asyncio.timeout(10):  # the proxy notices the client left, frees its slot
-            while (await clients[limit].get(rig.http_url + "/headers",
-                                            headers=rig.headers(app.port))).status_code == 429:  # fmt: skip
-                await asyncio.sleep(0.05)
+
+        async def admitted() -> bool:  # once the proxy noticed the client left
+            again = await clients[limit].get(rig.http_url + "/headers", headers=hdrs)
+            return again.status_code == 200
+
+        await until(admitted)
     finally:
         for client in clients:
             await client.aclose()
