@@ -23,7 +23,8 @@ async def pipe(
     writer: asyncio.StreamWriter,
     on_data: Callable[[], None] | None = None,
 ) -> None:
-    """Copy until EOF, waiting for the far side to drain (backpressure), then half-close."""
+    """Copy until EOF, waiting for the far side to drain (backpressure), then half-close (or
+    close: TLS cannot half-close, and a peer waiting for our close would wait forever)."""
     try:
         while data := await reader.read(READ_SIZE):
             if on_data is not None:
@@ -32,6 +33,8 @@ async def pipe(
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
+        else:
+            writer.close()
     except (ConnectionError, OSError):
         pass
 
