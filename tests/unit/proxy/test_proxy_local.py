@@ -1,27 +1,25 @@
-"""The endpoint proxy against real local upstreams (no VM): admission, refusals, relaying."""
+"""Admission and refusals over HTTP/1.1 in front of an HTTP/1.0 app (``http.server``): token
+misuse, ingress connectors, unknown hosts, bad and dead ports, suspended VMs."""
 
 from __future__ import annotations
 
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+from tests.unit.proxy.conftest import HOST, OTHER, VM, LocalShells, Routes, dead_port, running
 
 from embervm.config import Settings
-from embervm.core.lifecycle import ResolvedVm
 from embervm.core.seams import PortGrant
 from embervm.core.tokens import TokenAuthority
-from embervm.errors import ConflictError, InternalError, NotFoundError
 from embervm.proxy import EndpointProxy
 
-VM = "mvm-0123456789abcdef0123"
-OTHER = "mvm-fedcba9876543210fedc"
-HOST = f"{VM}.microvm.localhost"
+pytestmark = pytest.mark.timeout(60)
 
 
 class Echo(BaseHTTPRequestHandler):
@@ -45,42 +43,6 @@ def upstream() -> Iterator[int]:
     yield int(server.server_address[1])
     server.shutdown()
     server.server_close()
-
-
-@dataclass
-class Routes:
-    vms: dict[str, ResolvedVm]
-    resumes: list[str] = field(default_factory=list)
-    activity: list[str] = field(default_factory=list)
-    resume_fails: bool = False
-
-    async def resolve(self, microvm_id: str) -> ResolvedVm:
-        if microvm_id not in self.vms:
-            raise NotFoundError("no such VM")
-        return self.vms[microvm_id]
-
-    async def ensure_running(self, microvm_id: str) -> ResolvedVm:
-        vm = await self.resolve(microvm_id)
-        if not vm.auto_resume:
-            raise ConflictError("suspended")
-        if self.resume_fails:
-            raise InternalError("resume failed")
-        self.resumes.append(microvm_id)
-        self.vms[microvm_id] = replace(vm, state="RUNNING", address="127.0.0.1")
-        return self.vms[microvm_id]
-
-    def record_activity(self, microvm_id: str) -> None:
-        self.activity.append(microvm_id)
-
-
-class NoShells:
-    async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> object:
-        raise NotImplementedError
-
-
-def running(vm_id: str, *ingress: str) -> ResolvedVm:
-    return ResolvedVm(vm_id, "RUNNING", frozenset(ingress or {"ALL_INGRESS"}), "127.0.0.1",
-                      True, "")  # fmt: skip
 
 
 @dataclass
@@ -108,7 +70,7 @@ async def rig(tmp_path: Path, upstream: int) -> AsyncIterator[Rig]:
     routes = Routes({VM: running(VM), OTHER: running(OTHER)})
     tokens = TokenAuthority(tmp_path / "keys.json")
     settings = Settings(data_dir=tmp_path, proxy_port=0, proxy_http_port=0)
-    proxy = EndpointProxy(settings, lifecycle=routes, tokens=tokens, shells=NoShells())  # type: ignore[arg-type]
+    proxy = EndpointProxy(settings, lifecycle=routes, tokens=tokens, shells=LocalShells())
     await proxy.start()
     try:
         yield Rig(f"http://127.0.0.1:{proxy.http_port}", routes, tokens, upstream)
@@ -161,10 +123,7 @@ async def test_unknown_hosts_and_vms_are_404(rig: Rig) -> None:
 
 async def test_bad_port_header_is_400_and_a_dead_port_is_502(rig: Rig) -> None:
     assert (await rig.get(rig.token(), port=70000)).status_code == 400
-    with __import__("socket").socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = sock.getsockname()[1]
-    assert (await rig.get(rig.token(), port=dead)).status_code == 502
+    assert (await rig.get(rig.token(), port=dead_port())).status_code == 502
 
 
 async def test_suspended_vms_resume_or_answer_502(rig: Rig) -> None:
