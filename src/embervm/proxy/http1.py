@@ -5,7 +5,8 @@ One ``Http1Session`` per client connection: requests are parsed with h11 (heads 
 client connection that is kept for the next request to the same VM and port. Bodies stream
 both ways at once with backpressure; nothing is buffered whole. A WebSocket upgrade the app
 accepts (101) turns the connection into a byte splice; ``/shell`` upgrades go to ``shell``;
-``Upgrade: h2c`` on the plain listener hands the connection to the HTTP/2 session.
+``Upgrade: h2c`` on the plain listener hands the connection to the HTTP/2 session;
+``X-aws-proxy-force-h2: true`` sends the request to the app as h2c (``forced_h2``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 
 import h11
 
+from embervm.proxy import forced_h2
 from embervm.proxy.admission import (
+    FORCE_H2_HEADER,
     Admission,
     Refusal,
     Target,
@@ -121,6 +124,7 @@ class Http1Session(H11Peer):
         self.shells = shells
         self.h2c = h2c
         self.upstream: H1Upstream | None = None
+        self.h2_upstream: forced_h2.H2Upstream | None = None
 
     async def refuse(self, status: int, message: str) -> None:
         body = (message + "\n").encode()
@@ -152,9 +156,17 @@ class Http1Session(H11Peer):
                     return
                 self.conn.start_next_cycle()
                 timeout = KEEPALIVE_TIMEOUT
-        finally:
+        finally:  # everything is closed before the first await (stop() may cancel again)
+            self.writer.close()
+            for writer in self._upstream_writers():
+                writer.close()
             await self._drop_upstream()
+            await self._drop_h2()
             await close_quietly(self.writer)
+
+    def _upstream_writers(self) -> list[asyncio.StreamWriter]:
+        h1 = [self.upstream.writer] if self.upstream is not None else []
+        return h1 + ([self.h2_upstream.peer.writer] if self.h2_upstream is not None else [])
 
     async def _drop_upstream(self) -> None:
         if self.upstream is not None:
@@ -182,6 +194,8 @@ class Http1Session(H11Peer):
         if ask.kind == "shell":
             await serve_shell_h1(self, request, target, self.shells)
             return False
+        if not websocket and headers.get(FORCE_H2_HEADER, b"").lower() == b"true":
+            return await self._forced_h2(request, target)
         try:
             upstream = await self._upstream_for(target)
         except (OSError, TimeoutError):
@@ -190,6 +204,33 @@ class Http1Session(H11Peer):
         upstream.send(h11.Request(method=request.method, target=request.target,
                                   headers=strip_headers(request.headers)))  # fmt: skip
         return await self._exchange(upstream, websocket)
+
+    async def _forced_h2(self, request: h11.Request, target: Target) -> bool:
+        """``X-aws-proxy-force-h2: true``: this request goes to the app as h2c."""
+        app = self.h2_upstream
+        if app is None or not app.usable(target):
+            await self._drop_h2()
+            try:
+                app = await forced_h2.H2Upstream.open(target)
+            except (OSError, TimeoutError):
+                await self.refuse(502, f"The app is not answering on port {target.port}")
+                return False
+            self.h2_upstream = app
+            self.admission.opened(target.microvm_id)
+        try:
+            return await forced_h2.relay(self, app, request)
+        except (TimeoutError, ConnectionError, h11.ProtocolError) as exc:
+            log.debug("h2c exchange failed: %r", exc)
+            if self.conn.our_state is h11.SEND_RESPONSE:
+                await self.refuse(502, "The app closed the connection")
+            await self._drop_h2()
+            return False
+
+    async def _drop_h2(self) -> None:
+        if self.h2_upstream is not None:
+            self.admission.closed(self.h2_upstream.target.microvm_id)
+            await self.h2_upstream.close()
+            self.h2_upstream = None
 
     async def _upstream_for(self, target: Target) -> H1Upstream:
         current = self.upstream

@@ -18,7 +18,7 @@ import h2.events as ev
 import h11
 
 from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
-from embervm.proxy.h2peer import H2Peer, Header, StreamGone, new_connection
+from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
 from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, H1Upstream
 from embervm.proxy.streams import close_quietly, open_upstream
 
@@ -27,8 +27,6 @@ log = logging.getLogger("embervm.proxy.http2")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 IDLE_TIMEOUT = 120.0
 BODY_TIMEOUT = 300.0
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                        b"upgrade", b"te", b"host", b"http2-settings"})  # fmt: skip
 MAX_IDLE_H1 = 8
 BAD_UPGRADE = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\nconnection: close\r\n\r\nBad request\n"
@@ -71,7 +69,13 @@ class Http2Session:
                 task = asyncio.create_task(self._stream(1, headers, True))
                 self._tasks.add(task)
             await self.peer.read_loop(IDLE_TIMEOUT)
-        finally:
+        finally:  # everything is closed before the first await (stop() may cancel again)
+            self.peer.writer.close()
+            for peer in self._h2_upstreams.values():
+                peer.writer.close()
+            for pool in self._h1_idle.values():
+                for upstream in pool:
+                    upstream.writer.close()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,141 @@
+"""An HTTP/1.1 client's request sent to the app as h2c (``X-aws-proxy-force-h2: true``, for
+apps that speak only HTTP/2 on their plaintext port).
+
+The request becomes one stream on an h2c connection kept by the client's session (one per VM
+port, reused for its next requests); the answer goes back as HTTP/1.1, chunked when the app
+gave no length, with the app's trailers as chunked trailers. Bodies flow both ways at once;
+data is acknowledged to the app only after the client accepted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import h2.events as ev
+import h11
+
+from embervm.proxy.admission import Target, strip_headers
+from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
+from embervm.proxy.streams import open_upstream
+
+if TYPE_CHECKING:
+    from embervm.proxy.http1 import Http1Session
+
+IDLE_TIMEOUT = 120.0
+BODY_TIMEOUT = 300.0
+
+
+class H2Upstream:
+    """One h2c connection to an app port and the task that reads it."""
+
+    def __init__(self, target: Target, peer: H2Peer) -> None:
+        self.target = target
+        self.peer = peer
+        self.reading = asyncio.create_task(peer.read_loop(IDLE_TIMEOUT))
+
+    @classmethod
+    async def open(cls, target: Target) -> H2Upstream:
+        reader, writer = await open_upstream(target.address, target.port)
+        peer = H2Peer(reader, writer, new_connection(client=True))
+        peer.start()
+        await peer.flush()
+        return cls(target, peer)
+
+    def usable(self, target: Target) -> bool:
+        return self.target == target and not self.peer.closed and not self.reading.done()
+
+    async def close(self) -> None:
+        self.reading.cancel()
+        with contextlib.suppress(BaseException):
+            await self.reading
+        await self.peer.close()
+
+
+async def relay(session: Http1Session, app: H2Upstream, request: h11.Request) -> bool:
+    """Serve one request over ``app``; True when the client connection may carry another."""
+    peer = app.peer
+    stream_id = peer.conn.get_next_available_stream_id()
+    responses = peer.queue(stream_id)
+    fields = dict(request.headers)
+    head: list[Header] = [(b":method", request.method), (b":scheme", b"http"),
+                          (b":authority", fields.get(b"host", b"")),
+                          (b":path", request.target)]  # fmt: skip
+    head += [(k, v) for k, v in strip_headers(request.headers)
+             if k not in HOP_BY_HOP or (k == b"te" and v.lower() == b"trailers")]  # fmt: skip
+    first = session.conn.next_event()
+    ended = isinstance(first, h11.EndOfMessage)
+    body: asyncio.Task[None] | None = None
+    try:
+        await peer.send_headers(stream_id, head, end=ended)
+        if not ended:
+            body = asyncio.create_task(_request_body(session, peer, stream_id, first))
+        return await _response(session, peer, stream_id, responses)
+    except StreamGone:
+        peer.reset(stream_id)
+        raise ConnectionError("the app reset the stream") from None
+    finally:
+        if body is not None:
+            body.cancel()
+            with contextlib.suppress(BaseException):
+                await body
+        peer.forget(stream_id)
+
+
+async def _request_body(session: Http1Session, peer: H2Peer, stream_id: int, event: Any) -> None:
+    while True:
+        if event is h11.NEED_DATA:
+            event = await session.next_event(BODY_TIMEOUT)
+        if isinstance(event, h11.Data):
+            await peer.send_data(stream_id, bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            trailers = [(k, v) for k, v in event.headers if k not in HOP_BY_HOP]
+            if trailers:
+                await peer.send_headers(stream_id, trailers, end=True)
+            else:
+                await peer.end(stream_id)
+            return
+        else:
+            return
+        event = session.conn.next_event()
+
+
+async def _response(
+    session: Http1Session, peer: H2Peer, stream_id: int, events: asyncio.Queue[ev.Event | None]
+) -> bool:
+    chunked = False
+    while True:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            event = await events.get()
+        if isinstance(event, ev.ResponseReceived):
+            raw = list(event.headers or [])
+            status = next((v for k, v in raw if k == b":status"), b"502")
+            headers = [(k, v) for k, v in raw if not k.startswith(b":") and k not in HOP_BY_HOP]
+            informational = status.startswith(b"1")
+            if not informational and not event.stream_ended:
+                chunked = not any(k == b"content-length" for k, _ in headers)
+                if chunked:
+                    headers.append((b"transfer-encoding", b"chunked"))
+            kind = h11.InformationalResponse if informational else h11.Response
+            session.send(kind(status_code=int(status), headers=headers))
+            if event.stream_ended:
+                session.send(h11.EndOfMessage())
+                await session.flush()
+                return True
+            await session.flush()
+        elif isinstance(event, ev.DataReceived):
+            session.send(h11.Data(data=event.data or b""))
+            await session.flush()
+            peer.acknowledge(stream_id, event.flow_controlled_length or 0)
+        elif isinstance(event, ev.TrailersReceived):
+            trailers = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP]
+            session.send(h11.EndOfMessage(headers=trailers if chunked else []))
+            await session.flush()
+            return True
+        elif isinstance(event, ev.StreamEnded):
+            session.send(h11.EndOfMessage())
+            await session.flush()
+            return True
+        elif event is None or isinstance(event, ev.StreamReset):
+            raise StreamGone("the app closed the stream")

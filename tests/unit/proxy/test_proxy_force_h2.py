@@ -1,0 +1,93 @@
+"""``X-aws-proxy-force-h2: true``: requests reach an app that speaks only h2c (written here
+with h2), from HTTP/1.1 and HTTP/2 clients, bodies both ways, kept connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import h2.config
+import h2.connection
+import h2.events
+import httpx
+import pytest
+from tests.unit.proxy.conftest import Rig, listening_socket
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def h2c_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each stream with what it saw (headers, body size), then a trailer."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    heads: dict[int, dict[str, str]] = {}
+    sizes: dict[int, int] = {}
+    while data := await reader.read(65536):
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                heads[event.stream_id] = {k.decode(): v.decode() for k, v in event.headers}
+                sizes[event.stream_id] = 0
+            elif isinstance(event, h2.events.DataReceived):
+                sizes[event.stream_id] += len(event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                sid = event.stream_id
+                body = json.dumps({"headers": heads[sid], "size": sizes[sid],
+                                   "connection": id(conn)}).encode()  # fmt: skip
+                conn.send_headers(sid, [(":status", "200"), ("content-type", "application/json")])
+                conn.send_data(sid, body)
+                conn.send_headers(sid, [("x-trailer", "yes")], end_stream=True)
+        writer.write(conn.data_to_send())
+        await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def h2c_port() -> AsyncIterator[int]:
+    sock = listening_socket()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await h2c_app(reader, writer)
+
+    server = await asyncio.start_server(serve, sock=sock)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+async def test_http1_client_reaches_an_h2c_only_app(rig: Rig, h2c_port: int) -> None:
+    headers = rig.headers(h2c_port, **{"x-aws-proxy-force-h2": "true", "x-custom": "kept"})
+    async with httpx.AsyncClient(timeout=10) as client:
+        first = await client.post(rig.http_url + "/up", content=b"z" * 300_000, headers=headers)
+        second = await client.get(rig.http_url + "/again", headers=headers)
+    seen = first.json()
+    assert first.status_code == 200
+    assert seen["size"] == 300_000
+    assert seen["headers"][":path"] == "/up"
+    assert seen["headers"]["x-custom"] == "kept"
+    assert not [k for k in seen["headers"] if k.startswith("x-aws-proxy")]
+    assert second.json()["connection"] == seen["connection"]  # one kept h2c connection
+
+
+async def test_http2_client_reaches_an_h2c_only_app(rig: Rig, h2c_port: int) -> None:
+    headers = rig.headers(h2c_port, **{"x-aws-proxy-force-h2": "true"})
+    async with httpx.AsyncClient(http2=True, verify=rig.client_tls(), timeout=10) as client:
+        answer = await client.get(rig.https_url + "/h2", headers=headers)
+    assert answer.http_version == "HTTP/2"
+    assert answer.json()["headers"][":path"] == "/h2"
+
+
+async def test_without_force_an_h2c_only_app_is_502(rig: Rig, h2c_port: int) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.get(rig.http_url + "/", headers=rig.headers(h2c_port))
+    assert answer.status_code == 502
