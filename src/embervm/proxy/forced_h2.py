@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import h2.events as ev
-import h11
 
 from embervm.proxy.admission import Target, strip_headers
+from embervm.proxy.h1wire import CRLF, NONE, Head, body_chunks, serialize, status_line
 from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
-from embervm.proxy.streams import open_upstream
+from embervm.proxy.streams import READ_SIZE, open_upstream
 
 if TYPE_CHECKING:
     from embervm.proxy.http1 import Http1Session
@@ -53,89 +53,81 @@ class H2Upstream:
         await self.peer.close()
 
 
-async def relay(session: Http1Session, app: H2Upstream, request: h11.Request) -> bool:
+async def relay(session: Http1Session, app: H2Upstream, request: Head, framing: int) -> bool:
     """Serve one request over ``app``; True when the client connection may carry another."""
     peer = app.peer
     stream_id = peer.conn.get_next_available_stream_id()
     responses = peer.queue(stream_id)
-    fields = dict(request.headers)
     head: list[Header] = [(b":method", request.method), (b":scheme", b"http"),
-                          (b":authority", fields.get(b"host", b"")),
+                          (b":authority", request.get(b"host") or b""),
                           (b":path", request.target)]  # fmt: skip
-    head += [(k, v) for k, v in strip_headers(request.headers)
+    head += [(k, v) for k, v in strip_headers(request.fields)
              if k not in HOP_BY_HOP or (k == b"te" and v.lower() == b"trailers")]  # fmt: skip
-    first = session.conn.next_event()
-    ended = isinstance(first, h11.EndOfMessage)
     body: asyncio.Task[None] | None = None
     try:
-        await peer.send_headers(stream_id, head, end=ended)
-        if not ended:
-            body = asyncio.create_task(_request_body(session, peer, stream_id, first))
-        return await _response(session, peer, stream_id, responses)
+        await peer.send_headers(stream_id, head, end=framing == NONE)
+        if framing != NONE:
+            body = asyncio.create_task(_request_body(session, peer, stream_id, framing))
+        done = await _response(session, peer, stream_id, responses)
+        return done and (body is None or (body.done() and body.exception() is None))
     except StreamGone:
         peer.reset(stream_id)
         raise ConnectionError("the app reset the stream") from None
     finally:
         if body is not None:
-            body.cancel()
+            if not body.done():
+                body.cancel()
             with contextlib.suppress(BaseException):
                 await body
         peer.forget(stream_id)
 
 
-async def _request_body(session: Http1Session, peer: H2Peer, stream_id: int, event: Any) -> None:
-    while True:
-        if event is h11.NEED_DATA:
-            event = await session.next_event(BODY_TIMEOUT)
-        if isinstance(event, h11.Data):
-            await peer.send_data(stream_id, bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            trailers = [(k, v) for k, v in event.headers if k not in HOP_BY_HOP]
-            if trailers:
-                await peer.send_headers(stream_id, trailers, end=True)
-            else:
-                await peer.end(stream_id)
-            return
-        else:
-            return
-        event = session.conn.next_event()
+async def _request_body(session: Http1Session, peer: H2Peer, stream_id: int, framing: int) -> None:
+    async for data in body_chunks(session.reader, framing, READ_SIZE, BODY_TIMEOUT):
+        await peer.send_data(stream_id, data)
+    await peer.end(stream_id)
 
 
 async def _response(
     session: Http1Session, peer: H2Peer, stream_id: int, events: asyncio.Queue[ev.Event | None]
 ) -> bool:
+    writer = session.writer
     chunked = False
     while True:
         async with asyncio.timeout(BODY_TIMEOUT):
             event = await events.get()
         if isinstance(event, ev.ResponseReceived):
             raw = list(event.headers or [])
-            status = next((v for k, v in raw if k == b":status"), b"502")
-            headers = [(k, v) for k, v in raw if not k.startswith(b":") and k not in HOP_BY_HOP]
-            informational = status.startswith(b"1")
-            if not informational and not event.stream_ended:
-                chunked = not any(k == b"content-length" for k, _ in headers)
+            status = int(next((v for k, v in raw if k == b":status"), b"502"))
+            fields = [(k, v) for k, v in raw if not k.startswith(b":") and k not in HOP_BY_HOP]
+            if status >= 200 and not event.stream_ended:
+                chunked = not any(k == b"content-length" for k, _ in fields)
                 if chunked:
-                    headers.append((b"transfer-encoding", b"chunked"))
-            kind = h11.InformationalResponse if informational else h11.Response
-            session.send(kind(status_code=int(status), headers=headers))
+                    fields.append((b"transfer-encoding", b"chunked"))
+            elif event.stream_ended and status >= 200:
+                fields = [(k, v) for k, v in fields if k != b"content-length"]
+                fields.append((b"content-length", b"0"))
+            session.answered = status >= 200
+            writer.write(serialize(status_line(status), fields))
+            await writer.drain()
             if event.stream_ended:
-                session.send(h11.EndOfMessage())
-                await session.flush()
                 return True
-            await session.flush()
         elif isinstance(event, ev.DataReceived):
-            session.send(h11.Data(data=event.data or b""))
-            await session.flush()
+            data = event.data or b""
+            if data:
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                await writer.drain()
             peer.acknowledge(stream_id, event.flow_controlled_length or 0)
         elif isinstance(event, ev.TrailersReceived):
-            trailers = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP]
-            session.send(h11.EndOfMessage(headers=trailers if chunked else []))
-            await session.flush()
+            if chunked:
+                trailers = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP]
+                writer.write(b"0\r\n" + b"".join(b"%s: %s\r\n" % kv for kv in trailers) + CRLF)
+                await writer.drain()
             return True
         elif isinstance(event, ev.StreamEnded):
-            session.send(h11.EndOfMessage())
-            await session.flush()
+            if chunked:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
             return True
         elif event is None or isinstance(event, ev.StreamReset):
             raise StreamGone("the app closed the stream")

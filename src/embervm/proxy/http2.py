@@ -10,6 +10,7 @@ behind an HTTP/2 client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,8 +19,9 @@ import h2.events as ev
 import h11
 
 from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
+from embervm.proxy.h1wire import Head
 from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
-from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, H1Upstream
+from embervm.proxy.h11peer import RESPONSE_HEAD_TIMEOUT, H1Upstream
 from embervm.proxy.streams import close_quietly, open_upstream
 
 log = logging.getLogger("embervm.proxy.http2")
@@ -317,16 +319,12 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
 
 async def upgrade_h2c(
     admission: Admission,
-    request: h11.Request,
-    rest: bytes,
+    request: Head,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> None:
     """``Upgrade: h2c`` (RFC 7540 §3.2): answer 101, then serve the request as stream 1."""
-    import base64
-
-    fields = dict(request.headers)
-    raw = fields.get(b"http2-settings", b"").strip()
+    raw = (request.get(b"http2-settings") or b"").strip()
     settings = raw + b"=" * (-len(raw) % 4)  # sent unpadded (RFC 7540 §3.2.1); h2 wants padding
     try:
         if len(base64.urlsafe_b64decode(settings)) % 6:
@@ -337,8 +335,8 @@ async def upgrade_h2c(
         return
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
     headers: list[Header] = [(b":method", request.method), (b":scheme", b"http"),
-                             (b":authority", fields.get(b"host", b"")),
+                             (b":authority", request.get(b"host") or b""),
                              (b":path", request.target)]  # fmt: skip
-    headers += [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
-    session = Http2Session(reader, writer, admission, initial=rest)
+    headers += [(k, v) for k, v in request.fields if k not in HOP_BY_HOP]
+    session = Http2Session(reader, writer, admission)
     await session.run(upgraded=(settings, headers))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from embervm.config import Settings
 from embervm.proxy.admission import Admission, TokenVerifier, VmRoutes
+from embervm.proxy.h1wire import Head
 from embervm.proxy.http1 import Http1Session
 from embervm.proxy.http2 import H2_PREFACE, Http2Session, upgrade_h2c
 from embervm.proxy.shell import ShellOpener
@@ -103,33 +104,34 @@ class EndpointProxy:
     async def _serve_plain(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        """The first line tells them apart: HTTP/2's preface starts ``PRI * HTTP/2.0``."""
         self._track()
-        head = b""
         try:
             async with asyncio.timeout(PREFACE_TIMEOUT):
-                while len(head) < len(H2_PREFACE) and H2_PREFACE.startswith(head):
-                    chunk = await reader.read(len(H2_PREFACE) - len(head))
-                    if not chunk:
-                        break
-                    head += chunk
-        except (TimeoutError, ConnectionError):
+                line = await reader.readuntil(b"\r\n")
+        except (
+            TimeoutError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
             await close_quietly(writer)
             return
-        if head == H2_PREFACE:
-            await Http2Session(reader, writer, self.admission, initial=head).run()
-        elif head:
-            await self._http1(reader, writer, head)
+        if line == H2_PREFACE[:16]:
+            await Http2Session(reader, writer, self.admission, initial=line).run()
         else:
-            await close_quietly(writer)
+            await self._http1(reader, writer, line)
 
     async def _http1(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial: bytes
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first_line: bytes
     ) -> None:
-        async def h2c(*args: object) -> None:
-            await upgrade_h2c(self.admission, *args)  # type: ignore[arg-type]
+        async def h2c(
+            head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            await upgrade_h2c(self.admission, head, reader, writer)
 
         session = Http1Session(
-            reader, writer, self.admission, self.shells, h2c=h2c, initial=initial
+            reader, writer, self.admission, self.shells, h2c=h2c, first_line=first_line
         )
         try:
             await session.run()

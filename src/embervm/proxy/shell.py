@@ -17,13 +17,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import h11
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
 from embervm.errors import EmbervmError
 from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Target, subprotocols
+from embervm.proxy.h1wire import serialize
 from embervm.proxy.streams import READ_SIZE
 
 if TYPE_CHECKING:
@@ -56,29 +56,30 @@ class ShellOpener(Protocol):
     async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> Pty: ...
 
 
-def _accept_headers(request: h11.Request) -> list[tuple[bytes, bytes]]:
-    headers = dict(request.headers)
-    key = headers.get(b"sec-websocket-key", b"")
+def _accept_headers(fields: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    key = fields.get(b"sec-websocket-key", b"")
     out = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
            (b"sec-websocket-accept", generate_accept_token(key))]  # fmt: skip
-    if SUBPROTOCOL_PREFIX in subprotocols(headers.get(b"sec-websocket-protocol")):
+    if SUBPROTOCOL_PREFIX in subprotocols(fields.get(b"sec-websocket-protocol")):
         out.append((b"sec-websocket-protocol", SUBPROTOCOL_PREFIX.encode()))
     return out
 
 
 async def serve_shell_h1(
-    session: Http1Session, request: h11.Request, target: Target, shells: ShellOpener
+    session: Http1Session, fields: dict[bytes, bytes], target: Target, shells: ShellOpener
 ) -> None:
     """Answer the upgrade, open the PTY, and bridge them until either side ends."""
+    if not fields.get(b"sec-websocket-key"):
+        await session.refuse(400, "Bad request")
+        return
     try:
         pty = await shells.open_shell(target.microvm_id, cols=80, rows=24)
     except EmbervmError as exc:
         log.warning("shell for %s failed to open: %s", target.microvm_id, exc)
         await session.refuse(502, "The shell could not be opened")
         return
-    session.send(h11.InformationalResponse(status_code=101, headers=_accept_headers(request)))
-    await session.flush()
-    ws = Connection(ConnectionType.SERVER, trailing_data=session.conn.trailing_data[0])
+    session.writer.write(serialize(b"HTTP/1.1 101 Switching Protocols", _accept_headers(fields)))
+    ws = Connection(ConnectionType.SERVER)
     routes = session.admission.routes
     await _bridge(ws, pty, session.reader, session.writer,
                   lambda: routes.record_activity(target.microvm_id))  # fmt: skip

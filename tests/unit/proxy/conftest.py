@@ -264,10 +264,10 @@ def make_app(state: AppState) -> Starlette:
         StreamingResponse would race the body for ``receive``)."""
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            message = await receive()  # before answering: an Expect: 100-continue gets its 100
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/octet-stream")]})  # fmt: skip
             while True:
-                message = await receive()
                 if message["type"] != "http.request":
                     return
                 if message.get("body"):
@@ -276,6 +276,7 @@ def make_app(state: AppState) -> Starlette:
                                 "more_body": True})  # fmt: skip
                 if not message.get("more_body"):
                     break
+                message = await receive()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def events(request: Request) -> Response:
