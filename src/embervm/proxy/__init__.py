@@ -2,7 +2,8 @@
 HTTP/2 (TLS and h2c), gRPC, WebSocket and server-sent events (docs/PROXY.md).
 
 - ``admission``: host name → VM, target port, token and ingress checks, connection limits.
-- ``http1`` / ``http2`` / ``h2peer``: the relays (h11 and h2 do the framing).
+- ``http1`` / ``http2`` / ``forced_h2``: the relays; ``h1wire`` parses HTTP/1.1 heads strictly
+  and copies bodies raw, ``h2peer`` drives h2 connections (h2 does that framing).
 - ``shell``: ``/shell`` WebSockets bridged to a PTY in the VM.
 - ``tls``: the local CA and the listener's certificate.
 - ``server``: ``EndpointProxy``, the two listeners.

@@ -125,6 +125,17 @@ def status_line(status: int) -> bytes:
     return f"HTTP/1.1 {status} {reason}".encode()
 
 
+def request_head(method: bytes, target: bytes, fields: Fields) -> bytes:
+    """A request head built from HTTP/2 fields, checked as strictly as a received one (HPACK
+    can carry bytes, such as CR LF, that would otherwise split the head)."""
+    if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+        raise BadMessage()
+    for name, value in fields:
+        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+            raise BadMessage()
+    return serialize(b"%s %s HTTP/1.1" % (method, target), fields)
+
+
 def serialize(start: bytes, fields: Fields) -> bytes:
     return b"".join([start, CRLF, *(b"%s: %s\r\n" % kv for kv in fields), CRLF])
 
@@ -264,6 +275,9 @@ async def body_chunks(
             if not data:
                 raise ConnectionError("body ended early")
             left -= len(data)
+            yield data
+    elif framing == TO_CLOSE:
+        while data := await _read(reader, read_size, idle):
             yield data
     elif framing == CHUNKED:
         while True:

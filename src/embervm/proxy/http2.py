@@ -3,8 +3,8 @@
 Each client stream is admitted on its own (``:authority`` picks the VM). gRPC requests
 (``content-type: application/grpc...``) and requests with ``X-aws-proxy-force-h2: true`` go
 to the app as h2c over one multiplexed connection per VM port, trailers included; every other
-request goes to the app as HTTP/1.1 over a pooled h11 connection, so plain HTTP/1.1 apps work
-behind an HTTP/2 client.
+request goes to the app as HTTP/1.1 (``h1wire``) over a small pool of kept connections, so
+plain HTTP/1.1 apps work behind an HTTP/2 client.
 """
 
 from __future__ import annotations
@@ -16,13 +16,22 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import h2.events as ev
-import h11
 
 from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
-from embervm.proxy.h1wire import Head
+from embervm.proxy.h1wire import (
+    NONE,
+    TO_CLOSE,
+    BadMessage,
+    Head,
+    body_chunks,
+    parse_response,
+    read_head,
+    request_head,
+    response_framing,
+)
 from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
-from embervm.proxy.h11peer import RESPONSE_HEAD_TIMEOUT, H1Upstream
-from embervm.proxy.streams import close_quietly, open_upstream
+from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, Upstream
+from embervm.proxy.streams import READ_SIZE, close_quietly, open_upstream
 
 log = logging.getLogger("embervm.proxy.http2")
 
@@ -53,7 +62,7 @@ class Http2Session:
         self._initial = initial
         self._tasks: set[asyncio.Task[None]] = set()
         self._h2_upstreams: dict[Target, H2Peer] = {}
-        self._h1_idle: dict[Target, list[H1Upstream]] = {}
+        self._h1_idle: dict[Target, list[Upstream]] = {}
 
     def _spawn(self, request: ev.RequestReceived) -> None:
         task = asyncio.create_task(self._stream(request.stream_id, list(request.headers or []),
@@ -152,84 +161,94 @@ class Http2Session:
 
     # -- to an HTTP/1.1 app --------------------------------------------------------------
 
-    async def _h1(self, target: Target) -> H1Upstream:
+    async def _h1(self, target: Target) -> Upstream:
         pool = self._h1_idle.get(target)
         while pool:
             upstream = pool.pop()
             if not upstream.reader.at_eof():
-                upstream.conn.start_next_cycle()
                 return upstream
             self.admission.closed(target.microvm_id)
+            upstream.writer.close()
         reader, writer = await open_upstream(target.address, target.port)
         self.admission.opened(target.microvm_id)
-        return H1Upstream(target, reader, writer)
+        return Upstream(target, reader, writer)
 
     async def _via_h1(
         self, stream_id: int, target: Target, pseudo: dict[bytes, bytes],
         headers: list[Header], ended: bool,
     ) -> None:  # fmt: skip
-        upstream = await self._h1(target)
-        authority = pseudo.get(b":authority") or b""
-        out = [(b"host", authority)] + [(k, v) for k, v in headers if k not in HOP_BY_HOP]
-        if not ended and not any(k == b"content-length" for k, _ in out):
-            out.append((b"transfer-encoding", b"chunked"))
-        upstream.send(h11.Request(method=pseudo.get(b":method", b"GET"),
-                                  target=pseudo.get(b":path", b"/"), headers=out))  # fmt: skip
-        reusable = False
+        method = pseudo.get(b":method", b"GET")
+        fields = [(b"host", pseudo.get(b":authority") or b"")]
+        fields += [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+        chunked = not ended and not any(k == b"content-length" for k, _ in fields)
+        if chunked:
+            fields.append((b"transfer-encoding", b"chunked"))
         try:
-            if ended:
-                upstream.send(h11.EndOfMessage())
-                body = None
-            else:
+            head = request_head(method, pseudo.get(b":path", b"/"), fields)
+        except BadMessage:
+            await self._refuse(stream_id, 400, "Bad request")
+            return
+        upstream = await self._h1(target)
+        upstream.writer.write(head)
+        reusable = False
+        body: asyncio.Task[None] | None = None
+        try:
+            if not ended:
 
                 async def forward(data: bytes) -> None:
-                    upstream.send(h11.Data(data=data))
-                    await upstream.flush()
+                    upstream.writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                    await upstream.writer.drain()
 
                 async def client_body() -> None:
                     await self._client_body(stream_id, target.microvm_id, forward)
-                    upstream.send(h11.EndOfMessage())
-                    await upstream.flush()
+                    if chunked:
+                        upstream.writer.write(b"0\r\n\r\n")
+                        await upstream.writer.drain()
 
                 body = asyncio.create_task(client_body())
             try:
-                await upstream.flush()
-                reusable = await self._h1_response(stream_id, upstream)
+                reusable = await self._h1_response(stream_id, upstream, method)
                 if body is not None:
                     await body
+            except BadMessage:
+                reusable = False
+                await self._refuse(stream_id, 502, "The app sent a malformed answer")
             finally:
                 await _cancelled(body)
         finally:
-            if reusable and upstream.reusable():
-                self._h1_idle.setdefault(target, []).append(upstream)
-                if len(self._h1_idle[target]) > MAX_IDLE_H1:
-                    extra = self._h1_idle[target].pop(0)
-                    self.admission.closed(target.microvm_id)
-                    extra.writer.close()
-            else:
-                self.admission.closed(target.microvm_id)
-                upstream.writer.close()
+            self._release(upstream, reusable and (body is None or body.done()))
 
-    async def _h1_response(self, stream_id: int, upstream: H1Upstream) -> bool:
-        while True:
-            event = await upstream.next_event(RESPONSE_HEAD_TIMEOUT)
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            if not isinstance(event, h11.Response):
-                raise ConnectionError("the app closed the connection before answering")
-            break
-        out = [(b":status", str(event.status_code).encode())]
-        out += [(k.lower(), v) for k, v in event.headers if k.lower() not in HOP_BY_HOP]
-        await self.peer.send_headers(stream_id, out)
-        while True:
-            event = await upstream.next_event(BODY_TIMEOUT)
-            if isinstance(event, h11.Data):
-                await self.peer.send_data(stream_id, bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                await self.peer.end(stream_id)
-                return True
+    def _release(self, upstream: Upstream, reusable: bool) -> None:
+        target = upstream.target
+        if reusable and not upstream.reader.at_eof():
+            pool = self._h1_idle.setdefault(target, [])
+            pool.append(upstream)
+            if len(pool) > MAX_IDLE_H1:
+                upstream = pool.pop(0)
             else:
-                raise ConnectionError("the app closed the connection mid-response")
+                return
+        self.admission.closed(target.microvm_id)
+        upstream.writer.close()
+
+    async def _h1_response(self, stream_id: int, upstream: Upstream, method: bytes) -> bool:
+        while True:
+            async with asyncio.timeout(RESPONSE_HEAD_TIMEOUT):
+                raw = await read_head(upstream.reader)
+            if raw is None:
+                raise ConnectionError("the app closed the connection before answering")
+            head = parse_response(raw)
+            if head.status >= 200:
+                break
+        out = [(b":status", b"%d" % head.status)]
+        out += [(k, v) for k, v in head.fields if k not in HOP_BY_HOP]
+        framing = response_framing(head, method)
+        await self.peer.send_headers(stream_id, out, end=framing == NONE)
+        if framing != NONE:
+            async for data in body_chunks(upstream.reader, framing, READ_SIZE, BODY_TIMEOUT):
+                await self.peer.send_data(stream_id, data)
+            await self.peer.end(stream_id)
+        keep_alive = b"close" not in head.tokens(b"connection") and head.version == b"1.1"
+        return framing != TO_CLOSE and keep_alive
 
     # -- to an h2c app (gRPC) ------------------------------------------------------------
 
