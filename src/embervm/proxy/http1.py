@@ -46,6 +46,7 @@ FIRST_REQUEST_TIMEOUT = 30.0
 KEEPALIVE_TIMEOUT = 120.0
 RESPONSE_HEAD_TIMEOUT = 300.0
 BODY_IDLE_TIMEOUT = 300.0
+SMALL_BODY = 16 * 1024
 
 H2cHandoff = Callable[[Head, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -252,11 +253,16 @@ class Http1Session:
                 await splice((self.reader, self.writer), (upstream.reader, upstream.writer),
                              activity)  # fmt: skip
                 return False
-            self.writer.write(raw)
             if head.status >= 200:
                 break
+            self.writer.write(raw)
         self.answered = True
         framing = response_framing(head, request.method)
+        if 0 < framing <= SMALL_BODY:  # head and body in one write: one syscall, one packet
+            async with asyncio.timeout(BODY_IDLE_TIMEOUT):
+                raw += await upstream.reader.readexactly(framing)
+            framing = NONE
+        self.writer.write(raw)
         if framing == NONE:
             await self.writer.drain()
         else:
