@@ -36,6 +36,9 @@ class Settings:
     # pools; one server per host keeps the defaults.
     network_tag: str = "emb"
     network_pool: str = "10.213.0.0/16"
+    # Folders a ``file://`` code artifact may come from (None: anywhere but the data dir, whose
+    # uploads folder is allowed, and the system's pseudo file systems).
+    artifact_roots: tuple[Path, ...] | None = None
 
     @property
     def artifacts_dir(self) -> Path:
@@ -57,6 +60,11 @@ class Settings:
     @property
     def tls_dir(self) -> Path:
         return self.data_dir / "tls"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Zips the CLI makes from build folders (the only part of the data dir builds read)."""
+        return self.data_dir / "uploads"
 
     @property
     def credentials_file(self) -> Path:

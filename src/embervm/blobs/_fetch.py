@@ -1,16 +1,19 @@
 """Fetch a build's ``codeArtifact.uri`` into a local file, bounded in size and time.
 
 Every failure becomes ``BuildFailure`` with a reason written for the user who gave the URI:
-the build's ``stateReason`` is that sentence. Supported: ``file://`` (optionally confined to
-allowed roots), ``https://`` (TLS verified against the system CA bundle, or a given CA file),
-``s3://bucket/key`` (the configured S3 endpoint). Plain ``http://`` is refused.
+the build's ``stateReason`` is that sentence. Supported: ``file://`` (a regular file, within
+what a ``FilePolicy`` allows), ``https://`` (TLS verified against the system CA bundle, or a
+given CA file), ``s3://bucket/key`` (the configured S3 endpoint). Plain ``http://`` is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -23,6 +26,31 @@ from embervm.errors import BuildFailure, NotFoundError, RuntimeFailure
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 DEFAULT_TIMEOUT = 300.0
 MAX_REDIRECTS = 5
+# Never artifacts: kernel interfaces, and devices (a FIFO or /dev/zero would only hang or fill).
+SYSTEM_DENIED = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+@dataclass(frozen=True)
+class FilePolicy:
+    """Which local files a ``file://`` artifact may name (after links are resolved).
+
+    ``roots``: only inside these folders (``None``: anywhere not denied). ``denied``: never
+    inside these folders, except inside one of ``carve_outs`` (the server's data dir is denied
+    — it holds keys, credentials and other accounts' images — but its uploads folder is not).
+    """
+
+    roots: tuple[Path, ...] | None = None
+    denied: tuple[Path, ...] = SYSTEM_DENIED
+    carve_outs: tuple[Path, ...] = ()
+
+    def refusal(self, real: Path) -> str | None:
+        """Why ``real`` (a resolved path) may not be read, or ``None``."""
+        if self.roots is not None and not _inside_any(real, self.roots):
+            allowed = ", ".join(str(r) for r in self.roots)
+            return f"is outside the allowed folders ({allowed})"
+        if _inside_any(real, self.denied) and not _inside_any(real, self.carve_outs):
+            return "is in a folder the server does not read artifacts from"
+        return None
 
 
 async def fetch_code_artifact(
@@ -33,18 +61,19 @@ async def fetch_code_artifact(
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
     ca_file: Path | None = None,
-    file_roots: Sequence[Path] | None = None,
+    file_policy: FilePolicy | None = None,
 ) -> Path:
     """Copy the artifact at ``uri`` to ``dest`` (atomically) and return ``dest``.
 
     ``ca_file`` replaces the system CA bundle for ``https://`` (tests, private CAs);
-    ``file_roots``, when given, confines ``file://`` to those directories.
+    ``file_policy`` says which local files ``file://`` may name (default: any regular file
+    outside the system's pseudo file systems).
     """
     scheme = urlsplit(uri).scheme.lower()
     try:
         async with asyncio.timeout(timeout):
             if scheme == "file":
-                chunks = _file_chunks(uri, file_roots)
+                chunks = _file_chunks(uri, file_policy or FilePolicy())
             elif scheme == "https":
                 chunks = _https_chunks(uri, ca_file=ca_file, max_bytes=max_bytes)
             elif scheme == "s3":
@@ -70,7 +99,7 @@ async def fetch_code_artifact(
     return dest
 
 
-async def _file_chunks(uri: str, roots: Sequence[Path] | None) -> AsyncIterator[bytes]:
+async def _file_chunks(uri: str, policy: FilePolicy) -> AsyncIterator[bytes]:
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
         raise BuildFailure(f"code artifact {uri!r}: file:// URIs must name a local path")
@@ -78,17 +107,28 @@ async def _file_chunks(uri: str, roots: Sequence[Path] | None) -> AsyncIterator[
     if not path.is_absolute():
         raise BuildFailure(f"code artifact {uri!r}: file:// URIs need an absolute path")
     real = await asyncio.to_thread(path.resolve)
-    if roots is not None and not _inside_any(real, roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise BuildFailure(f"code artifact {uri!r} is outside the allowed folders ({allowed})")
+    refusal = policy.refusal(real)
+    if refusal is not None:
+        raise BuildFailure(f"code artifact {uri!r} {refusal}")
     try:
-        fh = await asyncio.to_thread(real.open, "rb")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore it.
+        fd = await asyncio.to_thread(os.open, real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise BuildFailure(f"code artifact {uri!r} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise BuildFailure(f"code artifact {uri!r} is a folder; give a zip file") from exc
     except OSError as exc:
         raise BuildFailure(f"code artifact {uri!r} cannot be read: {exc.strerror}") from exc
+    # The path may have been swapped for a link since it was resolved: judge what was opened.
+    opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    refusal = policy.refusal(opened)
+    if refusal is not None:
+        os.close(fd)
+        raise BuildFailure(f"code artifact {uri!r} {refusal}")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise BuildFailure(f"code artifact {uri!r} is {kind}; give a zip file")
+    fh = os.fdopen(fd, "rb")
     try:
         while chunk := await asyncio.to_thread(fh.read, CHUNK):
             yield chunk
@@ -96,7 +136,7 @@ async def _file_chunks(uri: str, roots: Sequence[Path] | None) -> AsyncIterator[
         fh.close()
 
 
-def _inside_any(real: Path, roots: Sequence[Path]) -> bool:
+def _inside_any(real: Path, roots: tuple[Path, ...]) -> bool:
     return any(real.is_relative_to(root.resolve()) for root in roots)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -51,6 +52,14 @@ def server(
             help="Host-side address pool of the VMs' links (a /16 no other network uses).",
         ),
     ] = "10.213.0.0/16",
+    artifact_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--artifact-root",
+            help="Only read file:// code artifacts inside this folder (repeatable; default: "
+            "anywhere but the data dir, whose uploads folder is allowed, /proc, /sys and /dev).",
+        ),
+    ] = None,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
     from embervm.server.app import run_server
@@ -67,9 +76,19 @@ def server(
         database_url=database_url,
         network_tag=network_tag,
         network_pool=network_pool,
+        artifact_roots=artifact_roots(artifact_root),
     )
     code = asyncio.run(run_server(settings))
     raise typer.Exit(code)
+
+
+def artifact_roots(flags: list[Path] | None) -> tuple[Path, ...] | None:
+    """``--artifact-root`` folders, else ``EMBERVM_ARTIFACT_ROOTS`` (``:``-separated)."""
+    if flags:
+        return tuple(path.expanduser().resolve() for path in flags)
+    env = os.environ.get("EMBERVM_ARTIFACT_ROOTS", "")
+    parts = [part for part in env.split(os.pathsep) if part]
+    return tuple(Path(part).expanduser().resolve() for part in parts) if parts else None
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from embervm.blobs import fetch_code_artifact
+from embervm.blobs import SYSTEM_DENIED, FilePolicy, fetch_code_artifact
 from embervm.build import (
     ImageBuild,
     LocalBuildLog,
@@ -30,6 +30,17 @@ from embervm.errors import BuildFailure
 
 BUILD_LOG = "build.log"
 FOLLOW_IDLE_TIMEOUT = 3600.0  # a log whose writer died (server killed) ends after this
+
+
+def artifact_file_policy(settings: Settings) -> FilePolicy:
+    """``file://`` artifacts never come from the data dir (token keys, credentials, TLS keys,
+    other accounts' images and snapshots) except its uploads folder, nor from /proc, /sys or
+    /dev; ``--artifact-root`` confines them further."""
+    return FilePolicy(
+        roots=settings.artifact_roots,
+        denied=(*SYSTEM_DENIED, settings.data_dir),
+        carve_outs=(settings.uploads_dir,),
+    )
 
 
 class PipelineImageBuilder:
@@ -50,7 +61,9 @@ class PipelineImageBuilder:
         uri = str(job.request.get("codeArtifact", {}).get("uri", ""))
 
         async def fetch(dest: Path) -> Path:
-            return await fetch_code_artifact(uri, dest)
+            return await fetch_code_artifact(
+                uri, dest, file_policy=artifact_file_policy(self.settings)
+            )
 
         spec = spec_from_request(
             job.request, fetch=fetch, snapshot_dir=root / "snapshot", work_dir=root / "work"

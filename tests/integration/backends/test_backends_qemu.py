@@ -122,6 +122,7 @@ async def world(guest_artifacts: GuestArtifacts) -> AsyncIterator[World]:
 
 
 def zip_app(folder: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(dest, "w") as zf:
         for path in sorted(folder.iterdir()):
             zf.write(path, path.name)
@@ -129,7 +130,7 @@ def zip_app(folder: Path, dest: Path) -> Path:
 
 
 def job(world: World, name: str, app: str, **request: Any) -> BuildJob:
-    archive = zip_app(HERE / app, world.root / f"{name}.zip")
+    archive = zip_app(HERE / app, world.settings.uploads_dir / f"{name}.zip")
     return BuildJob(
         account_id=world.settings.account_id,
         image_name=name,

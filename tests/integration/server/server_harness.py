@@ -43,6 +43,7 @@ def free_port() -> int:
 
 
 def zip_dir(source: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(source.rglob("*")):
             if path.is_file():
@@ -167,7 +168,7 @@ def wait_for(fetch: Any, done: Any, timeout: float, what: str) -> Any:
 
 def build_image(server: LiveServer, name: str, source: Path, **request: Any) -> dict[str, Any]:
     """Create (or update) an image from a folder and wait until the build ends."""
-    archive = zip_dir(source, server.data_dir / f"{name}.zip")
+    archive = zip_dir(source, server.data_dir / "uploads" / f"{name}.zip")
     client = server.client()
     params = {
         "baseImageArn": BASE_IMAGE_ARN,
@@ -197,7 +198,7 @@ def wait_built(server: LiveServer, name: str) -> dict[str, Any]:
 
 def build_image_with_aws_cli(server: LiveServer, name: str, source: Path) -> dict[str, Any]:
     """Like ``build_image``, but the build is asked for with the AWS CLI, as users do."""
-    archive = zip_dir(source, server.data_dir / f"{name}.zip")
+    archive = zip_dir(source, server.data_dir / "uploads" / f"{name}.zip")
     env = {**os.environ, "AWS_SHARED_CREDENTIALS_FILE": str(server.data_dir / "credentials"),
            "AWS_CONFIG_FILE": str(server.data_dir / "no-aws-config"), "AWS_PROFILE": "embervm",
            "AWS_DEFAULT_REGION": REGION, "AWS_MAX_ATTEMPTS": "1"}  # fmt: skip

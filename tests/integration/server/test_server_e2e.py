@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import LiveServer, run_vm, token, wait_for
+from server_harness import BASE_IMAGE_ARN, BUILD_ROLE, LiveServer, run_vm, token, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -94,3 +94,26 @@ def test_idle_policy_and_lifetime_act_on_their_own(
     wait_for(lambda: state(live_server, terminates), lambda s: s == "TERMINATED", 180, "idle 0")
     assert time.monotonic() - started >= 55  # not before the idle window (60 s from launch)
     live_server.client().terminate_microvm(microvmIdentifier=suspends)
+
+
+def test_a_build_cannot_read_the_servers_own_files(live_server: LiveServer) -> None:
+    """file:// artifacts never come from the data dir (token keys, credentials, other images)."""
+    client = live_server.client()
+    keys = live_server.data_dir / "keys" / "tokens.json"
+    assert keys.is_file()
+    client.create_microvm_image(
+        name="steal-keys",
+        baseImageArn=BASE_IMAGE_ARN,
+        buildRoleArn=BUILD_ROLE,
+        codeArtifact={"uri": keys.as_uri()},
+    )
+    image = wait_for(
+        lambda: client.get_microvm_image(imageIdentifier="steal-keys"),
+        lambda image: image["state"] != "CREATING",
+        120,
+        "the build to end",
+    )
+    assert image["state"] == "CREATE_FAILED"
+    version = client.get_microvm_image_version(imageIdentifier="steal-keys", imageVersion="1")
+    assert "does_not_read_artifacts_from" in version["stateReason"].replace(" ", "_"), version
+    client.delete_microvm_image(imageIdentifier="steal-keys")

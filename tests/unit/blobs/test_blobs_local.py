@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from embervm.blobs import BlobStore, LocalBlobStore, check_key, fetch_code_artifact
+from embervm.blobs import BlobStore, FilePolicy, LocalBlobStore, check_key, fetch_code_artifact
 from embervm.errors import BuildFailure, NotFoundError, RuntimeFailure, ValidationError
 
 
@@ -80,13 +81,51 @@ async def test_fetch_file_uri_confined_to_roots(tmp_path: Path) -> None:
     (tmp_path / "uploads").mkdir()
     outside = tmp_path / "secret.zip"
     outside.write_bytes(b"x")
+    policy = FilePolicy(roots=(tmp_path / "uploads",))
     with pytest.raises(BuildFailure, match="outside the allowed folders"):
-        await fetch_code_artifact(
-            outside.as_uri(), tmp_path / "a.zip", file_roots=[tmp_path / "uploads"]
-        )
+        await fetch_code_artifact(outside.as_uri(), tmp_path / "a.zip", file_policy=policy)
     sneaky = f"file://{tmp_path}/uploads/../secret.zip"
     with pytest.raises(BuildFailure, match="outside the allowed folders"):
-        await fetch_code_artifact(sneaky, tmp_path / "a.zip", file_roots=[tmp_path / "uploads"])
+        await fetch_code_artifact(sneaky, tmp_path / "a.zip", file_policy=policy)
+    (tmp_path / "uploads" / "link.zip").symlink_to(outside)
+    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+        await fetch_code_artifact(
+            (tmp_path / "uploads" / "link.zip").as_uri(), tmp_path / "a.zip", file_policy=policy
+        )
+
+
+async def test_fetch_file_uri_denied_folder_except_its_carve_out(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "keys").mkdir(parents=True)
+    (data / "uploads").mkdir()
+    (data / "keys" / "tokens.zip").write_bytes(b"secret")
+    (data / "uploads" / "app.zip").write_bytes(b"app")
+    policy = FilePolicy(denied=(data,), carve_outs=(data / "uploads",))
+    with pytest.raises(BuildFailure, match="does not read artifacts from"):
+        await fetch_code_artifact(
+            (data / "keys" / "tokens.zip").as_uri(), tmp_path / "a.zip", file_policy=policy
+        )
+    escape = f"file://{data}/uploads/../keys/tokens.zip"
+    with pytest.raises(BuildFailure, match="does not read artifacts from"):
+        await fetch_code_artifact(escape, tmp_path / "a.zip", file_policy=policy)
+    out = await fetch_code_artifact(
+        (data / "uploads" / "app.zip").as_uri(), tmp_path / "a.zip", file_policy=policy
+    )
+    assert out.read_bytes() == b"app"
+
+
+async def test_fetch_file_uri_never_reads_pseudo_file_systems(tmp_path: Path) -> None:
+    for uri in ("file:///proc/self/environ", "file:///dev/zero", "file:///sys/kernel/notes"):
+        with pytest.raises(BuildFailure, match="does not read artifacts from"):
+            await fetch_code_artifact(uri, tmp_path / "a.zip")
+    assert not (tmp_path / "a.zip").exists()
+
+
+async def test_fetch_file_uri_of_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.zip"
+    os.mkfifo(fifo)
+    with pytest.raises(BuildFailure, match="not a regular file"):
+        await fetch_code_artifact(fifo.as_uri(), tmp_path / "a.zip", timeout=5.0)
 
 
 async def test_fetch_size_limit_counts_real_bytes(tmp_path: Path) -> None:

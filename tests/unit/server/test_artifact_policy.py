@@ -1,0 +1,73 @@
+"""Which file:// code artifacts the server's builds may read (settings → FilePolicy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embervm.blobs import fetch_code_artifact
+from embervm.cli.server import artifact_roots
+from embervm.config import Settings
+from embervm.errors import BuildFailure
+from embervm.server.imagebuilder import artifact_file_policy
+
+
+def settings(tmp_path: Path, roots: tuple[Path, ...] | None = None) -> Settings:
+    data = tmp_path / "data"
+    for sub in ("keys", "uploads", "images/111122223333/app/1"):
+        (data / sub).mkdir(parents=True)
+    (data / "keys" / "tokens.json").write_text("{}")
+    (data / "credentials").write_text("[default]")
+    (data / "images/111122223333/app/1/code.zip").write_bytes(b"other account")
+    (data / "uploads" / "mine.zip").write_bytes(b"mine")
+    return Settings(data_dir=data, artifact_roots=roots)
+
+
+@pytest.mark.parametrize(
+    "secret", ["keys/tokens.json", "credentials", "images/111122223333/app/1/code.zip"]
+)
+async def test_the_data_dir_is_never_an_artifact_source(tmp_path: Path, secret: str) -> None:
+    config = settings(tmp_path)
+    with pytest.raises(BuildFailure, match="does not read artifacts from"):
+        await fetch_code_artifact(
+            (config.data_dir / secret).as_uri(),
+            tmp_path / "out.zip",
+            file_policy=artifact_file_policy(config),
+        )
+
+
+async def test_uploads_and_files_elsewhere_are_read_by_default(tmp_path: Path) -> None:
+    config = settings(tmp_path)
+    elsewhere = tmp_path / "project.zip"
+    elsewhere.write_bytes(b"project")
+    policy = artifact_file_policy(config)
+    for source, body in ((config.uploads_dir / "mine.zip", b"mine"), (elsewhere, b"project")):
+        out = await fetch_code_artifact(source.as_uri(), tmp_path / "out.zip", file_policy=policy)
+        assert out.read_bytes() == body
+
+
+async def test_artifact_roots_confine_file_uris(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "ok.zip").write_bytes(b"ok")
+    config = settings(tmp_path, roots=(allowed,))
+    policy = artifact_file_policy(config)
+    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+        await fetch_code_artifact(
+            (config.uploads_dir / "mine.zip").as_uri(), tmp_path / "out.zip", file_policy=policy
+        )
+    out = await fetch_code_artifact(
+        (allowed / "ok.zip").as_uri(), tmp_path / "out.zip", file_policy=policy
+    )
+    assert out.read_bytes() == b"ok"
+
+
+def test_artifact_roots_from_flags_then_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EMBERVM_ARTIFACT_ROOTS", raising=False)
+    assert artifact_roots(None) is None
+    monkeypatch.setenv("EMBERVM_ARTIFACT_ROOTS", f"{tmp_path}/a::{tmp_path}/b")
+    assert artifact_roots(None) == (tmp_path / "a", tmp_path / "b")
+    assert artifact_roots([tmp_path / "c"]) == (tmp_path / "c",)
