@@ -39,6 +39,9 @@ class Settings:
     # Folders a ``file://`` code artifact may come from (None: anywhere but the data dir, whose
     # uploads folder is allowed, and the system's pseudo file systems).
     artifact_roots: tuple[Path, ...] | None = None
+    # Where s3:// code artifacts live (None: AWS); credentials come from boto3's usual chain.
+    s3_endpoint_url: str | None = None
+    s3_ca_file: Path | None = None
 
     @property
     def artifacts_dir(self) -> Path:

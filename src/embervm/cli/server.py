@@ -60,10 +60,26 @@ def server(
             "anywhere but the data dir, whose uploads folder is allowed, /proc, /sys and /dev).",
         ),
     ] = None,
+    s3_endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EMBERVM_S3_ENDPOINT_URL",
+            help="S3-compatible endpoint of s3:// code artifacts (default: AWS); credentials "
+            "come from the usual AWS variables, profile or role.",
+        ),
+    ] = None,
+    s3_ca_file: Annotated[
+        Path | None,
+        typer.Option(envvar="EMBERVM_S3_CA_FILE", help="CA bundle that signs the S3 endpoint."),
+    ] = None,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
     from embervm.server.app import run_server
 
+    if s3_endpoint_url is not None and not s3_endpoint_url.startswith(("http://", "https://")):
+        raise typer.BadParameter(
+            f"{s3_endpoint_url!r} is not an http(s) URL", param_hint="--s3-endpoint-url"
+        )
     ctx = current()
     settings = Settings(
         data_dir=(data_dir or ctx.data_dir).expanduser().resolve(),
@@ -77,6 +93,8 @@ def server(
         network_tag=network_tag,
         network_pool=network_pool,
         artifact_roots=artifact_roots(artifact_root),
+        s3_endpoint_url=s3_endpoint_url,
+        s3_ca_file=s3_ca_file.expanduser().resolve() if s3_ca_file else None,
     )
     code = asyncio.run(run_server(settings))
     raise typer.Exit(code)

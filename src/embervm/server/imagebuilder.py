@@ -14,7 +14,7 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from embervm.blobs import SYSTEM_DENIED, FilePolicy, fetch_code_artifact
+from embervm.blobs import SYSTEM_DENIED, FilePolicy, S3Config, fetch_code_artifact
 from embervm.build import (
     ImageBuild,
     LocalBuildLog,
@@ -43,6 +43,14 @@ def artifact_file_policy(settings: Settings) -> FilePolicy:
     )
 
 
+def artifact_s3_config(settings: Settings) -> S3Config:
+    """``s3://`` artifacts: the configured endpoint (AWS if none) in the server's region;
+    credentials from boto3's chain (``AWS_ACCESS_KEY_ID``…, ``AWS_PROFILE``, instance roles)."""
+    return S3Config(
+        endpoint_url=settings.s3_endpoint_url, region=settings.region, ca_file=settings.s3_ca_file
+    )
+
+
 class PipelineImageBuilder:
     def __init__(self, settings: Settings, machines: MachineProvider) -> None:
         self.settings = settings
@@ -62,7 +70,10 @@ class PipelineImageBuilder:
 
         async def fetch(dest: Path) -> Path:
             return await fetch_code_artifact(
-                uri, dest, file_policy=artifact_file_policy(self.settings)
+                uri,
+                dest,
+                s3_config=artifact_s3_config(self.settings),
+                file_policy=artifact_file_policy(self.settings),
             )
 
         spec = spec_from_request(

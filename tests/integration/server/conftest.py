@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_harness import REPO, LiveServer, build_image, build_image_with_aws_cli, free_port
+from moto.server import ThreadedMotoServer
+from server_harness import (
+    REPO,
+    S3_CREDENTIALS,
+    LiveServer,
+    build_image,
+    build_image_with_aws_cli,
+    free_port,
+)
 
 from embervm.guest.artifacts import GuestArtifacts
 
@@ -34,14 +42,33 @@ def _test_cache() -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's HTTP server) on 127.0.0.1, for s3:// code artifacts."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def live_server(
-    guest_artifacts: GuestArtifacts, tmp_path_factory: pytest.TempPathFactory
+    guest_artifacts: GuestArtifacts, tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str
 ) -> Iterator[LiveServer]:
     """``embervm server`` on free ports; artifacts and build layers from the test cache."""
     data_dir = tmp_path_factory.mktemp("server-data")
     cache = _test_cache()
     (data_dir / "artifacts").symlink_to(cache / "artifacts")
-    server = LiveServer(data_dir, free_port(), free_port(), free_port())
+    server = LiveServer(
+        data_dir,
+        free_port(),
+        free_port(),
+        free_port(),
+        extra_args=["--s3-endpoint-url", s3_endpoint],
+        extra_env=S3_CREDENTIALS,
+    )
     server.start()
     try:
         yield server

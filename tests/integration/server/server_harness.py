@@ -32,6 +32,8 @@ READY_TIMEOUT = 600.0
 BUILD_TIMEOUT = 900.0
 BASE_IMAGE_ARN = f"arn:aws:lambda:{REGION}:aws:microvm-image:debian12"
 BUILD_ROLE = "arn:aws:iam::000000000000:role/embervm-build"
+# What the server (boto3's credential chain) and the tests use against the test's S3 server.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 CONNECTOR = f"arn:aws:lambda:{REGION}:aws:network-connector:aws-network-connector:{{}}"
 REPO = Path(__file__).resolve().parents[3]
 
@@ -59,6 +61,8 @@ class LiveServer:
     api_port: int
     proxy_port: int
     proxy_http_port: int
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     ready_line: str = ""
     output: list[str] = field(default_factory=list)
@@ -78,11 +82,12 @@ class LiveServer:
         return [
             sys.executable, "-m", "embervm.cli", "--data-dir", str(self.data_dir), "server",
             "--api-port", str(self.api_port), "--proxy-port", str(self.proxy_port),
-            "--proxy-http-port", str(self.proxy_http_port),
+            "--proxy-http-port", str(self.proxy_http_port), *self.extra_args,
         ]  # fmt: skip
 
     def start(self) -> None:
-        env = {**os.environ, "EMBERVM_NETWORK_TAG": "e2e", "EMBERVM_NETWORK_POOL": "10.219.0.0/16"}
+        env = {**os.environ, "EMBERVM_NETWORK_TAG": "e2e", "EMBERVM_NETWORK_POOL": "10.219.0.0/16",
+               **self.extra_env}  # fmt: skip
         self.output = []
         self.process = subprocess.Popen(
             self.argv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
@@ -194,6 +199,14 @@ def wait_built(server: LiveServer, name: str) -> dict[str, Any]:
             f"the build of {name}",
         )
     )
+
+
+def build_image_from_uri(server: LiveServer, name: str, uri: str) -> dict[str, Any]:
+    """Create an image from a code artifact URI and wait until the build ends."""
+    server.client().create_microvm_image(
+        name=name, baseImageArn=BASE_IMAGE_ARN, buildRoleArn=BUILD_ROLE, codeArtifact={"uri": uri}
+    )
+    return wait_built(server, name)
 
 
 def build_image_with_aws_cli(server: LiveServer, name: str, source: Path) -> dict[str, Any]:

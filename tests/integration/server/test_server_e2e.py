@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
-from server_harness import BASE_IMAGE_ARN, BUILD_ROLE, LiveServer, run_vm, token, wait_for
+from server_harness import (
+    REPO,
+    S3_CREDENTIALS,
+    LiveServer,
+    build_image_from_uri,
+    run_vm,
+    token,
+    wait_for,
+    zip_dir,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -101,19 +112,39 @@ def test_a_build_cannot_read_the_servers_own_files(live_server: LiveServer) -> N
     client = live_server.client()
     keys = live_server.data_dir / "keys" / "tokens.json"
     assert keys.is_file()
-    client.create_microvm_image(
-        name="steal-keys",
-        baseImageArn=BASE_IMAGE_ARN,
-        buildRoleArn=BUILD_ROLE,
-        codeArtifact={"uri": keys.as_uri()},
-    )
-    image = wait_for(
-        lambda: client.get_microvm_image(imageIdentifier="steal-keys"),
-        lambda image: image["state"] != "CREATING",
-        120,
-        "the build to end",
-    )
+    image = build_image_from_uri(live_server, "steal-keys", keys.as_uri())
     assert image["state"] == "CREATE_FAILED"
     version = client.get_microvm_image_version(imageIdentifier="steal-keys", imageVersion="1")
     assert "does_not_read_artifacts_from" in version["stateReason"].replace(" ", "_"), version
     client.delete_microvm_image(imageIdentifier="steal-keys")
+
+
+def test_an_image_built_from_an_s3_artifact_serves_its_app(
+    live_server: LiveServer, s3_endpoint: str, flask_image: dict[str, Any], tmp_path: Path
+) -> None:
+    """s3://bucket/key through the server's configured S3 endpoint (a real S3 API server);
+    the same files as flask-counter, so the build reuses its cached steps."""
+    archive = zip_dir(REPO / "examples" / "flask-counter", tmp_path / "app.zip")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    s3.create_bucket(Bucket="apps")
+    s3.upload_file(str(archive), "apps", "flask/app.zip")
+    image = build_image_from_uri(live_server, "flask-s3", "s3://apps/flask/app.zip")
+    assert image["state"] == "CREATED", image
+    vm = run_vm(live_server, "flask-s3")
+    assert vm["state"] == "RUNNING", vm
+    secret = token(live_server, vm["microvmId"])
+    first = count_of(live_server.get(vm["microvmId"], secret))
+    assert count_of(live_server.get(vm["microvmId"], secret)) == first + 1
+    live_server.client().terminate_microvm(microvmIdentifier=vm["microvmId"])
+    missing = build_image_from_uri(live_server, "s3-missing", "s3://apps/none.zip")
+    assert missing["state"] == "CREATE_FAILED"
+    version = live_server.client().get_microvm_image_version(
+        imageIdentifier="s3-missing", imageVersion="1"
+    )
+    assert "does_not_exist" in version["stateReason"].replace(" ", "_"), version

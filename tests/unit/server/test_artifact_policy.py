@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from embervm.blobs import fetch_code_artifact
 from embervm.cli.server import artifact_roots
 from embervm.config import Settings
 from embervm.errors import BuildFailure
-from embervm.server.imagebuilder import artifact_file_policy
+from embervm.server.imagebuilder import artifact_file_policy, artifact_s3_config
 
 
 def settings(tmp_path: Path, roots: tuple[Path, ...] | None = None) -> Settings:
@@ -71,3 +74,31 @@ def test_artifact_roots_from_flags_then_environment(
     monkeypatch.setenv("EMBERVM_ARTIFACT_ROOTS", f"{tmp_path}/a::{tmp_path}/b")
     assert artifact_roots(None) == (tmp_path / "a", tmp_path / "b")
     assert artifact_roots([tmp_path / "c"]) == (tmp_path / "c",)
+
+
+def test_s3_artifacts_use_the_configured_endpoint_and_region(tmp_path: Path) -> None:
+    config = Settings(
+        data_dir=tmp_path, region="eu-west-1", s3_endpoint_url="http://127.0.0.1:9000"
+    )
+    s3 = artifact_s3_config(config)
+    assert (s3.endpoint_url, s3.region, s3.credentials) == (
+        "http://127.0.0.1:9000",
+        "eu-west-1",
+        None,  # boto3's own chain
+    )
+
+
+def test_server_refuses_an_s3_endpoint_that_is_not_a_url(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "embervm.cli", "--data-dir", str(tmp_path), "server",
+            "--s3-endpoint-url", "minio:9000"]  # fmt: skip
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 2, done
+    assert "'minio:9000' is not an http(s) URL" in done.stderr
+    assert not (tmp_path / "embervm.db").exists()  # refused before anything started
