@@ -42,6 +42,8 @@ class Settings:
     # Where s3:// code artifacts live (None: AWS); credentials come from boto3's usual chain.
     s3_endpoint_url: str | None = None
     s3_ca_file: Path | None = None
+    # The app output of a MicroVM is kept this long after it ends.
+    app_log_retention_days: float = 7.0
 
     @property
     def artifacts_dir(self) -> Path:

@@ -72,6 +72,14 @@ def server(
         Path | None,
         typer.Option(envvar="EMBERVM_S3_CA_FILE", help="CA bundle that signs the S3 endpoint."),
     ] = None,
+    log_retention_days: Annotated[
+        float,
+        typer.Option(
+            envvar="EMBERVM_LOG_RETENTION_DAYS",
+            min=0,
+            help="Days a MicroVM's app output is kept after it ends.",
+        ),
+    ] = 7.0,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
     from embervm.server.app import run_server
@@ -95,6 +103,7 @@ def server(
         artifact_roots=artifact_roots(artifact_root),
         s3_endpoint_url=s3_endpoint_url,
         s3_ca_file=s3_ca_file.expanduser().resolve() if s3_ca_file else None,
+        app_log_retention_days=log_retention_days,
     )
     code = asyncio.run(run_server(settings))
     raise typer.Exit(code)

@@ -159,8 +159,12 @@ async def start_server(
     machines = await stack.enter_async_context(open_machine_provider(settings, network=network))
 
     tokens = TokenAuthority(settings.data_dir / "keys" / "tokens.json")
-    app_logs = AppLogFiles(settings.data_dir / "microvm-logs")
+    app_logs = AppLogFiles(
+        settings.data_dir / "microvm-logs", retention=settings.app_log_retention_days * 86400
+    )
     stack.push_async_callback(app_logs.close)
+    pruning = asyncio.create_task(app_logs.keep_pruning(), name="app-log-retention")
+    stack.push_async_callback(_cancel_and_wait, pruning)
     backend = LocalHostBackend(host, app_logs)
     ops = Operations(
         settings=settings,
@@ -195,6 +199,12 @@ async def start_server(
         proxy_url=f"https://{settings.listen_host}:{proxy.tls_port}",
         proxy_http_url=f"http://{settings.listen_host}:{proxy.http_port}",
     )
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _wait_for_signal() -> None:

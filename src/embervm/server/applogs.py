@@ -4,7 +4,8 @@ The agent's log stream is consumed once (a queue), so one pump per running VM co
 ``DATA_DIR/microvm-logs/<id>.log`` and every reader tails that file: ``embervm logs`` works
 while the VM runs, while it is suspended and after it ended. A file is capped (``MAX_BYTES``,
 then one rotation to ``.log.1``) so a chatty guest cannot fill the host's disk; a line is capped
-at ``MAX_LINE`` bytes. ``<id>.end`` marks a VM that is gone: followers stop there.
+at ``MAX_LINE`` bytes. ``<id>.end`` marks a VM that is gone: followers stop there, and the
+VM's files are deleted once the marker is older than the retention (``keep_pruning``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -25,13 +27,16 @@ MAX_BYTES = 8 * 1024 * 1024
 MAX_LINE = 16 * 1024
 POLL = 0.2
 DRAIN_TIMEOUT = 2.0
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+PRUNE_EVERY = 3600.0
 
 
 class AppLogFiles:
     """``AppLogSource`` over per-VM files, plus the pumps that fill them."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, retention: float = DEFAULT_RETENTION) -> None:
         self.root = root
+        self.retention = retention
         self._pumps: dict[str, asyncio.Task[None]] = {}
 
     def _path(self, microvm_id: str, suffix: str = ".log") -> Path:
@@ -94,6 +99,38 @@ class AppLogFiles:
                 path.replace(path.with_suffix(".log.1"))
         with path.open("a", encoding="utf-8") as fh:
             fh.write(text)
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def keep_pruning(self) -> None:
+        """Prune now and every ``PRUNE_EVERY`` seconds, until cancelled."""
+        while True:
+            removed = await asyncio.to_thread(self.prune)
+            if removed:
+                log.info("removed the app logs of %d ended MicroVMs", removed)
+            await asyncio.sleep(PRUNE_EVERY)
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the files of VMs that ended more than ``retention`` seconds ago."""
+        cutoff = (time.time() if now is None else now) - self.retention
+        removed = 0
+        try:
+            markers = list(self.root.glob("*.end"))
+        except OSError:
+            return 0
+        for marker in markers:
+            microvm_id = marker.name.removesuffix(".end")
+            try:
+                if not MICROVM_ID_RE.match(microvm_id) or marker.stat().st_mtime > cutoff:
+                    continue
+                for suffix in (".log", ".log.1"):
+                    self._path(microvm_id, suffix).unlink(missing_ok=True)
+                marker.unlink()  # last: a half-pruned VM is pruned again next time
+            except OSError as exc:
+                log.warning("could not prune the app logs of %s: %s", microvm_id, exc)
+                continue
+            removed += 1
+        return removed
 
     # -- reading (AppLogSource) ----------------------------------------------------------
 
