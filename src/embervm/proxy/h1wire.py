@@ -20,10 +20,18 @@ from http import HTTPStatus
 
 MAX_FIELDS = 128
 MAX_CHUNK_LINE = 4096
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN = re.compile(rb"[%s]+" % _TCHAR)
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# A whole head is checked by one regex each for its first line and its fields (the per-line
+# checks cost more than the rest of a request): names are tokens right before the colon (no
+# obs-fold, no "name :"), values are VCHAR, SP, HTAB and obs-text only (no bare CR or LF).
+_REQUEST_LINE = re.compile(rb"([%s]+) ([\x21-\x7e]+) HTTP/1\.([01])\r\n" % _TCHAR)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
+_FIELD_LINES = re.compile(rb"(?:[%s]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n" % _TCHAR)
+_FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")  # on lines _FIELD_LINES passed
 CRLF = b"\r\n"
 HEAD_END = b"\r\n\r\n"
 
@@ -77,44 +85,48 @@ async def read_head(reader: asyncio.StreamReader) -> bytes | None:
         return None
 
 
-def _fields(lines: list[bytes]) -> Fields:
-    if len(lines) > MAX_FIELDS:
+def _fields(raw: bytes, start: int) -> Fields:
+    """The fields of a head whose first line ends at ``start`` (``raw`` ends with the blank
+    line)."""
+    if not _FIELD_LINES.fullmatch(raw, start):
+        raise BadMessage()
+    found = _FIELD.findall(raw, start)
+    if len(found) > MAX_FIELDS:
         raise BadMessage(431)
-    fields: Fields = []
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):  # also refuses obs-fold and "name :"
-            raise BadMessage()
-        value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
-            raise BadMessage()
-        fields.append((name.lower(), value))
-    return fields
+    return [(name.lower(), value.rstrip(b" \t")) for name, value in found]
 
 
-def _version(text: bytes) -> bytes:
-    if text == b"HTTP/1.1":
-        return b"1.1"
-    if text == b"HTTP/1.0":
-        return b"1.0"
-    raise BadMessage(505 if text.startswith(b"HTTP/") else 400)
+_VERSIONS = {b"1": b"1.1", b"0": b"1.0"}
 
 
 def parse_request(raw: bytes) -> Head:
-    lines = raw[: -len(HEAD_END)].split(CRLF)
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
-        raise BadMessage()
-    return Head(lines[0], _version(parts[2]), _fields(lines[1:]), method=parts[0],
-                target=parts[1])  # fmt: skip
+    line = _REQUEST_LINE.match(raw)
+    if line is None:
+        raise _request_line_error(raw)
+    start = line.end()
+    return Head(raw[: start - 2], _VERSIONS[line[3]], _fields(raw, start), method=line[1],
+                target=line[2])  # fmt: skip
+
+
+def _request_line_error(raw: bytes) -> BadMessage:
+    """505 for a well-formed request line of another HTTP version, else 400."""
+    parts = raw.split(CRLF, 1)[0].split(b" ")
+    if (
+        len(parts) == 3
+        and _TOKEN.fullmatch(parts[0])
+        and _TARGET.fullmatch(parts[1])
+        and parts[2].startswith(b"HTTP/")
+    ):
+        return BadMessage(505)
+    return BadMessage()
 
 
 def parse_response(raw: bytes) -> Head:
-    lines = raw[: -len(HEAD_END)].split(CRLF)
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+    line = _STATUS_LINE.match(raw)
+    if line is None:
         raise BadMessage(502)
-    return Head(lines[0], _version(parts[0]), _fields(lines[1:]), status=int(parts[1]))
+    start = line.end()
+    return Head(raw[: start - 2], _VERSIONS[line[1]], _fields(raw, start), status=int(line[2]))
 
 
 def status_line(status: int) -> bytes:
@@ -147,42 +159,45 @@ CHUNKED = -2
 TO_CLOSE = -3  # a response that ends when the app closes the connection
 
 
-def _content_length(head: Head) -> int | None:
-    values = {v.strip() for key, raw in head.fields if key == b"content-length"
-              for v in raw.split(b",")}  # fmt: skip
-    if not values:
-        return None
+def _framing(head: Head) -> tuple[bool, int | None]:
+    """(chunked, content length) from one pass over the fields."""
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    for key, value in head.fields:
+        if key == b"content-length":
+            lengths.append(value)
+        elif key == b"transfer-encoding":
+            codings.append(value)
+    found = [c for value in codings for v in value.split(b",") if (c := v.strip().lower())]
+    if found:
+        if found != [b"chunked"] or lengths:  # the only coding, and never beside a length
+            raise BadMessage()
+        return True, None
+    if not lengths:
+        return False, None
+    values = {v.strip() for value in lengths for v in value.split(b",")}
     if len(values) != 1:
         raise BadMessage()
-    value = values.pop()
-    if not value.isdigit() or len(value) > 18:
+    length = values.pop()
+    if not length.isdigit() or len(length) > 18:
         raise BadMessage()
-    return int(value)
-
-
-def _chunked(head: Head) -> bool:
-    codings = [c for c in head.tokens(b"transfer-encoding") if c]
-    if not codings:
-        return False
-    if codings != [b"chunked"] or head.get(b"content-length") is not None:
-        raise BadMessage()
-    return True
+    return False, int(length)
 
 
 def request_framing(head: Head) -> int:
     """Body length, ``CHUNKED`` or ``NONE`` (0 bytes)."""
-    if _chunked(head):
+    chunked, length = _framing(head)
+    if chunked:
         return CHUNKED
-    length = _content_length(head)
     return length if length else NONE
 
 
 def response_framing(head: Head, method: bytes) -> int:
     if method == b"HEAD" or head.status < 200 or head.status in (204, 304):
         return NONE
-    if _chunked(head):
+    chunked, length = _framing(head)
+    if chunked:
         return CHUNKED
-    length = _content_length(head)
     if length is None:
         return TO_CLOSE
     return NONE if length == 0 else length
