@@ -6,10 +6,9 @@
 Loopback only. The upstream is nginx serving a small static file (faster than the proxy, so
 the proxy's own cost shows). Measured in one run, same client settings each time:
   (a) straight to the upstream, (b) through Embervm's EndpointProxy (real token checks, header
-  stripping, keep-alive upstream, the server's event loop: uvloop when installed), (c) through
-  nginx configured as a reverse proxy to the same upstream. Targets (DESIGN.md §10): (b) ≥ 0.5x
-  (c) requests/s, and (b) adds ≤ 1 ms at p50 over (a). nginx and the proxy each get one worker
-  process (the proxy is one event loop).
+  stripping, keep-alive upstream), (c) through nginx configured as a reverse proxy to the same
+  upstream. Targets (DESIGN.md §10): (b) ≥ 0.5x (c) requests/s, and (b) adds ≤ 1 ms at p50
+  over (a). nginx and the proxy each get one worker process (the proxy is one asyncio loop).
 Runs in about a minute; every process it starts is stopped before it exits.
 """
 
@@ -128,7 +127,6 @@ def serve_proxy(port: int, upstream: int, keys: Path) -> None:
     from embervm.core.lifecycle import ResolvedVm
     from embervm.core.tokens import TokenAuthority
     from embervm.proxy import EndpointProxy
-    from embervm.server.app import event_loop_factory
 
     vm = ResolvedVm(VM_ID, "RUNNING", frozenset({"ALL_INGRESS"}), "127.0.0.1", False, "")
 
@@ -156,8 +154,7 @@ def serve_proxy(port: int, upstream: int, keys: Path) -> None:
         await stop.wait()
         await proxy.stop()
 
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # as `embervm server`
-        runner.run(main())
+    asyncio.run(main())
 
 
 def run() -> dict[str, Any]:
