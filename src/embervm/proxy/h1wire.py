@@ -24,7 +24,9 @@ _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN = re.compile(rb"[%s]+" % _TCHAR)
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# chunk-size [BWS ";" chunk-ext] CRLF; a trailer is a field line (nothing else may hide there)
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?\r\n")
+_TRAILER = re.compile(rb"[%s]+:[\t\x20-\x7e\x80-\xff]*\r\n" % _TCHAR)
 # A whole head is checked by one regex each for its first line and its fields (the per-line
 # checks cost more than the rest of a request): names are tokens right before the colon (no
 # obs-fold, no "name :"), values are VCHAR, SP, HTAB and obs-text only (no bare CR or LF).
@@ -203,6 +205,19 @@ def response_framing(head: Head, method: bytes) -> int:
     return NONE if length == 0 else length
 
 
+def chunk_size(line: bytes) -> int:
+    """The size a chunk-size line (CR LF included) announces; BadMessage if malformed."""
+    found = _CHUNK_LINE.fullmatch(line)
+    if found is None:
+        raise BadMessage()
+    return int(found[1], 16)
+
+
+def check_trailer(line: bytes) -> None:
+    if not _TRAILER.fullmatch(line):
+        raise BadMessage()
+
+
 # -- copying -------------------------------------------------------------------------------
 
 
@@ -263,13 +278,11 @@ async def _copy_chunked(
     while True:
         async with asyncio.timeout(idle):
             line = await _line(reader)
-        size_text = line[:-2].split(b";", 1)[0].strip()
-        if not _HEX.fullmatch(size_text):
-            raise BadMessage()
-        size = int(size_text, 16)
+        size = chunk_size(line)
         writer.write(line)
         if size == 0:
             while (trailer := await _line(reader)) != CRLF:
+                check_trailer(trailer)
                 writer.write(trailer)
             writer.write(CRLF)
             await writer.drain()
@@ -298,13 +311,10 @@ async def body_chunks(
         while True:
             async with asyncio.timeout(idle):
                 line = await _line(reader)
-            size_text = line[:-2].split(b";", 1)[0].strip()
-            if not _HEX.fullmatch(size_text):
-                raise BadMessage()
-            size = int(size_text, 16)
+            size = chunk_size(line)
             if size == 0:
-                while await _line(reader) != CRLF:
-                    pass  # request trailers are not relayed to h2 apps
+                while (trailer := await _line(reader)) != CRLF:
+                    check_trailer(trailer)  # request trailers are not relayed to h2 apps
                 return
             left = size
             while left:

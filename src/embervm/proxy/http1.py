@@ -1,13 +1,14 @@
-"""HTTP/1.1 from a client to an app in a VM.
+"""HTTP/1.1 from a client to an app in a VM, on streams: the connections ``h1relay`` hands
+over when a request turns the connection into something else.
 
-One ``Http1Session`` per client connection: each request head is parsed strictly
-(``h1wire``), admitted, stripped of the proxy's own fields and written to the app over a
-connection kept for the next request to the same VM and port. Bodies are copied as they are,
-both ways at once, with backpressure (``drain``); nothing is buffered whole, so server-sent
-events arrive event by event. A WebSocket (or other) upgrade the app accepts with 101 turns the
+One ``Http1Session`` per such connection: each request head is parsed strictly (``h1wire``),
+admitted, stripped of the proxy's own fields and written to the app over a connection kept for
+the next request to the same VM and port. Bodies are copied as they are, both ways at once,
+with backpressure (``drain``). A WebSocket (or other) upgrade the app accepts with 101 turns the
 connection into a byte splice; ``/shell`` upgrades go to ``shell``; ``Upgrade: h2c`` on the
 plain listener hands the connection to the HTTP/2 session; ``X-aws-proxy-force-h2: true``
-sends the request to the app as h2c (``forced_h2``).
+sends the request to the app as h2c (``forced_h2``). Plain requests that follow on the same
+connection are served here too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from functools import partial
 from embervm.proxy import forced_h2
 from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
 from embervm.proxy.h1wire import (
-    CRLF,
     NONE,
     TO_CLOSE,
     BadMessage,
@@ -71,14 +71,12 @@ class Http1Session:
         shells: ShellOpener,
         *,
         h2c: H2cHandoff | None = None,
-        first_line: bytes = b"",
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.admission = admission
         self.shells = shells
         self.h2c = h2c
-        self._first_line = first_line  # read by the listener to tell HTTP/2 from HTTP/1.1
         self.upstream: Upstream | None = None
         self.h2_upstream: forced_h2.H2Upstream | None = None
         self.answered = False  # a response head went to the client for the current request
@@ -91,26 +89,13 @@ class Http1Session:
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
-    async def _next_head(self) -> bytes | None:
-        if not self._first_line:
-            return await read_head(self.reader)
-        lines, size = [self._first_line], len(self._first_line)
-        self._first_line = b""
-        while lines[-1] != CRLF or len(lines) == 1:
-            line = await self.reader.readuntil(CRLF)
-            size += len(line)
-            if size > MAX_HEAD:
-                raise BadMessage(431)
-            lines.append(line)
-        return b"".join(lines)
-
     async def run(self) -> None:
         try:
             timeout = FIRST_REQUEST_TIMEOUT
             while True:
                 try:
                     async with asyncio.timeout(timeout):
-                        raw = await self._next_head()
+                        raw = await read_head(self.reader)
                     if raw is None:
                         return
                     head = parse_request(raw)

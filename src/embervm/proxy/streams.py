@@ -8,6 +8,25 @@ from collections.abc import Callable
 
 READ_SIZE = 64 * 1024
 CONNECT_TIMEOUT = 10.0
+STREAM_LIMIT = 64 * 1024  # a StreamReader's line and head limit (asyncio.start_server's own)
+
+
+def streams_over(
+    transport: asyncio.Transport, data: bytes, eof: bool
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over a connection a protocol served until now, starting with the bytes it had
+    read and not used (``eof``: the peer had already finished sending)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if data:
+        reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    transport.resume_reading()  # the protocol before may have paused it
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def open_upstream(

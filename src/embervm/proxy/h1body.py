@@ -1,0 +1,90 @@
+"""Where an HTTP/1.1 body ends, found in bytes fed as they arrive (for the callback relay).
+
+The relay forwards a body's bytes as they are; ``BodyEnd`` only follows the framing (a length,
+chunk sizes, trailers, or the connection's end) to tell where the next message starts. Nothing
+is kept but a partial chunk-size or trailer line (at most ``MAX_CHUNK_LINE`` bytes). Chunk
+lines and trailers are checked as strictly as ``h1wire`` checks them on streams.
+"""
+
+from __future__ import annotations
+
+from embervm.proxy.h1wire import (
+    CHUNKED,
+    CRLF,
+    MAX_CHUNK_LINE,
+    NONE,
+    TO_CLOSE,
+    BadMessage,
+    check_trailer,
+    chunk_size,
+)
+
+_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+
+class BodyEnd:
+    """One body's framing: ``feed`` says how much of each piece belongs to the body."""
+
+    __slots__ = ("chunked", "done", "left", "line", "phase", "to_close")
+
+    def __init__(self, framing: int) -> None:
+        self.chunked = framing == CHUNKED
+        self.to_close = framing == TO_CLOSE  # ends only when the sender closes
+        self.done = framing == NONE
+        self.left = max(framing, 0)  # bytes left in the body (or in the current chunk)
+        self.phase = _SIZE
+        self.line = b""
+
+    def feed(self, data: bytes, start: int = 0) -> int:
+        """Take the body's bytes from ``data[start:]``: the index where the body ended (then
+        ``done``), or ``len(data)``. BadMessage when the chunk framing is malformed."""
+        if self.done:
+            return start
+        if self.chunked:
+            return self._chunks(data, start)
+        if self.to_close:
+            return len(data)
+        take = min(self.left, len(data) - start)
+        self.left -= take
+        self.done = not self.left
+        return start + take
+
+    def _chunks(self, data: bytes, pos: int) -> int:
+        end = len(data)
+        while pos < end:
+            if self.phase == _DATA:
+                take = min(self.left, end - pos)
+                self.left -= take
+                pos += take
+                if not self.left:
+                    self.phase = _DATA_END
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self.line += data[pos:]
+                if len(self.line) > MAX_CHUNK_LINE:
+                    raise BadMessage()
+                return end
+            line, self.line = self.line + data[pos : newline + 1], b""
+            pos = newline + 1
+            if len(line) > MAX_CHUNK_LINE:
+                raise BadMessage()
+            if self._line(line):
+                return pos
+        return pos
+
+    def _line(self, line: bytes) -> bool:
+        """One complete line (LF included); True at the body's end."""
+        if self.phase == _SIZE:
+            self.left = chunk_size(line)
+            self.phase = _DATA if self.left else _TRAILER
+        elif self.phase == _DATA_END:
+            if line != CRLF:
+                raise BadMessage()
+            self.phase = _SIZE
+        elif line == CRLF:  # _TRAILER: the blank line ends the body
+            self.done = True
+            return True
+        else:
+            check_trailer(line)
+        return False
