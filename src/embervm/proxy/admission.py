@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from embervm.core.ids import MICROVM_ID_RE
 from embervm.core.lifecycle import ResolvedVm
@@ -58,8 +58,7 @@ class Refusal(Exception):
 FORBIDDEN = Refusal(403, "Forbidden")
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):  # a tuple: made for every request, compared with the kept one
     microvm_id: str
     address: str
     port: int

@@ -26,7 +26,16 @@ import math
 from collections.abc import Callable
 from typing import cast
 
-from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Ask, Refusal, Target, strip_headers
+from embervm.proxy.admission import (
+    AUTH_HEADER,
+    FORCE_H2_HEADER,
+    PORT_HEADER,
+    Admission,
+    Ask,
+    Refusal,
+    Target,
+    strip_headers,
+)
 from embervm.proxy.h1body import BodyEnd
 from embervm.proxy.h1wire import (
     HEAD_END,
@@ -34,9 +43,8 @@ from embervm.proxy.h1wire import (
     BadMessage,
     Head,
     parse_request,
-    parse_response,
     request_framing,
-    response_framing,
+    response_summary,
     serialize,
     status_line,
 )
@@ -125,6 +133,8 @@ class ClientRelay(asyncio.Protocol):
         self.response_head = b""
         self.answered = False  # a final response head went to the client
         self.app_reusable = True  # the app sent nothing beyond its answer
+        self.ask: Ask | None = None
+        self.ask_key: tuple[bytes | None, ...] = ()
 
     # -- the client's connection ---------------------------------------------------------
 
@@ -214,13 +224,22 @@ class ClientRelay(asyncio.Protocol):
             self._hand_off(raw + self.buf, http2=False)
             return
         try:
-            ask = self.admission.ask(fields.get(b"host"), fields, head.target, websocket=False)
+            ask = self._ask(fields, head.target)
         except Refusal as refusal:
             self.refuse(refusal.status, refusal.message)
             return
         self.state = _ADMIT
         self.deadline = math.inf  # a resume has its own time limit in core
         self.task = self.loop.create_task(self._admit(ask, head, framing))
+
+    def _ask(self, fields: dict[bytes, bytes], target: bytes) -> Ask:
+        """What the request asks for; the same fields as the last request's ask the same
+        (no upgrade here, so the path does not matter). The token is checked in ``admit``."""
+        key = (fields.get(b"host"), fields.get(AUTH_HEADER), fields.get(PORT_HEADER))
+        if key != self.ask_key or self.ask is None:
+            self.ask = self.admission.ask(key[0], fields, target, websocket=False)
+            self.ask_key = key
+        return self.ask
 
     async def _admit(self, ask: Ask, head: Head, framing: int) -> None:
         try:
@@ -334,23 +353,17 @@ class ClientRelay(asyncio.Protocol):
             end += len(HEAD_END)
             raw, pending = pending[:end], pending[end:]
             try:
-                head = parse_response(raw)
-                framing = response_framing(head, self.method)
+                status, framing, keep = response_summary(raw, self.method)
             except BadMessage:
                 self._app_failed("The app sent a malformed answer")
                 return
-            if head.status >= 200:
+            if status >= 200:
                 break
             self.transport.write(raw)  # 100 Continue, 103 Early Hints...
         self.answered = True
         self.response_head = b""
         self.response_body = body = BodyEnd(framing)
-        self.keep = (
-            self.keep
-            and not body.to_close
-            and head.version == b"1.1"
-            and b"close" not in head.tokens(b"connection")
-        )
+        self.keep = self.keep and keep
         try:
             end = body.feed(pending)
         except BadMessage:

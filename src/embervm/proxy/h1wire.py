@@ -34,6 +34,9 @@ _REQUEST_LINE = re.compile(rb"([%s]+) ([\x21-\x7e]+) HTTP/1\.([01])\r\n" % _TCHA
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
 _FIELD_LINES = re.compile(rb"(?:[%s]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n" % _TCHAR)
 _FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")  # on lines _FIELD_LINES passed
+_FRAMING_FIELD = re.compile(
+    rb"^(content-length|transfer-encoding|connection):[ \t]*([^\r]*)\r\n", re.I | re.M
+)
 CRLF = b"\r\n"
 HEAD_END = b"\r\n\r\n"
 
@@ -161,15 +164,9 @@ CHUNKED = -2
 TO_CLOSE = -3  # a response that ends when the app closes the connection
 
 
-def _framing(head: Head) -> tuple[bool, int | None]:
-    """(chunked, content length) from one pass over the fields."""
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    for key, value in head.fields:
-        if key == b"content-length":
-            lengths.append(value)
-        elif key == b"transfer-encoding":
-            codings.append(value)
+def _framing(lengths: list[bytes], codings: list[bytes]) -> tuple[bool, int | None]:
+    """(chunked, content length) from the values of every Content-Length and
+    Transfer-Encoding field."""
     found = [c for value in codings for v in value.split(b",") if (c := v.strip().lower())]
     if found:
         if found != [b"chunked"] or lengths:  # the only coding, and never beside a length
@@ -186,23 +183,64 @@ def _framing(head: Head) -> tuple[bool, int | None]:
     return False, int(length)
 
 
+def _head_framing(head: Head) -> tuple[bool, int | None]:
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    for key, value in head.fields:
+        if key == b"content-length":
+            lengths.append(value)
+        elif key == b"transfer-encoding":
+            codings.append(value)
+    return _framing(lengths, codings)
+
+
 def request_framing(head: Head) -> int:
     """Body length, ``CHUNKED`` or ``NONE`` (0 bytes)."""
-    chunked, length = _framing(head)
+    chunked, length = _head_framing(head)
     if chunked:
         return CHUNKED
     return length if length else NONE
 
 
 def response_framing(head: Head, method: bytes) -> int:
-    if method == b"HEAD" or head.status < 200 or head.status in (204, 304):
+    return _response_framing(head.status, method, _head_framing(head))
+
+
+def _response_framing(status: int, method: bytes, framing: tuple[bool, int | None]) -> int:
+    if method == b"HEAD" or status < 200 or status in (204, 304):
         return NONE
-    chunked, length = _framing(head)
+    chunked, length = framing
     if chunked:
         return CHUNKED
     if length is None:
         return TO_CLOSE
     return NONE if length == 0 else length
+
+
+def response_summary(raw: bytes, method: bytes) -> tuple[int, int, bool]:
+    """``(status, framing, keep-alive)`` of a response head to ``method``, checked as
+    ``parse_response`` checks it, without building its field list (the relay forwards the
+    head as it is and needs no more)."""
+    line = _STATUS_LINE.match(raw)
+    if line is None:
+        raise BadMessage(502)
+    start = line.end()
+    if not _FIELD_LINES.fullmatch(raw, start) or raw.count(b"\n", start) > MAX_FIELDS + 1:
+        raise BadMessage(502)
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    close = False
+    for name, value in _FRAMING_FIELD.findall(raw, start):
+        name = name.lower()
+        if name == b"content-length":
+            lengths.append(value.rstrip(b" \t"))
+        elif name == b"transfer-encoding":
+            codings.append(value)
+        else:
+            close = close or b"close" in {v.strip().lower() for v in value.split(b",")}
+    status = int(line[2])
+    framing = _response_framing(status, method, _framing(lengths, codings))
+    return status, framing, line[1] == b"1" and not close and framing != TO_CLOSE
 
 
 def chunk_size(line: bytes) -> int:

@@ -16,6 +16,7 @@ from embervm.proxy.h1wire import (
     parse_response,
     request_framing,
     response_framing,
+    response_summary,
 )
 
 
@@ -97,34 +98,70 @@ def response(first: bytes, *fields: bytes) -> bytes:
     return b"\r\n".join([first, *fields]) + b"\r\n\r\n"
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        response(b"HTTP/1.1 200 OK\nContent-Length: 3"),  # bare LF in the status line
-        response(b"HTTP/1.1 200 O\rK"),
-        response(b"HTTP/1.1 20 OK"),
-        response(b"HTTP/1.1 2000 OK"),
-        response(b"HTTP/2 200 OK"),
-        response(b"HTTP/1.1 200 OK", b"X: a\nY: b"),
-    ],
-)
+MALFORMED_RESPONSES = [
+    response(b"HTTP/1.1 200 OK\nContent-Length: 3"),  # bare LF in the status line
+    response(b"HTTP/1.1 200 O\rK"),
+    response(b"HTTP/1.1 20 OK"),
+    response(b"HTTP/1.1 2000 OK"),
+    response(b"HTTP/2 200 OK"),
+    response(b"HTTP/1.1 200 OK", b"X: a\nY: b"),
+]
+
+
+@pytest.mark.parametrize("raw", MALFORMED_RESPONSES)
 def test_malformed_responses_are_refused(raw: bytes) -> None:
     with pytest.raises(BadMessage):
         parse_response(raw)
 
 
-@pytest.mark.parametrize(
-    ("raw", "method", "framing"),
-    [
-        (response(b"HTTP/1.1 200 OK", b"Content-Length: 3"), b"GET", 3),
-        (response(b"HTTP/1.1 200", b"Content-Length: 3"), b"GET", 3),
-        (response(b"HTTP/1.1 200 OK", b"Content-Length: 3"), b"HEAD", NONE),
-        (response(b"HTTP/1.1 204 No Content"), b"GET", NONE),
-        (response(b"HTTP/1.1 304 Not Modified", b"Content-Length: 3"), b"GET", NONE),
-        (response(b"HTTP/1.1 100 Continue"), b"POST", NONE),
-        (response(b"HTTP/1.0 200 OK"), b"GET", TO_CLOSE),
-        (response(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"), b"GET", CHUNKED),
-    ],
-)
+RESPONSE_FRAMING = [
+    (response(b"HTTP/1.1 200 OK", b"Content-Length: 3"), b"GET", 3),
+    (response(b"HTTP/1.1 200", b"Content-Length: 3"), b"GET", 3),
+    (response(b"HTTP/1.1 200 OK", b"Content-Length: 3"), b"HEAD", NONE),
+    (response(b"HTTP/1.1 204 No Content"), b"GET", NONE),
+    (response(b"HTTP/1.1 304 Not Modified", b"Content-Length: 3"), b"GET", NONE),
+    (response(b"HTTP/1.1 100 Continue"), b"POST", NONE),
+    (response(b"HTTP/1.0 200 OK"), b"GET", TO_CLOSE),
+    (response(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"), b"GET", CHUNKED),
+]
+
+
+@pytest.mark.parametrize(("raw", "method", "framing"), RESPONSE_FRAMING)
 def test_response_framing(raw: bytes, method: bytes, framing: int) -> None:
     assert response_framing(parse_response(raw), method) == framing
+
+
+@pytest.mark.parametrize(
+    ("raw", "keep"),
+    [
+        (response(b"HTTP/1.1 200 OK", b"Content-Length: 3"), True),
+        (response(b"HTTP/1.1 200 OK", b"Connection: keep-alive, Close", b"Content-Length: 3"),
+         False),
+        (response(b"HTTP/1.1 200 OK", b"connection: x", b"CONNECTION: close"), False),
+        (response(b"HTTP/1.1 200 OK"), False),  # ends when the app closes
+        (response(b"HTTP/1.0 200 OK", b"Content-Length: 3"), False),
+    ],
+)  # fmt: skip
+def test_response_summary_says_whether_the_app_connection_stays(raw: bytes, keep: bool) -> None:
+    assert response_summary(raw, b"GET")[2] is keep
+
+
+@pytest.mark.parametrize(("raw", "method", "framing"), RESPONSE_FRAMING)
+def test_response_summary_frames_as_the_parser_does(
+    raw: bytes, method: bytes, framing: int
+) -> None:
+    assert response_summary(raw, method)[:2] == (parse_response(raw).status, framing)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        *MALFORMED_RESPONSES,
+        response(b"HTTP/1.1 200 OK", b"Content-Length: 1, 2"),
+        response(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked", b"content-length: 2"),
+        response(b"HTTP/1.1 200 OK", *[b"X-%d: v" % i for i in range(MAX_FIELDS + 1)]),
+    ],
+)
+def test_response_summary_refuses_what_the_parser_refuses(raw: bytes) -> None:
+    with pytest.raises(BadMessage):
+        response_summary(raw, b"GET")
