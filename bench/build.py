@@ -9,6 +9,8 @@ of the integration-test cache and a network tag of its own. ``--self-test`` runs
 harness on the fake VMs of ``embervm.build.testing`` (its times measure only the harness).
 
     .venv/bin/python bench/build.py [--self-test] [--example grpc-websocket]
+
+``BENCH_TRACE=1`` prints each build's log with the time of every line (stderr).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -74,7 +77,13 @@ async def timed_build(
     log = MemoryBuildLog()
     started = time.perf_counter()
     result = await ImageBuild(spec, provider=provider, cache=LocalLayerCache(cache), log=log).run()
-    return time.perf_counter() - started, result
+    elapsed = time.perf_counter() - started
+    if os.environ.get("BENCH_TRACE"):  # where a build's time goes: its log, timed
+        first = datetime.datetime.fromisoformat(log.records[0].ts)
+        for record in log.records:
+            at = (datetime.datetime.fromisoformat(record.ts) - first).total_seconds()
+            print(f"  {name} +{at:6.2f}s [{record.stream}] {record.message[:110]}", file=sys.stderr)
+    return elapsed, result
 
 
 async def measure(

@@ -45,6 +45,7 @@ ArtifactFetcher = Callable[[Path], Awaitable[Path]]
 """Given a destination path, put the code artifact zip there (e.g. ``fetch_code_artifact``)."""
 
 SHUTDOWN_TIMEOUT = 30.0
+PROBE_TIMEOUT = 5.0  # one connection attempt to the app's port, after it was ready once
 SETTLE_TIMEOUT = 15.0  # after the port opens, wait this long at most for the app to go idle
 
 
@@ -174,7 +175,7 @@ class ImageBuild:
         )
         for warning in plan.warnings:
             self.log.emit("warning", warning)
-        layer, code_bytes, cached = await self._steps(stack, plan, context)
+        layer, code_bytes, cached, app = await self._steps(stack, plan, context)
         launch = self._launch(plan.config)
         success = False
 
@@ -183,7 +184,7 @@ class ImageBuild:
                 shutil.rmtree(spec.snapshot_dir, ignore_errors=True)
 
         stack.callback(drop_partial_snapshot)
-        memory_bytes, disk_bytes = await self._ready_and_snapshot(stack, layer, plan, launch)
+        memory_bytes, disk_bytes = await self._ready_and_snapshot(stack, layer, plan, launch, app)
         if spec.hooks.validate:
             await self._validate(stack)
         success = True
@@ -223,12 +224,24 @@ class ImageBuild:
 
     async def _steps(
         self, stack: contextlib.AsyncExitStack, plan: BuildPlan, context: BuildContext
-    ) -> tuple[LayerRef, int, int]:
-        """Run or reuse every step; returns (final layer, bytes the steps added, cached)."""
+    ) -> tuple[LayerRef, int, int, AppMachine | None]:
+        """Run or reuse every step; returns (final layer, bytes the steps added, cached, the
+        app VM when it ran the last steps).
+
+        Steps after the last ``RUN`` only place files, so when the first of them to run is
+        past every ``RUN`` (an app-only rebuild), they run in the app VM itself — booted on
+        the last cached layer, each step still frozen into a cached layer — instead of a build
+        VM that would be shut down just before the app VM boots: one VM boot less.
+        """
         spec = self.spec
         layer = await self.provider.base_layer(plan.base_image)
         key = base_key(plan.base_image, layer)
         machine: BuildMachine | None = None
+        app: AppMachine | None = None
+        last_run = max(
+            (i for i, step in enumerate(plan.steps, start=1) if isinstance(step, RunStep)),
+            default=0,
+        )
         total = len(plan.steps)
         code_bytes = cached = 0
         for index, step in enumerate(plan.steps, start=1):
@@ -246,14 +259,17 @@ class ImageBuild:
                     self.log.emit("build", f"Step {label}: {step.text} (cached)", step=label)
                     layer, cached, code_bytes = hit, cached + 1, code_bytes + hit.size_bytes
                     continue
-                machine = await self._bounded(
-                    self.provider.start_build_machine(
-                        layer, egress=spec.egress, memory_mib=spec.build_memory_mib
-                    ),
-                    spec.boot_timeout,
-                    "starting the build VM",
-                )
-                stack.push_async_callback(self._shutdown, machine)
+                if index > last_run:
+                    machine = app = await self._start_app_machine(stack, layer)
+                else:
+                    machine = await self._bounded(
+                        self.provider.start_build_machine(
+                            layer, egress=spec.egress, memory_mib=spec.build_memory_mib
+                        ),
+                        spec.boot_timeout,
+                        "starting the build VM",
+                    )
+                    stack.push_async_callback(self._shutdown, machine)
             self.log.emit("build", f"Step {label}: {step.text}", step=label)
             started = self.clock()
             await self._run_step(machine, step, items, label)
@@ -268,9 +284,9 @@ class ImageBuild:
             self.log.emit(
                 "build", f"Step {label} done in {self.clock() - started:.1f} s", step=label
             )
-        if machine is not None:
+        if machine is not None and app is None:
             await self._shutdown(machine)
-        return layer, code_bytes, cached
+        return layer, code_bytes, cached, app
 
     async def _run_step(
         self, machine: BuildMachine, step: Step, items: list[CopyItem], label: str
@@ -427,15 +443,10 @@ class ImageBuild:
             user=config.user or None,
         )
 
-    async def _ready_and_snapshot(
-        self,
-        stack: contextlib.AsyncExitStack,
-        layer: LayerRef,
-        plan: BuildPlan,
-        launch: AppLaunch,
-    ) -> tuple[int, int]:
+    async def _start_app_machine(
+        self, stack: contextlib.AsyncExitStack, layer: LayerRef
+    ) -> AppMachine:
         spec = self.spec
-        self.log.emit("build", f"starting the app: {plan.config.app_command_text()}")
         app = await self._bounded(
             self.provider.start_app_machine(
                 layer, egress=spec.egress, memory_mib=spec.app_memory_mib
@@ -444,6 +455,22 @@ class ImageBuild:
             "starting the app VM",
         )
         stack.push_async_callback(self._shutdown, app)
+        return app
+
+    async def _ready_and_snapshot(
+        self,
+        stack: contextlib.AsyncExitStack,
+        layer: LayerRef,
+        plan: BuildPlan,
+        launch: AppLaunch,
+        app: AppMachine | None,
+    ) -> tuple[int, int]:
+        """Start the app (in ``app`` if the last steps ran there, else in a new VM on
+        ``layer``), wait until it is ready, snapshot it."""
+        spec = self.spec
+        self.log.emit("build", f"starting the app: {plan.config.app_command_text()}")
+        if app is None:
+            app = await self._start_app_machine(stack, layer)
         output = LineSplitter(self.log, step="app")
         await self._bounded(
             app.start_app(launch, on_output=output), spec.grace, "starting the app", app
@@ -454,9 +481,14 @@ class ImageBuild:
                 # An open port only says the listener is up: servers such as gunicorn accept
                 # connections before their workers have loaded the app. Snapshotting then would
                 # make every launch finish that start-up (~1 s under TCG) before it answers.
+                self.log.emit("build", "the app accepts connections; waiting until it is idle")
+                started = self.clock()
                 settled = await app.wait_idle(timeout=SETTLE_TIMEOUT)
                 if not settled:
                     self.log.emit("build", "the app is still busy; taking the snapshot anyway")
+                else:
+                    self.log.emit("build", f"the app went idle in {self.clock() - started:.1f} s")
+                await self._check_still_serving(app, plan)
         finally:
             output.flush()
         self.log.emit("build", "the app is ready; taking the snapshot")
@@ -469,6 +501,27 @@ class ImageBuild:
             f"snapshot: memory {sizes.memory_bytes} bytes, disk {sizes.disk_bytes} bytes",
         )
         return sizes.memory_bytes, sizes.disk_bytes
+
+    async def _check_still_serving(self, app: AppMachine, plan: BuildPlan) -> None:
+        """After the idle wait: an app whose listener opened but which then died (gunicorn's
+        master listens before its worker fails to import the app) must not be snapshotted."""
+        code = await self._bounded(app.app_exit_code(), self.spec.grace, "checking the app", app)
+        port = self._app_port(plan)
+        if code is not None:
+            raise BuildFailure(
+                f"the app exited with code {code} after it opened port {port} "
+                "(its output is in the build log)"
+            )
+        serving = await self._bounded(
+            app.probe_port(port, timeout=PROBE_TIMEOUT), self.spec.grace, "checking the app", app
+        )
+        if not serving:
+            raise BuildFailure(f"the app stopped accepting connections on port {port}")
+
+    @staticmethod
+    def _app_port(plan: BuildPlan) -> int:
+        ports = plan.config.exposed_ports
+        return ports[0] if ports else DEFAULT_APP_PORT
 
     async def _await_ready(self, app: AppMachine, plan: BuildPlan) -> None:
         hooks = self.spec.hooks
@@ -486,8 +539,7 @@ class ImageBuild:
                 on_attempt=lambda last: self.log.emit("build", f"ready hook: {last}, retrying"),
             )
         else:
-            ports = plan.config.exposed_ports
-            port = ports[0] if ports else DEFAULT_APP_PORT
+            port = self._app_port(plan)
             self.log.emit("build", f"waiting for the app to accept connections on port {port}")
 
             async def probe(attempt: float) -> bool:

@@ -85,8 +85,9 @@ class BuildMachine(Protocol):
         ...
 
 
-class AppMachine(Protocol):
-    """A VM booted (or restored) from an image layer, running the app."""
+class AppMachine(BuildMachine, Protocol):
+    """A VM booted (or restored) from an image layer, running the app. Before the app starts
+    it can still take build steps (an app-only rebuild's last ``COPY`` runs there)."""
 
     async def start_app(self, launch: AppLaunch, *, on_output: OutputSink) -> None: ...
 

@@ -107,13 +107,17 @@ class FakeBuildMachine:
         self.shut_down = True
 
 
-class FakeAppMachine:
+class FakeAppMachine(FakeBuildMachine):
     def __init__(self, provider: FakeMachineProvider, layer_id: str, restored: bool) -> None:
-        self.provider = provider
+        super().__init__(provider, LayerRef(layer_id, 0))
         self.layer_id = layer_id
         self.restored = restored
         self.launch: AppLaunch | None = None
-        self.shut_down = False
+
+    async def commit_layer(self) -> LayerRef:
+        ref = await super().commit_layer()
+        self.layer_id = ref.id  # the snapshot is of the newest layer
+        return ref
 
     async def start_app(self, launch: AppLaunch, *, on_output: OutputSink) -> None:
         self.launch = launch
@@ -138,9 +142,6 @@ class FakeAppMachine:
         manifest = {"layer": self.layer_id, "memory": self.provider.memory_bytes}
         await asyncio.to_thread(_write_manifest, dest_dir, json.dumps(manifest))
         return SnapshotSizes(self.provider.memory_bytes, self.provider.disk_bytes)
-
-    async def shutdown(self) -> None:
-        self.shut_down = True
 
 
 @dataclass

@@ -70,6 +70,8 @@ class _Machine(AgentOps):
             {"device": "d0", "snapshot-file": str(new), "format": "qcow2"},
         )
         self.disk = new
+        # An app VM that took build steps is snapshotted later: its disk is the new overlay.
+        self.process.cfg = self.process.cfg.with_changes(disk=new)
         return LayerRef(str(frozen), await asyncio.to_thread(_allocated, frozen))
 
     async def snapshot(self, dest_dir: Path) -> SnapshotSizes:

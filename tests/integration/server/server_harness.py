@@ -10,6 +10,7 @@ machine and unchanged build steps are reused across runs.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import ssl
 import subprocess
@@ -31,6 +32,7 @@ DOMAIN = "microvm.localhost"
 READY_TIMEOUT = 600.0
 BUILD_TIMEOUT = 900.0
 BASE_IMAGE_ARN = f"arn:aws:lambda:{REGION}:aws:microvm-image:debian12"
+ACCOUNT = "000000000000"  # the server's default account
 BUILD_ROLE = "arn:aws:iam::000000000000:role/embervm-build"
 # What the server (boto3's credential chain) and the tests use against the test's S3 server.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -61,6 +63,10 @@ class LiveServer:
     api_port: int
     proxy_port: int
     proxy_http_port: int
+    # Its own nftables tables and addresses: test runs beside it on the host never collide
+    # (kept across restarts: a restarted server takes its VMs back).
+    network_tag: str = field(default_factory=lambda: "e" + secrets.token_hex(1))
+    network_pool: str = field(default_factory=lambda: f"10.219.{4 * secrets.randbelow(64)}.0/22")
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -86,8 +92,8 @@ class LiveServer:
         ]  # fmt: skip
 
     def start(self) -> None:
-        env = {**os.environ, "EMBERVM_NETWORK_TAG": "e2e", "EMBERVM_NETWORK_POOL": "10.219.0.0/16",
-               **self.extra_env}  # fmt: skip
+        env = {**os.environ, "EMBERVM_NETWORK_TAG": self.network_tag,
+               "EMBERVM_NETWORK_POOL": self.network_pool, **self.extra_env}  # fmt: skip
         self.output = []
         self.process = subprocess.Popen(
             self.argv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env

@@ -3,6 +3,7 @@ endpoint proxy — driven by boto3 and httpx the way users drive it."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +13,7 @@ import boto3
 import httpx
 import pytest
 from server_harness import (
+    ACCOUNT,
     REPO,
     S3_CREDENTIALS,
     LiveServer,
@@ -122,9 +124,17 @@ def test_a_build_cannot_read_the_servers_own_files(live_server: LiveServer) -> N
 def test_an_image_built_from_an_s3_artifact_serves_its_app(
     live_server: LiveServer, s3_endpoint: str, flask_image: dict[str, Any], tmp_path: Path
 ) -> None:
-    """s3://bucket/key through the server's configured S3 endpoint (a real S3 API server);
-    the same files as flask-counter, so the build reuses its cached steps."""
-    archive = zip_dir(REPO / "examples" / "flask-counter", tmp_path / "app.zip")
+    """s3://bucket/key through the server's configured S3 endpoint (a real S3 API server).
+    flask-counter with one more route in app.py: the build reuses every cached step but the
+    last COPY, which runs in the app VM itself; the snapshot must hold the new app.py."""
+    source = tmp_path / "flask-s3"
+    shutil.copytree(REPO / "examples" / "flask-counter", source)
+    app_py = source / "app.py"
+    route = '@app.get("/origin")\ndef origin() -> str:\n    return "from s3"\n\n\n'
+    text = app_py.read_text()
+    warm_up = text.index("# Warm the request path")  # routes go before the app's first request
+    app_py.write_text(text[:warm_up] + route + text[warm_up:])
+    archive = zip_dir(source, tmp_path / "app.zip")
     s3 = boto3.client(
         "s3",
         endpoint_url=s3_endpoint,
@@ -141,6 +151,12 @@ def test_an_image_built_from_an_s3_artifact_serves_its_app(
     secret = token(live_server, vm["microvmId"])
     first = count_of(live_server.get(vm["microvmId"], secret))
     assert count_of(live_server.get(vm["microvmId"], secret)) == first + 1
+    assert live_server.get(vm["microvmId"], secret, "/origin").text == "from s3"
+    # The snapshot's disk is the app VM's own top overlay, not the layer its COPY froze
+    # (the layer stays in the cache; the top overlay's writes after the COPY are the app's).
+    snapshot_disk = live_server.data_dir / "images" / ACCOUNT / "flask-s3" / "1" / "snapshot"
+    layer_inodes = {path.stat().st_ino for path in (live_server.data_dir / "layers").iterdir()}
+    assert (snapshot_disk / "disk.qcow2").stat().st_ino not in layer_inodes
     live_server.client().terminate_microvm(microvmIdentifier=vm["microvmId"])
     missing = build_image_from_uri(live_server, "s3-missing", "s3://apps/none.zip")
     assert missing["state"] == "CREATE_FAILED"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from embervm.build.cache import LayerRef, LocalLayerCache
 from embervm.build.log import MemoryBuildLog
 from embervm.build.machine import OutputSink
 from embervm.build.ready import HookSettings
-from embervm.build.testing import ExecCall, FakeBuildMachine, FakeMachineProvider
+from embervm.build.testing import ExecCall, FakeAppMachine, FakeBuildMachine, FakeMachineProvider
 from embervm.errors import BuildFailure
 
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
@@ -117,6 +118,7 @@ async def test_rebuild_after_app_change_reruns_only_later_steps(
     await build(tmp_path, provider, write_zip(tmp_path / "a.zip", files()))
     first_execs = len(provider.exec_calls)
     provider.exec_calls.clear()
+    build_vms = len(provider.build_machines)
     (tmp_path / "image" / "snapshot").rename(tmp_path / "v1")
     result, log = await build(
         tmp_path, provider, write_zip(tmp_path / "b.zip", files("print('v2')"))
@@ -125,10 +127,30 @@ async def test_rebuild_after_app_change_reruns_only_later_steps(
     assert provider.exec_calls == []
     assert result.steps_cached == 3
     assert result.steps_total == 4
-    second = provider.build_machines[-1]
-    assert second.files["/app/app.py"].data == b"print('v2')"
-    assert "/app/requirements.txt" in second.files  # booted from the cached layer
+    # The only step to run is a COPY after the last RUN: it runs in the app VM (no build VM).
+    assert len(provider.build_machines) == build_vms
+    app = provider.app_machines[-1]
+    assert app.files["/app/app.py"].data == b"print('v2')"
+    assert "/app/requirements.txt" in app.files  # booted from the cached layer
+    assert app.launch is not None  # ... and the app then started in that VM
+    snapshot = json.loads((tmp_path / "image" / "snapshot" / "manifest.json").read_text())
+    assert snapshot["layer"] == result.layer.id  # of the layer holding the new app.py
+    assert provider.layer_files[result.layer.id]["/app/app.py"].data == b"print('v2')"
     assert sum("(cached)" in m for m in log.messages("build")) == 3
+    assert provider.all_shut_down()
+
+
+async def test_first_build_runs_steps_after_the_last_run_in_the_build_vm(
+    tmp_path: Path, app_port: int
+) -> None:
+    """A build VM that is already up takes the COPY after the last RUN too (no extra boot)."""
+    provider = FakeMachineProvider(port_map={8080: app_port})
+    result, _ = await build(tmp_path, provider, write_zip(tmp_path / "a.zip", files()))
+    assert result.steps_cached == 0
+    assert len(provider.build_machines) == 1
+    assert provider.build_machines[0].files["/app/app.py"].data == b"print('v1')"
+    assert len(provider.app_machines) == 1
+    assert "/app/app.py" in provider.app_machines[0].files  # booted on the final layer
 
 
 async def test_garbage_collected_cached_layer_is_rebuilt(tmp_path: Path, app_port: int) -> None:
@@ -212,7 +234,7 @@ async def test_app_that_exits_fails_fast_with_its_code(tmp_path: Path) -> None:
         await build(tmp_path, provider, archive)
 
 
-async def test_chown_names_are_resolved_in_the_build_vm(tmp_path: Path, app_port: int) -> None:
+async def test_chown_names_are_resolved_in_the_vm(tmp_path: Path, app_port: int) -> None:
     def ids(machine: FakeBuildMachine, call: ExecCall, out: OutputSink) -> int | None:
         answers = {"-u": b"1000\n", "-g": b"1001\n"}
         if call.argv[0] == "id":
@@ -227,7 +249,8 @@ async def test_chown_names_are_resolved_in_the_build_vm(tmp_path: Path, app_port
     )
     archive = write_zip(tmp_path / "a.zip", {"Dockerfile": dockerfile, "a.txt": "a"})
     await build(tmp_path, provider, archive)
-    machine = provider.build_machines[0]
+    machine = provider.app_machines[0]  # no RUN: the COPY steps ran in the app VM
+    assert provider.build_machines == []
     assert (machine.files["/a/a.txt"].uid, machine.files["/a/a.txt"].gid) == (1000, 1001)
     assert (machine.files["/b/a.txt"].uid, machine.files["/b/a.txt"].gid) == (1000, 2000)
 
@@ -273,7 +296,7 @@ async def test_copy_into_existing_folder_without_trailing_slash(
     dockerfile = "FROM embervm/debian12\nCOPY tool /usr/local/bin\nCOPY tool /opt/renamed\nCMD x\n"
     archive = write_zip(tmp_path / "a.zip", {"Dockerfile": dockerfile, "tool": "#!/bin/sh\n"})
     await build(tmp_path, provider, archive)
-    machine = provider.build_machines[0]
+    machine = provider.app_machines[0]  # no RUN: the COPY steps ran in the app VM
     assert "/usr/local/bin/tool" in machine.files
     assert "/opt/renamed" in machine.files
 
@@ -331,3 +354,49 @@ async def test_a_vm_that_never_boots_fails_at_the_boot_timeout(tmp_path: Path) -
     with pytest.raises(BuildFailure, match=r"starting the build VM did not finish within 0.2 s"):
         await build(tmp_path, provider, write_zip(tmp_path / "a.zip", files()), boot_timeout=0.2)
     assert list((tmp_path / "work").iterdir()) == []
+
+
+async def test_an_app_that_dies_after_opening_its_port_fails_the_build(
+    tmp_path: Path, app_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn's master listens, then its worker fails to import the app and it exits: the
+    port was open once, but the snapshot would hold a dead app."""
+    provider = FakeMachineProvider(port_map={8080: app_port})
+
+    async def dies_while_settling(self: FakeAppMachine, *, timeout: float) -> bool:  # noqa: ASYNC109
+        self.provider.app_exit_code = 3
+        return True
+
+    monkeypatch.setattr(FakeAppMachine, "wait_idle", dies_while_settling)
+    log = MemoryBuildLog()
+    with pytest.raises(BuildFailure, match="the app exited with code 3 after it opened port 8080"):
+        await ImageBuild(
+            spec(tmp_path, write_zip(tmp_path / "a.zip", files())),
+            provider=provider,
+            cache=LocalLayerCache(tmp_path / "cache"),
+            log=log,
+        ).run()
+    assert not (tmp_path / "image" / "snapshot").exists()
+    assert provider.all_shut_down()
+
+
+async def test_an_app_that_stops_listening_before_the_snapshot_fails_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    provider = FakeMachineProvider(port_map={8080: server.sockets[0].getsockname()[1]})
+
+    async def listener_closes(self: FakeAppMachine, *, timeout: float) -> bool:  # noqa: ASYNC109
+        server.close()
+        await server.wait_closed()
+        return True
+
+    monkeypatch.setattr(FakeAppMachine, "wait_idle", listener_closes)
+    with pytest.raises(BuildFailure, match="stopped accepting connections on port 8080"):
+        await ImageBuild(
+            spec(tmp_path, write_zip(tmp_path / "a.zip", files())),
+            provider=provider,
+            cache=LocalLayerCache(tmp_path / "cache"),
+            log=MemoryBuildLog(),
+        ).run()
+    assert not (tmp_path / "image" / "snapshot").exists()
