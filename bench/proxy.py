@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,28 @@ def h2load(port: int, headers: dict[str, str]) -> dict[str, float]:
             "non_2xx": float(sum(int(n) for n in codes.groups()[1:]))}  # fmt: skip
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def nginx_worker(root: Path, name: str) -> int:
+    master = int((root / f"{name}.pid").read_text())
+    return int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
+
+
+def with_cpu(
+    pid: int, measure: Callable[[], dict[str, float]], seconds: float = DURATION
+) -> dict[str, float]:
+    """``measure`` plus the CPU µs process ``pid`` spent per request meanwhile (``seconds`` of
+    load at the measured rate): steadier than requests/s on a machine that others share."""
+    before = cpu_seconds(pid)
+    row = measure()
+    row["cpu_us_per_request"] = (cpu_seconds(pid) - before) / (row["rps"] * seconds) * 1e6
+    return row
+
+
 def serve_proxy(port: int, upstream: int, keys: Path) -> None:
     """Child process: an EndpointProxy whose only VM is the upstream on 127.0.0.1."""
     from embervm.config import Settings
@@ -184,18 +207,20 @@ def run() -> dict[str, Any]:
                 nginx(root, "px", NGINX_PROXY.format(root=root, port=px, h2port=px2, upstream=up)),
                 px,
             ),
-            process(ours, ep),
+            process(ours, ep) as proxy,
         ):
+            worker = nginx_worker(root, "px")
             results["latency_direct"] = wrk(up, {}, connections=1)
             results["latency_embervm"] = wrk(ep, auth, connections=1)
             results["latency_nginx"] = wrk(px, {"X-aws-proxy-auth": token}, connections=1)
             results["http1_direct"] = wrk(up, {})
-            results["http1_embervm"] = wrk(ep, auth)
-            results["http1_nginx"] = wrk(px, {"X-aws-proxy-auth": token})
+            results["http1_embervm"] = with_cpu(proxy.pid, lambda: wrk(ep, auth))
+            results["http1_nginx"] = with_cpu(worker, lambda: wrk(px, {"X-aws-proxy-auth": token}))
             results["h2c_direct"] = h2load(up2, {})
             h2_auth = {(":authority" if k == "Host" else k): v for k, v in auth.items()}
-            results["h2c_embervm"] = h2load(ep, h2_auth)
-            results["h2c_nginx"] = h2load(px2, {})
+            warm = DURATION + 1  # h2load's warm-up second is load too
+            results["h2c_embervm"] = with_cpu(proxy.pid, lambda: h2load(ep, h2_auth), warm)
+            results["h2c_nginx"] = with_cpu(worker, lambda: h2load(px2, {}), warm)
         one, two = results["http1_embervm"], results["http1_nginx"]
         results["ratio_rps_vs_nginx"] = one["rps"] / two["rps"]
         results["added_p50_ms"] = (
@@ -223,15 +248,16 @@ def main() -> int:
         print(json.dumps(results, indent=1))
         return 0
     print(f"{'case (latency_*: 1 connection; others: 32)':<16}")
-    print(f"{'case':<16}{'req/s':>10}{'p50 ms':>10}")
+    print(f"{'case':<16}{'req/s':>10}{'p50 ms':>10}{'CPU µs/req':>12}")
     for name in ("latency_direct", "latency_embervm", "latency_nginx",
                  "http1_direct", "http1_embervm", "http1_nginx",
                  "h2c_direct", "h2c_embervm", "h2c_nginx"):  # fmt: skip
         row = results[name]
         p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else "-"
+        cpu = f"{row['cpu_us_per_request']:.1f}" if "cpu_us_per_request" in row else "-"
         bad = row["non_2xx"]
         refused = f"  ({bad:.0f} answers not 2xx: not a valid run)" if bad else ""
-        print(f"{name:<16}{row['rps']:>10.0f}{p50:>10}{refused}")
+        print(f"{name:<16}{row['rps']:>10.0f}{p50:>10}{cpu:>12}{refused}")
     ratio, added = results["ratio_rps_vs_nginx"], results["added_p50_ms"]
     print(f"HTTP/1.1 embervm/nginx req/s: {ratio:.2f}x (target >= 0.5) "
           f"{'MET' if ratio >= 0.5 else 'MISSED'}")  # fmt: skip

@@ -38,7 +38,7 @@ log = logging.getLogger("embervm.proxy.http2")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 IDLE_TIMEOUT = 120.0
 BODY_TIMEOUT = 300.0
-MAX_IDLE_H1 = 8
+MAX_IDLE_H1 = 16  # kept app connections per target: one per stream h2load-like clients keep busy
 BAD_UPGRADE = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\nconnection: close\r\n\r\nBad request\n"
 )
