@@ -149,6 +149,24 @@ class H2Peer:
             raise StreamGone(str(exc)) from exc
         await self.flush()
 
+    async def send_response(self, stream_id: int, headers: list[Header], body: bytes) -> None:
+        """A whole answer: headers, body and end in one write when the windows let the body
+        go at once (a small answer is then one packet, not three)."""
+        try:
+            window = min(self.conn.local_flow_control_window(stream_id),
+                         self.conn.max_outbound_frame_size)  # fmt: skip
+            if len(body) > window:
+                self.conn.send_headers(stream_id, headers)
+            else:
+                self.conn.send_headers(stream_id, headers, end_stream=not body)
+                if body:
+                    self.conn.send_data(stream_id, body, end_stream=True)
+                await self.flush()
+                return
+        except (StreamClosedError, H2Error) as exc:
+            raise StreamGone(str(exc)) from exc
+        await self.send_data(stream_id, body, end=True)
+
     async def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
         view = memoryview(data)
         while view:

@@ -30,7 +30,7 @@ from embervm.proxy.h1wire import (
     response_framing,
 )
 from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
-from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, Upstream
+from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, SMALL_BODY, Upstream
 from embervm.proxy.streams import READ_SIZE, close_quietly, open_upstream
 
 log = logging.getLogger("embervm.proxy.http2")
@@ -242,8 +242,17 @@ class Http2Session:
         out = [(b":status", b"%d" % head.status)]
         out += [(k, v) for k, v in head.fields if k not in HOP_BY_HOP]
         framing = response_framing(head, method)
-        await self.peer.send_headers(stream_id, out, end=framing == NONE)
-        if framing != NONE:
+        if framing == NONE or 0 < framing <= SMALL_BODY:  # all of it in one write
+            body = b""
+            if framing != NONE:
+                try:
+                    async with asyncio.timeout(BODY_TIMEOUT):
+                        body = await upstream.reader.readexactly(framing)
+                except asyncio.IncompleteReadError:
+                    raise ConnectionError("body ended early") from None
+            await self.peer.send_response(stream_id, out, body)
+        else:
+            await self.peer.send_headers(stream_id, out)
             async for data in body_chunks(upstream.reader, framing, READ_SIZE, BODY_TIMEOUT):
                 await self.peer.send_data(stream_id, data)
             await self.peer.end(stream_id)
