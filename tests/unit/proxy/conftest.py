@@ -287,6 +287,11 @@ def make_app(state: AppState) -> Starlette:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    async def sized(request: Request) -> Response:
+        """``/sized?n=N``: N bytes with a Content-Length (the patterned bytes show a mix-up)."""
+        size = int(request.query_params["n"])
+        return Response(bytes(i % 251 for i in range(size)), media_type="application/octet-stream")
+
     async def big(request: Request) -> Response:
         async def stream() -> AsyncIterator[bytes]:
             for i in range(64):
@@ -296,7 +301,7 @@ def make_app(state: AppState) -> Starlette:
 
     return Starlette(routes=[
         Route("/headers", headers), Route("/echo", Echo(), methods=["POST"]),
-        Route("/events", events), Route("/big", big),
+        Route("/events", events), Route("/big", big), Route("/sized", sized),
     ])  # fmt: skip
 
 

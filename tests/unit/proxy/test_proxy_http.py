@@ -100,6 +100,18 @@ async def test_http2_over_tls_verified_against_the_local_ca(rig: Rig, app: App) 
     assert posted.content == b"x" * 200_000
 
 
+@pytest.mark.parametrize("size", [0, 1, 16 * 1024, 16 * 1024 + 1, 70_000, 3_000_000])
+async def test_http2_answers_of_every_size_arrive_intact(rig: Rig, app: App, size: int) -> None:
+    """Small ones go out in one write, larger ones frame by frame within the windows."""
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as client:
+        answer = await client.get(f"{rig.http_url}/sized?n={size}", headers=rig.headers(app.port))
+        head = await client.head(f"{rig.http_url}/sized?n={size}", headers=rig.headers(app.port))
+    assert answer.http_version == "HTTP/2"
+    assert answer.content == bytes(i % 251 for i in range(size))
+    assert head.status_code == 200
+    assert head.content == b""
+
+
 async def test_http1_over_tls(rig: Rig, app: App) -> None:
     async with httpx.AsyncClient(verify=rig.client_tls(), timeout=10) as client:
         answer = await client.get(rig.https_url + "/headers", headers=rig.headers(app.port))
