@@ -88,3 +88,6 @@ class BodyEnd:
         else:
             check_trailer(line)
         return False
+
+
+NO_BODY = BodyEnd(NONE)  # done from the start and never changed: one for every bodiless message

@@ -36,7 +36,7 @@ from embervm.proxy.admission import (
     Target,
     strip_headers,
 )
-from embervm.proxy.h1body import BodyEnd
+from embervm.proxy.h1body import NO_BODY, BodyEnd
 from embervm.proxy.h1wire import (
     HEAD_END,
     NONE,
@@ -128,7 +128,7 @@ class ClientRelay(asyncio.Protocol):
         # the exchange under way
         self.method = b""
         self.keep = False  # both sides allow another request on these connections
-        self.request_body = BodyEnd(NONE)
+        self.request_body = NO_BODY
         self.response_body: BodyEnd | None = None  # None until the answer's head has come
         self.response_head = b""
         self.answered = False  # a final response head went to the client
@@ -243,43 +243,43 @@ class ClientRelay(asyncio.Protocol):
 
     async def _admit(self, ask: Ask, head: Head, framing: int) -> None:
         try:
-            await self._admit_and_send(ask, head, framing)
+            target = await self.admission.admit(ask)
+            app = self.app
+            if app is None or app.closed or app.target != target:
+                app = await self._connect(target)
+            if app is not None and self.state == _ADMIT:
+                self._send(app, head, framing)
+        except Refusal as refusal:
+            self.refuse(refusal.status, refusal.message)
         except Exception:  # one broken connection must never take the listener down
             log.exception("HTTP/1.1 request failed")
             self._abort()
         finally:
             self.task = None
 
-    async def _admit_and_send(self, ask: Ask, head: Head, framing: int) -> None:
+    async def _connect(self, target: Target) -> AppLink | None:
+        """A new kept connection to the target (None: refused with 502, or the client left)."""
+        self._drop_app()
         try:
-            target = await self.admission.admit(ask)
-        except Refusal as refusal:
-            self.refuse(refusal.status, refusal.message)
-            return
-        app = self.app
-        if app is None or app.closed or app.target != target:
-            self._drop_app()
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    _, app = await self.loop.create_connection(
-                        lambda: AppLink(self, target), target.address, target.port
-                    )
-            except (OSError, TimeoutError):
-                self.refuse(502, f"The app is not answering on port {target.port}")
-                return
-            if self.state != _ADMIT:  # the client went away meanwhile
-                app.close()
-                return
-            self.app = app
-            self.admission.opened(target.microvm_id)
-        if self.state == _ADMIT:
-            self._send(app, head, framing)
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, app = await self.loop.create_connection(
+                    lambda: AppLink(self, target), target.address, target.port
+                )
+        except (OSError, TimeoutError):
+            self.refuse(502, f"The app is not answering on port {target.port}")
+            return None
+        if self.state != _ADMIT:  # the client went away meanwhile
+            app.close()
+            return None
+        self.app = app
+        self.admission.opened(target.microvm_id)
+        return app
 
     def _send(self, app: AppLink, head: Head, framing: int) -> None:
         self.state = _EXCHANGE
         self.method = head.method
         self.keep = head.version == b"1.1" and b"close" not in head.tokens(b"connection")
-        self.request_body = BodyEnd(framing)
+        self.request_body = NO_BODY if framing == NONE else BodyEnd(framing)
         self.response_body = None
         self.response_head = b""
         self.answered = False
@@ -362,7 +362,7 @@ class ClientRelay(asyncio.Protocol):
             self.transport.write(raw)  # 100 Continue, 103 Early Hints...
         self.answered = True
         self.response_head = b""
-        self.response_body = body = BodyEnd(framing)
+        self.response_body = body = NO_BODY if framing == NONE else BodyEnd(framing)
         self.keep = self.keep and keep
         try:
             end = body.feed(pending)
