@@ -4,8 +4,8 @@ SQLite: one writer at a time is the database's own rule; we make it explicit ins
 letting concurrent writers fail with "database is locked". Write transactions start with
 ``BEGIN IMMEDIATE`` (the write lock is taken up front, so a read-then-write transaction can
 never be refused half-way) and the repository also serializes its writers in-process; reads
-run in parallel under WAL. PostgreSQL: ordinary transactions, conditional UPDATEs and a row
-lock for admission (see ``schema.locks``).
+(one statement each) run in autocommit, in parallel under WAL. PostgreSQL: ordinary
+transactions, conditional UPDATEs and a row lock for admission (see ``schema.locks``).
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(WRITE_OPTION, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # Reads are single statements, atomic on their own: no BEGIN (one round trip less).
+        if conn.get_execution_options().get(WRITE_OPTION, False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _alembic_config(connection: Connection) -> Config:

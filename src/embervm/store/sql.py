@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from embervm.errors import InternalError
+from embervm.store.admission import read_admission, refusal
 from embervm.store.engine import WRITE_OPTION
 from embervm.store.records import (
     ACTIVE_MICROVM_STATES,
@@ -43,6 +44,7 @@ from embervm.store.repository import (
     Transition,
     VersionChange,
 )
+from embervm.store.rowcache import RowCache
 from embervm.store.schema import (
     ADMISSION_LOCK,
     idempotency,
@@ -80,7 +82,13 @@ class SqlRepository:
     def __init__(self, engine: AsyncEngine, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.engine = engine
         self._timeout = timeout
-        self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        sqlite = engine.dialect.name == "sqlite"
+        self._writer = asyncio.Lock() if sqlite else None
+        # Only on SQLite is this process the database's only writer (see rowcache).
+        self._images: RowCache[tuple[str, str], ImageRecord] | None = None
+        self._versions: RowCache[tuple[str, str, int], VersionRecord] | None = None
+        if sqlite:
+            self._images, self._versions = RowCache(), RowCache()
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -88,7 +96,9 @@ class SqlRepository:
     # -- transactions ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
+    async def _write(self, *, images_unchanged: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One write transaction; unless ``images_unchanged``, it drops the cached image and
+        version rows once it has ended (committed or not)."""
         try:
             async with asyncio.timeout(self._timeout):
                 async with contextlib.AsyncExitStack() as stack:
@@ -104,6 +114,10 @@ class SqlRepository:
             raise
         except SQLAlchemyError as exc:
             raise InternalError("the database failed") from exc
+        finally:
+            if not images_unchanged and self._images is not None and self._versions is not None:
+                self._images.invalidate()
+                self._versions.invalidate()
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -116,6 +130,8 @@ class SqlRepository:
             raise InternalError("the database failed") from exc
 
     async def _lock_admission(self, conn: AsyncConnection) -> None:
+        if self._writer is not None:  # SQLite: BEGIN IMMEDIATE and the writer lock serialize
+            return
         await conn.execute(
             sa.select(locks.c.name).where(locks.c.name == ADMISSION_LOCK).with_for_update()
         )
@@ -246,8 +262,16 @@ class SqlRepository:
         return ImageRecord(**row._mapping) if row is not None else None
 
     async def get_image(self, account_id: str, name: str) -> ImageRecord | None:
+        if self._images is None:
+            async with self._read() as conn:
+                return await self._image_row(conn, account_id, name)
+        key, generation = (account_id, name), self._images.generation
+        if (cached := self._images.get(key)) is not None:
+            return cached
         async with self._read() as conn:
-            return await self._image_row(conn, account_id, name)
+            image = await self._image_row(conn, account_id, name)
+        self._images.put(key, image, generation)
+        return image
 
     async def list_images(
         self, account_id: str, page: Page, *, name_filter: str | None = None
@@ -266,6 +290,18 @@ class SqlRepository:
     async def get_version(
         self, account_id: str, image_name: str, number: int
     ) -> VersionRecord | None:
+        key = (account_id, image_name, number)
+        if self._versions is None:
+            return await self._version_row(key)
+        generation = self._versions.generation
+        if (cached := self._versions.get(key)) is not None:
+            return cached
+        version = await self._version_row(key)
+        self._versions.put(key, version, generation)
+        return version
+
+    async def _version_row(self, key: tuple[str, str, int]) -> VersionRecord | None:
+        account_id, image_name, number = key
         async with self._read() as conn:
             row = (
                 await conn.execute(
@@ -508,25 +544,10 @@ class SqlRepository:
         runnable: RunnableVersion,
         claim: IdempotencyClaim | None,
     ) -> InsertOutcome:
-        async with self._write() as conn:
+        async with self._write(images_unchanged=True) as conn:
             await self._lock_admission(conn)
-            if (seen := await self._check_claim(conn, claim)) is not None:
-                return seen
-            v = image_versions.c
-            version = (
-                await conn.execute(
-                    sa.select(v.state, v.status).where(
-                        v.account_id == runnable.account_id,
-                        v.image_name == runnable.image_name,
-                        v.number == runnable.number,
-                    )
-                )
-            ).first()
-            if version is None or version.state == "DELETED":
-                return InsertOutcome("missing")
-            if version.state not in runnable.states or version.status not in runnable.statuses:
-                return InsertOutcome("conflict")
-            refused = await self._over_limits(conn, vm, limits)
+            snapshot = await read_admission(conn, vm, limits=limits, runnable=runnable, claim=claim)
+            refused = refusal(snapshot, vm, limits=limits, runnable=runnable, claim=claim)
             if refused is not None:
                 return refused
             await conn.execute(microvms.insert().values(**_no_seq(vm)))
@@ -541,32 +562,6 @@ class SqlRepository:
             )
             await self._insert_claim(conn, claim, vm.started_at)
             return InsertOutcome("created", vm.microvm_id)
-
-    async def _over_limits(
-        self, conn: AsyncConnection, vm: MicrovmRecord, limits: AdmissionLimits
-    ) -> InsertOutcome | None:
-        m = microvms.c
-        if limits.max_microvms is not None or limits.max_total_memory_mib is not None:
-            row = (
-                await conn.execute(
-                    sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(m.memory_mib), 0))
-                    .select_from(microvms)
-                    .where(m.account_id == vm.account_id, m.state.in_(ACTIVE_MICROVM_STATES))
-                )
-            ).one()
-            count, memory = int(row[0]), int(row[1])
-            if limits.max_microvms is not None and count + 1 > limits.max_microvms:
-                return InsertOutcome("quota_microvms")
-            if (
-                limits.max_total_memory_mib is not None
-                and memory + vm.memory_mib > limits.max_total_memory_mib
-            ):
-                return InsertOutcome("quota_memory")
-        if limits.host_memory_budget_mib is not None:
-            held = await self._host_memory(conn, limits.host_id, exclude=vm.microvm_id)
-            if held + vm.memory_mib > limits.host_memory_budget_mib:
-                return InsertOutcome("capacity")
-        return None
 
     async def _host_memory(self, conn: AsyncConnection, host_id: str, *, exclude: str) -> int:
         m = microvms.c
@@ -624,7 +619,7 @@ class SqlRepository:
         values: Mapping[str, Any],
         capacity: AdmissionLimits | None = None,
     ) -> Transition:
-        async with self._write() as conn:
+        async with self._write(images_unchanged=True) as conn:
             if capacity is not None:
                 await self._lock_admission(conn)
                 current = await self._vm_row(conn, microvm_id)
@@ -652,7 +647,7 @@ class SqlRepository:
             return Transition("missing" if found is None else "conflict", found)
 
     async def update_microvm(self, microvm_id: str, values: Mapping[str, Any]) -> None:
-        async with self._write() as conn:
+        async with self._write(images_unchanged=True) as conn:
             await conn.execute(
                 microvms.update().where(microvms.c.microvm_id == microvm_id).values(**values)
             )
@@ -667,7 +662,7 @@ class SqlRepository:
         snapshot_bytes_read: int = 0,
     ) -> None:
         u = usage.c
-        async with self._write() as conn:
+        async with self._write(images_unchanged=True) as conn:
             await conn.execute(
                 usage.update()
                 .where(u.microvm_id == microvm_id)

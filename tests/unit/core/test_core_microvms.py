@@ -142,6 +142,25 @@ async def test_run_of_inactive_version_is_a_conflict(rig: Rig) -> None:
         await rig.call("RunMicrovm", {"imageIdentifier": "web", "imageVersion": "1"})
 
 
+async def test_run_sees_the_version_made_inactive_and_the_image_deleted_after_a_run(
+    rig: Rig,
+) -> None:
+    """The rows an earlier run read (and the store kept in memory) do not outlive a change."""
+    await rig.image()
+    vm = await rig.call("RunMicrovm", {"imageIdentifier": "web", "imageVersion": "1"})
+    await rig.call("TerminateMicrovm", {"microvmIdentifier": vm["microvmId"]})
+    await rig.call(
+        "UpdateMicrovmImageVersion",
+        {"imageIdentifier": "web", "imageVersion": "1", "status": "INACTIVE"},
+    )
+    with pytest.raises(ConflictError):
+        await rig.call("RunMicrovm", {"imageIdentifier": "web", "imageVersion": "1"})
+    await rig.settle()
+    await rig.call("DeleteMicrovmImage", {"imageIdentifier": "web"})
+    with pytest.raises(NotFoundError):
+        await rig.call("RunMicrovm", {"imageIdentifier": "web", "imageVersion": "1"})
+
+
 async def test_run_with_same_client_token_and_body_returns_same_vm(rig: Rig) -> None:
     await rig.image()
     params = {"imageIdentifier": "web", "clientToken": "run-1"}
