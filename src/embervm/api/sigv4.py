@@ -2,8 +2,10 @@
 
 No canonicalization is written here: the received request is rebuilt as a botocore
 ``AWSRequest`` holding exactly the headers the client says it signed, its raw (still encoded)
-path and query, and its body; ``SigV4Auth`` then computes the canonical request, string to sign
-and signature the way every AWS SDK does. What this module adds is the server's side of the
+path and query, and its body; ``SigV4Auth`` then computes the canonical request and string to
+sign the way every AWS SDK does. The final HMAC uses the derived signing key (AWS4 + secret →
+day → region → service → aws4_request), which is cached: it is the same for a whole day. What
+this module adds is the server's side of the
 contract: parse ``Authorization``, check the credential scope (service ``lambda``, any region),
 the clock skew (±15 min on ``X-Amz-Date``), the body hash, and compare in constant time.
 
@@ -31,6 +33,7 @@ from embervm.errors import AccessDeniedError
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 DEFAULT_MAX_SKEW_SECONDS = 15 * 60
+MAX_CACHED_KEYS = 256  # derived signing keys kept (per secret, day, region, service)
 _AUTH_FIELDS = re.compile(r"(Credential|SignedHeaders|Signature)=([^,\s]+)")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _REGION = re.compile(r"^[a-z0-9-]{1,64}$")
@@ -105,6 +108,8 @@ class SigV4Verifier:
         self._service = service
         self._clock = clock
         self._max_skew = max_skew_seconds
+        self._unknown_secret = secrets.token_hex(20)
+        self._keys: dict[tuple[str, str, str, str], bytes] = {}
 
     def verify(
         self,
@@ -146,15 +151,13 @@ class SigV4Verifier:
 
         secret = self._secrets.secret_for(auth.access_key_id)
         known = secret is not None
-        # Unknown keys cost the same work as known ones: no timing oracle for key existence.
-        signer = SigV4Auth(
-            Credentials(auth.access_key_id, secret if known else secrets.token_hex(20)),
-            auth.service,
-            auth.region,
-        )
-        expected = signer.signature(
-            signer.string_to_sign(request, signer.canonical_request(request)), request
-        )
+        # Unknown keys cost the same work as known ones (a cached signing key of a secret no
+        # one holds): no timing oracle for key existence.
+        secret = secret if secret is not None else self._unknown_secret
+        signer = SigV4Auth(Credentials(auth.access_key_id, secret), auth.service, auth.region)
+        string_to_sign = signer.string_to_sign(request, signer.canonical_request(request))
+        key = self._signing_key(secret, amz_date[:8], auth.region, auth.service)
+        expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
         matches = hmac.compare_digest(expected.encode(), auth.signature.encode())
         if not known:
             raise AccessDeniedError("The security token included in the request is invalid")
@@ -164,6 +167,19 @@ class SigV4Verifier:
                 "provided. Check your AWS Secret Access Key and signing method."
             )
         return VerifiedIdentity(access_key_id=auth.access_key_id, region=auth.region)
+
+    def _signing_key(self, secret: str, day: str, region: str, service: str) -> bytes:
+        """SigV4's derived key (four HMACs), cached: it changes once a day per secret."""
+        cache_key = (secret, day, region, service)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = f"AWS4{secret}".encode()
+            for part in (day, region, service, "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            if len(self._keys) >= MAX_CACHED_KEYS:
+                self._keys.clear()
+            self._keys[cache_key] = key
+        return key
 
     def _check_scope(self, auth: _Authorization) -> None:
         if auth.service != self._service:

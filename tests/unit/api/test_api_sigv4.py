@@ -161,3 +161,22 @@ def test_a_signed_header_missing_from_the_request_is_denied() -> None:
     )
     with pytest.raises(AccessDeniedError, match="missing"):
         _verify(request, headers={"authorization": authorization})
+
+
+def test_a_rotated_secret_takes_effect_despite_the_cached_signing_key() -> None:
+    secrets = Secrets({KEY: SECRET})
+    verifier = SigV4Verifier(secrets, clock=lambda: NOW)
+    assert _verify(_request(), verifier).access_key_id == KEY
+    assert _verify(_request(), verifier).access_key_id == KEY  # the cached key
+    secrets.secrets[KEY] = "r" * 40
+    with pytest.raises(AccessDeniedError, match="signature we calculated does not match"):
+        _verify(_request(), verifier)
+    assert _verify(_request(secret="r" * 40), verifier).access_key_id == KEY
+
+
+def test_one_verifier_verifies_requests_of_several_regions_and_times() -> None:
+    verifier = _verifier()
+    earlier = dt.datetime.fromtimestamp(NOW, tz=dt.UTC) - dt.timedelta(minutes=10)
+    for region in ("us-east-1", "eu-west-1"):
+        for when in (earlier, dt.datetime.fromtimestamp(NOW, tz=dt.UTC)):
+            assert _verify(_request(region=region, when=when), verifier).region == region
