@@ -97,7 +97,9 @@ async def _serve_api(stack: contextlib.AsyncExitStack, settings: Settings, ops: 
     credentials = CredentialStore(settings.credentials_file)
     app = create_api_app(ops, credentials, settings=settings, extra_routes=log_routes(ops))
     sock = bind(settings.listen_host, settings.api_port, "control API (--api-port)")
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    config = uvicorn.Config(
+        app, http="httptools", log_level="warning", lifespan="off", access_log=False
+    )
     server = _QuietUvicorn(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
 
