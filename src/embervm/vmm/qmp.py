@@ -162,8 +162,8 @@ def _feed_from_file(src: Path, w: int) -> str:
             fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
             while n := os.readv(fd, [view]):
+                _write_all(w, view[:n])  # QEMU loads this chunk while we hash it
                 digest.update(view[:n])
-                _write_all(w, view[:n])
         finally:
             os.close(fd)
     finally:
