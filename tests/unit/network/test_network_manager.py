@@ -102,10 +102,13 @@ async def test_create_builds_netns_rules_veth_and_tap_in_order(rig: Rig) -> None
     assert (net.guest_ip, net.gateway, net.dns) == ("10.0.2.15", "10.0.2.2", "10.0.2.2")
     cmds = rig.commands()
     assert cmds[0] == f"ip netns add {net.netns}"
-    assert cmds[1].startswith(f"ip netns exec {net.netns} sysctl")
-    assert cmds[2] == f"ip netns exec {net.netns} nft -f -"
-    assert cmds[3] == "nft -f -"  # host sets learn the VM before its link exists
-    assert cmds[4] == f"ip link add {net.host_link} type veth peer name veth0 netns {net.netns}"
+    # sysctls and the namespace's rules in one process, before any link enters the namespace
+    assert cmds[1].startswith(f"ip netns exec {net.netns} sh -c sysctl -q -w net.ipv4.ip_forward=1")
+    assert "disable_ipv6=1" in cmds[1]
+    assert cmds[1].endswith("&& exec nft -f - embervm-netns-setup")
+    assert "table inet" in (rig.runner.calls[1][1] or "")
+    assert cmds[2] == "nft -f -"  # host sets learn the VM before its link exists
+    assert cmds[3] == f"ip link add {net.host_link} type veth peer name veth0 netns {net.netns}"
     batch = rig.runner.calls[-1][1] or ""
     assert "tuntap add dev tap0 mode tap user 1000 group 1001" in batch
     assert "route add default via 10.213.0.5 dev veth0" in batch
