@@ -1,5 +1,6 @@
 """Admission under load, on SQLite and on a real PostgreSQL: 50 concurrent RunMicrovm calls
-never overshoot a quota or the host's capacity, and never place one VM twice."""
+never overshoot a quota or the host's capacity, never place one VM twice, and place one VM for
+one clientToken."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from embervm.core import CoreLimits
 CALLS = 50
 
 
-def _run_all(client: Any, name: str) -> tuple[list[str], list[str]]:
+def _run_all(client: Any, name: str, **params: Any) -> tuple[list[str], list[str]]:
     def one(_: int) -> tuple[str, str]:
         try:
-            return "ok", client.run_microvm(imageIdentifier=name)["microvmId"]
+            return "ok", client.run_microvm(imageIdentifier=name, **params)["microvmId"]
         except ClientError as exc:
             return "error", exc.response["Error"]["Code"]
 
@@ -40,6 +41,20 @@ def test_quota_holds_under_fifty_concurrent_runs(tmp_path: Path, database_url: s
         assert errors == ["ServiceQuotaExceededException"] * 30
         listed = client.list_microvms(maxResults=50)["items"]
         assert {vm["microvmId"] for vm in listed} == set(ids)
+
+
+def test_fifty_concurrent_runs_with_one_client_token_place_one_vm(
+    tmp_path: Path, database_url: str
+) -> None:
+    with serve(tmp_path / "data", database_url) as server:
+        client = server.client()
+        image(client, "one-token")
+        ids, errors = _run_all(client, "one-token", clientToken="one-token")
+        assert errors == []
+        assert len(ids) == CALLS
+        assert len(set(ids)) == 1
+        listed = client.list_microvms(imageIdentifier="one-token", maxResults=50)["items"]
+        assert [vm["microvmId"] for vm in listed] == ids[:1]
 
 
 def test_capacity_refuses_instead_of_overcommitting(tmp_path: Path, database_url: str) -> None:
