@@ -97,11 +97,19 @@ class Lifecycle:
         """An inbound request reached the VM (cheap: memory only; flushed each tick)."""
         self._activity[microvm_id] = self.clock.now()
 
-    async def resolve(self, microvm_id: str) -> ResolvedVm:
-        """State, ingress connectors and address of a VM (NotFoundError if unknown)."""
+    def resolved(self, microvm_id: str) -> ResolvedVm | None:
+        """What ``resolve`` would answer without waiting (the cached view while it is fresh),
+        or None: then ``resolve`` must be awaited."""
         cached = self._cache.get(microvm_id)
         if cached is not None and self._monotonic() - cached[0] < RESOLVE_TTL:
             return cached[1]
+        return None
+
+    async def resolve(self, microvm_id: str) -> ResolvedVm:
+        """State, ingress connectors and address of a VM (NotFoundError if unknown)."""
+        cached = self.resolved(microvm_id)
+        if cached is not None:
+            return cached
         vm = await self.repo.get_microvm(microvm_id)
         if vm is None:
             raise NotFoundError(f"MicroVM {microvm_id} not found")

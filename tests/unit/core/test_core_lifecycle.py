@@ -202,6 +202,16 @@ async def test_resolve_reflects_a_suspend_done_by_this_process(rig: Rig) -> None
     assert (resolved.state, resolved.address) == ("SUSPENDED", None)
 
 
+async def test_resolved_answers_without_waiting_only_while_the_view_is_fresh(rig: Rig) -> None:
+    await rig.image()
+    vm_id = (await rig.run(idlePolicy=policy()))["microvmId"]
+    fresh = await rig.ops.lifecycle.resolve(vm_id)
+    assert rig.ops.lifecycle.resolved(vm_id) == fresh
+    assert rig.ops.lifecycle.resolved("mvm-00000000000000000000") is None
+    rig.ops.lifecycle._cache[vm_id] = (-1e9, fresh)  # as if resolved long ago
+    assert rig.ops.lifecycle.resolved(vm_id) is None
+
+
 async def _restart(rig: Rig, tmp_path: Path, clock: FakeClock) -> Rig:
     """A second Operations over the same data dir and database (the first one stopped)."""
     await rig.ops.lifecycle.flush_activity()
