@@ -149,7 +149,7 @@ def with_cpu(
 def serve_proxy(port: int, upstream: int, keys: Path) -> None:
     """Child process: an EndpointProxy whose only VM is the upstream on 127.0.0.1."""
     from embervm.config import Settings
-    from embervm.core.lifecycle import ResolvedVm
+    from embervm.core.lifecycle import RESOLVE_TTL, ResolvedVm
     from embervm.core.tokens import TokenAuthority
     from embervm.proxy import EndpointProxy
 
@@ -158,8 +158,16 @@ def serve_proxy(port: int, upstream: int, keys: Path) -> None:
     vm = ResolvedVm(VM_ID, "RUNNING", frozenset({"ALL_INGRESS"}), "127.0.0.1", False, "", 4096)
 
     class Routes:
+        """Like core's Lifecycle: a lookup is fresh for RESOLVE_TTL, then awaited again."""
+
+        fetched = -RESOLVE_TTL
+
         async def resolve(self, microvm_id: str) -> ResolvedVm:
+            self.fetched = time.monotonic()
             return vm
+
+        def resolved(self, microvm_id: str) -> ResolvedVm | None:
+            return vm if time.monotonic() - self.fetched < RESOLVE_TTL else None
 
         async def ensure_running(self, microvm_id: str) -> ResolvedVm:
             return vm

@@ -39,6 +39,10 @@ class VmRoutes(Protocol):
 
     async def resolve(self, microvm_id: str) -> ResolvedVm: ...
 
+    def resolved(self, microvm_id: str) -> ResolvedVm | None:
+        """What ``resolve`` would answer without waiting, or None (not fresh: ask it)."""
+        ...
+
     async def ensure_running(self, microvm_id: str) -> ResolvedVm: ...
 
     def record_activity(self, microvm_id: str) -> None: ...
@@ -147,16 +151,20 @@ class Admission:
         return Ask(vm_id, port, token.decode("latin-1") if token else None,
                    "shell" if shell else "http")  # fmt: skip
 
+    def admit_now(self, ask: Ask) -> Target | None:
+        """``admit`` without waiting: the target when the token is good and core knows the VM
+        is running (None: ``admit`` must be awaited). Refusals are raised the same way."""
+        self._check_token(ask)
+        vm = self.routes.resolved(ask.microvm_id)
+        if vm is None or vm.address is None:
+            return None
+        if not vm.allows(ask.kind):
+            raise FORBIDDEN
+        return self._target(ask, vm)
+
     async def admit(self, ask: Ask) -> Target:
         """Check the token and the VM (resuming it if it is suspended with auto-resume)."""
-        if not ask.token:
-            raise FORBIDDEN
-        kind = "shell" if ask.kind == "shell" else "endpoint"
-        try:
-            self.tokens.verify(ask.token, microvm_id=ask.microvm_id, port=ask.port, kind=kind)
-        except TokenRejected as exc:
-            log.debug("token refused for %s: %s", ask.microvm_id, exc)
-            raise FORBIDDEN from None
+        self._check_token(ask)
         try:
             vm = await self.routes.resolve(ask.microvm_id)
             if not vm.allows(ask.kind):
@@ -172,6 +180,19 @@ class Admission:
         except EmbervmError as exc:
             log.warning("MicroVM %s could not be started for a request: %s", ask.microvm_id, exc)
             raise Refusal(502, "MicroVM could not be resumed") from None
+        return self._target(ask, vm)
+
+    def _check_token(self, ask: Ask) -> None:
+        if not ask.token:
+            raise FORBIDDEN
+        kind = "shell" if ask.kind == "shell" else "endpoint"
+        try:
+            self.tokens.verify(ask.token, microvm_id=ask.microvm_id, port=ask.port, kind=kind)
+        except TokenRejected as exc:
+            log.debug("token refused for %s: %s", ask.microvm_id, exc)
+            raise FORBIDDEN from None
+
+    def _target(self, ask: Ask, vm: ResolvedVm) -> Target:
         if vm.address is None:
             raise Refusal(502, "MicroVM is not running")
         if self._open.get(vm.microvm_id, 0) >= connection_limit(vm.memory_mib):

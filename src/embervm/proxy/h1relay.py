@@ -229,8 +229,17 @@ class ClientRelay(asyncio.Protocol):
             self.refuse(refusal.status, refusal.message)
             return
         self.state = _ADMIT
+        try:
+            target = self.admission.admit_now(ask)
+        except Refusal as refusal:
+            self.refuse(refusal.status, refusal.message)
+            return
+        app = self.app
+        if target is not None and app is not None and not app.closed and app.target == target:
+            self._send(app, head, framing)  # the common case: no task, no await
+            return
         self.deadline = math.inf  # a resume has its own time limit in core
-        self.task = self.loop.create_task(self._admit(ask, head, framing))
+        self.task = self.loop.create_task(self._admit(ask, head, framing, target))
 
     def _ask(self, fields: dict[bytes, bytes], target: bytes) -> Ask:
         """What the request asks for; the same fields as the last request's ask the same
@@ -241,9 +250,11 @@ class ClientRelay(asyncio.Protocol):
             self.ask_key = key
         return self.ask
 
-    async def _admit(self, ask: Ask, head: Head, framing: int) -> None:
+    async def _admit(self, ask: Ask, head: Head, framing: int, target: Target | None) -> None:
+        """Admit (unless ``admit_now`` already did), connect if needed, send the head."""
         try:
-            target = await self.admission.admit(ask)
+            if target is None:
+                target = await self.admission.admit(ask)
             app = self.app
             if app is None or app.closed or app.target != target:
                 app = await self._connect(target)

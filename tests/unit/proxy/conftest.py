@@ -55,6 +55,7 @@ class Routes:
     resumes: list[str] = field(default_factory=list)
     activity: list[str] = field(default_factory=list)
     resume_fails: bool = False
+    fresh_lookups: bool = True  # False: ``resolved`` never knows, every request awaits
     resume_gate: asyncio.Event = field(default_factory=asyncio.Event)
     waiting: int = 0
     _resuming: dict[str, asyncio.Future[ResolvedVm]] = field(default_factory=dict)
@@ -66,6 +67,9 @@ class Routes:
         if microvm_id not in self.vms:
             raise NotFoundError("no such VM")
         return self.vms[microvm_id]
+
+    def resolved(self, microvm_id: str) -> ResolvedVm | None:
+        return self.vms.get(microvm_id) if self.fresh_lookups else None
 
     async def ensure_running(self, microvm_id: str) -> ResolvedVm:
         vm = await self.resolve(microvm_id)

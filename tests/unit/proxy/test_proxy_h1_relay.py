@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from tests.unit.proxy.conftest import OTHER, Rig, until
+from tests.unit.proxy.conftest import OTHER, VM, Rig, suspended, until
 
 from embervm.proxy import h1relay
 
@@ -80,6 +80,27 @@ async def test_the_token_is_checked_on_every_request_of_a_kept_connection(rig: R
     assert first.startswith(b"HTTP/1.1 200")
     assert second.startswith(b"HTTP/1.1 403")
     assert b"ok" not in second
+    assert app.connections == 1
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["core-knows", "core-is-asked"])
+async def test_kept_connection_requests_with_and_without_a_fresh_lookup(
+    rig: Rig, fresh: bool
+) -> None:
+    """Core knows the VM (admitted at once, no task) or must be asked (awaited): the same
+    answers either way, and a VM that stops running is noticed on the next request."""
+    rig.routes.fresh_lookups = fresh
+    async with raw_app(answer_ok) as app:
+        reader, writer = await asyncio.open_connection("127.0.0.1", rig.proxy.http_port)
+        for _ in range(3):
+            writer.write(request(rig, app.port))
+            assert (await asyncio.wait_for(reader.readuntil(b"ok"), 10)).startswith(b"HTTP/1.1 200")
+        rig.routes.vms[VM] = suspended(VM, auto_resume=False)
+        writer.write(request(rig, app.port))
+        last = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+    assert last.startswith(b"HTTP/1.1 502")  # suspended without auto-resume
+    assert rig.routes.activity == [VM] * 3
     assert app.connections == 1
 
 
