@@ -152,6 +152,7 @@ def serve_proxy(port: int, upstream: int, keys: Path) -> None:
     from embervm.core.lifecycle import RESOLVE_TTL, ResolvedVm
     from embervm.core.tokens import TokenAuthority
     from embervm.proxy import EndpointProxy
+    from embervm.server.app import event_loop_factory
 
     # 4 GiB: its connection limit (256) is above h2load's 8 x 16 streams, each of which takes
     # its own app connection (a smaller VM answers most of them 429, and that is not relaying)
@@ -189,7 +190,8 @@ def serve_proxy(port: int, upstream: int, keys: Path) -> None:
         await stop.wait()
         await proxy.stop()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # as `embervm server`
+        runner.run(main())
 
 
 def run() -> dict[str, Any]:

@@ -82,7 +82,7 @@ def server(
     ] = 7.0,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
-    from embervm.server.app import run_server
+    from embervm.server.app import event_loop_factory, run_server
 
     if s3_endpoint_url is not None and not s3_endpoint_url.startswith(("http://", "https://")):
         raise typer.BadParameter(
@@ -105,7 +105,8 @@ def server(
         s3_ca_file=s3_ca_file.expanduser().resolve() if s3_ca_file else None,
         app_log_retention_days=log_retention_days,
     )
-    code = asyncio.run(run_server(settings))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        code = runner.run(run_server(settings))
     raise typer.Exit(code)
 
 

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import mmap
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +77,31 @@ class Qmp:
         """Hand QEMU an open file (SCM_RIGHTS) under ``fdname``: QEMU opens no file by itself
         for migrations, which keeps ``-sandbox spawn=deny`` possible (no ``exec:`` URIs)."""
         try:
-            self._client.send_fd_scm(fd)
-        except (QMPError, OSError) as exc:
+            _send_fd(self._client, fd)
+        except (QMPError, OSError, AttributeError) as exc:
             raise VmmError(f"cannot pass a file descriptor to QEMU: {exc!r}") from exc
         await self.cmd("getfd", {"fdname": fdname})
 
     async def close(self) -> None:
         await _disconnect(self._client)
+
+
+def _send_fd(client: QMPClient, fd: int) -> None:
+    """SCM_RIGHTS over the QMP connection's socket, on any event loop.
+
+    qemu.qmp's ``send_fd_scm`` reaches into asyncio's ``TransportSocket._sock``, which
+    uvloop's transports do not have; a duplicate of the socket's descriptor works on both.
+    Like qemu.qmp, the byte goes out beside the transport's buffer: QMP is idle between
+    commands, so nothing is queued there when a file is handed over.
+    """
+    writer = client._writer  # qemu.qmp exposes no transport otherwise
+    if writer is None:
+        raise QMPError("QMP is not connected")
+    transport_socket = writer.transport.get_extra_info("socket")
+    with socket.socket(fileno=os.dup(transport_socket.fileno())) as dup:
+        if dup.family != socket.AF_UNIX:
+            raise QMPError("file descriptors pass only over a unix socket")
+        socket.send_fds(dup, [b" "], [fd])
 
 
 async def _disconnect(client: QMPClient) -> None:
