@@ -70,7 +70,8 @@ def test_capacity_refuses_instead_of_overcommitting(tmp_path: Path, database_url
 def test_throttling_answers_429_with_retry_after(tmp_path: Path) -> None:
     from embervm.core import RateLimit
 
-    limits = CoreLimits(rate_limits={"GetMicrovm": RateLimit(1.0, 2)})
+    # One token back every 100 s: however slow the machine, the third call finds none.
+    limits = CoreLimits(rate_limits={"GetMicrovm": RateLimit(0.01, 2)})
     url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
     with serve(tmp_path / "data", url, limits=limits) as server:
         client = server.client()
