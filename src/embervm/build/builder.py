@@ -41,6 +41,7 @@ from embervm.build.unzip import ZipLimits, safe_extract
 from embervm.errors import BuildFailure, EmbervmError
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BuildMachine)  # a build or app VM
 ArtifactFetcher = Callable[[Path], Awaitable[Path]]
 """Given a destination path, put the code artifact zip there (e.g. ``fetch_code_artifact``)."""
 
@@ -262,14 +263,13 @@ class ImageBuild:
                 if index > last_run:
                     machine = app = await self._start_app_machine(stack, layer)
                 else:
-                    machine = await self._bounded(
+                    machine = await self._boot(
+                        stack,
                         self.provider.start_build_machine(
                             layer, egress=spec.egress, memory_mib=spec.build_memory_mib
                         ),
-                        spec.boot_timeout,
                         "starting the build VM",
                     )
-                    stack.push_async_callback(self._shutdown, machine)
             self.log.emit("build", f"Step {label}: {step.text}", step=label)
             started = self.clock()
             await self._run_step(machine, step, items, label)
@@ -447,15 +447,21 @@ class ImageBuild:
         self, stack: contextlib.AsyncExitStack, layer: LayerRef
     ) -> AppMachine:
         spec = self.spec
-        app = await self._bounded(
+        return await self._boot(
+            stack,
             self.provider.start_app_machine(
                 layer, egress=spec.egress, memory_mib=spec.app_memory_mib
             ),
-            spec.boot_timeout,
             "starting the app VM",
         )
-        stack.push_async_callback(self._shutdown, app)
-        return app
+
+    async def _boot(
+        self, stack: contextlib.AsyncExitStack, start: Coroutine[Any, Any, M], what: str
+    ) -> M:
+        """A VM started within ``boot_timeout``, shut down when ``stack`` unwinds."""
+        machine = await self._bounded(start, self.spec.boot_timeout, what)
+        stack.push_async_callback(self._shutdown, machine)
+        return machine
 
     async def _ready_and_snapshot(
         self,
