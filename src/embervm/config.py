@@ -21,6 +21,11 @@ def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "embervm"
 
 
+def uploads_dir(data_dir: Path) -> Path:
+    """Zips the CLI makes from build folders (the only part of the data dir builds read)."""
+    return data_dir / "uploads"
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
@@ -68,8 +73,7 @@ class Settings:
 
     @property
     def uploads_dir(self) -> Path:
-        """Zips the CLI makes from build folders (the only part of the data dir builds read)."""
-        return self.data_dir / "uploads"
+        return uploads_dir(self.data_dir)
 
     @property
     def credentials_file(self) -> Path:

@@ -24,6 +24,7 @@ from embervm.cli import _app
 from embervm.cli._context import CliContext, CliError
 from embervm.cli.images import BASE_IMAGE_ARN, DEFAULT_BUILD_ROLE, zip_context
 from embervm.cli.microvms import connector, endpoint_request, wait_for_state
+from embervm.config import uploads_dir
 
 IMAGE_NAME = "flask-counter"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / IMAGE_NAME
@@ -95,7 +96,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def build_image(ctx: CliContext) -> str:
     client = ctx.client()
-    archive = zip_context(EXAMPLE, ctx.data_dir / "uploads")
+    archive = zip_context(EXAMPLE, uploads_dir(ctx.data_dir))
     request: dict[str, Any] = {
         "baseImageArn": BASE_IMAGE_ARN.format(region=ctx.region, name="debian12"),
         "buildRoleArn": DEFAULT_BUILD_ROLE,

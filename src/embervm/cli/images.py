@@ -28,6 +28,7 @@ from embervm.cli._output import (
     table,
 )
 from embervm.cli._signed import stream_lines
+from embervm.config import uploads_dir
 
 images_app = typer.Typer(help="Build and manage MicroVM images.", no_args_is_help=True)
 
@@ -109,7 +110,7 @@ def create(
     """Build an image (a new version if it exists) from a folder or zip."""
     ctx = current()
     client = ctx.client()
-    archive = zip_context(source.expanduser(), ctx.data_dir / "uploads")
+    archive = zip_context(source.expanduser(), uploads_dir(ctx.data_dir))
     request: dict[str, Any] = {
         "baseImageArn": BASE_IMAGE_ARN.format(region=ctx.region, name=base),
         "buildRoleArn": DEFAULT_BUILD_ROLE,
