@@ -28,7 +28,7 @@ from embervm.guest.client import AgentClient, AppSpec, LogLine, PtySession
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.network import NetworkManager, VmNetwork
 from embervm.vmm import QemuProcess, QemuVmm, load_manifest
-from embervm.vmm.snapshot import MEMORY, SnapshotManifest
+from embervm.vmm.snapshot import BASE_MEMORY, MEMORY, SnapshotManifest
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +356,11 @@ def _read_process(workdir: Path) -> tuple[int, int] | None:
 
 
 def written_bytes(manifest: SnapshotManifest) -> int:
-    """Bytes a snapshot wrote: all its files but a RAM file that was handed over."""
+    """Bytes a snapshot wrote: all its files but a RAM file that was handed over or linked."""
     return sum(
         entry.size
         for name, entry in manifest.files.items()
-        if not (manifest.kind == "shared-memory" and name == MEMORY)
+        if not (manifest.kind == "shared-memory" and name == MEMORY) and name != BASE_MEMORY
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -22,6 +23,9 @@ from embervm.vmm.cmdline import MemorySpec
 from embervm.vmm.config import VmConfig, VmStats
 from embervm.vmm.jail import Cgroup
 from embervm.vmm.qmp import Qmp, migrate_to_file, set_migration_caps
+from embervm.vmm.ramdelta import DeltaUnsupported
+
+log = logging.getLogger("embervm.vmm")
 
 MIGRATION_TIMEOUT = 120.0
 _BANDWIDTH = 100 << 30  # the default ~32 MiB/s would make stream snapshots crawl
@@ -169,12 +173,20 @@ class QemuProcess:
     async def snapshot(self, dest_dir: Path, *, resume: bool = False) -> snap.SnapshotManifest:
         """Write a snapshot of this VM to ``dest_dir`` atomically.
 
-        ``resume=False`` (suspend, image snapshot): the VMM exits afterwards. A VM whose RAM
-        is its own shared file (booted, or resumed) hands that file over (hard link, no copy:
-        kind ``shared-memory``, only device state and dirty pages are written); a clone whose
-        RAM is a private copy-on-write mapping streams its RAM (kind ``stream``, zero pages
-        skipped). ``resume=True``: the VM keeps running afterwards; RAM is streamed and the
-        disk frozen by switching the VM onto a new qcow2 overlay.
+        ``resume=False`` (suspend, image snapshot): the VMM exits afterwards. The kind follows
+        from how the VM's RAM is mapped:
+
+        - its own shared file (booted, or resumed from ``shared-memory``): that file is handed
+          over (hard link, no copy; kind ``shared-memory``, only device state and dirty pages
+          are written);
+        - a private copy-on-write mapping of a file (a clone of an image, or a VM resumed from
+          a ``delta``): only the pages that differ from that file are streamed, and the file is
+          linked as ``base.memory`` (kind ``delta``; a stream the filter cannot rewrite falls
+          back to ``stream``);
+        - anonymous memory: every non-zero page is streamed (kind ``stream``).
+
+        ``resume=True``: the VM keeps running afterwards; its RAM is streamed (``delta`` or
+        ``stream``) and the disk frozen by switching the VM onto a new qcow2 overlay.
 
         If anything fails or the call is cancelled before the snapshot is committed, the temp
         files are removed and a VM that was running runs again; an old snapshot at
@@ -182,6 +194,7 @@ class QemuProcess:
         """
         self._ensure_alive()
         shared = self.memory.share and self.memory.path is not None and not resume
+        base = self.memory.path if not self.memory.share else None
         tmp = await asyncio.to_thread(snap.temp_dir_for, dest_dir)
         was_running = (await self._qmp.cmd("query-status"))["running"]
         committed = False
@@ -192,10 +205,21 @@ class QemuProcess:
             disk_src = self.cfg.disk
             if resume:
                 disk_src = await self._switch_disk_overlay()
-            state = await migrate_to_file(
-                self._qmp, tmp / snap.DEVICE_STATE, timeout=MIGRATION_TIMEOUT
+            if base is not None and not await asyncio.to_thread(_link_base, base, tmp):
+                base = None
+            state_file = tmp / snap.DEVICE_STATE
+            try:
+                state = await migrate_to_file(
+                    self._qmp, state_file, timeout=MIGRATION_TIMEOUT, base=base
+                )
+            except DeltaUnsupported as exc:
+                log.warning("VM %s: full RAM stream instead of a delta: %s", self.cfg.vm_id, exc)
+                await asyncio.to_thread(snap.remove_quietly, tmp / snap.BASE_MEMORY)
+                base = None
+                state = await migrate_to_file(self._qmp, state_file, timeout=MIGRATION_TIMEOUT)
+            manifest = await asyncio.to_thread(
+                self._assemble, tmp, disk_src, state, shared=shared, delta=base is not None
             )
-            manifest = await asyncio.to_thread(self._assemble, tmp, disk_src, state, shared=shared)
             await asyncio.to_thread(snap.commit_snapshot_dir, tmp, dest_dir, manifest)
             committed = True
         except BaseException as exc:
@@ -241,11 +265,13 @@ class QemuProcess:
         return current
 
     def _assemble(
-        self, tmp: Path, disk: Path, state: tuple[int, str], *, shared: bool
+        self, tmp: Path, disk: Path, state: tuple[int, str], *, shared: bool, delta: bool
     ) -> snap.SnapshotManifest:
         """Link RAM file and disk into ``tmp`` (same filesystem, no copy) and describe them."""
         files: dict[str, snap.FileEntry] = {}
         files[snap.DEVICE_STATE] = snap.FileEntry(*state)
+        if delta:
+            files[snap.BASE_MEMORY] = snap.FileEntry((tmp / snap.BASE_MEMORY).stat().st_size)
         if shared and self.memory.path is not None:
             os.link(self.memory.path, tmp / snap.MEMORY)
             with open(tmp / snap.MEMORY, "rb+") as f:
@@ -254,7 +280,7 @@ class QemuProcess:
         os.link(disk, tmp / snap.DISK)
         files[snap.DISK] = snap.FileEntry((tmp / snap.DISK).stat().st_size)
         return snap.SnapshotManifest(
-            kind="shared-memory" if shared else "stream",
+            kind="shared-memory" if shared else "delta" if delta else "stream",
             vm_id=self.cfg.vm_id,
             memory_mib=self.cfg.memory_mib,
             vcpus=self.cfg.vcpus,
@@ -266,3 +292,13 @@ class QemuProcess:
             cmdline=self.cfg.cmdline,
             files=files,
         )
+
+
+def _link_base(base: Path, tmp: Path) -> bool:
+    """Hard-link the RAM file a delta is taken against into the snapshot (False: cannot)."""
+    try:
+        os.link(base, tmp / snap.BASE_MEMORY)
+    except OSError as exc:  # another filesystem, or the file is gone: take a full stream
+        log.warning("cannot link %s into %s (%s): full RAM stream", base, tmp, exc)
+        return False
+    return True

@@ -302,6 +302,15 @@ def _restore_files(
         os.link(snapshot_dir / snap.MEMORY, cfg.memory_file)
         created.append(cfg.memory_file)
         return MemorySpec(cfg.memory_file, share=True)
+    if manifest.kind == "delta":
+        # The guest's RAM is the base file mapped copy-on-write, plus the delta loaded on top.
+        if not consume:
+            return MemorySpec(snapshot_dir / snap.BASE_MEMORY, share=False)
+        base = cfg.workdir / snap.BASE_MEMORY
+        snap.remove_quietly(base)  # a live VMM may still map the old inode: unlink, not truncate
+        os.link(snapshot_dir / snap.BASE_MEMORY, base)
+        created.append(base)
+        return MemorySpec(base, share=False)
     if not stream_shared:
         return MemorySpec(None, share=False)
     _fresh_memory_file(cfg.memory_file, manifest.memory_mib)

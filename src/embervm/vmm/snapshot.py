@@ -4,8 +4,11 @@ Layout of a snapshot directory (``images/<name>/<version>/snapshot/`` or ``vms/<
 
     manifest.json   this module's manifest (below); written last, inside the temp dir
     device.state    QEMU migration stream. kind "shared-memory": device state only (x-ignore-shared,
-                    tens of KiB); kind "stream": device state AND guest RAM (zero pages skipped)
+                    tens of KiB); kind "stream": device state AND guest RAM (zero pages skipped);
+                    kind "delta": device state AND the guest pages that differ from base.memory
     memory          kind "shared-memory" only: the guest RAM file, frozen (sparse)
+    base.memory     kind "delta" only: the RAM file the guest's memory is a private mapping of
+                    (a hard link to its image's ``memory``: never written)
     disk.qcow2      the VM's disk at snapshot time, frozen (qcow2 whose backing file is absolute)
 
 Manifest (JSON object, ``format`` = ``FORMAT_VERSION``)::
@@ -41,9 +44,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEVICE_STATE = "device.state"
 MEMORY = "memory"
+BASE_MEMORY = "base.memory"
 DISK = "disk.qcow2"
 
-SnapshotKind = Literal["shared-memory", "stream"]
+SnapshotKind = Literal["shared-memory", "stream", "delta"]
 
 
 @dataclass(frozen=True)

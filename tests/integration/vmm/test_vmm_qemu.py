@@ -30,9 +30,13 @@ from embervm.vmm import (
     detect_accelerator,
     detect_cgroup_driver,
     load_manifest,
+    ramdelta,
 )
 from embervm.vmm import snapshot as snap
 from embervm.vmm._proc import pid_alive
+from embervm.vmm.cmdline import MemorySpec
+from embervm.vmm.qmp import Qmp, migrate_from_file, set_migration_caps
+from embervm.vmm.ramdelta import DeltaUnsupported
 
 pytestmark = [
     pytest.mark.integration,
@@ -232,7 +236,7 @@ async def test_suspend_and_resume_cycles_keep_processes_and_files(
         kept, after = out.split()
         assert kept == "kept"
         assert int(after) >= count
-    assert kinds == ["stream"] * 3  # a clone's RAM is private: it is streamed
+    assert kinds == ["delta"] * 3  # a clone's RAM is private over its image's: what differs
 
 
 async def test_booted_vm_suspends_by_handing_over_its_ram_file(lab: Lab) -> None:
@@ -444,13 +448,13 @@ async def test_restored_vm_in_a_netns_talks_over_its_tap(
     assert "1 received" in out
 
 
-async def test_corrupt_ram_in_a_stream_snapshot_is_caught_before_the_guest_runs(
+async def test_corrupt_ram_in_a_delta_snapshot_is_caught_before_the_guest_runs(
     lab: Lab, image: tuple[Path, str]
 ) -> None:
     proc, _ = await lab.restore(image[0])
     dest = lab.root / "stream"
     manifest = await proc.snapshot(dest)
-    assert manifest.kind == "stream"
+    assert manifest.kind == "delta"
     state = dest / snap.DEVICE_STATE
     with state.open("r+b") as f:  # a byte in the middle: guest RAM that QEMU loads happily
         f.seek(manifest.files[snap.DEVICE_STATE].size // 2)
@@ -461,3 +465,61 @@ async def test_corrupt_ram_in_a_stream_snapshot_is_caught_before_the_guest_runs(
     with pytest.raises(SnapshotError, match="sha256"):
         await lab.vmm.restore(cfg2, dest)
     assert lab.qemu_pids_under(cfg2.workdir) == []
+
+
+async def test_a_delta_suspend_restores_guest_ram_exactly_and_writes_little(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, cfg = await lab.restore(image[0])
+    noise = await sh(cfg, "head -c 8M /dev/urandom > /run/noise; md5sum /run/noise")
+    await proc.pause()
+    before = lab.root / "before.ram"
+    await proc.qmp("pmemsave", {"val": 0, "size": cfg.memory_mib << 20, "filename": str(before)})
+    suspend = cfg.workdir / "suspend"
+    manifest = await proc.snapshot(suspend)
+    assert manifest.kind == "delta"
+    assert (suspend / snap.BASE_MEMORY).samefile(image[0] / snap.MEMORY)
+    # The 8 MiB the guest wrote and little else: a full stream of this guest is ~100 MiB.
+    assert 8 << 20 < manifest.files[snap.DEVICE_STATE].size < 40 << 20
+
+    # Loaded over the base file, paused before it runs: the very same RAM, bit for bit.
+    probe = lab.cfg()
+    create_overlay(suspend / snap.DISK, probe.disk, "qcow2")
+    after = lab.root / "after.ram"
+
+    async def load_and_dump(qmp: Qmp) -> None:
+        await set_migration_caps(qmp, ignore_shared=False)
+        await migrate_from_file(qmp, suspend / snap.DEVICE_STATE, sha256=None, timeout=60)
+        await qmp.cmd("pmemsave", {"val": 0, "size": probe.memory_mib << 20,
+                                   "filename": str(after)})  # fmt: skip
+
+    over_base = MemorySpec(suspend / snap.BASE_MEMORY, share=False)
+    probe_proc = lab.track(
+        await lab.vmm._start(probe, over_base, incoming=True, after_start=load_and_dump)
+    )
+    await probe_proc.kill()  # it holds the suspended disk open
+    assert before.read_bytes() == after.read_bytes()
+
+    # And the resume a suspended VM gets: its memory is the base again, plus the delta.
+    proc, cfg = await lab.restore(suspend, cfg, consume=True)
+    assert (cfg.workdir / snap.BASE_MEMORY).samefile(image[0] / snap.MEMORY)
+    assert await sh(cfg, "md5sum /run/noise") == noise
+
+
+async def test_a_stream_it_cannot_filter_falls_back_to_a_full_stream(
+    lab: Lab, image: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_: object, **__: object) -> None:
+        raise DeltaUnsupported("test")
+
+    monkeypatch.setattr(ramdelta, "filter_stream", refuse)
+    proc, cfg = await lab.restore(image[0])
+    await sh(cfg, "echo 5 > /run/x")
+    manifest = await proc.snapshot(cfg.workdir / "suspend")
+    assert manifest.kind == "stream"
+    assert snap.BASE_MEMORY not in manifest.files
+    assert not (cfg.workdir / "suspend" / snap.BASE_MEMORY).exists()
+    proc, cfg = await lab.restore(cfg.workdir / "suspend", cfg, consume=True)
+    assert (await sh(cfg, "cat /run/x")).strip() == "5"
+    # Its RAM is anonymous now: the next suspend streams it again.
+    assert (await proc.snapshot(cfg.workdir / "suspend")).kind == "stream"
