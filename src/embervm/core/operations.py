@@ -35,6 +35,14 @@ from embervm.store import Repository
 
 Handler = Callable[[dict[str, Any], Caller], Awaitable[dict[str, Any]]]
 
+# Members of the model that Embervm cannot honour: refused, never silently ignored.
+UNSUPPORTED_MEMBERS = {
+    "kmsKeyIdentifier": (
+        "kmsKeyIdentifier is not supported: Embervm has no AWS KMS and cannot encrypt with a "
+        "customer managed key. Omit it, and encrypt the data directory's disk on the host"
+    ),
+}
+
 
 class Operations:
     def __init__(
@@ -122,6 +130,9 @@ class Operations:
         if handler is None:
             raise ValidationError(f"Unknown operation {operation}")
         self._rates.check(caller.account_id, operation)
+        for member, reason in UNSUPPORTED_MEMBERS.items():
+            if params.get(member) is not None:
+                raise ValidationError(reason)
         return await handler(params, caller)
 
     # -- log extension endpoints -------------------------------------------------------------

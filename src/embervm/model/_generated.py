@@ -5,7 +5,7 @@
 
 from typing import Final, Literal
 
-MODEL_SHA256: Final = "34b0304d2c2ea5102903825c814cabecd04b068526af519d53b6cfe3122654c3"
+MODEL_SHA256: Final = "9930ea3d0f8695ee1f866dcac03b0b86cce55638c9fc31b8927f62a640723068"
 
 OperationName = Literal[
     "CreateMicrovmAuthToken",

@@ -92,6 +92,27 @@ async def test_invalid_ingress_connectors_are_refused(rig: Rig, ingress: list[st
         )
 
 
+@pytest.mark.parametrize(
+    ("operation", "params"),
+    [
+        ("RunMicrovm", {"imageIdentifier": "web"}),
+        ("CreateMicrovmImage", {"name": "other", "baseImageArn": "x", "buildRoleArn": "y",
+                                "codeArtifact": {"uri": "file:///nowhere.zip"}}),
+        ("UpdateMicrovmImage", {"imageIdentifier": "web", "baseImageArn": "x",
+                                "buildRoleArn": "y", "codeArtifact": {"uri": "file:///n.zip"}}),
+    ],
+)  # fmt: skip
+async def test_a_customer_managed_kms_key_is_refused_not_ignored(
+    rig: Rig, operation: str, params: dict[str, Any]
+) -> None:
+    await rig.image()
+    key = "arn:aws:kms:us-east-1:123456789012:key/abcd-1234"
+    with pytest.raises(ValidationError, match="kmsKeyIdentifier is not supported"):
+        await rig.call(operation, {**params, "kmsKeyIdentifier": key})
+    assert (await rig.call("ListMicrovms"))["items"] == []
+    assert [i["name"] for i in (await rig.call("ListMicrovmImages"))["items"]] == ["web"]
+
+
 async def test_launch_failure_terminates_with_reason(rig: Rig) -> None:
     await rig.image()
     rig.host.fail["launch"] = VmmError("QEMU exited with status 1")
