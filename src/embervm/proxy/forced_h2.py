@@ -38,7 +38,7 @@ class H2Upstream:
     @classmethod
     async def open(cls, target: Target) -> H2Upstream:
         reader, writer = await open_upstream(target.address, target.port)
-        peer = H2Peer(reader, writer, new_connection(client=True))
+        peer = H2Peer(reader, writer, new_connection())
         peer.start()
         await peer.flush()
         return cls(target, peer)

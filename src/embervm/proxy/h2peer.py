@@ -1,5 +1,5 @@
-"""One HTTP/2 connection (either side) driven by h2: a read loop that hands each stream's
-events to that stream's queue, and flow-controlled sends.
+"""One h2c connection to an app (the client side) driven by h2: a read loop that hands each
+stream's events to that stream's queue, and flow-controlled sends.
 
 Data is acknowledged (the peer's window reopened) only when whoever consumed it says so, so
 a slow reader on one side slows the writer on the other: backpressure end to end.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import h2.events as ev
 from h2.config import H2Configuration
@@ -31,18 +31,17 @@ StreamEvent = ev.Event | None  # None: the connection is gone
 Header = tuple[bytes, bytes]
 
 
-def new_connection(*, client: bool) -> H2Connection:
+def new_connection() -> H2Connection:
     """Our settings are the initial values (assigning ``local_settings.x`` would only queue a
     change that the preface does not carry: peers would keep the 64 KiB default window)."""
-    conn = H2Connection(H2Configuration(client_side=client, header_encoding=None))
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
     values = {
         SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
         SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
         SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+        SettingCodes.ENABLE_PUSH: 0,
     }
-    if client:
-        values[SettingCodes.ENABLE_PUSH] = 0
-    conn.local_settings = Settings(client=client, initial_values=values)
+    conn.local_settings = Settings(client=True, initial_values=values)
     return conn
 
 
@@ -56,28 +55,18 @@ class H2Peer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         conn: H2Connection,
-        *,
-        on_new_stream: Callable[[ev.RequestReceived], None] | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.conn = conn
-        self.on_new_stream = on_new_stream
         self.queues: dict[int, asyncio.Queue[StreamEvent]] = {}
         self._window = asyncio.Event()
         self.closed = False
 
-    def start(self, initial: bytes = b"", *, upgrade_settings: bytes | None = None) -> None:
-        """Send our preface/settings (and the window we grant the connection); with
-        ``upgrade_settings`` (an h2c upgrade) stream 1 is the request that asked for it."""
-        if upgrade_settings is not None:
-            self.conn.initiate_upgrade_connection(upgrade_settings)
-            self.queue(1)
-        else:
-            self.conn.initiate_connection()
+    def start(self) -> None:
+        """Send our preface and settings (and the window we grant the connection)."""
+        self.conn.initiate_connection()
         self.conn.increment_flow_control_window(WINDOW)
-        if initial:
-            self._dispatch(self.conn.receive_data(initial))
         self.write_pending()
 
     def write_pending(self) -> None:
@@ -120,11 +109,7 @@ class H2Peer:
 
     def _dispatch(self, events: Iterable[ev.Event]) -> None:
         for event in events:
-            if isinstance(event, ev.RequestReceived):
-                self.queue(event.stream_id)
-                if self.on_new_stream is not None:
-                    self.on_new_stream(event)
-            elif isinstance(event, ev.WindowUpdated | ev.RemoteSettingsChanged):
+            if isinstance(event, ev.WindowUpdated | ev.RemoteSettingsChanged):
                 self._window.set()
             elif isinstance(event, ev.ConnectionTerminated):
                 self.closed = True
@@ -148,24 +133,6 @@ class H2Peer:
         except (StreamClosedError, H2Error) as exc:
             raise StreamGone(str(exc)) from exc
         await self.flush()
-
-    async def send_response(self, stream_id: int, headers: list[Header], body: bytes) -> None:
-        """A whole answer: headers, body and end in one write when the windows let the body
-        go at once (a small answer is then one packet, not three)."""
-        try:
-            window = min(self.conn.local_flow_control_window(stream_id),
-                         self.conn.max_outbound_frame_size)  # fmt: skip
-            if len(body) > window:
-                self.conn.send_headers(stream_id, headers)
-            else:
-                self.conn.send_headers(stream_id, headers, end_stream=not body)
-                if body:
-                    self.conn.send_data(stream_id, body, end_stream=True)
-                await self.flush()
-                return
-        except (StreamClosedError, H2Error) as exc:
-            raise StreamGone(str(exc)) from exc
-        await self.send_data(stream_id, body, end=True)
 
     async def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
         view = memoryview(data)

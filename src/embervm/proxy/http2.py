@@ -1,348 +1,314 @@
-"""HTTP/2 from a client (TLS with ALPN ``h2``, or h2c) to an app in a VM.
+"""HTTP/2 from a client (TLS with ALPN ``h2``, h2c with prior knowledge, or ``Upgrade: h2c``)
+to an app in a VM, on protocol callbacks.
 
-Each client stream is admitted on its own (``:authority`` picks the VM). gRPC requests
-(``content-type: application/grpc...``) and requests with ``X-aws-proxy-force-h2: true`` go
-to the app as h2c over one multiplexed connection per VM port, trailers included; every other
-request goes to the app as HTTP/1.1 (``h1wire``) over a small pool of kept connections, so
-plain HTTP/1.1 apps work behind an HTTP/2 client.
+``ClientSession`` is the protocol of the client's connection: ``h2server`` does the framing,
+each request is admitted on its own (``:authority`` picks the VM; token on every request) in
+the callback that read it when core's view of the VM is fresh (``Admission.admit_now``), in a
+task otherwise (resolve, auto-resume) or when a new app connection must be opened. Plain
+requests go to the app as HTTP/1.1 over kept connections (``h2toh1``: no task or queue per
+stream); gRPC and ``X-aws-proxy-force-h2: true`` go as h2c over one multiplexed connection per
+VM port (``h2toh2``, a task per stream). What the frame layer has to send leaves in one write
+per turn of the event loop.
+
+Timeouts: 120 s without a stream before the connection is closed (GOAWAY), 300 s without a
+byte either way on a stream, 30 s for the client's first bytes after the hand-over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from typing import cast
 
-import h2.events as ev
-
-from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
-from embervm.proxy.h1wire import (
-    NONE,
-    TO_CLOSE,
-    BadMessage,
-    Head,
-    body_chunks,
-    parse_response,
-    read_head,
-    request_head,
-    response_framing,
+from embervm.proxy import h2fields
+from embervm.proxy.admission import (
+    AUTH_HEADER,
+    FORCE_H2_HEADER,
+    PORT_HEADER,
+    Admission,
+    Ask,
+    Refusal,
+    Target,
 )
-from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
-from embervm.proxy.http1 import RESPONSE_HEAD_TIMEOUT, SMALL_BODY, Upstream
-from embervm.proxy.streams import READ_SIZE, close_quietly, open_upstream
+from embervm.proxy.h1wire import Head
+from embervm.proxy.h2fields import Malformed, Request
+from embervm.proxy.h2hpack import Header
+from embervm.proxy.h2server import CANCEL, H2Server
+from embervm.proxy.h2toh1 import HOP_BY_HOP, H1Exchange, LinkPool
+from embervm.proxy.h2toh2 import H2Exchange, H2Upstreams
+from embervm.proxy.http1 import FIRST_REQUEST_TIMEOUT
+from embervm.proxy.streams import close_quietly
 
 log = logging.getLogger("embervm.proxy.http2")
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 IDLE_TIMEOUT = 120.0
 BODY_TIMEOUT = 300.0
-MAX_IDLE_H1 = 16  # kept app connections per target: one per stream h2load-like clients keep busy
+TICK = 5.0  # how often a connection looks at its streams' and its own idle time
+HAND_OVER_READ = 1 << 30  # "everything buffered": the bytes read before the hand-over
 BAD_UPGRADE = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\nconnection: close\r\n\r\nBad request\n"
 )
 
+Exchange = H1Exchange | H2Exchange
 
-def _is_grpc(headers: dict[bytes, bytes]) -> bool:
-    return headers.get(b"content-type", b"").startswith(b"application/grpc")
+
+class ClientSession(asyncio.Protocol):
+    """One client's HTTP/2 connection and the streams it carries."""
+
+    def __init__(self, transport: asyncio.Transport, admission: Admission) -> None:
+        self.transport = transport
+        self.admission = admission
+        self.loop = asyncio.get_running_loop()
+        self.engine = H2Server(self)
+        self.pool = LinkPool(admission)
+        self.upstreams = H2Upstreams()
+        self.exchanges: dict[int, Exchange] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.client_full = False
+        self.flushing = False
+        self.gone = False
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.idle_since = self.loop.time()
+        self.timer = self.loop.call_later(TICK, self._tick)
+        self.ask: Ask | None = None
+        self.ask_key: tuple[bytes | None, ...] = ()
+
+    # -- the client's connection -------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.engine.receive(data)
+        self.flush_soon()
+
+    def eof_received(self) -> bool:
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.timer.cancel()
+        for task in self.tasks:
+            task.cancel()
+        exchanges, self.exchanges = self.exchanges, {}
+        for exchange in exchanges.values():
+            exchange.reset()
+        self.pool.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.client_full = True
+        self.transport.pause_reading()  # nor read what it asks of us meanwhile (PING, SETTINGS)
+        for exchange in self.exchanges.values():
+            exchange.client_writable(False)
+
+    def resume_writing(self) -> None:
+        self.client_full = False
+        if not self.gone:
+            self.transport.resume_reading()
+        for exchange in list(self.exchanges.values()):
+            exchange.client_writable(True)
+
+    def flush_soon(self) -> None:
+        if not self.flushing:
+            self.flushing = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flushing = False
+        out = self.engine.out
+        if out and not self.gone:
+            self.engine.out = bytearray()
+            self.transport.write(out)  # never changed again: the transport may keep it
+        leaving = self.engine.goaway_received and not self.exchanges and not self.engine.streams
+        if self.engine.closed or leaving:
+            self.close()
+
+    def close(self) -> None:
+        """Close after what was written has gone out."""
+        if not self.gone:
+            out, self.engine.out = self.engine.out, bytearray()
+            if out:
+                self.transport.write(out)
+            self.transport.close()
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        for exchange in list(self.exchanges.values()):
+            exchange.expired(now, BODY_TIMEOUT)
+        if not self.exchanges and not self.engine.streams and now - self.idle_since > IDLE_TIMEOUT:
+            self.engine.close()
+            self.close()
+            return
+        self.flush_soon()
+        self.timer = self.loop.call_later(TICK, self._tick)
+
+    # -- streams (h2server's calls) ----------------------------------------------------------
+
+    def on_request(self, stream_id: int, request: Request, ended: bool) -> None:
+        fields = dict(request.fields)
+        authority = request.authority or fields.get(b"host")
+        try:
+            ask = self._ask(authority, fields, request.path)
+            target = self.admission.admit_now(ask)
+        except Refusal as refusal:
+            self.refuse(stream_id, refusal.status, refusal.message)
+            return
+        exchange: Exchange
+        if (fields.get(b"content-type", b"").startswith(b"application/grpc")
+                or fields.get(FORCE_H2_HEADER, b"").lower() == b"true"):  # fmt: skip
+            exchange = H2Exchange(self, self.upstreams, stream_id, request, ended)
+        else:
+            exchange = H1Exchange(self, stream_id, request, ended)
+        self.exchanges[stream_id] = exchange
+        if target is not None:
+            if isinstance(exchange, H2Exchange):
+                exchange.start(target)
+                return
+            link = self.pool.take(target)
+            if link is not None:
+                exchange.start(link)  # the common case: no task, no await
+                return
+        task = self.loop.create_task(self._admit(exchange, ask, target))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _ask(self, host: bytes | None, fields: dict[bytes, bytes], path: bytes) -> Ask:
+        """The same fields as the last request's ask the same (no upgrade here, so the path
+        does not matter). The token is checked on every request, in ``admit``."""
+        key = (host, fields.get(AUTH_HEADER), fields.get(PORT_HEADER))
+        if key != self.ask_key or self.ask is None:
+            self.ask = self.admission.ask(host, fields, path, websocket=False)
+            self.ask_key = key
+        return self.ask
+
+    async def _admit(self, exchange: Exchange, ask: Ask, target: Target | None) -> None:
+        """Admit (unless ``admit_now`` already did) and open an app connection if none is kept."""
+        stream_id = exchange.stream_id
+        try:
+            if target is None:
+                target = await self.admission.admit(ask)
+            if self.exchanges.get(stream_id) is not exchange:
+                return  # reset meanwhile
+            if isinstance(exchange, H2Exchange):
+                exchange.start(target)
+                return
+            link = self.pool.take(target) or await self.pool.connect(target)
+            if self.exchanges.get(stream_id) is not exchange:
+                self.pool.give(link)
+                return
+            exchange.start(link)
+        except Refusal as refusal:
+            self.refuse(stream_id, refusal.status, refusal.message)
+        except (OSError, TimeoutError) as exc:
+            log.debug("upstream %s failed: %r", target, exc)
+            port = target.port if target is not None else ask.port
+            self.refuse(stream_id, 502, f"The app is not answering on port {port}")
+        except Exception:  # one broken stream must never take the connection down
+            log.exception("HTTP/2 stream failed")
+            self.engine.reset(stream_id, CANCEL)
+            self.finished(stream_id)
+            self.flush_soon()
+
+    def on_data(self, stream_id: int, data: bytes) -> None:
+        exchange = self.exchanges.get(stream_id)
+        if exchange is not None:
+            exchange.data(data)
+        else:  # answered already: nobody wants it
+            self.engine.consumed(stream_id, len(data))
+
+    def on_trailers(self, stream_id: int, trailers: list[Header]) -> None:
+        exchange = self.exchanges.get(stream_id)
+        if isinstance(exchange, H2Exchange):  # HTTP/1.1 apps get none (as before)
+            exchange.trailers(trailers)
+
+    def on_end(self, stream_id: int) -> None:
+        exchange = self.exchanges.get(stream_id)
+        if exchange is not None:
+            exchange.end()
+
+    def on_reset(self, stream_id: int) -> None:
+        exchange = self.exchanges.pop(stream_id, None)
+        if exchange is not None:
+            exchange.reset()
+            self._maybe_idle()
+
+    def on_drained(self, stream_id: int) -> None:
+        exchange = self.exchanges.get(stream_id)
+        if exchange is not None:
+            exchange.drained()
+
+    # -- the exchanges' calls ----------------------------------------------------------------
+
+    def finished(self, stream_id: int) -> None:
+        self.exchanges.pop(stream_id, None)
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self.exchanges:
+            self.idle_since = self.loop.time()
+            if self.engine.goaway_received:
+                self.flush_soon()
+
+    def refuse(self, stream_id: int, status: int, message: str) -> None:
+        """A whole answer with a fixed body (refusals carry no detail)."""
+        body = (message + "\n").encode()
+        head = [(b":status", b"%d" % status), (b"content-type", b"text/plain"),
+                (b"content-length", b"%d" % len(body))]  # fmt: skip
+        self.engine.send_headers(stream_id, head)
+        self.engine.send_data(stream_id, body, end=True)
+        self.flush_soon()
+        self.finished(stream_id)
+
+    def abort(self) -> None:
+        if not self.gone:
+            self.transport.abort()
 
 
 class Http2Session:
+    """Serves a connection handed over as streams (``h1relay`` read its first bytes): takes the
+    bytes the streams hold and gives the transport to a ``ClientSession``."""
+
     def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        admission: Admission,
-        *,
-        initial: bytes = b"",
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
     ) -> None:
+        self.reader = reader
+        self.writer = writer
         self.admission = admission
-        self.peer = H2Peer(reader, writer, new_connection(client=False), on_new_stream=self._spawn)
-        self._initial = initial
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._h2_upstreams: dict[Target, H2Peer] = {}
-        self._h1_idle: dict[Target, list[Upstream]] = {}
 
-    def _spawn(self, request: ev.RequestReceived) -> None:
-        task = asyncio.create_task(self._stream(request.stream_id, list(request.headers or []),
-                                                bool(request.stream_ended)))  # fmt: skip
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def run(self, *, upgraded: tuple[bytes, list[Header]] | None = None) -> None:
+    async def run(self, *, upgraded: tuple[bytes, Request] | None = None) -> None:
+        transport = cast(asyncio.Transport, self.writer.transport)
+        session = ClientSession(transport, self.admission)
         try:
-            if upgraded is None:
-                self.peer.start(self._initial)
-            else:
-                settings, headers = upgraded
-                self.peer.start(self._initial, upgrade_settings=settings)
-                task = asyncio.create_task(self._stream(1, headers, True))
-                self._tasks.add(task)
-            await self.peer.read_loop(IDLE_TIMEOUT)
-        finally:  # everything is closed before the first await (stop() may cancel again)
-            self.peer.writer.close()
-            for peer in self._h2_upstreams.values():
-                peer.writer.close()
-            for pool in self._h1_idle.values():
-                for upstream in pool:
-                    upstream.writer.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            for peer in self._h2_upstreams.values():
-                await peer.close()
-            for pool in self._h1_idle.values():
-                for upstream in pool:
-                    self.admission.closed(upstream.target.microvm_id)
-                    upstream.writer.close()
-            await self.peer.close()
-
-    # -- one stream ----------------------------------------------------------------------
-
-    async def _stream(self, stream_id: int, raw: list[Header], ended: bool) -> None:
-        try:
-            pseudo = {k: v for k, v in raw if k.startswith(b":")}
-            headers = [(k, v) for k, v in raw if not k.startswith(b":")]
-            fields = dict(headers)
-            authority = pseudo.get(b":authority") or fields.get(b"host")
-            path = pseudo.get(b":path", b"/")
-            try:
-                ask = self.admission.ask(authority, fields, path, websocket=False)
-                target = await self.admission.admit(ask)
-            except Refusal as refusal:
-                await self._refuse(stream_id, refusal.status, refusal.message)
+            if upgraded is not None:
+                session.engine.upgraded(*upgraded)
+                session.flush_soon()
+            async with asyncio.timeout(FIRST_REQUEST_TIMEOUT):
+                data = await self.reader.read(HAND_OVER_READ)  # what is buffered, or the next
+            eof = self.reader.at_eof()
+            if session.gone or transport.is_closing():
                 return
-            upstream_h2 = _is_grpc(fields) or fields.get(FORCE_H2_HEADER, b"").lower() == b"true"
-            relay = self._via_h2 if upstream_h2 else self._via_h1
-            try:
-                await relay(stream_id, target, pseudo, strip_headers(headers), ended)
-            except (OSError, TimeoutError) as exc:
-                log.debug("upstream %s failed: %r", target, exc)
-                await self._refuse(
-                    stream_id, 502, f"The app is not answering on port {target.port}"
-                )
-        except StreamGone:
-            pass
-        except Exception:
-            log.exception("HTTP/2 stream failed")
-            self.peer.reset(stream_id)
+            # from here to set_protocol nothing awaits: no byte can land in the reader
+            transport.set_protocol(session)
+            transport.resume_reading()
+            if data:
+                session.data_received(data)
+            if eof:
+                session.eof_received()
+            await asyncio.shield(session.done)
+        except TimeoutError:
+            pass  # no byte from the client in time
         finally:
-            self.peer.forget(stream_id)
-
-    async def _refuse(self, stream_id: int, status: int, message: str) -> None:
-        body = (message + "\n").encode()
-        with contextlib.suppress(StreamGone):
-            head = [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode())]  # fmt: skip
-            await self.peer.send_headers(stream_id, head)
-            await self.peer.send_data(stream_id, body, end=True)
-
-    async def _client_body(
-        self, stream_id: int, vm_id: str, forward: Callable[[bytes], Awaitable[None]],
-        trailers: Callable[[list[Header]], Awaitable[None]] | None = None,
-    ) -> None:  # fmt: skip
-        """Relay the client's body (and trailers) with ``forward``; return at its end."""
-        queue = self.peer.queue(stream_id)
-        while True:
-            async with asyncio.timeout(BODY_TIMEOUT):
-                event = await queue.get()
-            if isinstance(event, ev.DataReceived):
-                self.admission.routes.record_activity(vm_id)
-                await forward(event.data or b"")
-                self.peer.acknowledge(stream_id, event.flow_controlled_length or 0)
-            elif isinstance(event, ev.TrailersReceived) and trailers is not None:
-                await trailers(list(event.headers or []))
-                return
-            elif isinstance(event, ev.StreamEnded):
-                return
-            elif event is None or isinstance(event, ev.StreamReset):
-                raise StreamGone("client stream reset")
-
-    # -- to an HTTP/1.1 app --------------------------------------------------------------
-
-    async def _h1(self, target: Target) -> Upstream:
-        pool = self._h1_idle.get(target)
-        while pool:
-            upstream = pool.pop()
-            if not upstream.reader.at_eof():
-                return upstream
-            self.admission.closed(target.microvm_id)
-            upstream.writer.close()
-        reader, writer = await open_upstream(target.address, target.port)
-        self.admission.opened(target.microvm_id)
-        return Upstream(target, reader, writer)
-
-    async def _via_h1(
-        self, stream_id: int, target: Target, pseudo: dict[bytes, bytes],
-        headers: list[Header], ended: bool,
-    ) -> None:  # fmt: skip
-        method = pseudo.get(b":method", b"GET")
-        fields = [(b"host", pseudo.get(b":authority") or b"")]
-        fields += [(k, v) for k, v in headers if k not in HOP_BY_HOP]
-        chunked = not ended and not any(k == b"content-length" for k, _ in fields)
-        if chunked:
-            fields.append((b"transfer-encoding", b"chunked"))
-        try:
-            head = request_head(method, pseudo.get(b":path", b"/"), fields)
-        except BadMessage:
-            await self._refuse(stream_id, 400, "Bad request")
-            return
-        upstream = await self._h1(target)
-        upstream.writer.write(head)
-        reusable = False
-        body: asyncio.Task[None] | None = None
-        try:
-            if not ended:
-
-                async def forward(data: bytes) -> None:
-                    upstream.writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                    await upstream.writer.drain()
-
-                async def client_body() -> None:
-                    await self._client_body(stream_id, target.microvm_id, forward)
-                    if chunked:
-                        upstream.writer.write(b"0\r\n\r\n")
-                        await upstream.writer.drain()
-
-                body = asyncio.create_task(client_body())
-            try:
-                reusable = await self._h1_response(stream_id, upstream, method)
-                if body is not None:
-                    await body
-            except BadMessage:
-                reusable = False
-                await self._refuse(stream_id, 502, "The app sent a malformed answer")
-            finally:
-                await _cancelled(body)
-        finally:
-            self._release(upstream, reusable and (body is None or body.done()))
-
-    def _release(self, upstream: Upstream, reusable: bool) -> None:
-        target = upstream.target
-        if reusable and not upstream.reader.at_eof():
-            pool = self._h1_idle.setdefault(target, [])
-            pool.append(upstream)
-            if len(pool) > MAX_IDLE_H1:
-                upstream = pool.pop(0)
-            else:
-                return
-        self.admission.closed(target.microvm_id)
-        upstream.writer.close()
-
-    async def _h1_response(self, stream_id: int, upstream: Upstream, method: bytes) -> bool:
-        while True:
-            async with asyncio.timeout(RESPONSE_HEAD_TIMEOUT):
-                raw = await read_head(upstream.reader)
-            if raw is None:
-                raise ConnectionError("the app closed the connection before answering")
-            head = parse_response(raw)
-            if head.status >= 200:
-                break
-        out = [(b":status", b"%d" % head.status)]
-        out += [(k, v) for k, v in head.fields if k not in HOP_BY_HOP]
-        framing = response_framing(head, method)
-        if framing == NONE or 0 < framing <= SMALL_BODY:  # all of it in one write
-            body = b""
-            if framing != NONE:
-                try:
-                    async with asyncio.timeout(BODY_TIMEOUT):
-                        body = await upstream.reader.readexactly(framing)
-                except asyncio.IncompleteReadError:
-                    raise ConnectionError("body ended early") from None
-            await self.peer.send_response(stream_id, out, body)
-        else:
-            await self.peer.send_headers(stream_id, out)
-            async for data in body_chunks(upstream.reader, framing, READ_SIZE, BODY_TIMEOUT):
-                await self.peer.send_data(stream_id, data)
-            await self.peer.end(stream_id)
-        keep_alive = b"close" not in head.tokens(b"connection") and head.version == b"1.1"
-        return framing != TO_CLOSE and keep_alive
-
-    # -- to an h2c app (gRPC) ------------------------------------------------------------
-
-    async def _h2(self, target: Target) -> H2Peer:
-        peer = self._h2_upstreams.get(target)
-        if peer is not None and not peer.closed:
-            return peer
-        reader, writer = await open_upstream(target.address, target.port)
-        peer = H2Peer(reader, writer, new_connection(client=True))
-        peer.start()
-        await peer.flush()
-        self._h2_upstreams[target] = peer
-        task = asyncio.create_task(peer.read_loop(IDLE_TIMEOUT))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return peer
-
-    async def _via_h2(
-        self, stream_id: int, target: Target, pseudo: dict[bytes, bytes],
-        headers: list[Header], ended: bool,
-    ) -> None:  # fmt: skip
-        app = await self._h2(target)
-        up_id = app.conn.get_next_available_stream_id()
-        app.queue(up_id)
-        request = [(b":method", pseudo.get(b":method", b"GET")), (b":scheme", b"http"),
-                   (b":authority", pseudo.get(b":authority", b"")),
-                   (b":path", pseudo.get(b":path", b"/"))]  # fmt: skip
-        request += [(k, v) for k, v in headers if k not in HOP_BY_HOP or k == b"te"]
-        try:
-            await app.send_headers(up_id, request, end=ended)
-            body = None
-            if not ended:
-
-                async def forward(data: bytes) -> None:
-                    await app.send_data(up_id, data)
-
-                async def trailers(fields: list[Header]) -> None:
-                    await app.send_headers(up_id, fields, end=True)
-
-                async def client_body() -> None:
-                    await self._client_body(stream_id, target.microvm_id, forward, trailers)
-                    with contextlib.suppress(StreamGone):
-                        await app.end(up_id)
-
-                body = asyncio.create_task(client_body())
-            try:
-                await self._h2_response(stream_id, app, up_id)
-            finally:
-                await _cancelled(body)
-        except StreamGone:
-            app.reset(up_id)
-            raise
-        finally:
-            app.forget(up_id)
-
-    async def _h2_response(self, stream_id: int, app: H2Peer, up_id: int) -> None:
-        queue = app.queue(up_id)
-        while True:
-            async with asyncio.timeout(BODY_TIMEOUT):
-                event = await queue.get()
-            if isinstance(event, ev.ResponseReceived):
-                fields = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP]
-                await self.peer.send_headers(stream_id, fields, end=bool(event.stream_ended))
-                if event.stream_ended:
-                    return
-            elif isinstance(event, ev.DataReceived):
-                await self.peer.send_data(stream_id, event.data or b"")
-                app.acknowledge(up_id, event.flow_controlled_length or 0)
-            elif isinstance(event, ev.TrailersReceived):
-                await self.peer.send_headers(stream_id, list(event.headers or []), end=True)
-                return
-            elif isinstance(event, ev.StreamEnded):
-                await self.peer.end(stream_id)
-                return
-            elif event is None or isinstance(event, ev.StreamReset):
-                self.peer.reset(stream_id)
-                raise StreamGone("the app reset the stream")
+            session.abort()
+            await session.upstreams.close()
 
 
-async def _cancelled(task: asyncio.Task[None] | None) -> None:
-    """End a body task (if still running) and collect its outcome: it has no one else."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+def _upgrade_request(request: Head) -> Request:
+    headers: list[Header] = [(b":method", request.method), (b":scheme", b"http"),
+                             (b":authority", request.get(b"host") or b""),
+                             (b":path", request.target)]  # fmt: skip
+    headers += [(k, v) for k, v in request.fields if k not in HOP_BY_HOP]
+    return h2fields.request(headers)
 
 
 async def upgrade_h2c(
@@ -353,18 +319,14 @@ async def upgrade_h2c(
 ) -> None:
     """``Upgrade: h2c`` (RFC 7540 §3.2): answer 101, then serve the request as stream 1."""
     raw = (request.get(b"http2-settings") or b"").strip()
-    settings = raw + b"=" * (-len(raw) % 4)  # sent unpadded (RFC 7540 §3.2.1); h2 wants padding
     try:
-        if len(base64.urlsafe_b64decode(settings)) % 6:
+        settings = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))  # sent unpadded
+        if len(settings) % 6:
             raise ValueError("not a list of settings")
-    except ValueError:
+        stream_one = _upgrade_request(request)
+    except (ValueError, Malformed):
         writer.write(BAD_UPGRADE)
         await close_quietly(writer)
         return
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
-    headers: list[Header] = [(b":method", request.method), (b":scheme", b"http"),
-                             (b":authority", request.get(b"host") or b""),
-                             (b":path", request.target)]  # fmt: skip
-    headers += [(k, v) for k, v in request.fields if k not in HOP_BY_HOP]
-    session = Http2Session(reader, writer, admission)
-    await session.run(upgraded=(settings, headers))
+    await Http2Session(reader, writer, admission).run(upgraded=(settings, stream_one))

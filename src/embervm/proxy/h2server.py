@@ -1,0 +1,589 @@
+"""HTTP/2 (RFC 9113), the server side of one client connection, as a frame layer without I/O.
+
+``H2Server.receive`` takes the client's bytes and calls its ``StreamHandler`` (the session) for
+each request, body piece, end and reset; what the session sends (``send_headers``,
+``send_data``, ``reset``) and what the protocol itself answers (SETTINGS and PING
+acknowledgements, WINDOW_UPDATE, GOAWAY) is appended to ``out``, which the session writes
+once per turn of the event loop. HPACK is jh2's compiled codec (``h2hpack``); request header
+lists are checked by ``h2fields``.
+
+Written here rather than taken from h2 because h2's state machine costs ~50 µs per request on
+this machine even with jh2's HPACK (docs/ARCHITECTURE.md, "Where the code departs from the
+design"). What it enforces:
+
+- frame sizes (16 KiB, our SETTINGS_MAX_FRAME_SIZE) and every frame's length and stream rules;
+  a header block (HEADERS + CONTINUATION) is at most ``MAX_HEADER_BLOCK`` bytes counting frame
+  headers (so empty CONTINUATION frames cannot go on forever) and nothing else may interleave;
+- every header block is decoded, even for streams it refuses (HPACK's table stays in step);
+  the decoded list is bounded by ``MAX_HEADER_LIST`` (our SETTINGS_MAX_HEADER_LIST_SIZE);
+- flow control both ways: the client may send only what we granted (1 MiB per stream and for
+  the connection), and a grant is renewed only when the session says the data was consumed
+  (forwarded to the app); we send only within the client's windows, holding the rest per
+  stream (the session stops reading the app while a stream holds data: nothing buffered whole);
+- SETTINGS_MAX_CONCURRENT_STREAMS: a stream counts until we have finished it (answered or
+  reset), not until the client resets it, so cancelled work still holds its place;
+- rapid reset (CVE-2023-44487) and other floods of frames that cost us and bring nothing
+  (resets, refused or malformed streams, PRIORITY, empty DATA, unknown frame types): each spends
+  one of ``ABUSE_CREDIT`` credits, each completed stream earns one back; at zero, GOAWAY
+  ENHANCE_YOUR_CALM. Frames that we must answer (PING, SETTINGS) are answered through the same
+  output, and the session stops reading a client that does not read its answers.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from embervm.proxy import h2fields
+from embervm.proxy.h2fields import Malformed, Request
+from embervm.proxy.h2hpack import Header, HeaderDecoder, HeaderEncoder, HpackError
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_FRAME = 16384  # what we accept (the default: we never announce more)
+WINDOW = 1024 * 1024  # what we grant per stream, and for the connection
+MAX_STREAMS = 256
+MAX_HEADER_LIST = 64 * 1024
+MAX_HEADER_BLOCK = 64 * 1024  # compressed, CONTINUATION frames and their headers included
+MAX_TABLE = 4096  # HPACK dynamic table either way (the default)
+ABUSE_CREDIT = 1000
+MAX_WINDOW = 2**31 - 1
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
+
+_HEAD = struct.Struct(">BHBBL")  # a frame header: length (24 bits as 8 + 16), type, flags, id
+_SETTING = struct.Struct(">HL")
+_U32 = struct.Struct(">L")
+_SELF_DEPENDENT = 0x100  # not a wire flag: a HEADERS frame whose priority names its own stream
+_OUR_SETTINGS = b"".join(
+    _SETTING.pack(code, value)
+    for code, value in ((0x3, MAX_STREAMS), (0x4, WINDOW), (0x6, MAX_HEADER_LIST))
+)
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    size = len(payload)
+    return _HEAD.pack(size >> 16, size & 0xFFFF, kind, flags, stream_id) + payload
+
+
+class H2ConnectionError(Exception):
+    """Ends the connection: GOAWAY with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class StreamHandler(Protocol):
+    """What the session does with a connection's streams."""
+
+    def on_request(self, stream_id: int, request: Request, ended: bool) -> None: ...
+
+    def on_data(self, stream_id: int, data: bytes) -> None:
+        """Body bytes; the session calls ``consumed`` once they have gone on."""
+
+    def on_end(self, stream_id: int) -> None:
+        """The client finished sending (after ``on_trailers`` if it sent trailers)."""
+
+    def on_trailers(self, stream_id: int, trailers: list[Header]) -> None: ...
+
+    def on_reset(self, stream_id: int) -> None:
+        """The client reset the stream: forget it (the server sends nothing more on it)."""
+
+    def on_drained(self, stream_id: int) -> None:
+        """Everything held for the stream went out: its source may be read again."""
+
+
+class Stream:
+    __slots__ = ("held", "id", "length", "pending", "pending_end", "received", "recv_window",
+                 "remote_open", "send_window", "trailers", "unacked")  # fmt: skip
+
+    def __init__(self, stream_id: int, send_window: int, remote_open: bool, length: int) -> None:
+        self.id = stream_id
+        self.send_window = send_window
+        self.recv_window = WINDOW
+        self.remote_open = remote_open  # the client may still send DATA or trailers
+        self.length = length  # content-length, or -1
+        self.received = 0
+        self.held = 0  # bytes handed to the session and not yet consumed
+        self.unacked = 0  # consumed, not yet granted again
+        self.pending = b""  # to send when the windows allow
+        self.pending_end = False
+        self.trailers: list[Header] | None = None
+
+
+class H2Server:
+    def __init__(self, handler: StreamHandler) -> None:
+        self.handler = handler
+        self.out = bytearray(frame(SETTINGS, 0, 0, _OUR_SETTINGS))
+        self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(WINDOW - 65535))
+        self.streams: dict[int, Stream] = {}
+        self.closed = False  # a connection error (GOAWAY sent) or the client's GOAWAY
+        self.goaway_received = False
+        self._buf = b""
+        self._preface = False
+        self._settings_seen = False
+        self._last_stream = 0
+        self._decoder = HeaderDecoder(MAX_HEADER_LIST)
+        self._encoder = HeaderEncoder()
+        self._block: list[bytes] = []  # a header block waiting for CONTINUATION
+        self._block_stream = 0
+        self._block_flags = 0
+        self._block_size = 0
+        self._recv_window = WINDOW  # what the client may still send on the connection
+        self._conn_unacked = 0
+        self._send_window = 65535  # what we may still send on the connection
+        self._initial_send_window = 65535
+        self._max_send_frame = MAX_FRAME
+        self._blocked: dict[int, Stream] = {}  # streams holding data for want of window
+        self._credit = ABUSE_CREDIT
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def upgraded(self, settings: bytes, request: Request) -> None:
+        """``Upgrade: h2c``: the client's HTTP2-Settings apply, and its HTTP/1.1 request is
+        stream 1, whose sending side is already closed (RFC 9113 §3.2 of RFC 7540)."""
+        self._apply_settings(settings)
+        self._last_stream = 1
+        self.streams[1] = Stream(1, self._initial_send_window, False, request.length)
+        self.handler.on_request(1, request, True)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        if self.closed:
+            return
+        buf = self._buf + data if self._buf else data
+        try:
+            pos = 0
+            if not self._preface:
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(buf):
+                        raise H2ConnectionError(PROTOCOL_ERROR, "no preface")
+                    self._buf = buf
+                    return
+                if not buf.startswith(PREFACE):
+                    raise H2ConnectionError(PROTOCOL_ERROR, "no preface")
+                self._preface = True
+                pos = len(PREFACE)
+            size = len(buf)
+            while size - pos >= 9:
+                high, low, kind, flags, stream_id = _HEAD.unpack_from(buf, pos)
+                length = (high << 16) | low
+                if length > MAX_FRAME:
+                    raise H2ConnectionError(FRAME_SIZE_ERROR, "frame too large")
+                end = pos + 9 + length
+                if end > size:
+                    break
+                self._frame(kind, flags, stream_id & 0x7FFFFFFF, buf[pos + 9 : end])
+                pos = end
+                if self.closed:
+                    return
+            self._buf = buf[pos:]
+        except H2ConnectionError as exc:
+            self.close(exc.code)
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._block:
+            if kind != CONTINUATION or stream_id != self._block_stream:
+                raise H2ConnectionError(PROTOCOL_ERROR, "header block interrupted")
+            self._continuation(flags, payload)
+        elif not self._settings_seen:
+            if kind != SETTINGS or flags & ACK:
+                raise H2ConnectionError(PROTOCOL_ERROR, "first frame is not SETTINGS")
+            self._settings_seen = True
+            self._settings(flags, stream_id, payload)
+        elif kind == HEADERS:
+            self._headers(flags, stream_id, payload)
+        elif kind == DATA:
+            self._data(flags, stream_id, payload)
+        elif kind == WINDOW_UPDATE:
+            self._window_update(stream_id, payload)
+        elif kind == RST_STREAM:
+            self._rst_stream(stream_id, payload)
+        elif kind == SETTINGS:
+            self._settings(flags, stream_id, payload)
+        elif kind == PING:
+            if len(payload) != 8:
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "PING length")
+            if stream_id:
+                raise H2ConnectionError(PROTOCOL_ERROR, "PING on a stream")
+            if not flags & ACK:
+                self.out += frame(PING, ACK, 0, payload)
+        elif kind == GOAWAY:
+            if stream_id:
+                raise H2ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
+            if len(payload) < 8:
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "GOAWAY length")
+            self.goaway_received = True
+        elif kind == PRIORITY:
+            if not stream_id:
+                raise H2ConnectionError(PROTOCOL_ERROR, "PRIORITY on the connection")
+            self._spend()
+            if len(payload) != 5:
+                self._stream_error(stream_id, FRAME_SIZE_ERROR)
+        elif kind in (PUSH_PROMISE, CONTINUATION):
+            raise H2ConnectionError(PROTOCOL_ERROR, "unexpected frame")
+        else:
+            self._spend()  # an extension frame: ignored (RFC 9113 §4.1)
+
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> bytes:
+        if not flags & PADDED:
+            return payload
+        if not payload or payload[0] >= len(payload):
+            raise H2ConnectionError(PROTOCOL_ERROR, "bad padding")
+        return payload[1 : len(payload) - payload[0]]
+
+    def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            raise H2ConnectionError(PROTOCOL_ERROR, "HEADERS on the connection")
+        payload = self._unpad(flags, payload)
+        if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "HEADERS priority")
+            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
+                flags |= _SELF_DEPENDENT  # a stream error once the block is decoded
+            payload = payload[5:]
+        self._block_stream, self._block_flags = stream_id, flags
+        self._block_size = 9 + len(payload)
+        if flags & END_HEADERS:
+            self._header_block(payload)
+        else:
+            self._block = [payload]
+
+    def _continuation(self, flags: int, payload: bytes) -> None:
+        self._block_size += 9 + len(payload)
+        if self._block_size > MAX_HEADER_BLOCK:
+            raise H2ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+        self._block.append(payload)
+        if flags & END_HEADERS:
+            block, self._block = b"".join(self._block), []
+            self._header_block(block)
+
+    def _header_block(self, block: bytes) -> None:
+        if self._block_size > MAX_HEADER_BLOCK:
+            raise H2ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+        try:
+            headers = self._decoder.decode(block)
+        except HpackError:
+            raise H2ConnectionError(COMPRESSION_ERROR, "bad header block") from None
+        stream_id, flags = self._block_stream, self._block_flags
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._trailers(stream, flags, headers)
+        elif stream_id % 2 == 0 or stream_id > self._last_stream:
+            self._new_stream(stream_id, flags, headers)
+        # else: a stream already closed (we reset it, or answered it): ignored
+
+    def _new_stream(self, stream_id: int, flags: int, headers: list[Header]) -> None:
+        if stream_id % 2 == 0:
+            raise H2ConnectionError(PROTOCOL_ERROR, "even stream id")
+        self._last_stream = stream_id
+        if self.goaway_received:
+            return  # the client said it was leaving
+        if flags & _SELF_DEPENDENT or len(self.streams) >= MAX_STREAMS:
+            self._spend()
+            self._rst(stream_id, PROTOCOL_ERROR if flags & _SELF_DEPENDENT else REFUSED_STREAM)
+            return
+        try:
+            request = h2fields.request(headers)
+        except Malformed:
+            self._spend()
+            self._rst(stream_id, PROTOCOL_ERROR)
+            return
+        ended = bool(flags & END_STREAM)
+        if ended and request.length > 0:
+            self._spend()
+            self._rst(stream_id, PROTOCOL_ERROR)
+            return
+        self.streams[stream_id] = Stream(stream_id, self._initial_send_window, not ended,
+                                         request.length)  # fmt: skip
+        self.handler.on_request(stream_id, request, ended)
+
+    def _trailers(self, stream: Stream, flags: int, headers: list[Header]) -> None:
+        if not stream.remote_open:
+            self._stream_error(stream.id, STREAM_CLOSED)
+            return
+        try:
+            if not flags & END_STREAM or flags & _SELF_DEPENDENT:
+                raise Malformed("trailers must end the stream")
+            h2fields.trailers(headers)
+            self._check_length(stream)
+        except Malformed:
+            self._stream_error(stream.id, PROTOCOL_ERROR)
+            return
+        stream.remote_open = False
+        self.handler.on_trailers(stream.id, headers)
+        if stream.id in self.streams:
+            self.handler.on_end(stream.id)
+
+    @staticmethod
+    def _check_length(stream: Stream) -> None:
+        if stream.length >= 0 and stream.received != stream.length:
+            raise Malformed("body and content-length differ")
+
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            raise H2ConnectionError(PROTOCOL_ERROR, "DATA on the connection")
+        size = len(payload)
+        if size > self._recv_window:
+            raise H2ConnectionError(FLOW_CONTROL_ERROR, "connection window exceeded")
+        self._recv_window -= size
+        data = self._unpad(flags, payload)
+        stream = self.streams.get(stream_id)
+        if stream is None or not stream.remote_open:
+            if stream_id > self._last_stream or stream_id % 2 == 0:
+                raise H2ConnectionError(PROTOCOL_ERROR, "DATA on an idle stream")
+            self._ack_connection(size)  # closed (or reset by us): discarded, window returned
+            if stream is not None:
+                self._stream_error(stream_id, STREAM_CLOSED)
+            return
+        if size > stream.recv_window:
+            self._ack_connection(size)
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+            return
+        stream.recv_window -= size
+        stream.received += len(data)
+        if stream.length >= 0 and stream.received > stream.length:
+            self._ack_connection(size)
+            self._stream_error(stream_id, PROTOCOL_ERROR)
+            return
+        if size > len(data):  # padding: consumed at once
+            stream.held += size - len(data)
+            self.consumed(stream_id, size - len(data))
+        if data:
+            stream.held += len(data)
+            self.handler.on_data(stream_id, data)
+        elif not flags & END_STREAM:
+            self._spend()
+        if flags & END_STREAM and stream_id in self.streams:
+            try:
+                self._check_length(stream)
+            except Malformed:
+                self._stream_error(stream_id, PROTOCOL_ERROR)
+                return
+            stream.remote_open = False
+            self.handler.on_end(stream_id)
+
+    def _window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise H2ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if not stream_id:
+            if not increment:
+                raise H2ConnectionError(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise H2ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
+            self._flush_blocked()
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self._last_stream or stream_id % 2 == 0:
+                raise H2ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+            return  # closed: ignored
+        if not increment:
+            self._stream_error(stream_id, PROTOCOL_ERROR)
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+            return
+        if stream.pending or stream.pending_end:
+            self._flush(stream)
+
+    def _rst_stream(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise H2ConnectionError(FRAME_SIZE_ERROR, "RST_STREAM length")
+        if not stream_id:
+            raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on the connection")
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self._last_stream or stream_id % 2 == 0:
+                raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+            return
+        self._spend()
+        self._forget(stream)
+        self.handler.on_reset(stream_id)
+
+    def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id:
+            raise H2ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        self._apply_settings(payload)
+        self.out += frame(SETTINGS, ACK, 0)
+
+    def _apply_settings(self, payload: bytes) -> None:
+        if len(payload) % 6:
+            raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS length")
+        for code, value in _SETTING.iter_unpack(payload):
+            if code == 0x1:  # HEADER_TABLE_SIZE: our encoder's table, at most that
+                self._encoder.set_table_size(min(value, MAX_TABLE))
+            elif code == 0x2 and value > 1:  # ENABLE_PUSH (we never push)
+                raise H2ConnectionError(PROTOCOL_ERROR, "ENABLE_PUSH")
+            elif code == 0x4:  # INITIAL_WINDOW_SIZE: applies to open streams too
+                if value > MAX_WINDOW:
+                    raise H2ConnectionError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE")
+                delta, self._initial_send_window = value - self._initial_send_window, value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise H2ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
+                if delta > 0:
+                    self._flush_blocked()
+            elif code == 0x5:  # MAX_FRAME_SIZE
+                if not MAX_FRAME <= value <= 2**24 - 1:
+                    raise H2ConnectionError(PROTOCOL_ERROR, "MAX_FRAME_SIZE")
+                self._max_send_frame = min(value, 4 * MAX_FRAME)
+
+    # -- flow control of what the client sends -------------------------------------------------
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """``size`` bytes of the stream's body went on: the client may send as much again."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return  # forgotten: what it held was given back then
+        stream.held -= size
+        if stream.remote_open:
+            stream.unacked += size
+            if stream.unacked >= WINDOW // 2:
+                self.out += frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked))
+                stream.recv_window += stream.unacked
+                stream.unacked = 0
+        self._ack_connection(size)
+
+    def _ack_connection(self, size: int) -> None:
+        self._conn_unacked += size
+        if self._conn_unacked >= WINDOW // 2:
+            self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._conn_unacked))
+            self._recv_window += self._conn_unacked
+            self._conn_unacked = 0
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send_headers(self, stream_id: int, headers: list[Header], *, end: bool = False) -> None:
+        """A response head (``end``: and no body), or trailers (``end`` set) after the data
+        already given to ``send_data``. Nothing when the stream is gone."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if stream.pending:  # trailers after data still waiting for window
+            stream.trailers = headers
+            stream.pending_end = True
+            return
+        self._header_frames(stream_id, headers, end)
+        if end:
+            self._finished(stream)
+
+    def _header_frames(self, stream_id: int, headers: list[Header], end: bool) -> None:
+        block = self._encoder.encode(headers)  # encoded as sent: HPACK's table is in order
+        flags = END_STREAM if end else 0
+        limit = self._max_send_frame
+        if len(block) <= limit:
+            self.out += frame(HEADERS, flags | END_HEADERS, stream_id, block)
+            return
+        self.out += frame(HEADERS, flags, stream_id, block[:limit])
+        for start in range(limit, len(block), limit):
+            last = start + limit >= len(block)
+            self.out += frame(CONTINUATION, END_HEADERS if last else 0, stream_id,
+                              block[start : start + limit])  # fmt: skip
+
+    def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> bool:
+        """Body bytes (``end``: the last). True when all went out; False when some wait for
+        the client's window (``on_drained`` tells when they went), or the stream is gone."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return False
+        stream.pending = stream.pending + data if stream.pending else data
+        stream.pending_end = end
+        return self._flush(stream)
+
+    def _flush(self, stream: Stream) -> bool:
+        pending = stream.pending
+        end = stream.pending_end and stream.trailers is None  # END_STREAM on the last DATA
+        while pending:
+            size = min(len(pending), stream.send_window, self._send_window, self._max_send_frame)
+            if size <= 0:
+                stream.pending = pending
+                self._blocked[stream.id] = stream
+                return False
+            last = size == len(pending)
+            self.out += frame(DATA, END_STREAM if last and end else 0, stream.id,
+                              pending if last else pending[:size])  # fmt: skip
+            stream.send_window -= size
+            self._send_window -= size
+            if last:
+                break
+            pending = pending[size:]
+        else:
+            if end:  # nothing (more) to send but the end
+                self.out += frame(DATA, END_STREAM, stream.id)
+        stream.pending = b""
+        was_blocked = self._blocked.pop(stream.id, None) is not None
+        if stream.pending_end:
+            if stream.trailers is not None:
+                self._header_frames(stream.id, stream.trailers, True)
+            self._finished(stream)
+        if was_blocked:
+            self.handler.on_drained(stream.id)
+        return True
+
+    def _flush_blocked(self) -> None:
+        for blocked in list(self._blocked.values()):
+            if self._send_window <= 0:
+                return
+            if blocked.id in self._blocked:  # not reset by what an earlier one's drain did
+                self._flush(blocked)
+
+    def _finished(self, stream: Stream) -> None:
+        """We ended the stream: if the client is still sending, it may stop (RFC 9113 §8.1)."""
+        if stream.remote_open:
+            self._rst(stream.id, NO_ERROR)
+        self._forget(stream)
+        self._credit = min(self._credit + 1, ABUSE_CREDIT)
+
+    def reset(self, stream_id: int, code: int = INTERNAL_ERROR) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._rst(stream_id, code)
+            self._forget(stream)
+
+    def close(self, code: int = NO_ERROR) -> None:
+        """GOAWAY: no new streams (and with an error, none of the open ones either)."""
+        if not self.closed:
+            self.closed = True
+            self.out += frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(code))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _rst(self, stream_id: int, code: int) -> None:
+        self.out += frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+
+    def _stream_error(self, stream_id: int, code: int) -> None:
+        self._rst(stream_id, code)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._forget(stream)
+            self.handler.on_reset(stream_id)
+
+    def _forget(self, stream: Stream) -> None:
+        del self.streams[stream.id]
+        self._blocked.pop(stream.id, None)
+        if stream.held:  # handed over, never consumed: the connection's window comes back
+            self._ack_connection(stream.held)
+            stream.held = 0
+
+    def _spend(self) -> None:
+        self._credit -= 1
+        if self._credit <= 0:
+            raise H2ConnectionError(ENHANCE_YOUR_CALM, "too many resets or empty frames")
