@@ -255,7 +255,7 @@ async def migrate_to_file(
     try:
         await qmp.cmd("migrate", {"uri": "fd:embervm-mig"})
         try:
-            await _wait_migration(qmp, timeout=timeout, what=f"migration to {dest}")
+            await _wait_migration(qmp, writer, timeout=timeout, what=f"migration to {dest}")
         except VmmError:
             # The filter gave up and closed the pipe: say so rather than QEMU's EPIPE.
             done, _ = await asyncio.wait({writer}, timeout=5)
@@ -292,7 +292,7 @@ async def migrate_from_file(
     feeder = asyncio.ensure_future(asyncio.to_thread(_feed_from_file, src, w))
     try:
         await qmp.cmd("migrate-incoming", {"uri": "fd:embervm-mig"})
-        await _wait_migration(qmp, timeout=timeout, what=f"restore from {src}")
+        await _wait_migration(qmp, feeder, timeout=timeout, what=f"restore from {src}")
         digest = await asyncio.wait_for(asyncio.shield(feeder), timeout)
     except BaseException:
         feeder.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -301,10 +301,23 @@ async def migrate_from_file(
         raise SnapshotError(f"{src} is corrupt (sha256 mismatch)")
 
 
-async def _wait_migration(qmp: Qmp, *, timeout: float, what: str) -> None:  # noqa: ASYNC109
+async def _wait_migration(
+    qmp: Qmp,
+    pipe_end: asyncio.Future[Any],
+    *,
+    timeout: float,  # noqa: ASYNC109
+    what: str,
+) -> None:
+    """Wait until QEMU says the migration completed (or failed).
+
+    The thread at our end of the pipe finishes when QEMU has read (or written) the last byte,
+    or gave up: QEMU is asked only after that, so a fast load is seen at once instead of
+    at the next tick of a backing-off poll.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    delay = 0.002
+    await asyncio.wait({pipe_end}, timeout=timeout)
+    delay = 0.001
     while True:
         info = await qmp.cmd("query-migrate")
         status = info.get("status", "none")
@@ -315,7 +328,7 @@ async def _wait_migration(qmp: Qmp, *, timeout: float, what: str) -> None:  # no
         if loop.time() > deadline:
             raise VmmError(f"{what} did not complete within {timeout:.1f} s (status {status})")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.02)
 
 
 async def set_migration_caps(qmp: Qmp, *, ignore_shared: bool) -> None:

@@ -25,8 +25,8 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
-from itertools import repeat
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, repeat
 from pathlib import Path
 
 from embervm.errors import SnapshotError
@@ -60,7 +60,9 @@ _ZERO_CONT = _FLAG_ZERO | _FLAG_CONTINUE
 # the next byte (bits 8-11 of the flags, then address bits) with a zero low nibble.
 _ZERO_RUN = re.compile(rb"(?:[\x00-\xff]{6}[\x00\x10\x20\x30\x40\x50\x60\x70\x80\x90\xa0\xb0"
                        rb"\xc0\xd0\xe0\xf0]\x22\x00)+", re.DOTALL)  # fmt: skip
-_MAX_IDSTR = 255
+_ZERO_PAGE = bytes(PAGE_SIZE)
+_CONT_ZERO_FLAGS = _ZERO_CONT  # low byte of a continued zero record
+_CONT_PAGE_FLAGS = _FLAG_PAGE | _FLAG_CONTINUE  # low byte of a continued data record
 
 
 class DeltaUnsupported(SnapshotError):
@@ -91,8 +93,13 @@ class Base:
             return False  # a hole reads as zeros; a PAGE record is never all zeros
         return self.data[offset : offset + PAGE_SIZE] == page
 
-    def is_hole(self, offset: int) -> bool:
-        return offset + PAGE_SIZE <= self.size and not self.allocated[offset // PAGE_SIZE]
+    def reads_zero(self, offset: int) -> bool:
+        """Whether the base's page at ``offset`` is all zeros (a hole, or zeros written)."""
+        if self.data is None or offset + PAGE_SIZE > self.size:
+            return False
+        if not self.allocated[offset // PAGE_SIZE]:
+            return True
+        return self.data[offset : offset + PAGE_SIZE] == _ZERO_PAGE
 
 
 def _allocated_pages(fd: int, size: int) -> bytearray:
@@ -285,11 +292,27 @@ class _Filter:
 
     def _records(self) -> None:
         src = self.src
+        base = self.base
         while True:
+            # Fast paths: continued records of the base block (nearly all of a stream).
             if self.block == self.base_block and src.fill(9):
-                run = _ZERO_RUN.match(src.buf, src.pos)
-                if run is not None:
-                    self._zero_run(run.end() - src.pos)
+                buf, pos = src.buf, src.pos
+                low, flags_byte = buf[pos + 6] & 0x0F, buf[pos + 7]
+                if low == 0 and flags_byte == _CONT_ZERO_FLAGS and buf[pos + 8] == 0:
+                    run = _ZERO_RUN.match(buf, pos)
+                    assert run is not None  # the bytes just checked are one such record
+                    self._zero_run(run.end() - pos)
+                    continue
+                if low == 0 and flags_byte == _CONT_PAGE_FLAGS and src.fill(8 + PAGE_SIZE):
+                    buf, pos = src.buf, src.pos
+                    addr = _BE64.unpack_from(buf, pos)[0] & ~_FLAGS_MASK
+                    page = buf[pos + 8 : pos + 8 + PAGE_SIZE]
+                    src.pos = pos + 8 + PAGE_SIZE
+                    if base.page_equals(addr, page):
+                        self.stats.pages_dropped += 1
+                    else:
+                        self.stats.pages_kept += 1
+                        self._send(addr | _FLAG_PAGE, page)
                     continue
             head = src.take(8)
             value = _BE64.unpack(head)[0]
@@ -307,16 +330,17 @@ class _Filter:
                     raise DeltaUnsupported(f"RAM record for unknown block {name!r}")
                 self.block = name
             kind = flags & ~_FLAG_CONTINUE
+            on_base = self.block == self.base_block
             if kind == _FLAG_ZERO:
                 fill = src.take(1)
-                if self.block == self.base_block and fill == b"\0" and self.base.is_hole(addr):
+                if on_base and fill == b"\0" and base.reads_zero(addr):
                     self.stats.zeros_dropped += 1
                     continue
                 self.stats.zeros_kept += 1
                 self._send(addr | _FLAG_ZERO, fill)
             elif kind == _FLAG_PAGE:
                 page = src.take(PAGE_SIZE)
-                if self.block == self.base_block and self.base.page_equals(addr, page):
+                if on_base and base.page_equals(addr, page):
                     self.stats.pages_dropped += 1
                     continue
                 self.stats.pages_kept += 1
@@ -335,8 +359,8 @@ class _Filter:
     def _zero_run(self, length: int) -> None:
         """``length`` bytes of continued zero records of the base block, read at C speed.
 
-        The records are dropped when their addresses are consecutive pages that are all holes
-        in the base; otherwise each is handled on its own below.
+        When their addresses are consecutive pages (QEMU walks RAM in order), only the pages
+        that hold data in the base are looked at; otherwise each record on its own.
         """
         src = self.src
         start = src.pos
@@ -345,19 +369,25 @@ class _Filter:
         expect = b"".join(map(_ZERO_RECORD.pack,
                               range(first | _ZERO_CONT, first + n * PAGE_SIZE, PAGE_SIZE),
                               repeat(0, n)))  # fmt: skip
-        page = first // PAGE_SIZE
+        src.pos += length
         allocated = self.base.allocated
-        consecutive = src.buf[start : start + length] == expect
-        if consecutive and page + n <= len(allocated) and allocated.find(1, page, page + n) < 0:
-            src.pos += length
-            self.stats.zeros_dropped += n
-            return
-        # Some of these pages hold data in the base (or the run is not consecutive): one by one.
-        for i in range(n):
-            addr = _BE64.unpack_from(src.buf, start + 9 * i)[0] & ~_FLAGS_MASK
-            if self.base.is_hole(addr):
+        begin = first // PAGE_SIZE
+        end = begin + n
+        if src.buf[start : start + length] == expect and end <= len(allocated):
+            spans: list[range] = []
+            data = allocated.find(1, begin, end)
+            while data >= 0:  # the runs of base pages with data inside [begin, end)
+                hole = allocated.find(0, data, end)
+                hole = end if hole < 0 else hole
+                spans.append(range(data * PAGE_SIZE, hole * PAGE_SIZE, PAGE_SIZE))
+                data = allocated.find(1, hole, end)
+            addrs: Iterable[int] = chain.from_iterable(spans)
+            self.stats.zeros_dropped += n - sum(map(len, spans))  # the holes
+        else:
+            addrs = (_BE64.unpack_from(src.buf, start + 9 * i)[0] & ~_FLAGS_MASK for i in range(n))
+        for addr in addrs:
+            if self.base.reads_zero(addr):
                 self.stats.zeros_dropped += 1
             else:
                 self.stats.zeros_kept += 1
                 self._send(addr | _FLAG_ZERO, b"\0")
-        src.pos += length

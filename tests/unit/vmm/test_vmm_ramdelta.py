@@ -135,13 +135,13 @@ def check_equivalent(src: bytes, filtered: bytes, base_path: Path) -> None:
 
 
 def test_pages_the_base_holds_are_dropped_and_the_rest_kept(tmp_path: Path) -> None:
-    base = make_base(tmp_path, {1: page(1), 2: page(2), 3: page(3)})
+    base = make_base(tmp_path, {1: page(1), 2: page(2), 3: page(3), 4: page(0)})
     records = (
         data(0, page(9), BASE)  # base hole: kept
         + data(PAGE_SIZE, page(1))  # equal: dropped
         + data(2 * PAGE_SIZE, page(7))  # changed: kept
         + zero(3 * PAGE_SIZE)  # zeroed since the image: kept
-        + b"".join(zero(n * PAGE_SIZE) for n in range(4, PAGES))  # holes: dropped
+        + b"".join(zero(n * PAGE_SIZE) for n in range(4, PAGES))  # zeros in the base: dropped
         + data(0, page(5), ROM)  # another block: always kept
     )
     src = stream(records)
