@@ -17,11 +17,12 @@ was not finished.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Protocol, cast
 
 from embervm.proxy.admission import PROXY_HEADER_PREFIX, Admission, Target
 from embervm.proxy.h1payload import Payload
-from embervm.proxy.h1wire import HEAD_END, NONE, BadMessage, parse_response, response_framing
+from embervm.proxy.h1wire import HEAD_END, NONE, BadMessage, response_summary
 from embervm.proxy.h2fields import Request
 from embervm.proxy.h2hpack import Header
 from embervm.proxy.h2server import INTERNAL_ERROR, H2Server
@@ -29,6 +30,7 @@ from embervm.proxy.http1 import MAX_HEAD
 from embervm.proxy.streams import CONNECT_TIMEOUT
 
 MAX_IDLE = 16  # kept app connections per target and client connection
+_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r]*)\r\n")  # in a head already checked
 # Connection-specific fields: never relayed between HTTP/1.1 and HTTP/2 (RFC 9113 §8.2.2).
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                         b"upgrade", b"te", b"host", b"http2-settings"})  # fmt: skip
@@ -54,6 +56,24 @@ def request_head(request: Request, ended: bool) -> tuple[bytes, bool]:
         lines.append(b"transfer-encoding: chunked\r\n")
     lines.append(b"\r\n")
     return b"".join(lines), chunked
+
+
+def response_fields(raw: bytes) -> list[Header]:
+    """An HTTP/1.1 response head that ``response_summary`` accepted, as HTTP/2 fields: the
+    status, then its fields (names lowercased) but the connection-specific ones."""
+    fields: list[Header] = [(b":status", raw[9:12])]  # "HTTP/1.x SSS", checked
+    listed: bytes | None = None
+    for name, value in _FIELD.findall(raw, raw.index(b"\n") + 1):
+        name = name.lower()
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                listed = value if listed is None else listed + b"," + value
+            continue
+        fields.append((name, value.rstrip(b" \t")))
+    if listed is not None:  # and the fields it names (RFC 9110 §7.6.1)
+        named = {token.strip().lower() for token in listed.split(b",")}
+        fields = [(name, value) for name, value in fields if name not in named]
+    return fields
 
 
 class Owner(Protocol):
@@ -282,25 +302,21 @@ class H1Exchange:
                     self.response = pending
                 return
             end += len(HEAD_END)
+            raw, pending = pending[:end], pending[end:]
             try:
-                head = parse_response(pending[:end])
-                framing = response_framing(head, self.method)
+                status, framing, keep = response_summary(raw, self.method)
             except BadMessage:
                 self._fail(502, "The app sent a malformed answer")
                 return
-            pending = pending[end:]
-            if head.status >= 200:
+            if status >= 200:
                 break  # 1xx (100 Continue, 103 Early Hints) are the app's business
         self.response = b""
         self.answered = True
-        fields: list[Header] = [(b":status", b"%d" % head.status)]
-        drop = HOP_BY_HOP | head.tokens(b"connection")
-        fields += [(k, v) for k, v in head.fields if k not in drop]
-        if b"close" in head.tokens(b"connection") or head.version != b"1.1":
-            self.reusable = False
+        self.reusable = keep
+        fields = response_fields(raw)
         self.payload = payload = Payload(framing)
         if framing == NONE:
-            self.reusable = self.reusable and not pending
+            self.reusable = keep and not pending
             self.owner.engine.send_headers(self.stream_id, fields, end=True)
             self.owner.flush_soon()
             self._done()
