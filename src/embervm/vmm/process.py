@@ -209,8 +209,10 @@ class QemuProcess:
                 base = None
             state_file = tmp / snap.DEVICE_STATE
             try:
+                # Against the link, not the path: the very file a resume will map.
+                linked = None if base is None else tmp / snap.BASE_MEMORY
                 state = await migrate_to_file(
-                    self._qmp, state_file, timeout=MIGRATION_TIMEOUT, base=base
+                    self._qmp, state_file, timeout=MIGRATION_TIMEOUT, base=linked
                 )
             except DeltaUnsupported as exc:
                 log.warning("VM %s: full RAM stream instead of a delta: %s", self.cfg.vm_id, exc)

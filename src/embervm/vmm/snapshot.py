@@ -40,7 +40,9 @@ from typing import Any, Literal
 
 from embervm.errors import SnapshotError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added kind "delta": a reader of format 1 would load it as a stream
+READABLE_FORMATS = (1, 2)
+KINDS = ("shared-memory", "stream", "delta")
 MANIFEST = "manifest.json"
 DEVICE_STATE = "device.state"
 MEMORY = "memory"
@@ -90,11 +92,13 @@ class SnapshotManifest:
             claimed = body.pop("manifest_sha256")
         except (ValueError, TypeError, KeyError) as exc:
             raise SnapshotError(f"snapshot manifest {where} is unreadable: {exc}") from exc
-        if body.get("format") != FORMAT_VERSION:
+        if body.get("format") not in READABLE_FORMATS:
             raise SnapshotError(
                 f"snapshot {where} has format {body.get('format')!r}, this Embervm reads "
-                f"format {FORMAT_VERSION}; rebuild the image or snapshot"
+                f"formats {', '.join(map(str, READABLE_FORMATS))}; rebuild the image or snapshot"
             )
+        if body.get("kind") not in KINDS:
+            raise SnapshotError(f"snapshot {where} has an unknown kind {body.get('kind')!r}")
         if claimed != _digest(body):
             raise SnapshotError(f"snapshot manifest {where} is corrupt (checksum mismatch)")
         try:

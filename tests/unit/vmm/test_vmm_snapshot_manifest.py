@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def test_other_format_version_is_refused(tmp_path: Path) -> None:
     body["format"] = 99
     path.write_text(json.dumps(body))
     with pytest.raises(SnapshotError, match="format 99"):
+        snap.load_manifest(tmp_path / "s")
+
+
+def test_format_1_snapshots_of_the_previous_release_still_load(tmp_path: Path) -> None:
+    m = write_snapshot(tmp_path / "s")
+    old = dataclasses.replace(m, format=1)
+    (tmp_path / "s" / snap.MANIFEST).write_bytes(old.to_json())
+    assert snap.load_manifest(tmp_path / "s") == old
+    assert m.format == snap.FORMAT_VERSION == 2
+
+
+def test_a_kind_this_release_does_not_know_is_refused(tmp_path: Path) -> None:
+    m = write_snapshot(tmp_path / "s")
+    future = dataclasses.replace(m, kind="mapped-ram")  # type: ignore[arg-type]
+    (tmp_path / "s" / snap.MANIFEST).write_bytes(future.to_json())
+    with pytest.raises(SnapshotError, match="unknown kind 'mapped-ram'"):
         snap.load_manifest(tmp_path / "s")
 
 
