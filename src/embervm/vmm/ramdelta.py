@@ -61,6 +61,7 @@ _ZERO_CONT = _FLAG_ZERO | _FLAG_CONTINUE
 _ZERO_RUN = re.compile(rb"(?:[\x00-\xff]{6}[\x00\x10\x20\x30\x40\x50\x60\x70\x80\x90\xa0\xb0"
                        rb"\xc0\xd0\xe0\xf0]\x22\x00)+", re.DOTALL)  # fmt: skip
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_MAX_MACHINE_NAME = 256
 _CONT_ZERO_FLAGS = _ZERO_CONT  # low byte of a continued zero record
 _CONT_PAGE_FLAGS = _FLAG_PAGE | _FLAG_CONTINUE  # low byte of a continued data record
 
@@ -221,6 +222,8 @@ class _Filter:
         src = self.src
         out = [bytes([src.byte()])]
         length = src.take(4)
+        if _BE32.unpack(length)[0] > _MAX_MACHINE_NAME:
+            raise DeltaUnsupported("configuration section with an oversized machine name")
         out += [length, src.take(_BE32.unpack(length)[0])]
         while src.peek() == _SUBSECTION:
             out.append(bytes([src.byte()]))
