@@ -20,8 +20,8 @@ design"). What it enforces:
   the connection), and a grant is renewed only when the session says the data was consumed
   (forwarded to the app); we send only within the client's windows, holding the rest per
   stream (the session stops reading the app while a stream holds data: nothing buffered whole);
-- SETTINGS_MAX_CONCURRENT_STREAMS: a stream counts until we have finished it (answered or
-  reset), not until the client resets it, so cancelled work still holds its place;
+- SETTINGS_MAX_CONCURRENT_STREAMS: a stream counts until it is reset or we have sent all of
+  its answer (data held for want of window included); beyond it, REFUSED_STREAM;
 - rapid reset (CVE-2023-44487) and other floods of frames that cost us and bring nothing
   (resets, refused or malformed streams, PRIORITY, empty DATA, unknown frame types): each spends
   one of ``ABUSE_CREDIT`` credits, each completed stream earns one back; at zero, GOAWAY

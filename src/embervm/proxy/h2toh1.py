@@ -188,7 +188,7 @@ class LinkPool:
 
 
 class H1Exchange:
-    __slots__ = ("answered", "app_full", "buffered", "chunked", "ended", "head", "held",
+    __slots__ = ("answered", "app_full", "blocked", "buffered", "chunked", "ended", "head", "held",
                  "link", "method", "owner", "payload", "response", "reusable", "stream_id",
                  "touched")  # fmt: skip
 
@@ -202,6 +202,7 @@ class H1Exchange:
         self.held = 0  # client DATA written while the app connection was full: not yet acked
         self.link: AppLink | None = None
         self.app_full = False
+        self.blocked = False  # the frame layer holds data of ours for want of window
         self.response = b""  # the answer's head so far
         self.payload: Payload | None = None  # None until the answer's head has come
         self.answered = False
@@ -213,6 +214,7 @@ class H1Exchange:
     def start(self, link: AppLink) -> None:
         self.link = link
         link.exchange = self
+        self.touched = self.owner.loop.time()
         out = self.head
         if self.buffered:
             out += b"".join(self._frame(data) for data in self.buffered)
@@ -251,15 +253,16 @@ class H1Exchange:
         self._drop_link()
 
     def drained(self) -> None:
+        self.blocked = False
         if self.link is not None and not self.owner.client_full:
             self.link.transport.resume_reading()
 
     def client_writable(self, writable: bool) -> None:
         if self.link is not None:
-            if writable:
-                self.link.transport.resume_reading()
-            else:
+            if not writable:
                 self.link.transport.pause_reading()
+            elif not self.blocked:
+                self.link.transport.resume_reading()
 
     def expired(self, now: float, idle: float) -> bool:
         """Nothing either way for ``idle`` seconds: answered 504, or reset if an answer began
@@ -336,6 +339,7 @@ class H1Exchange:
             sent = self.owner.engine.send_data(self.stream_id, body, end=done)
             self.owner.flush_soon()
             if not sent and self.link is not None and not done:
+                self.blocked = True
                 self.link.transport.pause_reading()  # until on_drained
         if done:
             self._done()

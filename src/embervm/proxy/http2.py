@@ -136,7 +136,7 @@ class ClientSession(asyncio.Protocol):
         now = self.loop.time()
         for exchange in list(self.exchanges.values()):
             exchange.expired(now, BODY_TIMEOUT)
-        if not self.exchanges and not self.engine.streams and now - self.idle_since > IDLE_TIMEOUT:
+        if not self.exchanges and now - self.idle_since > IDLE_TIMEOUT:  # or only held data
             self.engine.close()
             self.close()
             return
