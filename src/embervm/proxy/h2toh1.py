@@ -39,11 +39,13 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"tra
 def request_head(request: Request, ended: bool) -> tuple[bytes, bool]:
     """The HTTP/1.1 head for the app (``h2fields`` checked every byte of it) and whether the
     body goes chunked (the client gave no length and did not end the stream)."""
-    lines = [request.method, b" ", request.path, b" HTTP/1.1\r\nhost: ", request.authority or b"",
-             b"\r\n"]  # fmt: skip
+    host = request.authority
+    lines: list[bytes] = []
     cookies: list[bytes] = []
     for name, value in request.fields:
         if name.startswith(PROXY_HEADER_PREFIX) or name in HOP_BY_HOP:
+            if name == b"host" and host is None:  # :authority wins (RFC 9113 §8.3.1)
+                host = value
             continue
         if name == b"cookie":  # one field again for HTTP/1.1 (RFC 9113 §8.2.3)
             cookies.append(value)
@@ -54,8 +56,8 @@ def request_head(request: Request, ended: bool) -> tuple[bytes, bool]:
     chunked = not ended and request.length < 0
     if chunked:
         lines.append(b"transfer-encoding: chunked\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines), chunked
+    start = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method, request.path, host or b"")
+    return b"".join([start, *lines, b"\r\n"]), chunked
 
 
 def response_fields(raw: bytes) -> list[Header]:

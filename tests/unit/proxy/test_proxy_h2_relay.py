@@ -255,6 +255,19 @@ async def test_a_body_without_length_goes_chunked_and_cookies_go_as_one_field(
     assert seen == ["a=1; b=2"]
 
 
+async def test_a_host_field_stands_for_a_missing_authority(
+    rig: Rig, app: App, h2client: Client
+) -> None:
+    headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/headers"),
+               (b"host", HOST.encode())]  # fmt: skip
+    headers += [(k.encode(), v.encode()) for k, v in rig.headers(app.port).items() if k != "host"]
+    h2client.conn.send_headers(1, headers, end_stream=True)
+    h2client.flush()
+    status, body = await h2client.answer(1)
+    assert status == 200
+    assert [v for k, v in json.loads(body)["headers"] if k == "host"] == [HOST]
+
+
 async def test_a_reader_that_grants_no_window_holds_the_app_back(
     rig: Rig, raw_app: Callable[[Handler], Awaitable[RawApp]], h2client: Client
 ) -> None:
