@@ -149,7 +149,11 @@ class H2Server:
     def upgraded(self, settings: bytes, request: Request) -> None:
         """``Upgrade: h2c``: the client's HTTP2-Settings apply, and its HTTP/1.1 request is
         stream 1, whose sending side is already closed (RFC 9113 §3.2 of RFC 7540)."""
-        self._apply_settings(settings)
+        try:
+            self._apply_settings(settings)
+        except H2ConnectionError as exc:
+            self.close(exc.code)
+            return
         self._last_stream = 1
         self.streams[1] = Stream(1, self._initial_send_window, False, request.length)
         self.handler.on_request(1, request, True)

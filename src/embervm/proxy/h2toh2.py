@@ -31,21 +31,41 @@ _END = b"end"  # in the queue: the client finished (an object no DATA frame is)
 
 
 class H2Upstreams:
-    """A client connection's h2c connections to apps, one per target."""
+    """A client connection's h2c connections to apps, one per target (streams that ask for
+    one at once share the one being opened)."""
 
     def __init__(self) -> None:
         self.open: dict[Target, H2Upstream] = {}
+        self.opening: dict[Target, asyncio.Task[H2Upstream]] = {}
+        self.retired: list[H2Upstream] = []
 
     async def get(self, target: Target) -> H2Peer:
         upstream = self.open.get(target)
-        if upstream is None or not upstream.usable(target):
-            upstream = self.open[target] = await H2Upstream.open(target)
-        return upstream.peer
+        if upstream is not None and upstream.usable(target):
+            return upstream.peer
+        opening = self.opening.get(target)
+        if opening is None:
+            opening = self.opening[target] = asyncio.create_task(H2Upstream.open(target))
+            opening.add_done_callback(lambda _: self.opening.pop(target, None))
+        fresh = await asyncio.shield(opening)
+        if self.open.get(target) is not fresh:
+            stale = self.open.get(target)
+            if stale is not None:
+                self.retired.append(stale)
+            self.open[target] = fresh
+        return fresh.peer
 
     async def close(self) -> None:
-        for upstream in self.open.values():
+        openings = list(self.opening.values())
+        for opening in openings:
+            opening.cancel()
+        for opened in await asyncio.gather(*openings, return_exceptions=True):
+            if isinstance(opened, H2Upstream) and opened not in self.open.values():
+                self.retired.append(opened)
+        for upstream in [*self.open.values(), *self.retired]:
             await upstream.close()
         self.open.clear()
+        self.retired.clear()
 
 
 class H2Exchange:

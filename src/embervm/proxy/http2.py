@@ -279,6 +279,7 @@ class Http2Session:
     async def run(self, *, upgraded: tuple[bytes, Request] | None = None) -> None:
         transport = cast(asyncio.Transport, self.writer.transport)
         session = ClientSession(transport, self.admission)
+        attached = False
         try:
             if upgraded is not None:
                 session.engine.upgraded(*upgraded)
@@ -286,10 +287,11 @@ class Http2Session:
             async with asyncio.timeout(FIRST_REQUEST_TIMEOUT):
                 data = await self.reader.read(HAND_OVER_READ)  # what is buffered, or the next
             eof = self.reader.at_eof()
-            if session.gone or transport.is_closing():
+            if transport.is_closing():
                 return
             # from here to set_protocol nothing awaits: no byte can land in the reader
             transport.set_protocol(session)
+            attached = True
             transport.resume_reading()
             if data:
                 session.data_received(data)
@@ -300,6 +302,8 @@ class Http2Session:
             pass  # no byte from the client in time
         finally:
             session.abort()
+            if not attached:  # the transport never told the session anything
+                session.connection_lost(None)
             await session.upstreams.close()
 
 

@@ -13,7 +13,7 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-from tests.unit.proxy.conftest import Rig, listening_socket
+from tests.unit.proxy.conftest import HOST, Rig, listening_socket
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,6 +85,36 @@ async def test_http2_client_reaches_an_h2c_only_app(rig: Rig, h2c_port: int) -> 
         answer = await client.get(rig.https_url + "/h2", headers=headers)
     assert answer.http_version == "HTTP/2"
     assert answer.json()["headers"][":path"] == "/h2"
+
+
+async def test_concurrent_http2_streams_share_one_h2c_app_connection(
+    rig: Rig, h2c_port: int
+) -> None:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    headers = [(":method", "GET"), (":scheme", "http"), (":authority", HOST), (":path", "/")]
+    headers += [(k, v) for k, v in rig.headers(h2c_port).items() if k != "host"]
+    headers.append(("x-aws-proxy-force-h2", "true"))
+    for stream_id in range(1, 17, 2):  # eight at once, in one write
+        conn.send_headers(stream_id, headers, end_stream=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.proxy.http_port)
+    bodies: dict[int, bytes] = {}
+    ended: set[int] = set()
+    try:
+        writer.write(conn.data_to_send())
+        while len(ended) < 8:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the proxy closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert len({json.loads(body)["connection"] for body in bodies.values()}) == 1
 
 
 async def test_without_force_an_h2c_only_app_is_502(rig: Rig, h2c_port: int) -> None:
