@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embervm.aio import past_point_of_no_return
 from embervm.errors import GuestError, NotFoundError, RuntimeFailure, VmmError
 from embervm.guest.client import AgentClient, AppSpec, LogLine, PtySession
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
@@ -144,7 +145,7 @@ class LocalHost:
                     with contextlib.suppress(Exception):
                         await vm.agent.thaw()
                 raise
-            await self._drop_process(vm)
+            await past_point_of_no_return(self._drop_process(vm))  # the snapshot is committed
             return written_bytes(manifest)
 
     async def resume(self, vm_id: str) -> None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from embervm.aio import past_point_of_no_return
 from embervm.errors import SnapshotError, VmmError
 from embervm.vmm import _proc
 from embervm.vmm import snapshot as snap
@@ -222,7 +223,11 @@ class QemuProcess:
             manifest = await asyncio.to_thread(
                 self._assemble, tmp, disk_src, state, shared=shared, delta=base is not None
             )
-            await asyncio.to_thread(snap.commit_snapshot_dir, tmp, dest_dir, manifest)
+            # From the commit on, the snapshot owns the disk (and a shared RAM file): the VM
+            # must stop, and a cancel arriving now is too late to undo anything.
+            await past_point_of_no_return(
+                asyncio.to_thread(snap.commit_snapshot_dir, tmp, dest_dir, manifest)
+            )
             committed = True
         except BaseException as exc:
             if not self._exit.done():
@@ -235,7 +240,7 @@ class QemuProcess:
             if committed and not resume:
                 # The snapshot now owns the RAM file and disk: this VM must never run again.
                 self._expected = "snapshotted and stopped"
-                await self.kill()
+                await past_point_of_no_return(self.kill())
         if resume and was_running:
             await self._qmp.cmd("cont")
         return manifest
