@@ -13,6 +13,8 @@ from pathlib import Path
 from embervm.vmm.config import AGENT_PORT_NAME, GUEST_MAC, VmConfig
 
 QEMU_BINARY = "qemu-system-x86_64"
+RAM_BACKEND = "ram0"
+"""The guest RAM's memory backend id: also the RAM block's name in migration streams."""
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -28,7 +30,7 @@ class MemorySpec:
 
 def machine_option(cfg: VmConfig) -> str:
     base = "microvm" if cfg.legacy_timers else "microvm,pit=off,pic=off"
-    return f"{base},memory-backend=ram0"
+    return f"{base},memory-backend={RAM_BACKEND}"
 
 
 def accel_option(cfg: VmConfig) -> str:
@@ -50,10 +52,10 @@ def qemu_argv(
     """The full argv (binary first). ``incoming`` adds ``-incoming defer`` for restores."""
     mem = memory or MemorySpec(cfg.memory_file)
     if mem.path is None:
-        backend = f"memory-backend-ram,id=ram0,size={cfg.memory_mib}M"
+        backend = f"memory-backend-ram,id={RAM_BACKEND},size={cfg.memory_mib}M"
     else:
         backend = (
-            f"memory-backend-file,id=ram0,size={cfg.memory_mib}M,mem-path={mem.path},"
+            f"memory-backend-file,id={RAM_BACKEND},size={cfg.memory_mib}M,mem-path={mem.path},"
             f"share={'on' if mem.share else 'off'}"
         )
     argv = [

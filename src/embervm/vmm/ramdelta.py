@@ -30,6 +30,7 @@ from itertools import chain, repeat
 from pathlib import Path
 
 from embervm.errors import SnapshotError
+from embervm.vmm.cmdline import RAM_BACKEND
 
 PAGE_SIZE = 4096
 _FILE_MAGIC = 0x5145564D
@@ -171,7 +172,7 @@ def filter_stream(
     write: Callable[[bytes], None],
     base: Base,
     *,
-    base_block: str = "ram0",
+    base_block: str = RAM_BACKEND,
 ) -> Stats:
     """Copy the migration stream from ``read`` to ``write`` without the pages ``base`` holds.
 
