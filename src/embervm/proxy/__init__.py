@@ -5,8 +5,11 @@ HTTP/2 (TLS and h2c), gRPC, WebSocket and server-sent events (docs/PROXY.md).
 - ``h1relay``: HTTP/1.1 on protocol callbacks, every connection's start and the hot path;
   ``h1wire`` parses HTTP/1.1 heads strictly (and copies bodies raw on streams), ``h1body``
   finds where a body ends in bytes as they arrive.
-- ``http1`` / ``http2`` / ``forced_h2``: the stream-based relays ``h1relay`` hands upgrades,
-  force-h2 and HTTP/2 to; ``h2peer`` drives h2 connections (h2 does that framing).
+- ``http1`` / ``forced_h2``: the stream-based relays ``h1relay`` hands upgrades and force-h2
+  to; ``h2peer`` drives h2c connections to apps (h2 does that framing).
+- ``http2``: HTTP/2 from clients on protocol callbacks: ``h2server`` frames it (HPACK from
+  ``h2hpack``, request fields checked by ``h2fields``), ``h2toh1`` relays a stream to an
+  HTTP/1.1 app (``h1payload`` unframes the answer), ``h2toh2`` to an h2c app (gRPC).
 - ``shell``: ``/shell`` WebSockets bridged to a PTY in the VM.
 - ``tls``: the local CA and the listener's certificate.
 - ``server``: ``EndpointProxy``, the two listeners.

@@ -117,7 +117,7 @@ class ClientSession(asyncio.Protocol):
     def _flush(self) -> None:
         self.flushing = False
         out = self.engine.out
-        if out and not self.gone:
+        if out and not self.transport.is_closing():
             self.engine.out = bytearray()
             self.transport.write(out)  # never changed again: the transport may keep it
         leaving = self.engine.goaway_received and not self.exchanges and not self.engine.streams
@@ -126,7 +126,7 @@ class ClientSession(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after what was written has gone out."""
-        if not self.gone:
+        if not self.transport.is_closing():
             out, self.engine.out = self.engine.out, bytearray()
             if out:
                 self.transport.write(out)
