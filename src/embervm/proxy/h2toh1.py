@@ -17,12 +17,19 @@ was not finished.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Protocol, cast
 
 from embervm.proxy.admission import PROXY_HEADER_PREFIX, Admission, Target
 from embervm.proxy.h1payload import Payload
-from embervm.proxy.h1wire import HEAD_END, NONE, BadMessage, response_summary
+from embervm.proxy.h1wire import (
+    HEAD_END,
+    NONE,
+    TO_CLOSE,
+    BadMessage,
+    Head,
+    parse_response,
+    response_framing,
+)
 from embervm.proxy.h2fields import Request
 from embervm.proxy.h2hpack import Header
 from embervm.proxy.h2server import INTERNAL_ERROR, H2Server
@@ -30,7 +37,6 @@ from embervm.proxy.http1 import MAX_HEAD
 from embervm.proxy.streams import CONNECT_TIMEOUT
 
 MAX_IDLE = 16  # kept app connections per target and client connection
-_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r]*)\r\n")  # in a head already checked
 # Connection-specific fields: never relayed between HTTP/1.1 and HTTP/2 (RFC 9113 §8.2.2).
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                         b"upgrade", b"te", b"host", b"http2-settings"})  # fmt: skip
@@ -60,22 +66,21 @@ def request_head(request: Request, ended: bool) -> tuple[bytes, bool]:
     return b"".join([start, *lines, b"\r\n"]), chunked
 
 
-def response_fields(raw: bytes) -> list[Header]:
-    """An HTTP/1.1 response head that ``response_summary`` accepted, as HTTP/2 fields: the
-    status, then its fields (names lowercased) but the connection-specific ones."""
-    fields: list[Header] = [(b":status", raw[9:12])]  # "HTTP/1.x SSS", checked
-    listed: bytes | None = None
-    for name, value in _FIELD.findall(raw, raw.index(b"\n") + 1):
-        name = name.lower()
+def response_fields(head: Head) -> tuple[list[Header], bool]:
+    """A response head as HTTP/2 fields (the status, then its fields but the connection-specific
+    ones and those its Connection field names, RFC 9110 §7.6.1), and whether it said close."""
+    fields: list[Header] = [(b":status", b"%d" % head.status)]
+    listed: list[bytes] = []
+    for name, value in head.fields:
         if name in HOP_BY_HOP:
             if name == b"connection":
-                listed = value if listed is None else listed + b"," + value
+                listed.append(value)
             continue
-        fields.append((name, value.rstrip(b" \t")))
-    if listed is not None:  # and the fields it names (RFC 9110 §7.6.1)
-        named = {token.strip().lower() for token in listed.split(b",")}
-        fields = [(name, value) for name, value in fields if name not in named]
-    return fields
+        fields.append((name, value))
+    if not listed:
+        return fields, False
+    named = {token.strip().lower() for value in listed for token in value.split(b",")}
+    return [(name, value) for name, value in fields if name not in named], b"close" in named
 
 
 class Owner(Protocol):
@@ -309,16 +314,18 @@ class H1Exchange:
             end += len(HEAD_END)
             raw, pending = pending[:end], pending[end:]
             try:
-                status, framing, keep = response_summary(raw, self.method)
+                head = parse_response(raw)
+                framing = response_framing(head, self.method)
             except BadMessage:
                 self._fail(502, "The app sent a malformed answer")
                 return
-            if status >= 200:
+            if head.status >= 200:
                 break  # 1xx (100 Continue, 103 Early Hints) are the app's business
         self.response = b""
         self.answered = True
+        fields, close = response_fields(head)
+        keep = head.version == b"1.1" and not close and framing != TO_CLOSE
         self.reusable = keep
-        fields = response_fields(raw)
         self.payload = payload = Payload(framing)
         if framing == NONE:
             self.reusable = keep and not pending

@@ -218,6 +218,23 @@ async def test_streams_reuse_kept_app_connections_and_give_them_back(
     await until(lambda: open_app_connections(rig) == 0)  # closed by the proxy: the app never
 
 
+async def test_an_answer_that_says_close_does_not_keep_the_app_connection(
+    rig: Rig, raw_app: Callable[[Handler], Awaitable[RawApp]], h2client: Client
+) -> None:
+    async def says_close(
+        state: RawApp, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:  # but keeps the connection open, and would answer again
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+
+    app = await raw_app(says_close)
+    for _ in range(2):
+        assert await h2client.answer(h2client.request(rig, app.port, "/")) == (200, b"ok")
+    assert app.connections == 2
+    await until(lambda: open_app_connections(rig) == 0)
+
+
 async def test_an_answer_before_the_body_ended_does_not_keep_the_app_connection(
     rig: Rig, raw_app: Callable[[Handler], Awaitable[RawApp]], h2client: Client
 ) -> None:
