@@ -81,7 +81,7 @@ async def http_request(
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
     except TimeoutError as exc:
-        raise RelayError("timeout", f"no response from port {port} in {limit} s") from exc
+        raise RelayError("timeout", f"no response from port {port} in {limit:.3g} s") from exc
     except ConnectionRefusedError as exc:
         raise RelayError("connection_refused", f"nothing listens on port {port}") from exc
     except (
