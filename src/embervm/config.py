@@ -49,6 +49,8 @@ class Settings:
     s3_ca_file: Path | None = None
     # The app output of a MicroVM is kept this long after it ends.
     app_log_retention_days: float = 7.0
+    # A build step's cached layer is forgotten (and its disk space freed) after this long unused.
+    build_cache_days: float = 14.0
 
     @property
     def artifacts_dir(self) -> Path:
@@ -62,6 +64,15 @@ class Settings:
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def layers_dir(self) -> Path:
+        """Frozen qcow2 disk layers of builds (the step cache and images refer to them)."""
+        return self.data_dir / "layers"
+
+    @property
+    def build_cache_dir(self) -> Path:
+        return self.data_dir / "build-cache"
 
     @property
     def run_dir(self) -> Path:

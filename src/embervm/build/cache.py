@@ -118,9 +118,10 @@ class LocalLayerCache:
         return self.root / key[:2] / f"{key}.json"
 
     async def get(self, key: str) -> LayerRef | None:
+        """The layer of ``key``; a hit marks the entry used now (``forget_unused_since``)."""
         path = self._path(key)
         try:
-            text = await asyncio.to_thread(path.read_text)
+            text = await asyncio.to_thread(_read_and_touch, path)
             return LayerRef.from_json(json.loads(text))
         except FileNotFoundError:
             return None
@@ -133,6 +134,20 @@ class LocalLayerCache:
     async def forget(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self._path(key).unlink)
+
+    async def forget_unused_since(self, cutoff: float) -> int:
+        """Forget the entries no build used (read or wrote) since ``cutoff`` (unix time), so a
+        layer collector may delete their layers. Returns how many."""
+        return await asyncio.to_thread(self._forget_older, cutoff)
+
+    def _forget_older(self, cutoff: float) -> int:
+        forgotten = 0
+        for path in self.root.glob("??/*.json"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    forgotten += 1
+        return forgotten
 
     async def layers(self) -> dict[str, LayerRef]:
         """Every readable entry (key → layer): what a layer garbage collector must keep, or
@@ -160,3 +175,10 @@ class LocalLayerCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def _read_and_touch(path: Path) -> str:
+    text = path.read_text()
+    with contextlib.suppress(OSError):
+        os.utime(path)
+    return text

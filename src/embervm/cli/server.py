@@ -80,6 +80,14 @@ def server(
             help="Days a MicroVM's app output is kept after it ends.",
         ),
     ] = 7.0,
+    build_cache_days: Annotated[
+        float,
+        typer.Option(
+            envvar="EMBERVM_BUILD_CACHE_DAYS",
+            min=0,
+            help="Days a cached build step may go unused before its disk layer is freed.",
+        ),
+    ] = 14.0,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
     from embervm.server.app import event_loop_factory, run_server
@@ -104,6 +112,7 @@ def server(
         s3_endpoint_url=s3_endpoint_url,
         s3_ca_file=s3_ca_file.expanduser().resolve() if s3_ca_file else None,
         app_log_retention_days=log_retention_days,
+        build_cache_days=build_cache_days,
     )
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         code = runner.run(run_server(settings))

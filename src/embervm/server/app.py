@@ -26,6 +26,7 @@ import uvicorn
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.logs import log_routes
+from embervm.build.cache import LocalLayerCache
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
 from embervm.core.tokens import TokenAuthority
@@ -33,6 +34,7 @@ from embervm.errors import ConfigError, EmbervmError
 from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.host import LocalHost, open_machine_provider
 from embervm.host._boot import BootInputs
+from embervm.host.layergc import keep_collecting
 from embervm.network import NetworkManager
 from embervm.proxy import EndpointProxy
 from embervm.server.backends import (
@@ -167,6 +169,16 @@ async def start_server(
     stack.push_async_callback(app_logs.close)
     pruning = asyncio.create_task(app_logs.keep_pruning(), name="app-log-retention")
     stack.push_async_callback(_cancel_and_wait, pruning)
+    collecting = asyncio.create_task(
+        keep_collecting(
+            settings.layers_dir,
+            [settings.images_dir, settings.vms_dir],
+            LocalLayerCache(settings.build_cache_dir),
+            cache_days=settings.build_cache_days,
+        ),
+        name="disk-layer-collector",
+    )
+    stack.push_async_callback(_cancel_and_wait, collecting)
     backend = LocalHostBackend(host, app_logs)
     ops = Operations(
         settings=settings,

@@ -55,7 +55,7 @@ class PipelineImageBuilder:
     def __init__(self, settings: Settings, machines: MachineProvider) -> None:
         self.settings = settings
         self.machines = machines
-        self.cache = LocalLayerCache(settings.data_dir / "build-cache")
+        self.cache = LocalLayerCache(settings.build_cache_dir)
 
     def version_dir(self, account_id: str, image_name: str, version: str) -> Path:
         return self.settings.images_dir / account_id / image_name / version
