@@ -62,7 +62,8 @@ def backing_file(path: Path) -> Path | None:
 
 def chain(path: Path) -> list[Path]:
     """``path`` and every file below it through backing files, each resolved (symlinks, ``..``)
-    so that it compares equal however it was named; bounded and loop-safe."""
+    so that it compares equal however it was named; bounded and loop-safe. OSError when a
+    file of the chain cannot be read (then what lies below it is unknown)."""
     out: list[Path] = []
     current: Path | None = path
     while current is not None and len(out) < _MAX_CHAIN:
@@ -70,10 +71,8 @@ def chain(path: Path) -> list[Path]:
         if current in out:
             break
         out.append(current)
-        try:
-            current = backing_file(current)
-        except OSError:
-            current = None
+        # A file gone since it was listed, or a dangling name, has nothing below it.
+        current = backing_file(current) if current.exists() else None
     return out
 
 
@@ -102,7 +101,7 @@ def needed_layers(roots: list[Path], cached: list[Path], layers_dir: Path) -> se
     starts += sorted(open_files_under(layers_dir))
     needed: set[Path] = set()
     for start in starts:
-        needed.update(p for p in chain(start) if p.parent == layers_dir)
+        needed.update(p for p in chain(start) if p.parent == layers_dir)  # OSError: see _sweep
     return needed
 
 
@@ -126,7 +125,11 @@ def _sweep(
 ) -> Collected:
     if not layers_dir.is_dir():
         return Collected(cache_entries_forgotten=forgotten)
-    needed = needed_layers(roots, cached, layers_dir)
+    try:
+        needed = needed_layers(roots, cached, layers_dir)
+    except OSError as exc:  # a disk we cannot read may need any layer: delete none this time
+        log.warning("disk layers not collected: %s", exc)
+        return Collected(cache_entries_forgotten=forgotten)
     removed = freed = 0
     for layer in sorted(layers_dir.glob("*.qcow2")):
         if layer.resolve() in needed:

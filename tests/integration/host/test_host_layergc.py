@@ -94,3 +94,13 @@ async def test_a_backing_name_with_dots_or_a_symlink_still_protects_its_layer(
     assert await run(data, LocalLayerCache(data / "build-cache")) == {"l1", "l2"}
     assert l1.exists()
     assert l2.exists()
+
+
+async def test_nothing_is_deleted_while_a_disk_cannot_be_read(data: Path) -> None:
+    layer(data, "orphan", data / "artifacts" / "rootfs.raw")
+    vm = data / "vms" / "vm1"
+    vm.mkdir()
+    (vm / "disk.qcow2").mkdir()  # listed as a disk, unreadable as one (EISDIR): it may need any
+    assert await run(data, LocalLayerCache(data / "build-cache")) == {"orphan"}
+    (vm / "disk.qcow2").rmdir()
+    assert await run(data, LocalLayerCache(data / "build-cache")) == set()
