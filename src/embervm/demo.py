@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +23,9 @@ import httpx
 
 from embervm.cli import _app
 from embervm.cli._context import CliContext, CliError
+from embervm.cli._signed import upload
 from embervm.cli.images import BASE_IMAGE_ARN, DEFAULT_BUILD_ROLE, zip_context
 from embervm.cli.microvms import connector, endpoint_request, wait_for_state
-from embervm.config import uploads_dir
 
 IMAGE_NAME = "flask-counter"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / IMAGE_NAME
@@ -96,11 +97,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def build_image(ctx: CliContext) -> str:
     client = ctx.client()
-    archive = zip_context(EXAMPLE, uploads_dir(ctx.data_dir))
+    with tempfile.TemporaryDirectory(prefix="embervm-zip-") as scratch:
+        uri = upload(ctx, zip_context(EXAMPLE, Path(scratch)))
     request: dict[str, Any] = {
         "baseImageArn": BASE_IMAGE_ARN.format(region=ctx.region, name="debian12"),
         "buildRoleArn": DEFAULT_BUILD_ROLE,
-        "codeArtifact": {"uri": archive.as_uri()},
+        "codeArtifact": {"uri": uri},
     }
     started = time.monotonic()
     try:

@@ -23,7 +23,7 @@ import uvicorn
 from botocore.config import Config
 
 from embervm.api import CredentialStore, create_api_app
-from embervm.api.logs import log_routes
+from embervm.api.extensions import extension_routes
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations
 from embervm.core.testing import FakeAppLogs, FakeBuilder, FakeBuildLogs, FakeHost, FakeTokens
@@ -91,8 +91,9 @@ class CoreServer:
         self.ops = ops
         credentials = CredentialStore(settings.credentials_file)
         credentials.ensure()
-        app = create_api_app(ops, credentials, settings=settings, extra_routes=log_routes(ops),
-                             check_outputs=True)  # fmt: skip
+        routes, streamed = extension_routes(ops, settings.uploads_dir)
+        app = create_api_app(ops, credentials, settings=settings, extra_routes=routes,
+                             streamed_paths=streamed, check_outputs=True)  # fmt: skip
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                log_level="warning", lifespan="off"))  # fmt: skip
         self._server = server

@@ -71,6 +71,7 @@ def create_api_app(
     settings: Settings,
     clock: Callable[[], float] = time.time,
     extra_routes: Sequence[BaseRoute] = (),
+    streamed_paths: frozenset[str] = frozenset(),
     max_body_bytes: int = MAX_BODY_BYTES,
     invoke_timeout: float = INVOKE_TIMEOUT,
     check_outputs: bool = False,
@@ -80,7 +81,9 @@ def create_api_app(
     ``credentials`` is usually a ``CredentialStore``; ``clock`` (epoch seconds) is what SigV4's
     ±15 min skew is measured against. ``extra_routes`` (e.g. the log-streaming endpoints) are
     matched before the model's routes and are SigV4-protected the same way: their handlers find
-    the ``Caller`` with :func:`caller_of`. ``check_outputs`` holds every result of core against
+    the ``Caller`` with :func:`caller_of`; a ``PUT`` to one of ``streamed_paths`` reaches its
+    handler with the body unread (signed by its declared ``x-amz-content-sha256``, which the
+    handler must check). ``check_outputs`` holds every result of core against
     its output shape (a 500 if it does not fit) — meant for tests.
     """
     router = Router.from_model()
@@ -152,6 +155,7 @@ def create_api_app(
         verifier=verifier,
         settings=settings,
         max_body_bytes=max_body_bytes,
+        streamed_paths=streamed_paths,
     )
     return app
 
@@ -198,8 +202,10 @@ class _SigV4Middleware:
         settings: Settings,
         max_body_bytes: int,
         caller_type: type[Caller],
+        streamed_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
+        self.streamed_paths = streamed_paths
         self.caller_type = caller_type
         self.verifier = verifier
         self.settings = settings
@@ -214,6 +220,9 @@ class _SigV4Middleware:
             return
         request_id = str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
+        if scope["method"] == "PUT" and scope["path"] in self.streamed_paths:
+            await self._streamed(scope, receive, send, request_id)
+            return
         try:
             body = await self._read_body(scope, receive)
         except _BodyTooLarge:
@@ -238,6 +247,17 @@ class _SigV4Middleware:
         scope[_BODY_SCOPE_KEY] = body
         await self.app(scope, _replay(body, receive), send)
 
+    async def _streamed(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        """An upload: the signature covers the declared body hash; the handler checks it."""
+        try:
+            identity = self._verify(scope, "PUT", None)
+        except AccessDeniedError as err:
+            log.info("%s denied: %s", request_id, err.message)
+            await _send(send, serialize_error(None, err), request_id)
+            return
+        scope[CALLER_SCOPE_KEY] = self._caller(identity)
+        await self.app(scope, receive, send)
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """WebSocket handshakes (extra routes) are signed GETs without a body."""
         try:
@@ -249,7 +269,7 @@ class _SigV4Middleware:
         scope[CALLER_SCOPE_KEY] = self._caller(identity)
         await self.app(scope, receive, send)
 
-    def _verify(self, scope: Scope, method: str, body: bytes) -> VerifiedIdentity:
+    def _verify(self, scope: Scope, method: str, body: bytes | None) -> VerifiedIdentity:
         return self.verifier.verify(
             method=method,
             raw_path=_raw_path(scope),

@@ -118,12 +118,14 @@ class SigV4Verifier:
         raw_path: str,
         raw_query: str,
         headers: Iterable[tuple[str, str]],
-        body: bytes,
+        body: bytes | None,
     ) -> VerifiedIdentity:
         """The signer of this request, or ``AccessDeniedError`` saying which check failed.
 
         ``raw_path`` and ``raw_query`` are exactly as received (percent-encoded); ``headers``
-        are (name, value) pairs in any case, repeated names allowed.
+        are (name, value) pairs in any case, repeated names allowed. ``body=None``: the body
+        is streamed after this check (uploads), so the request must carry a signed
+        ``x-amz-content-sha256`` and the receiver must compare it with what arrives.
         """
         pairs = [(name.lower(), value) for name, value in headers]
         by_name: dict[str, list[str]] = {}
@@ -134,12 +136,19 @@ class SigV4Verifier:
         amz_date = _first(by_name, "x-amz-date")
         self._check_date(auth, amz_date, signed=set(auth.signed_headers))
         assert amz_date is not None
-        self._check_body_hash(_first(by_name, "x-amz-content-sha256"), body)
+        declared = _first(by_name, "x-amz-content-sha256")
+        if body is None:
+            if declared is None or "x-amz-content-sha256" not in auth.signed_headers:
+                raise AccessDeniedError("A streamed body needs a signed x-amz-content-sha256")
+            if not _SHA256_HEX.match(declared):
+                raise AccessDeniedError("x-amz-content-sha256 must be the hex SHA-256 of the body")
+        else:
+            self._check_body_hash(declared, body)
 
         request = AWSRequest(
             method=method.upper(),
             url=f"http://embervm.invalid{raw_path}" + (f"?{raw_query}" if raw_query else ""),
-            data=body,
+            data=body or b"",
         )
         for name in auth.signed_headers:
             values = by_name.get(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -27,8 +28,7 @@ from embervm.cli._output import (
     strip_metadata,
     table,
 )
-from embervm.cli._signed import stream_lines
-from embervm.config import uploads_dir
+from embervm.cli._signed import stream_lines, upload
 
 images_app = typer.Typer(help="Build and manage MicroVM images.", no_args_is_help=True)
 
@@ -110,11 +110,12 @@ def create(
     """Build an image (a new version if it exists) from a folder or zip."""
     ctx = current()
     client = ctx.client()
-    archive = zip_context(source.expanduser(), uploads_dir(ctx.data_dir))
+    with tempfile.TemporaryDirectory(prefix="embervm-zip-") as scratch:
+        uri = upload(ctx, zip_context(source.expanduser(), Path(scratch)))
     request: dict[str, Any] = {
         "baseImageArn": BASE_IMAGE_ARN.format(region=ctx.region, name=base),
         "buildRoleArn": DEFAULT_BUILD_ROLE,
-        "codeArtifact": {"uri": archive.as_uri()},
+        "codeArtifact": {"uri": uri},
     }
     if memory is not None:
         request["resources"] = [{"minimumMemoryInMiB": memory}]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from embervm.api import CredentialStore, create_api_app
-from embervm.api.logs import log_routes
+from embervm.api.extensions import extension_routes
 from embervm.build.cache import LocalLayerCache
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
@@ -97,7 +97,10 @@ def bind(host: str, port: int, what: str) -> socket.socket:
 
 async def _serve_api(stack: contextlib.AsyncExitStack, settings: Settings, ops: Operations) -> str:
     credentials = CredentialStore(settings.credentials_file)
-    app = create_api_app(ops, credentials, settings=settings, extra_routes=log_routes(ops))
+    routes, streamed = extension_routes(ops, settings.uploads_dir)
+    app = create_api_app(
+        ops, credentials, settings=settings, extra_routes=routes, streamed_paths=streamed
+    )
     sock = bind(settings.listen_host, settings.api_port, "control API (--api-port)")
     config = uvicorn.Config(
         app, http="httptools", log_level="warning", lifespan="off", access_log=False

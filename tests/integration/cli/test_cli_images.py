@@ -33,6 +33,30 @@ def test_images_create_zips_the_folder_honouring_dockerignore(
     assert sorted(names) == [".dockerignore", "Dockerfile", "app.py"]
 
 
+def test_images_create_uploads_to_a_server_that_shares_no_folder_with_the_cli(
+    cli_server: CoreServer, app_dir: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "cli-data"  # the CLI's own data dir: only the credentials in it
+    elsewhere.mkdir()
+    (elsewhere / "credentials").write_bytes((cli_server.data_dir / "credentials").read_bytes())
+    created = as_json(
+        cli(cli_server, "images", "create", str(app_dir), "--name", "remote", "--output", "json",
+            data_dir=elsewhere)
+    )  # fmt: skip
+    assert created["imageVersion"] == "1"
+    assert server_upload_dir(cli_server, "remote", "1") == cli_server.data_dir / "uploads"
+    assert sorted(_uploaded(cli_server, "remote", "1").namelist()) == [
+        ".dockerignore", "Dockerfile", "app.py",
+    ]  # fmt: skip
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["credentials"]
+
+
+def server_upload_dir(server: CoreServer, image: str, version: str) -> Path:
+    assert server.builder is not None
+    job = next(j for j in server.builder.jobs if (j.image_name, j.version) == (image, version))
+    return Path(str(job.request["codeArtifact"]["uri"]).removeprefix("file://")).parent
+
+
 def test_images_create_follow_streams_the_build_log(cli_server: CoreServer, app_dir: Path) -> None:
     assert cli_server.build_logs is not None
     cli_server.build_logs.logs[("shown", "1")] = [  # type: ignore[index]
