@@ -10,7 +10,8 @@ pile up forever. A layer is kept while anything reaches it through qcow2 backing
   whole chain).
 
 Step-cache entries that no build used for ``cache_days`` are forgotten first (a hit touches its
-entry), so their layers become collectable. A layer changed less than ``GRACE`` seconds ago is
+entry), so their layers become collectable; uploaded code zips (``uploads/``) not uploaded
+again for as long are deleted too. A layer changed less than ``GRACE`` seconds ago is
 never deleted: a build may have just frozen it and not yet recorded it. Anything unreadable
 counts as needed: the collector errs towards keeping.
 """
@@ -146,17 +147,44 @@ def _sweep(
     return Collected(removed, freed, forgotten)
 
 
+def prune_uploads(uploads: Path, cutoff: float, now: float) -> int:
+    """Delete uploaded zips not uploaded again since ``cutoff`` and upload temp files a crash
+    left (older than ``GRACE``). Returns how many files went."""
+    removed = 0
+    for path in uploads.glob("*.zip"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    for path in uploads.glob(".upload-*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > GRACE:
+                path.unlink()
+                removed += 1
+    return removed
+
+
 async def keep_collecting(
-    layers_dir: Path, roots: list[Path], cache: LocalLayerCache, *, cache_days: float
+    layers_dir: Path,
+    roots: list[Path],
+    cache: LocalLayerCache,
+    *,
+    uploads: Path,
+    cache_days: float,
 ) -> None:
-    """Collect now and every ``COLLECT_EVERY`` seconds, until cancelled."""
+    """Collect layers and prune ``uploads`` now and every ``COLLECT_EVERY`` seconds, until
+    cancelled (an uploaded zip is kept as long as a cache entry: ``cache_days``)."""
     while True:
         try:
             done = await collect(layers_dir, roots, cache, cache_days=cache_days)
-            if done.layers_removed or done.cache_entries_forgotten:
+            now = time.time()
+            pruned = await asyncio.to_thread(prune_uploads, uploads, now - cache_days * 86400, now)
+            if done.layers_removed or done.cache_entries_forgotten or pruned:
                 log.info(
-                    "disk layers: %d removed (%d MiB), %d build-cache entries forgotten",
+                    "disk space: %d layers removed (%d MiB), %d build-cache entries "
+                    "forgotten, %d uploads removed",
                     done.layers_removed, done.bytes_freed >> 20, done.cache_entries_forgotten,
+                    pruned,
                 )  # fmt: skip
         except Exception:
             log.exception("disk layer collection failed")

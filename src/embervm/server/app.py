@@ -177,6 +177,7 @@ async def start_server(
             settings.layers_dir,
             [settings.images_dir, settings.vms_dir],
             LocalLayerCache(settings.build_cache_dir),
+            uploads=settings.uploads_dir,
             cache_days=settings.build_cache_days,
         ),
         name="disk-layer-collector",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from embervm.build.cache import LayerRef, LocalLayerCache
-from embervm.host.layergc import GRACE, backing_file, collect
+from embervm.host.layergc import GRACE, backing_file, collect, prune_uploads
 from embervm.vmm import create_overlay
 
 pytestmark = pytest.mark.integration
@@ -104,3 +104,14 @@ async def test_nothing_is_deleted_while_a_disk_cannot_be_read(data: Path) -> Non
     assert await run(data, LocalLayerCache(data / "build-cache")) == {"orphan"}
     (vm / "disk.qcow2").rmdir()
     assert await run(data, LocalLayerCache(data / "build-cache")) == set()
+
+
+def test_old_uploads_and_crash_leftovers_are_pruned(tmp_path: Path) -> None:
+    now = time.time()
+    fresh, stale, partial = tmp_path / "a.zip", tmp_path / "b.zip", tmp_path / ".upload-1.tmp"
+    for path in (fresh, stale, partial):
+        path.write_bytes(b"PK")
+    os.utime(stale, (now - 20 * 86400, now - 20 * 86400))
+    os.utime(partial, (now - 2 * GRACE, now - 2 * GRACE))
+    assert prune_uploads(tmp_path, now - 14 * 86400, now) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a.zip"]
