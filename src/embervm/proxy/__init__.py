@@ -9,7 +9,7 @@ HTTP/2 (TLS and h2c), gRPC, WebSocket and server-sent events (docs/PROXY.md).
   to; ``h2peer`` drives h2c connections to apps (h2 does that framing).
 - ``http2``: HTTP/2 from clients on protocol callbacks: ``h2server`` frames it (HPACK from
   ``h2hpack``, request fields checked by ``h2fields``), ``h2toh1`` relays a stream to an
-  HTTP/1.1 app (``h1payload`` unframes the answer), ``h2toh2`` to an h2c app (gRPC).
+  HTTP/1.1 app (``h1body.Payload`` unframes the answer), ``h2toh2`` to an h2c app (gRPC).
 - ``shell``: ``/shell`` WebSockets bridged to a PTY in the VM.
 - ``tls``: the local CA and the listener's certificate.
 - ``server``: ``EndpointProxy``, the two listeners.

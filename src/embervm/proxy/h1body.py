@@ -1,9 +1,11 @@
-"""Where an HTTP/1.1 body ends, found in bytes fed as they arrive (for the callback relay).
+"""Where an HTTP/1.1 body ends, found in bytes fed as they arrive (for the callback relays).
 
-The relay forwards a body's bytes as they are; ``BodyEnd`` only follows the framing (a length,
-chunk sizes, trailers, or the connection's end) to tell where the next message starts. Nothing
-is kept but a partial chunk-size or trailer line (at most ``MAX_CHUNK_LINE`` bytes). Chunk
-lines and trailers are checked as strictly as ``h1wire`` checks them on streams.
+The HTTP/1.1 relay forwards a body's bytes as they are; ``BodyEnd`` only follows the framing (a
+length, chunk sizes, trailers, or the connection's end) to tell where the next message starts.
+``Payload`` follows the same framing and also hands back the payload without chunk lines, for
+relays that re-frame it (HTTP/2 DATA frames); a chunked body's trailers are checked and
+dropped. Nothing is kept but a partial chunk-size or trailer line (at most ``MAX_CHUNK_LINE``
+bytes). Chunk lines and trailers are checked as strictly as ``h1wire`` checks them on streams.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ class BodyEnd:
         self.done = not self.left
         return start + take
 
-    def _chunks(self, data: bytes, pos: int) -> int:
+    def _chunks(self, data: bytes, pos: int, pieces: list[bytes] | None = None) -> int:
+        """Walk chunked framing from ``pos``; the data bytes go to ``pieces`` when given."""
         end = len(data)
         while pos < end:
             if self.phase == _DATA:
                 take = min(self.left, end - pos)
+                if pieces is not None:
+                    pieces.append(data[pos : pos + take])
                 self.left -= take
                 pos += take
                 if not self.left:
@@ -88,6 +93,24 @@ class BodyEnd:
         else:
             check_trailer(line)
         return False
+
+
+class Payload(BodyEnd):
+    """One body whose payload is wanted, not only its end."""
+
+    __slots__ = ()
+
+    def payload(self, data: bytes) -> tuple[bytes, int]:
+        """``(payload in data, index where the body ended or len(data))``; ``done`` at the end.
+        BadMessage when the chunk framing is malformed."""
+        if self.done:
+            return b"", 0
+        if self.chunked:
+            pieces: list[bytes] = []
+            end = self._chunks(data, 0, pieces)
+            return b"".join(pieces), end
+        end = self.feed(data)
+        return (data if end == len(data) else data[:end]), end
 
 
 NO_BODY = BodyEnd(NONE)  # done from the start and never changed: one for every bodiless message

@@ -3,7 +3,7 @@
 ``H1Exchange`` writes the request head (built by ``request_head``) to a kept app connection
 (``AppLink``, from the session's ``LinkPool``), forwards the client's DATA as it comes (chunked
 when the client gave no length) and reads the answer: the head parsed strictly (``h1wire``),
-the body's payload unframed (``h1payload``) and handed to the frame layer as it arrives; a
+the body's payload unframed (``h1body.Payload``) and handed to the frame layer as it arrives; a
 small whole answer leaves in one write with the next ones of the same loop turn.
 
 Backpressure both ways: client DATA is acknowledged to the client (its window renewed) only
@@ -20,7 +20,7 @@ import asyncio
 from typing import Protocol, cast
 
 from embervm.proxy.admission import PROXY_HEADER_PREFIX, Admission, Target
-from embervm.proxy.h1payload import Payload
+from embervm.proxy.h1body import Payload
 from embervm.proxy.h1wire import (
     HEAD_END,
     NONE,
@@ -293,7 +293,7 @@ class H1Exchange:
             self._response_head(data)
             return
         try:
-            body, end = payload.feed(data)
+            body, end = payload.payload(data)
         except BadMessage:
             self._cut_short()
             return
@@ -335,7 +335,7 @@ class H1Exchange:
             return
         self.owner.engine.send_headers(self.stream_id, fields)
         try:
-            body, used = payload.feed(pending)
+            body, used = payload.payload(pending)
         except BadMessage:
             self._cut_short()
             return

@@ -1,11 +1,12 @@
 """``BodyEnd``: where a body ends, however the bytes are cut into pieces; malformed chunk
-framing (the other half of request smuggling) is refused."""
+framing (the other half of request smuggling) is refused. ``Payload``: the same, with the
+payload handed back without its framing."""
 
 from __future__ import annotations
 
 import pytest
 
-from embervm.proxy.h1body import BodyEnd
+from embervm.proxy.h1body import BodyEnd, Payload
 from embervm.proxy.h1wire import CHUNKED, MAX_CHUNK_LINE, NONE, TO_CLOSE, BadMessage
 
 CHUNKED_BODY = b"5;name=value\r\nhello\r\n6 ; x\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"
@@ -66,3 +67,24 @@ def test_feed_starts_where_asked() -> None:
 def test_malformed_chunk_framing_is_refused(data: bytes, piece: int) -> None:
     with pytest.raises(BadMessage):
         ends_at(CHUNKED, data, piece)
+
+
+def payload_of(framing: int, data: bytes, piece: int) -> tuple[bytes, int | None]:
+    """The payload and where the body ended when ``data`` arrives ``piece`` bytes at a time."""
+    body = Payload(framing)
+    got = b""
+    for start in range(0, len(data), piece):
+        part, end = body.payload(data[start : start + piece])
+        got += part
+        if body.done:
+            return got, start + end
+    return got, None
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 1000])
+def test_a_payload_comes_without_chunk_lines_or_trailers_however_it_is_cut(piece: int) -> None:
+    data = CHUNKED_BODY + b"HTTP/1.1 200 OK\r\n"
+    assert payload_of(CHUNKED, data, piece) == (b"hello world", len(CHUNKED_BODY))
+    assert payload_of(5, b"helloHTTP/1.1", piece) == (b"hello", 5)
+    assert payload_of(TO_CLOSE, b"all of it", piece) == (b"all of it", None)
+    assert Payload(NONE).payload(b"next") == (b"", 0)
