@@ -3,8 +3,10 @@
 Every connection starts on ``h1relay.ClientRelay`` (HTTP/1.1 on callbacks, the fast path).
 TLS connections whose ALPN chose ``h2``, plain ones that open with the HTTP/2 preface (h2c
 with prior knowledge), and HTTP/1.1 requests that turn the connection into something else
-(upgrades, ``/shell``, force-h2) are handed to the stream-based sessions (``http2``,
-``http1``) with the bytes already read. Both listeners serve endpoint traffic and ``/shell``.
+(upgrades, ``/shell``, force-h2) are handed on with the bytes already read: HTTP/2 to
+``http2.Http2Session`` (on callbacks again: it takes the transport back from the streams it is
+given), everything else to the stream-based ``http1`` session. Both listeners serve endpoint
+traffic and ``/shell``.
 """
 
 from __future__ import annotations
