@@ -242,7 +242,7 @@ class QemuProcess:
                 self._expected = "snapshotted and stopped"
                 await past_point_of_no_return(self.kill())
         if resume and was_running:
-            await self._qmp.cmd("cont")
+            await past_point_of_no_return(self._qmp.cmd("cont"))  # committed: it runs on
         return manifest
 
     async def _undo_snapshot(self, was_running: bool) -> None:
