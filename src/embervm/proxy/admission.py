@@ -66,6 +66,7 @@ class Target(NamedTuple):  # a tuple: made for every request, compared with the 
     microvm_id: str
     address: str
     port: int
+    limit: int  # app connections the VM's size allows at once (``connection_limit``)
 
 
 @dataclass(frozen=True)
@@ -195,13 +196,17 @@ class Admission:
     def _target(self, ask: Ask, vm: ResolvedVm) -> Target:
         if vm.address is None:
             raise Refusal(502, "MicroVM is not running")
-        if self._open.get(vm.microvm_id, 0) >= connection_limit(vm.memory_mib):
-            raise Refusal(429, "Too many connections to this MicroVM")
         self.routes.record_activity(vm.microvm_id)
-        return Target(vm.microvm_id, vm.address, ask.port)
+        return Target(vm.microvm_id, vm.address, ask.port, connection_limit(vm.memory_mib))
 
-    def opened(self, microvm_id: str) -> None:
-        self._open[microvm_id] = self._open.get(microvm_id, 0) + 1
+    def reserve(self, target: Target) -> None:
+        """Count one more connection to the VM's app, before it is opened: ``Refusal`` 429
+        when the VM's size allows no more. A request on a connection already held needs none.
+        Every reservation ends with ``closed`` (also when the connection could not be made)."""
+        held = self._open.get(target.microvm_id, 0)
+        if held >= target.limit:
+            raise Refusal(429, "Too many connections to this MicroVM")
+        self._open[target.microvm_id] = held + 1
 
     def closed(self, microvm_id: str) -> None:
         left = self._open.get(microvm_id, 0) - 1

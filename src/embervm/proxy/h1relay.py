@@ -271,19 +271,23 @@ class ClientRelay(asyncio.Protocol):
     async def _connect(self, target: Target) -> AppLink | None:
         """A new kept connection to the target (None: refused with 502, or the client left)."""
         self._drop_app()
+        self.admission.reserve(target)  # Refusal (429) goes to the caller
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, app = await self.loop.create_connection(
                     lambda: AppLink(self, target), target.address, target.port
                 )
-        except (OSError, TimeoutError):
-            self.refuse(502, f"The app is not answering on port {target.port}")
-            return None
+        except BaseException as exc:
+            self.admission.closed(target.microvm_id)
+            if isinstance(exc, OSError | TimeoutError):
+                self.refuse(502, f"The app is not answering on port {target.port}")
+                return None
+            raise
         if self.state != _ADMIT:  # the client went away meanwhile
+            self.admission.closed(target.microvm_id)
             app.close()
             return None
         self.app = app
-        self.admission.opened(target.microvm_id)
         return app
 
     def _send(self, app: AppLink, head: Head, framing: int) -> None:

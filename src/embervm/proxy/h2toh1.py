@@ -168,11 +168,15 @@ class LinkPool:
     async def connect(self, target: Target) -> AppLink:
         """A new connection (OSError or TimeoutError when the app does not answer)."""
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, link = await loop.create_connection(lambda: AppLink(self, target),
-                                                   target.address, target.port)  # fmt: skip
+        self.admission.reserve(target)  # Refusal (429) goes to the caller
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, link = await loop.create_connection(lambda: AppLink(self, target),
+                                                       target.address, target.port)  # fmt: skip
+        except BaseException:
+            self.admission.closed(target.microvm_id)
+            raise
         link.counted = True
-        self.admission.opened(target.microvm_id)
         return link
 
     def give(self, link: AppLink) -> None:

@@ -161,6 +161,9 @@ class Http1Session:
             return await self._forced_h2(head, framing, target) and keep
         try:
             upstream = await self._upstream_for(target)
+        except Refusal as refusal:
+            await self.refuse(refusal.status, refusal.message)
+            return False
         except (OSError, TimeoutError):
             await self.refuse(502, f"The app is not answering on port {target.port}")
             return False
@@ -172,9 +175,13 @@ class Http1Session:
         if current is not None and current.target == target and not current.reader.at_eof():
             return current
         await self._drop_upstream()
-        reader, writer = await open_upstream(target.address, target.port)
+        self.admission.reserve(target)  # Refusal (429) goes to the caller
+        try:
+            reader, writer = await open_upstream(target.address, target.port)
+        except BaseException:
+            self.admission.closed(target.microvm_id)
+            raise
         self.upstream = Upstream(target, reader, writer)
-        self.admission.opened(target.microvm_id)
         return self.upstream
 
     async def _exchange(self, upstream: Upstream, head: Head, framing: int, upgrade: bool) -> bool:
@@ -264,12 +271,19 @@ class Http1Session:
         if app is None or not app.usable(target):
             await self._drop_h2()
             try:
+                self.admission.reserve(target)
+            except Refusal as refusal:
+                await self.refuse(refusal.status, refusal.message)
+                return False
+            try:
                 app = await forced_h2.H2Upstream.open(target)
-            except (OSError, TimeoutError):
+            except BaseException as exc:
+                self.admission.closed(target.microvm_id)
+                if not isinstance(exc, OSError | TimeoutError):
+                    raise
                 await self.refuse(502, f"The app is not answering on port {target.port}")
                 return False
             self.h2_upstream = app
-            self.admission.opened(target.microvm_id)
         try:
             return await forced_h2.relay(self, app, head, framing)
         except (TimeoutError, ConnectionError, BadMessage, asyncio.IncompleteReadError) as exc:

@@ -243,3 +243,22 @@ async def test_connections_beyond_the_vms_size_are_429(rig: Rig, app: App) -> No
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_a_client_at_the_limit_keeps_using_its_own_connection(rig: Rig, app: App) -> None:
+    rig.routes.vms[VM] = running(VM, memory_mib=512)
+    limit = connection_limit(512)
+    clients = [httpx.AsyncClient(timeout=10) for _ in range(limit)]
+    try:
+        first = await gather_bounded(*[
+            c.get(rig.http_url + "/headers", headers=rig.headers(app.port)) for c in clients
+        ])  # fmt: skip
+        assert [a.status_code for a in first] == [200] * limit
+        # Every one of them at the limit asks again on the connection it already holds.
+        again = await gather_bounded(*[
+            c.get(rig.http_url + "/headers", headers=rig.headers(app.port)) for c in clients
+        ])  # fmt: skip
+        assert [a.status_code for a in again] == [200] * limit
+    finally:
+        for client in clients:
+            await client.aclose()
