@@ -16,7 +16,7 @@ import logging
 
 import h2.events as ev
 
-from embervm.proxy.admission import Target, strip_headers
+from embervm.proxy.admission import Admission, Refusal, Target, strip_headers
 from embervm.proxy.forced_h2 import H2Upstream
 from embervm.proxy.h2fields import Request
 from embervm.proxy.h2hpack import Header
@@ -32,9 +32,11 @@ _END = b"end"  # in the queue: the client finished (an object no DATA frame is)
 
 class H2Upstreams:
     """A client connection's h2c connections to apps, one per target (streams that ask for
-    one at once share the one being opened)."""
+    one at once share the one being opened). Each counts against its VM's connection limit
+    (``Admission.reserve``) from the moment it is being opened until it is closed."""
 
-    def __init__(self) -> None:
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
         self.open: dict[Target, H2Upstream] = {}
         self.opening: dict[Target, asyncio.Task[H2Upstream]] = {}
         self.retired: list[H2Upstream] = []
@@ -45,8 +47,9 @@ class H2Upstreams:
             return upstream.peer
         opening = self.opening.get(target)
         if opening is None:
+            self.admission.reserve(target)  # Refusal (429) goes to the stream
             opening = self.opening[target] = asyncio.create_task(H2Upstream.open(target))
-            opening.add_done_callback(lambda _: self.opening.pop(target, None))
+            opening.add_done_callback(lambda task: self._opened(target, task))
         fresh = await asyncio.shield(opening)
         if self.open.get(target) is not fresh:
             stale = self.open.get(target)
@@ -54,6 +57,11 @@ class H2Upstreams:
                 self.retired.append(stale)
             self.open[target] = fresh
         return fresh.peer
+
+    def _opened(self, target: Target, task: asyncio.Task[H2Upstream]) -> None:
+        self.opening.pop(target, None)
+        if task.cancelled() or task.exception() is not None:
+            self.admission.closed(target.microvm_id)  # never opened: the reservation ends
 
     async def close(self) -> None:
         openings = list(self.opening.values())
@@ -64,6 +72,7 @@ class H2Upstreams:
                 self.retired.append(opened)
         for upstream in [*self.open.values(), *self.retired]:
             await upstream.close()
+            self.admission.closed(upstream.target.microvm_id)
         self.open.clear()
         self.retired.clear()
 
@@ -121,6 +130,9 @@ class H2Exchange:
         try:
             try:
                 app = await self.upstreams.get(target)
+            except Refusal as refusal:
+                self.owner.refuse(stream_id, refusal.status, refusal.message)
+                return
             except (OSError, TimeoutError) as exc:
                 log.debug("upstream %s failed: %r", target, exc)
                 self.owner.refuse(stream_id, 502, f"The app is not answering on port {target.port}")

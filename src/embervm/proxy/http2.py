@@ -62,7 +62,7 @@ class ClientSession(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.engine = H2Server(self)
         self.pool = LinkPool(admission)
-        self.upstreams = H2Upstreams()
+        self.upstreams = H2Upstreams(admission)
         self.exchanges: dict[int, Exchange] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.client_full = False

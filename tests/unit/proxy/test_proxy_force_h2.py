@@ -13,7 +13,17 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-from tests.unit.proxy.conftest import HOST, Rig, listening_socket
+from tests.unit.proxy.conftest import (
+    HOST,
+    VM,
+    Rig,
+    gather_bounded,
+    listening_socket,
+    running,
+    until,
+)
+
+from embervm.proxy.admission import connection_limit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,3 +131,29 @@ async def test_without_force_an_h2c_only_app_is_502(rig: Rig, h2c_port: int) -> 
     async with httpx.AsyncClient(timeout=10) as client:
         answer = await client.get(rig.http_url + "/", headers=rig.headers(h2c_port))
     assert answer.status_code == 502
+
+
+async def test_h2c_app_connections_count_against_the_vms_limit(rig: Rig, h2c_port: int) -> None:
+    rig.routes.vms[VM] = running(VM, memory_mib=512)
+    limit = connection_limit(512)
+    headers = rig.headers(h2c_port, **{"x-aws-proxy-force-h2": "true"})
+    clients = [httpx.AsyncClient(http2=True, verify=rig.client_tls(), timeout=10)
+               for _ in range(limit + 1)]  # fmt: skip
+    try:  # each client connection holds its own h2c connection to the app
+        held = await gather_bounded(*[c.get(rig.https_url + "/", headers=headers)
+                                      for c in clients[:limit]])  # fmt: skip
+        assert [a.status_code for a in held] == [200] * limit
+        extra = await clients[limit].get(rig.https_url + "/", headers=headers)
+        assert extra.status_code == 429
+        again = await clients[0].get(rig.https_url + "/", headers=headers)  # its own: fine
+        assert again.status_code == 200
+        await clients[0].aclose()
+
+        async def admitted() -> bool:  # once the proxy noticed the client left
+            answer = await clients[limit].get(rig.https_url + "/", headers=headers)
+            return answer.status_code == 200
+
+        await until(admitted)
+    finally:
+        for client in clients:
+            await client.aclose()
