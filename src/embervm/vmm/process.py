@@ -206,22 +206,22 @@ class QemuProcess:
             disk_src = self.cfg.disk
             if resume:
                 disk_src = await self._switch_disk_overlay()
-            if base is not None and not await asyncio.to_thread(_link_base, base, tmp):
-                base = None
+            # The delta is cut against the link, not the path: the very file a resume maps.
+            linked: Path | None = None
+            if base is not None and await asyncio.to_thread(_link_base, base, tmp):
+                linked = tmp / snap.BASE_MEMORY
             state_file = tmp / snap.DEVICE_STATE
             try:
-                # Against the link, not the path: the very file a resume will map.
-                linked = None if base is None else tmp / snap.BASE_MEMORY
                 state = await migrate_to_file(
                     self._qmp, state_file, timeout=MIGRATION_TIMEOUT, base=linked
                 )
             except DeltaUnsupported as exc:
                 log.warning("VM %s: full RAM stream instead of a delta: %s", self.cfg.vm_id, exc)
                 await asyncio.to_thread(snap.remove_quietly, tmp / snap.BASE_MEMORY)
-                base = None
+                linked = None
                 state = await migrate_to_file(self._qmp, state_file, timeout=MIGRATION_TIMEOUT)
             manifest = await asyncio.to_thread(
-                self._assemble, tmp, disk_src, state, shared=shared, delta=base is not None
+                self._assemble, tmp, disk_src, state, shared=shared, delta=linked is not None
             )
             # From the commit on, the snapshot owns the disk (and a shared RAM file): the VM
             # must stop, and a cancel arriving now is too late to undo anything.

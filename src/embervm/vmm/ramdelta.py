@@ -40,7 +40,6 @@ _FILE_VERSION = 3
 _SECTION_START = 0x01
 _SECTION_PART = 0x02
 _SECTION_END = 0x03
-_SECTION_FULL = 0x04
 _SUBSECTION = 0x05
 _CONFIGURATION = 0x07
 _SECTION_FOOTER = 0x7E
@@ -56,15 +55,14 @@ _FLAGS_MASK = PAGE_SIZE - 1
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _ZERO_RECORD = struct.Struct(">QB")  # address | ZERO | CONTINUE, fill byte
-_ZERO_CONT = _FLAG_ZERO | _FLAG_CONTINUE
+_ZERO_CONT = _FLAG_ZERO | _FLAG_CONTINUE  # low byte of a continued zero record
+_PAGE_CONT = _FLAG_PAGE | _FLAG_CONTINUE  # low byte of a continued data record
 # A run of "same block, zero page, filled with 0" records: 9 bytes each, flags byte 0x22 and
 # the next byte (bits 8-11 of the flags, then address bits) with a zero low nibble.
 _ZERO_RUN = re.compile(rb"(?:[\x00-\xff]{6}[\x00\x10\x20\x30\x40\x50\x60\x70\x80\x90\xa0\xb0"
                        rb"\xc0\xd0\xe0\xf0]\x22\x00)+", re.DOTALL)  # fmt: skip
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _MAX_MACHINE_NAME = 256
-_CONT_ZERO_FLAGS = _ZERO_CONT  # low byte of a continued zero record
-_CONT_PAGE_FLAGS = _FLAG_PAGE | _FLAG_CONTINUE  # low byte of a continued data record
 
 
 class DeltaUnsupported(SnapshotError):
@@ -302,12 +300,12 @@ class _Filter:
             if self.block == self.base_block and src.fill(9):
                 buf, pos = src.buf, src.pos
                 low, flags_byte = buf[pos + 6] & 0x0F, buf[pos + 7]
-                if low == 0 and flags_byte == _CONT_ZERO_FLAGS and buf[pos + 8] == 0:
+                if low == 0 and flags_byte == _ZERO_CONT and buf[pos + 8] == 0:
                     run = _ZERO_RUN.match(buf, pos)
                     assert run is not None  # the bytes just checked are one such record
                     self._zero_run(run.end() - pos)
                     continue
-                if low == 0 and flags_byte == _CONT_PAGE_FLAGS and src.fill(8 + PAGE_SIZE):
+                if low == 0 and flags_byte == _PAGE_CONT and src.fill(8 + PAGE_SIZE):
                     buf, pos = src.buf, src.pos
                     addr = _BE64.unpack_from(buf, pos)[0] & ~_FLAGS_MASK
                     page = buf[pos + 8 : pos + 8 + PAGE_SIZE]
