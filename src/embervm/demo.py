@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +22,7 @@ import httpx
 
 from embervm.cli import _app
 from embervm.cli._context import CliContext, CliError
-from embervm.cli._signed import upload
-from embervm.cli.images import BASE_IMAGE_ARN, DEFAULT_BUILD_ROLE, zip_context
+from embervm.cli.images import BASE_IMAGE_ARN, DEFAULT_BUILD_ROLE, upload_context
 from embervm.cli.microvms import connector, endpoint_request, wait_for_state
 
 IMAGE_NAME = "flask-counter"
@@ -97,8 +95,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def build_image(ctx: CliContext) -> str:
     client = ctx.client()
-    with tempfile.TemporaryDirectory(prefix="embervm-zip-") as scratch:
-        uri = upload(ctx, zip_context(EXAMPLE, Path(scratch)))
+    uri = upload_context(ctx, EXAMPLE)
     request: dict[str, Any] = {
         "baseImageArn": BASE_IMAGE_ARN.format(region=ctx.region, name="debian12"),
         "buildRoleArn": DEFAULT_BUILD_ROLE,

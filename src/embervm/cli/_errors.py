@@ -35,6 +35,14 @@ def api_error(code: str, message: str) -> CliError:
     return CliError(f"{code}: {message or code}", _EXIT_BY_CODE.get(code, EXIT_FAILED))
 
 
+def unreachable(where: str) -> CliError:
+    """Nothing answered at ``where`` (the API's URL)."""
+    return CliError(
+        f"cannot reach the Embervm server at {where}: is `embervm server` running?",
+        EXIT_UNREACHABLE,
+    )
+
+
 def translate(exc: BaseException, endpoint: str = "") -> CliError | None:
     """The CliError for a foreign exception, or None if it is not one we know."""
     from botocore.exceptions import (
@@ -49,11 +57,7 @@ def translate(exc: BaseException, endpoint: str = "") -> CliError | None:
     if isinstance(exc, CliError):
         return exc
     if isinstance(exc, EndpointConnectionError | ConnectionClosedError):
-        where = endpoint or "the API"
-        return CliError(
-            f"cannot reach the Embervm server at {where}: is `embervm server` running?",
-            EXIT_UNREACHABLE,
-        )
+        return unreachable(endpoint or "the API")
     if isinstance(exc, ReadTimeoutError):
         return CliError("the Embervm server did not answer in time", EXIT_UNREACHABLE)
     if isinstance(exc, ParamValidationError):  # botocore's own checks, before any request

@@ -20,8 +20,8 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from embervm.cli._context import EXIT_FAILED, EXIT_UNREACHABLE, CliContext, CliError
-from embervm.cli._errors import api_error
+from embervm.cli._context import EXIT_FAILED, CliContext, CliError
+from embervm.cli._errors import api_error, unreachable
 
 MAX_ERROR_BODY = 16 * 1024
 UPLOAD_CHUNK = 1 << 20
@@ -58,10 +58,7 @@ def upload(ctx: CliContext, path: Path) -> str:
         with httpx.Client(timeout=httpx.Timeout(30.0, write=300.0)) as client:
             response = client.put(url, content=chunks(), headers=headers)
     except httpx.TransportError as exc:
-        raise CliError(
-            f"cannot reach the Embervm server at {ctx.endpoint_url}: is `embervm server` running?",
-            EXIT_UNREACHABLE,
-        ) from exc
+        raise unreachable(ctx.endpoint_url) from exc
     if response.status_code >= 400:
         raise _error_of(response)
     try:
@@ -105,7 +102,4 @@ def stream_lines(ctx: CliContext, path: str, *, follow: bool) -> Iterator[str]:
     except httpx.TransportError as exc:
         if started:
             raise CliError(f"the log stream broke: {exc}", EXIT_FAILED) from exc
-        raise CliError(
-            f"cannot reach the Embervm server at {ctx.endpoint_url}: is `embervm server` running?",
-            EXIT_UNREACHABLE,
-        ) from exc
+        raise unreachable(ctx.endpoint_url) from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from embervm.cli._app import current
-from embervm.cli._context import EXIT_BUILD_FAILED, EXIT_INVALID, CliError
+from embervm.cli._context import EXIT_BUILD_FAILED, EXIT_INVALID, CliContext, CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli._output import (
     OutputFormat,
@@ -39,15 +38,20 @@ FINAL_IMAGE_STATES = {"CREATED", "CREATE_FAILED", "UPDATED", "UPDATE_FAILED", "D
 FAILED_IMAGE_STATES = {"CREATE_FAILED", "UPDATE_FAILED"}
 
 
-def zip_context(source: Path, uploads: Path) -> Path:
-    """Zip a build folder (honouring .dockerignore) into ``uploads``, named by content hash.
+def upload_context(ctx: CliContext, source: Path) -> str:
+    """Zip ``source`` (``zip_context``) and upload it; the ``codeArtifact.uri`` to build from."""
+    with tempfile.TemporaryDirectory(prefix="embervm-zip-") as scratch:
+        return upload(ctx, zip_context(source.expanduser(), Path(scratch)))
 
-    A ready zip is used as it is. The result is what ``codeArtifact.uri`` points at. The
-    server refuses links in a zip, so a link to a file inside the folder is zipped as that
-    file; a link leading out of the folder (or to a folder) is refused here, where the user
-    can fix it, rather than silently zipping whatever it points at.
+
+def zip_context(source: Path, scratch: Path) -> Path:
+    """Zip a build folder (honouring .dockerignore) into the folder ``scratch``.
+
+    A ready zip is used as it is. The server refuses links in a zip, so a link to a file
+    inside the folder is zipped as that file; a link leading out of the folder (or to a
+    folder) is refused here, where the user can fix it, rather than silently zipping whatever
+    it points at.
     """
-    uploads.mkdir(parents=True, exist_ok=True)
     if source.is_file():
         if not zipfile.is_zipfile(source):
             raise CliError(f"{source} is not a zip file or a folder", EXIT_INVALID)
@@ -71,18 +75,10 @@ def zip_context(source: Path, uploads: Path) -> Path:
                 "or add it to .dockerignore",
                 EXIT_INVALID,
             )
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(source).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    target = uploads / f"{digest.hexdigest()[:32]}.zip"
-    if target.exists():
-        return target
-    temp = target.with_suffix(".tmp")
-    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    target = scratch / "context.zip"
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in files:
             archive.write(path.resolve(), path.relative_to(source).as_posix())
-    temp.replace(target)
     return target
 
 
@@ -110,8 +106,7 @@ def create(
     """Build an image (a new version if it exists) from a folder or zip."""
     ctx = current()
     client = ctx.client()
-    with tempfile.TemporaryDirectory(prefix="embervm-zip-") as scratch:
-        uri = upload(ctx, zip_context(source.expanduser(), Path(scratch)))
+    uri = upload_context(ctx, source)
     request: dict[str, Any] = {
         "baseImageArn": BASE_IMAGE_ARN.format(region=ctx.region, name=base),
         "buildRoleArn": DEFAULT_BUILD_ROLE,
