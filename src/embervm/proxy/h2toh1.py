@@ -292,10 +292,13 @@ class H1Exchange:
 
     def app_data(self, data: bytes) -> None:
         self.touched = self.owner.loop.time()
-        payload = self.payload
-        if payload is None:
+        if self.payload is None:
             self._response_head(data)
-            return
+        else:
+            self._body(self.payload, data)
+
+    def _body(self, payload: Payload, data: bytes, *, always: bool = False) -> None:
+        """Send on the answer's payload in ``data`` (``always``: even an empty piece)."""
         try:
             body, end = payload.payload(data)
         except BadMessage:
@@ -303,7 +306,7 @@ class H1Exchange:
             return
         if end < len(data):
             self.reusable = False  # bytes beyond the answer: never trust this connection again
-        self._send(body, payload.done)
+        self._send(body, payload.done, always=always)
 
     def _response_head(self, data: bytes) -> None:
         pending = self.response + data if self.response else data
@@ -338,14 +341,7 @@ class H1Exchange:
             self._done()
             return
         self.owner.engine.send_headers(self.stream_id, fields)
-        try:
-            body, used = payload.payload(pending)
-        except BadMessage:
-            self._cut_short()
-            return
-        if used < len(pending):
-            self.reusable = False
-        self._send(body, payload.done, always=True)
+        self._body(payload, pending, always=True)
 
     def _send(self, body: bytes, done: bool, *, always: bool = False) -> None:
         if body or done or always:
