@@ -57,10 +57,12 @@ def upload_routes(uploads: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
 
 async def _receive(request: Request, uploads: Path, max_bytes: int) -> tuple[Path, int]:
     declared = request.headers.get("x-amz-content-sha256", "")
-    length = request.headers.get("content-length", "")
-    if not length.isdigit():
+    declared = declared.lower()
+    length_field = request.headers.get("content-length", "")
+    if not length_field.isdigit():
         raise ValidationError("An upload needs a Content-Length")
-    if int(length) > max_bytes:
+    length = int(length_field)
+    if length > max_bytes:
         raise ValidationError(f"An upload is at most {max_bytes} bytes")
     await asyncio.to_thread(uploads.mkdir, parents=True, exist_ok=True)
     temp = uploads / f".upload-{secrets.token_hex(8)}.tmp"
@@ -73,7 +75,7 @@ async def _receive(request: Request, uploads: Path, max_bytes: int) -> tuple[Pat
             try:
                 async for chunk in request.stream():
                     size += len(chunk)
-                    if size > int(length):
+                    if size > length:
                         raise ValidationError("The upload is longer than its Content-Length")
                     digest.update(chunk)
                     batch.append(chunk)
@@ -85,11 +87,11 @@ async def _receive(request: Request, uploads: Path, max_bytes: int) -> tuple[Pat
                 raise ValidationError("The upload was cut off") from None
             await asyncio.to_thread(out.writelines, batch)
             await asyncio.to_thread(os.fsync, out.fileno())
-        if size != int(length):
+        if size != length:
             raise ValidationError("The upload ended before its Content-Length")
-        if digest.hexdigest() != declared.lower():
+        if digest.hexdigest() != declared:
             raise ValidationError("The upload does not match its x-amz-content-sha256")
-        final = uploads / f"{declared.lower()}.zip"
+        final = uploads / f"{declared}.zip"
         await asyncio.to_thread(os.replace, temp, final)
         return final, size
     finally:
