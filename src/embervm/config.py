@@ -21,6 +21,11 @@ def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "embervm"
 
 
+def layers_dir(data_dir: Path) -> Path:
+    """Frozen qcow2 disk layers of builds (the step cache and images refer to them)."""
+    return data_dir / "layers"
+
+
 def uploads_dir(data_dir: Path) -> Path:
     """Zips the CLI makes from build folders (the only part of the data dir builds read)."""
     return data_dir / "uploads"
@@ -67,8 +72,7 @@ class Settings:
 
     @property
     def layers_dir(self) -> Path:
-        """Frozen qcow2 disk layers of builds (the step cache and images refer to them)."""
-        return self.data_dir / "layers"
+        return layers_dir(self.data_dir)
 
     @property
     def build_cache_dir(self) -> Path:

@@ -20,7 +20,7 @@ from typing import Literal
 from embervm.build.agent import AgentOps
 from embervm.build.cache import LayerRef
 from embervm.build.machine import SnapshotSizes
-from embervm.config import Settings
+from embervm.config import Settings, layers_dir
 from embervm.errors import GuestError, VmmError
 from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.guest.client import AgentClient
@@ -114,7 +114,7 @@ class LocalMachineProvider:
         vmm: QemuVmm | None = None,
     ) -> None:
         self._root = root
-        self._layers = root / "layers"
+        self._layers = layers_dir(root)
         self._vms = root / "build-vms"
         self._boot = boot
         self._network = network

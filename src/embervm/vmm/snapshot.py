@@ -36,13 +36,12 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from embervm.errors import SnapshotError
 
 FORMAT_VERSION = 2  # 2 added kind "delta": a reader of format 1 would load it as a stream
 READABLE_FORMATS = (1, 2)
-KINDS = ("shared-memory", "stream", "delta")
 MANIFEST = "manifest.json"
 DEVICE_STATE = "device.state"
 MEMORY = "memory"
@@ -50,6 +49,7 @@ BASE_MEMORY = "base.memory"
 DISK = "disk.qcow2"
 
 SnapshotKind = Literal["shared-memory", "stream", "delta"]
+KINDS = get_args(SnapshotKind)
 
 
 @dataclass(frozen=True)
