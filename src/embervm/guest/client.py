@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import secrets
 import socket
@@ -41,6 +42,8 @@ from embervm.guest.agent.protocol import (
     ProtocolError,
     encode,
 )
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 #: Extra time the host allows past an exec's own timeout for the guest to report the exit.
@@ -165,6 +168,8 @@ class AgentClient:
             self._forget(rid)
             if rq is not None:
                 self._forget(rrid)
+        # In sync from here on: a damaged or lying frame is a hostile guest, not a torn stream.
+        self._decoder.require_clean_stream()
         self.hello = h
 
     async def close(self) -> None:
@@ -197,6 +202,10 @@ class AgentClient:
                 for frame in self._decoder.feed(data):
                     await self._dispatch(frame)
         except (OSError, asyncio.IncompleteReadError):
+            return
+        except ProtocolError as exc:
+            _log.warning("agent channel closed: %s", exc)
+            self._writer.close()
             return
         finally:
             self._closed = True

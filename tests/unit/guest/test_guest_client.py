@@ -157,3 +157,18 @@ async def test_agent_disconnect_fails_pending_requests(
 async def test_connect_to_missing_socket_gives_up_with_guest_error(tmp_path: Any) -> None:
     with pytest.raises(GuestError, match="did not answer"):
         await AgentClient.connect(tmp_path / "nope.sock", timeout=0.3)
+
+
+async def test_a_damaged_frame_after_hello_ends_the_channel(
+    client: AgentClient, script_box: list[Script]
+) -> None:
+    # A1: once in sync, the host does not resynchronise for a guest: the channel closes.
+    async def damage(agent: FakeAgent, f: Frame) -> None:
+        bad = bytearray(encode({"op": "result", "id": f.header["id"]}, b"xxxx"))
+        bad[-1] ^= 1
+        await agent.raw(bytes(bad))
+
+    script_box.append(damage)
+    with pytest.raises(GuestError):
+        await client.exec(["true"])
+    assert client.closed

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
+from embervm.guest.agent import protocol
 from embervm.guest.agent.protocol import (
     MAX_BODY,
+    PREFIX_SIZE,
     Decoder,
     ProtocolError,
     encode,
@@ -73,3 +76,39 @@ def test_validators_reject_wrong_types() -> None:
     with pytest.raises(ProtocolError):
         get_env({"env": {"A=B": "c"}})
     assert get_env({"env": None}) == {}
+
+
+def _lying_prefix() -> bytes:
+    """A frame prefix claiming the largest header and body, with a CRC that never matches."""
+    return struct.pack(">4sBBHIII", b"EMBV", 1, 0, 0, 64 * 1024, MAX_BODY, 0)
+
+
+def test_bad_candidates_cost_a_bounded_amount_of_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A1: each 20-byte lying prefix used to cost two copies and a CRC over 1.1 MiB.
+    hashed = [0]
+    real_crc32 = protocol.zlib.crc32
+
+    def counting_crc32(data: Any, value: int = 0) -> int:
+        hashed[0] += len(data)
+        return real_crc32(data, value)
+
+    monkeypatch.setattr(protocol.zlib, "crc32", counting_crc32)
+    dec = Decoder()
+    with pytest.raises(ProtocolError, match="out of sync"):
+        dec.feed(_lying_prefix() * 60_000)
+    assert hashed[0] <= protocol.RESYNC_BUDGET + PREFIX_SIZE + 64 * 1024 + MAX_BODY
+
+
+def test_garbage_beyond_the_budget_ends_the_stream() -> None:
+    with pytest.raises(ProtocolError, match="out of sync"):
+        Decoder(resync_budget=1000).feed(b"x" * 2000)
+
+
+def test_a_strict_decoder_refuses_the_first_damaged_frame() -> None:
+    bad = bytearray(encode({"op": "bad"}, b"zzzz"))
+    bad[-2] ^= 1
+    dec = Decoder()
+    assert [f.op for f in dec.feed(b"junk" + encode({"op": "ok"}))] == ["ok"]
+    dec.require_clean_stream()
+    with pytest.raises(ProtocolError, match="out of sync"):
+        dec.feed(bytes(bad))

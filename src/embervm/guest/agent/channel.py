@@ -45,7 +45,8 @@ class Channel:
         self._reconnectable = reconnectable
         self._probe_interval = probe_interval
         self._loop = asyncio.get_running_loop()
-        self._decoder = Decoder()
+        # The host is the trusted side: its stream may resync across reconnects without limit.
+        self._decoder = Decoder(resync_budget=None)
         self._out = bytearray()
         self._writing = False
         self._drained = asyncio.Event()

@@ -10,7 +10,8 @@ A frame is a fixed 20-byte prefix, a JSON header and an opaque binary body::
 
 ``crc32`` covers header and body. A reader that meets anything else (a torn frame after a
 reconnect, garbage, a lying length) skips to the next magic and counts the loss: the stream is
-self-synchronising, so neither side ever trusts a length it has not checked.
+self-synchronising, so neither side ever trusts a length it has not checked. What a reader
+skips or checks in vain is budgeted (``RESYNC_BUDGET``): a peer that spends it loses the stream.
 """
 
 from __future__ import annotations
@@ -63,22 +64,37 @@ def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
     return _PREFIX.pack(MAGIC, FRAME_VERSION, 0, 0, len(raw), len(body), crc) + raw + body
 
 
+#: Bytes a decoder may skip or check in vain (garbage plus candidate frames whose CRC failed)
+#: before it gives the stream up. Each byte costs at most one CRC pass, so this bounds the CPU a
+#: peer can make the reader spend on frames it never delivers.
+RESYNC_BUDGET = 4 * 1024 * 1024
+
+
 @dataclass
 class Decoder:
     """Incremental, self-resynchronising frame decoder.
 
     Feed it bytes as they arrive; it yields complete, checksummed frames whose header is a JSON
-    object with a string ``op``. Everything else is skipped and counted in ``discarded``.
+    object with a string ``op``. Everything else is skipped and counted in ``discarded``; bytes
+    skipped plus bytes checksummed in vain are charged to ``resync_budget`` (``None``: no limit,
+    for a peer that is trusted), and a stream that spends it raises ``ProtocolError``. Once the
+    stream is known to be in sync, ``require_clean_stream`` makes the first bad byte fatal.
     """
 
     max_header: int = MAX_HEADER
     max_body: int = MAX_BODY
+    resync_budget: int | None = RESYNC_BUDGET
     discarded: int = 0
+    wasted: int = 0
     _buf: bytearray = field(default_factory=bytearray)
 
     def reset(self) -> None:
         """Forget buffered bytes (a new connection starts a new stream)."""
         self._buf.clear()
+
+    def require_clean_stream(self) -> None:
+        """From now on, any skipped byte or failed checksum ends the stream."""
+        self.resync_budget = self.wasted
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
@@ -89,9 +105,18 @@ class Decoder:
                 return frames
             frames.append(frame)
 
+    def _charge(self, n: int) -> None:
+        self.wasted += n
+        if self.resync_budget is not None and self.wasted > self.resync_budget:
+            self._buf.clear()
+            raise ProtocolError(
+                f"stream out of sync: {self.wasted} bytes skipped or failing their checksum"
+            )
+
     def _skip(self, n: int) -> None:
         del self._buf[:n]
         self.discarded += n
+        self._charge(n)
 
     def _next(self) -> Frame | None:
         buf = self._buf
@@ -113,16 +138,25 @@ class Decoder:
                 or hlen > self.max_header
                 or blen > self.max_body
             ):
-                self._skip(1)
+                self._skip(len(MAGIC))  # the magic cannot overlap itself
                 continue
             total = PREFIX_SIZE + hlen + blen
             if len(buf) < total:
                 return None
+            with memoryview(buf) as view:  # checksum in place: nothing copied before it matches
+                ok = (
+                    zlib.crc32(
+                        view[PREFIX_SIZE + hlen : total],
+                        zlib.crc32(view[PREFIX_SIZE : PREFIX_SIZE + hlen]),
+                    )
+                    == crc
+                )
+            if not ok:
+                self._charge(hlen + blen)
+                self._skip(len(MAGIC))
+                continue
             raw = bytes(buf[PREFIX_SIZE : PREFIX_SIZE + hlen])
             body = bytes(buf[PREFIX_SIZE + hlen : total])
-            if zlib.crc32(body, zlib.crc32(raw)) != crc:
-                self._skip(1)
-                continue
             try:
                 header = json.loads(raw)
             except (UnicodeDecodeError, ValueError, RecursionError):
