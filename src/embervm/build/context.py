@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embervm.build.dockerignore import DockerIgnore
+from embervm.build.glob import Glob, GlobError
 from embervm.build.plan import CopyStep
 from embervm.errors import BuildFailure
 
@@ -45,31 +46,12 @@ class _Entry:
     mode: int
 
 
-def _segment_regex(segment: str) -> re.Pattern[str]:
+def _segment_glob(segment: str) -> Glob:
     """Go ``filepath.Match`` for one segment: ``*`` ``?`` ``[...]`` and ``\\`` escapes."""
-    out, i = [], 0
-    while i < len(segment):
-        ch = segment[i]
-        if ch == "*":
-            out.append("[^/]*")
-        elif ch == "?":
-            out.append("[^/]")
-        elif ch == "\\" and i + 1 < len(segment):
-            i += 1
-            out.append(re.escape(segment[i]))
-        elif ch == "[":
-            end = segment.find("]", i + 1)
-            if end < 0:
-                raise BuildFailure(f"bad pattern {segment!r}: unclosed '['")
-            body = segment[i + 1 : end]
-            if body.startswith("^") or body.startswith("!"):
-                body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re.escape(ch))
-        i += 1
-    return re.compile("".join(out) + r"\Z", re.DOTALL)
+    try:
+        return Glob(segment)
+    except GlobError as exc:
+        raise BuildFailure(f"bad pattern {segment!r}: {exc}") from exc
 
 
 def _file_sha256(path: Path) -> str:
@@ -117,12 +99,12 @@ class BuildContext:
         return data.decode("utf-8", errors="replace")
 
     def _matches(self, pattern: str) -> list[_Entry]:
-        segments = [_segment_regex(s) for s in pattern.split("/")]
+        segments = [_segment_glob(s) for s in pattern.split("/")]
         hits = []
         for entry in self._entries:
             parts = entry.rel.split("/")
             if len(parts) == len(segments) and all(
-                rx.match(p) for rx, p in zip(segments, parts, strict=True)
+                glob.match(p) for glob, p in zip(segments, parts, strict=True)
             ):
                 hits.append(entry)
         return hits

@@ -10,23 +10,21 @@ are comments.
 from __future__ import annotations
 
 import posixpath
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from embervm.build.glob import Glob, GlobError
 from embervm.errors import BuildFailure
-
-_SPECIAL = set(".+()|{}$^")
 
 
 @dataclass(frozen=True)
 class _Pattern:
     text: str
-    regex: re.Pattern[str]
+    glob: Glob
     exclusion: bool
 
     def match(self, path: str) -> bool:
-        return self.regex.match(path) is not None
+        return self.glob.match(path)
 
 
 def _clean(pattern: str) -> str:
@@ -37,45 +35,10 @@ def _clean(pattern: str) -> str:
     return cleaned
 
 
-def _to_regex(pattern: str) -> re.Pattern[str]:
-    out = ["^"]
-    i, n = 0, len(pattern)
-    while i < n:
-        ch = pattern[i]
-        if ch == "*":
-            if i + 1 < n and pattern[i + 1] == "*":
-                i += 2
-                if i < n and pattern[i] == "/":
-                    i += 1
-                out.append(".*" if i >= n else "(.*/)?")
-                continue
-            out.append("[^/]*")
-        elif ch == "?":
-            out.append("[^/]")
-        elif ch == "\\":
-            i += 1
-            if i < n:
-                out.append(re.escape(pattern[i]))
-            else:
-                out.append(re.escape("\\"))
-        elif ch == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                raise BuildFailure(f".dockerignore pattern {pattern!r} has an unclosed '['")
-            body = pattern[i + 1 : end]
-            if body.startswith("!") or body.startswith("^"):
-                body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
-            i = end
-        elif ch in _SPECIAL:
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-        i += 1
-    out.append("$")
+def _compile(pattern: str) -> Glob:
     try:
-        return re.compile("".join(out), re.DOTALL)
-    except re.error as exc:
+        return Glob(pattern, globstar=True)
+    except GlobError as exc:
         raise BuildFailure(f".dockerignore pattern {pattern!r} is invalid: {exc}") from exc
 
 
@@ -94,7 +57,7 @@ class DockerIgnore:
                 if not line:
                     raise BuildFailure(".dockerignore has an illegal exclusion pattern '!'")
             cleaned = _clean(line)
-            self.patterns.append(_Pattern(cleaned, _to_regex(cleaned), exclusion))
+            self.patterns.append(_Pattern(cleaned, _compile(cleaned), exclusion))
 
     @classmethod
     def from_text(cls, text: str) -> DockerIgnore:
