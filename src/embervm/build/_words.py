@@ -15,6 +15,10 @@ from collections.abc import Mapping
 
 from embervm.errors import BuildFailure
 
+#: Bytes of variable values one word (or heredoc body) may substitute in all: ``$A$A$A…``
+#: cannot multiply a value without bound (audit A4: eleven such lines asked for 16 GiB).
+MAX_EXPANSION = 1024 * 1024
+
 
 def _is_name_char(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
@@ -29,6 +33,7 @@ class _Lexer:
         self.env = env
         self.esc = escape
         self.quotes = quotes
+        self.substituted = 0
 
     def peek(self) -> str:
         return self.s[self.i] if self.i < len(self.s) else ""
@@ -71,7 +76,7 @@ class _Lexer:
                 cur.append(self._double())
             elif ch == "$":
                 self.next()
-                cur.append(self._dollar())
+                cur.append(self._charge(self._dollar()))
             else:
                 self.next()
                 cur.append(ch)
@@ -96,7 +101,7 @@ class _Lexer:
             if ch == '"':
                 return "".join(out)
             if ch == "$":
-                out.append(self._dollar())
+                out.append(self._charge(self._dollar()))
             elif ch == self.esc:
                 nxt = self.peek()
                 if nxt in ('"', "$", self.esc):
@@ -114,6 +119,15 @@ class _Lexer:
         while self.peek() and _is_name_char(self.peek()):
             self.next()
         return self.s[start : self.i]
+
+    def _charge(self, value: str) -> str:
+        self.substituted += len(value)
+        if self.substituted > MAX_EXPANSION:
+            raise BuildFailure(
+                f"variable expansion too long: {self.s[:80]!r} substitutes more than "
+                f"{MAX_EXPANSION} bytes"
+            )
+        return value
 
     def _dollar(self) -> str:
         ch = self.peek()
@@ -135,7 +149,9 @@ class _Lexer:
             raise BuildFailure(f"unsupported modifier in ${{{name}...}} of {self.s[:200]!r}")
         inner = _Lexer(self.s, self.env, self.esc)
         inner.i = self.i
+        inner.substituted = self.substituted
         parts = inner.word(stop="}")
+        self.substituted = inner.substituted
         if inner.peek() != "}":
             raise BuildFailure(f"missing '}}' in {self.s[:200]!r}")
         self.i = inner.i + 1

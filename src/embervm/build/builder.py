@@ -168,7 +168,10 @@ class ImageBuild:
         stack.callback(shutil.rmtree, workspace, True)
         context = await self._context(workspace)
         dockerfile = await asyncio.to_thread(context.read_dockerfile)
-        plan = parse_dockerfile(
+        # Pure Python and bounded (MAX_INSTRUCTIONS, MAX_EXPANSION...), so a worker thread
+        # keeps yielding the GIL to the event loop while it runs.
+        plan = await asyncio.to_thread(
+            parse_dockerfile,
             dockerfile,
             base_image_arn=spec.base_image_arn,
             egress=spec.egress,

@@ -91,6 +91,14 @@ def _flags(cmd: _parser.Command, allowed: set[str]) -> dict[str, str]:
     return out
 
 
+#: Bounds on what a Dockerfile may define (audit A4): one ENV/ARG/LABEL value, all of them
+#: together, how many there are (every word is expanded against all of them), and instructions.
+MAX_VALUE = 64 * 1024
+MAX_VARIABLES_BYTES = 1024 * 1024
+MAX_VARIABLES = 1024
+MAX_INSTRUCTIONS = 1000
+
+
 @dataclass
 class _State:
     """The parser's running state while it walks the instructions."""
@@ -110,6 +118,21 @@ class _State:
     labels: dict[str, str] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def define(self, table: dict[str, str], key: str, value: str) -> None:
+        """Set one ENV, ARG or LABEL entry, within the bounds on all of them."""
+        if len(key) + len(value) > MAX_VALUE:
+            raise BuildFailure(f"{key[:80]!r}: variable too long (over {MAX_VALUE} bytes)")
+        table[key] = value
+        tables = (self.meta_args, self.args, self.env, self.labels)
+        count = sum(len(t) for t in tables)
+        size = sum(len(k) + len(v) for t in tables for k, v in t.items())
+        if count > MAX_VARIABLES:
+            raise BuildFailure(f"more than {MAX_VARIABLES} ENV, ARG and LABEL entries")
+        if size > MAX_VARIABLES_BYTES:
+            raise BuildFailure(
+                f"ENV, ARG and LABEL entries over {MAX_VARIABLES_BYTES} bytes in all"
+            )
 
     def vars(self) -> dict[str, str]:
         merged = dict(self.args)
@@ -272,7 +295,7 @@ def _arg(cmd: _parser.Command, st: _State, *, before_from: bool) -> None:
             value = st.meta_args.get(name) if not before_from else None
         target = st.meta_args if before_from else st.args
         if value is not None:
-            target[name] = value
+            st.define(target, name, value)
 
 
 def _exec_form(cmd: _parser.Command, st: _State) -> tuple[tuple[str, ...], bool]:
@@ -304,7 +327,7 @@ def _instruction(cmd: _parser.Command, st: _State, *, egress: bool) -> None:
         _copy(cmd, st, is_add=name == "ADD", egress=egress)
     elif name == "ENV":
         for key, value in _pairs(cmd, st):
-            st.env[key] = value
+            st.define(st.env, key, value)
     elif name == "ARG":
         _arg(cmd, st, before_from=False)
     elif name == "WORKDIR":
@@ -319,7 +342,8 @@ def _instruction(cmd: _parser.Command, st: _State, *, egress: bool) -> None:
     elif name == "EXPOSE":
         _expose(cmd, st)
     elif name == "LABEL":
-        st.labels.update(_pairs(cmd, st))
+        for key, value in _pairs(cmd, st):
+            st.define(st.labels, key, value)
     elif name == "CMD":
         st.cmd, _ = _exec_form(cmd, st)
     elif name == "ENTRYPOINT":
@@ -349,6 +373,8 @@ def parse_dockerfile(
         commands = _parser.parse_string(text)
     except (_parser.GoParseError, _parser.GoIOError) as exc:
         raise BuildFailure(f"the Dockerfile cannot be parsed: {exc}") from exc
+    if len(commands) > MAX_INSTRUCTIONS:
+        raise BuildFailure(f"the Dockerfile has more than {MAX_INSTRUCTIONS} instructions")
     st = _State(escape=_escape_token(text), build_args=dict(build_args or {}))
     from_line = 0
     for cmd in commands:

@@ -208,3 +208,26 @@ def test_unparseable_dockerfile_is_a_build_failure() -> None:
 def test_escape_directive_changes_the_escape_character() -> None:
     p = plan("# escape=`\nFROM embervm/debian12\nENV A=x`$y\nCMD x\n")
     assert dict(p.config.env)["A"] == "x$y"
+
+
+def test_exponential_env_expansion_is_refused() -> None:
+    # A4: each line multiplies the value by 8; eleven lines asked for 16 GiB.
+    text = "FROM embervm/debian12\nENV A=xx\n" + "ENV A=$A$A$A$A$A$A$A$A\n" * 11 + "CMD x\n"
+    with pytest.raises(BuildFailure, match="too long"):
+        parse_dockerfile(text, base_image_arn=ARN)
+
+
+def test_one_line_cannot_substitute_without_bound() -> None:
+    big = "x" * 60_000
+    text = f"FROM embervm/debian12\nENV A={big}\nRUN echo {'$A' * 40}\nWORKDIR /{'$A' * 40}\n"
+    with pytest.raises(BuildFailure, match="expansion too long"):
+        parse_dockerfile(text + "CMD x\n", base_image_arn=ARN)
+
+
+def test_variable_count_and_instruction_count_are_bounded() -> None:
+    many_env = "ENV " + " ".join(f"V{i}=1" for i in range(1100)) + "\n"
+    with pytest.raises(BuildFailure, match="more than 1024"):
+        parse_dockerfile(f"FROM embervm/debian12\n{many_env}CMD x\n", base_image_arn=ARN)
+    many_runs = "RUN true\n" * 1001
+    with pytest.raises(BuildFailure, match="more than 1000 instructions"):
+        parse_dockerfile(f"FROM embervm/debian12\n{many_runs}CMD x\n", base_image_arn=ARN)
