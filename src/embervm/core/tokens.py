@@ -34,6 +34,8 @@ from embervm.errors import EmbervmError
 
 MAX_MINUTES = 60
 MAX_TOKEN_CHARS = 4096
+#: The protected header is ~{"alg","enc","kid"}: anything much longer is not one of ours (A14).
+MAX_HEADER_CHARS = 512
 CACHE_SIZE = 4096  # decrypted tokens kept: a client sends the same token on every request
 KINDS: frozenset[str] = frozenset({"endpoint", "shell"})
 _HEADER = {"alg": "dir", "enc": "A256GCM"}
@@ -174,9 +176,14 @@ class TokenAuthority:
         """Decrypt and check a token's integrity and expiry (not what it grants)."""
         if not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 4:
             raise TokenRejected("malformed token")
+        segment = token.split(".", 1)[0]
+        if len(segment) > MAX_HEADER_CHARS:
+            raise TokenRejected("malformed token")
         self._refresh()
         try:
-            header = json.loads(base64.urlsafe_b64decode(token.split(".", 1)[0] + "=="))
+            header = json.loads(base64.urlsafe_b64decode(segment + "=="))
+            if not isinstance(header, dict):
+                raise TokenRejected("malformed token")
             key = self._keys[header["kid"]]
             if {k: header.get(k) for k in _HEADER} != _HEADER:
                 raise TokenRejected("unexpected algorithm")
@@ -189,7 +196,7 @@ class TokenAuthority:
             )
         except TokenRejected:
             raise
-        except (JoseError, ValueError, KeyError, TypeError) as exc:
+        except (JoseError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise TokenRejected(f"undecodable token ({type(exc).__name__})") from exc
         if claims.expires_at <= self._clock():
             raise TokenRejected("expired token")

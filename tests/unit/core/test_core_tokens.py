@@ -123,3 +123,14 @@ def test_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(
 
 def test_key_file_is_private(authority: TokenAuthority) -> None:
     assert stat.S_IMODE(authority.keys_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"[" * 3000, b"{" * 2000, b'"kid"', b"[]", b'{"kid": ["x"]}', b"\xff\xfe"],
+)
+def test_crafted_headers_are_refused_not_raised(authority: TokenAuthority, header: bytes) -> None:
+    # A14: a nested header segment used to escape as RecursionError (a traceback per request).
+    token = base64.urlsafe_b64encode(header).decode().rstrip("=") + ".a.b.c.d"
+    with pytest.raises(TokenRejected):
+        authority.claims(token)
