@@ -17,12 +17,12 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embervm.errors import GuestError
+from embervm.guest._logbuffer import LogBuffer
 from embervm.guest._pty import PtySession
 from embervm.guest._wire import (
     CLOSED,
@@ -49,7 +49,6 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 #: Extra time the host allows past an exec's own timeout for the guest to report the exit.
 EXEC_GRACE = 30.0
 MAX_OUTPUT = 64 * 1024 * 1024
-LOG_QUEUE = 10_000
 _HELLO_ATTEMPT = 5.0
 _RETRY_DELAY = 0.05
 
@@ -68,7 +67,7 @@ class AgentClient:
         # still in QEMU's buffers) cannot match a request of this one.
         self._ids = itertools.count(secrets.randbelow(2**40) + 1)
         self._pending: dict[int, asyncio.Queue[Frame]] = {}
-        self._logs: deque[LogLine] = deque(maxlen=LOG_QUEUE)
+        self._logs = LogBuffer()
         self._log_event = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._closed = False
@@ -471,7 +470,7 @@ class AgentClient:
         return apps
 
     async def app_logs(self) -> AsyncIterator[LogLine]:
-        """App output lines as they arrive (the newest ``LOG_QUEUE`` are kept if unread)."""
+        """App output lines as they arrive (the newest ``LOG_BUFFER_BYTES`` are kept if unread)."""
         while True:
             while self._logs:
                 yield self._logs.popleft()

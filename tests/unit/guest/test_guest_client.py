@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import pytest
 
 from embervm.errors import GuestError
+from embervm.guest._logbuffer import LOG_BUFFER_BYTES
+from embervm.guest.agent.apps import MAX_LINE
 from embervm.guest.agent.protocol import Decoder, Frame, encode
 from embervm.guest.client import AgentClient
 
@@ -172,3 +175,28 @@ async def test_a_damaged_frame_after_hello_ends_the_channel(
     with pytest.raises(GuestError):
         await client.exec(["true"])
     assert client.closed
+
+
+async def test_unread_app_output_is_bounded_by_bytes(
+    client: AgentClient, script_box: list[Script]
+) -> None:
+    # A6: 10,000 app.log frames of 1 MiB each used to be held whole (~10 GiB).
+    async def flood(agent: FakeAgent, f: Frame) -> None:
+        for seq in range(40):
+            await agent.send({"op": "app.log", "name": "app", "stream": "stdout",
+                              "ts_ns": 1, "seq": seq}, b"x" * (1 << 20))  # fmt: skip
+        await agent.send({"op": "app.log", "name": "end", "stream": "stdout",
+                          "ts_ns": 1, "seq": 40})  # fmt: skip
+        await agent.send({"op": "result", "id": f.header["id"], "status": "ok"})
+
+    script_box.append(flood)
+    with contextlib.suppress(GuestError):
+        await client.health()
+    held = 0
+    async with asyncio.timeout(10):
+        async for line in client.app_logs():
+            if line.name == "end":
+                break
+            assert len(line.line) <= MAX_LINE
+            held += len(line.line)
+    assert held <= LOG_BUFFER_BYTES
