@@ -31,98 +31,84 @@ design"). What it enforces:
 
 from __future__ import annotations
 
-import struct
-from typing import Protocol
-
 from embervm.proxy import h2fields
 from embervm.proxy.h2fields import Malformed, Request
+from embervm.proxy.h2frames import (
+    ABUSE_CREDIT,
+    ACK,
+    CANCEL,
+    COMPRESSION_ERROR,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEAD,
+    HEADERS,
+    INTERNAL_ERROR,
+    MAX_FRAME,
+    MAX_HEADER_BLOCK,
+    MAX_HEADER_LIST,
+    MAX_STREAMS,
+    MAX_TABLE,
+    MAX_WINDOW,
+    NO_ERROR,
+    OUR_SETTINGS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED_STREAM,
+    RST_STREAM,
+    SELF_DEPENDENT,
+    SETTING,
+    SETTINGS,
+    STREAM_CLOSED,
+    U32,
+    WINDOW,
+    WINDOW_UPDATE,
+    H2ConnectionError,
+    Stream,
+    StreamHandler,
+    frame,
+)
 from embervm.proxy.h2hpack import Header, HeaderDecoder, HeaderEncoder, HpackError
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-MAX_FRAME = 16384  # what we accept (the default: we never announce more)
-WINDOW = 1024 * 1024  # what we grant per stream, and for the connection
-MAX_STREAMS = 256
-MAX_HEADER_LIST = 64 * 1024
-MAX_HEADER_BLOCK = 64 * 1024  # compressed, CONTINUATION frames and their headers included
-MAX_TABLE = 4096  # HPACK dynamic table either way (the default)
-ABUSE_CREDIT = 1000
-MAX_WINDOW = 2**31 - 1
-
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
-COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
-
-_HEAD = struct.Struct(">BHBBL")  # a frame header: length (24 bits as 8 + 16), type, flags, id
-_SETTING = struct.Struct(">HL")
-_U32 = struct.Struct(">L")
-_SELF_DEPENDENT = 0x100  # not a wire flag: a HEADERS frame whose priority names its own stream
-_OUR_SETTINGS = b"".join(
-    _SETTING.pack(code, value)
-    for code, value in ((0x3, MAX_STREAMS), (0x4, WINDOW), (0x6, MAX_HEADER_LIST))
-)
-
-
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    size = len(payload)
-    return _HEAD.pack(size >> 16, size & 0xFFFF, kind, flags, stream_id) + payload
-
-
-class H2ConnectionError(Exception):
-    """Ends the connection: GOAWAY with ``code``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-class StreamHandler(Protocol):
-    """What the session does with a connection's streams."""
-
-    def on_request(self, stream_id: int, request: Request, ended: bool) -> None: ...
-
-    def on_data(self, stream_id: int, data: bytes) -> None:
-        """Body bytes; the session calls ``consumed`` once they have gone on."""
-
-    def on_end(self, stream_id: int) -> None:
-        """The client finished sending (after ``on_trailers`` if it sent trailers)."""
-
-    def on_trailers(self, stream_id: int, trailers: list[Header]) -> None: ...
-
-    def on_reset(self, stream_id: int) -> None:
-        """The client reset the stream: forget it (the server sends nothing more on it)."""
-
-    def on_drained(self, stream_id: int) -> None:
-        """Everything held for the stream went out: its source may be read again."""
-
-
-class Stream:
-    __slots__ = ("held", "id", "length", "pending", "pending_end", "received", "recv_window",
-                 "remote_open", "send_window", "trailers", "unacked")  # fmt: skip
-
-    def __init__(self, stream_id: int, send_window: int, remote_open: bool, length: int) -> None:
-        self.id = stream_id
-        self.send_window = send_window
-        self.recv_window = WINDOW
-        self.remote_open = remote_open  # the client may still send DATA or trailers
-        self.length = length  # content-length, or -1
-        self.received = 0
-        self.held = 0  # bytes handed to the session and not yet consumed
-        self.unacked = 0  # consumed, not yet granted again
-        self.pending = b""  # to send when the windows allow
-        self.pending_end = False
-        self.trailers: list[Header] | None = None
+__all__ = [
+    "ABUSE_CREDIT",
+    "CANCEL",
+    "COMPRESSION_ERROR",
+    "ENHANCE_YOUR_CALM",
+    "FLOW_CONTROL_ERROR",
+    "FRAME_SIZE_ERROR",
+    "INTERNAL_ERROR",
+    "MAX_HEADER_BLOCK",
+    "MAX_STREAMS",
+    "NO_ERROR",
+    "PREFACE",
+    "PROTOCOL_ERROR",
+    "REFUSED_STREAM",
+    "STREAM_CLOSED",
+    "WINDOW",
+    "H2ConnectionError",
+    "H2Server",
+    "Stream",
+    "StreamHandler",
+    "frame",
+]
 
 
 class H2Server:
     def __init__(self, handler: StreamHandler) -> None:
         self.handler = handler
-        self.out = bytearray(frame(SETTINGS, 0, 0, _OUR_SETTINGS))
-        self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(WINDOW - 65535))
+        self.out = bytearray(frame(SETTINGS, 0, 0, OUR_SETTINGS))
+        self.out += frame(WINDOW_UPDATE, 0, 0, U32.pack(WINDOW - 65535))
         self.streams: dict[int, Stream] = {}
         self.closed = False  # a connection error (GOAWAY sent) or the client's GOAWAY
         self.goaway_received = False
@@ -178,7 +164,7 @@ class H2Server:
                 pos = len(PREFACE)
             size = len(buf)
             while size - pos >= 9:
-                high, low, kind, flags, stream_id = _HEAD.unpack_from(buf, pos)
+                high, low, kind, flags, stream_id = HEAD.unpack_from(buf, pos)
                 length = (high << 16) | low
                 if length > MAX_FRAME:
                     raise H2ConnectionError(FRAME_SIZE_ERROR, "frame too large")
@@ -252,8 +238,8 @@ class H2Server:
         if flags & PRIORITY_FLAG:
             if len(payload) < 5:
                 raise H2ConnectionError(FRAME_SIZE_ERROR, "HEADERS priority")
-            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
-                flags |= _SELF_DEPENDENT  # a stream error once the block is decoded
+            if U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
+                flags |= SELF_DEPENDENT  # a stream error once the block is decoded
             payload = payload[5:]
         self._block_stream, self._block_flags = stream_id, flags
         self._block_size = 9 + len(payload)
@@ -292,9 +278,9 @@ class H2Server:
         self._last_stream = stream_id
         if self.goaway_received:
             return  # the client said it was leaving
-        if flags & _SELF_DEPENDENT or len(self.streams) >= MAX_STREAMS:
+        if flags & SELF_DEPENDENT or len(self.streams) >= MAX_STREAMS:
             self._spend()
-            self._rst(stream_id, PROTOCOL_ERROR if flags & _SELF_DEPENDENT else REFUSED_STREAM)
+            self._rst(stream_id, PROTOCOL_ERROR if flags & SELF_DEPENDENT else REFUSED_STREAM)
             return
         try:
             request = h2fields.request(headers)
@@ -316,7 +302,7 @@ class H2Server:
             self._stream_error(stream.id, STREAM_CLOSED)
             return
         try:
-            if not flags & END_STREAM or flags & _SELF_DEPENDENT:
+            if not flags & END_STREAM or flags & SELF_DEPENDENT:
                 raise Malformed("trailers must end the stream")
             h2fields.trailers(headers)
             self._check_length(stream)
@@ -379,7 +365,7 @@ class H2Server:
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise H2ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
-        increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
         if not stream_id:
             if not increment:
                 raise H2ConnectionError(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
@@ -430,7 +416,7 @@ class H2Server:
     def _apply_settings(self, payload: bytes) -> None:
         if len(payload) % 6:
             raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS length")
-        for code, value in _SETTING.iter_unpack(payload):
+        for code, value in SETTING.iter_unpack(payload):
             if code == 0x1:  # HEADER_TABLE_SIZE: our encoder's table, at most that
                 self._encoder.set_table_size(min(value, MAX_TABLE))
             elif code == 0x2 and value > 1:  # ENABLE_PUSH (we never push)
@@ -461,7 +447,7 @@ class H2Server:
         if stream.remote_open:
             stream.unacked += size
             if stream.unacked >= WINDOW // 2:
-                self.out += frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked))
+                self.out += frame(WINDOW_UPDATE, 0, stream_id, U32.pack(stream.unacked))
                 stream.recv_window += stream.unacked
                 stream.unacked = 0
         self._ack_connection(size)
@@ -469,7 +455,7 @@ class H2Server:
     def _ack_connection(self, size: int) -> None:
         self._conn_unacked += size
         if self._conn_unacked >= WINDOW // 2:
-            self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._conn_unacked))
+            self.out += frame(WINDOW_UPDATE, 0, 0, U32.pack(self._conn_unacked))
             self._recv_window += self._conn_unacked
             self._conn_unacked = 0
 
@@ -566,12 +552,12 @@ class H2Server:
         """GOAWAY: no new streams (and with an error, none of the open ones either)."""
         if not self.closed:
             self.closed = True
-            self.out += frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(code))
+            self.out += frame(GOAWAY, 0, 0, U32.pack(self._last_stream) + U32.pack(code))
 
     # -- helpers -------------------------------------------------------------------------------
 
     def _rst(self, stream_id: int, code: int) -> None:
-        self.out += frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+        self.out += frame(RST_STREAM, 0, stream_id, U32.pack(code))
 
     def _stream_error(self, stream_id: int, code: int) -> None:
         self._rst(stream_id, code)
