@@ -85,10 +85,20 @@ class AppLogFiles:
     async def _copy(self, microvm_id: str, lines: Callable[[], AsyncIterator[LogLine]]) -> None:
         path = self._path(microvm_id)
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        dropped = 0  # lines lost since the disk last refused a write
         try:
             async for line in lines():
                 text = line.line[:MAX_LINE].rstrip(b"\r\n").decode("utf-8", errors="replace")
-                await asyncio.to_thread(self._append, path, text + "\n")
+                try:
+                    await asyncio.to_thread(self._append, path, text + "\n")
+                except OSError as exc:  # disk full, quota: drop lines, keep the pump alive
+                    if not dropped:
+                        log.warning("app log of %s: lines dropped (%s)", microvm_id, exc)
+                    dropped += 1
+                    continue
+                if dropped:
+                    log.warning("app log of %s: writing again, %d lines lost", microvm_id, dropped)
+                    dropped = 0
         except GuestError as exc:  # the agent went away (suspend, exit): the pump ends
             log.debug("app log pump of %s ended: %s", microvm_id, exc)
 
