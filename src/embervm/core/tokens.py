@@ -5,22 +5,30 @@ key only the server holds) whose claims name the VM, the kind (``endpoint`` | ``
 ports it opens (all, or inclusive ranges), an expiry of at most 60 minutes, when it was
 issued and a random id. Clients cannot read or change it; the proxy checks every claim.
 
-Keys live in one JSON file (mode 0600, written atomically), each with a key id carried in the
-token's header. ``rotate()`` makes a new key current and keeps the older ones only as long as
-tokens they signed can still be valid (the longest lifetime), so rotation never cuts off a
-client before its token expires. Every instance reading the same file (one per process of a
-fleet sharing a data dir) accepts the same tokens.
+Keys live in one JSON file (mode 0600, written atomically with ``fileio.atomic_write``, changed
+under an advisory lock so the server's scheduled rotation and ``embervm tokens rotate`` never
+lose each other's key), each with a key id carried in the token's header. ``rotate()`` makes a
+new key current and keeps the older ones only as long as tokens they signed can still be valid
+(the longest lifetime), so a scheduled rotation never cuts off a client before its token
+expires; ``rotate(revoke=True)`` drops every older key at once, so every token issued before is
+refused and the sessions it opened end (the proxy asks ``current(claims)`` every few seconds).
+Every instance reading the same file (one per process of a fleet sharing a data dir) accepts
+the same tokens and notices a rotation, a revocation or a deleted file with one ``stat``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +39,15 @@ from joserfc.jwk import OctKey
 
 from embervm.core.seams import PortGrant, TokenKind
 from embervm.errors import EmbervmError
+from embervm.fileio import atomic_write
+
+log = logging.getLogger("embervm.tokens")
 
 MAX_MINUTES = 60
+#: A retired key is kept this long: every token it sealed has expired by then.
+RETIRED_KEY_SECONDS = MAX_MINUTES * 60 + 60
+#: How often a server rotating on a schedule looks whether the current key is due.
+ROTATION_CHECK_SECONDS = 300.0
 MAX_TOKEN_CHARS = 4096
 #: The protected header is ~{"alg","enc","kid"}: anything much longer is not one of ours (A14).
 MAX_HEADER_CHARS = 512
@@ -51,6 +66,7 @@ class TokenClaims:
     kind: str
     ports: PortGrant
     expires_at: float
+    key_id: str  # the key that sealed the token: the token dies with it (``current``)
 
 
 def _encode_ports(ports: PortGrant) -> Any:
@@ -83,20 +99,24 @@ class TokenAuthority:
         self._lock = threading.Lock()
         self._keys: dict[str, OctKey] = {}
         self._current = ""
-        self._loaded_mtime: float | None = None
+        self._loaded_stamp: tuple[int, int, int] | None = None
         self._verified: dict[str, TokenClaims] = {}
-        self._load_or_create()
+        with self._lock:
+            self._load()
 
     # -- keys ----------------------------------------------------------------------------
 
-    def _load_or_create(self) -> None:
-        with self._lock:
-            if not self.keys_file.exists():
-                self._write({"current": "", "keys": []}, add_key=True)
-            self._read()
+    def _load(self) -> None:
+        """Read the key file, or start a new one (first start, or the file was deleted: every
+        token sealed by the lost keys is refused from now on)."""
+        if not self.keys_file.exists():
+            with self._file_lock():
+                if not self.keys_file.exists():
+                    self._write({"current": "", "keys": []}, add_key=True)
+        self._read()
 
     def _read(self) -> None:
-        stat = self.keys_file.stat()
+        stamp = _file_stamp(self.keys_file)
         body = json.loads(self.keys_file.read_text())
         keys = {
             k["kid"]: OctKey.import_key(base64.urlsafe_b64decode(k["secret"])) for k in body["keys"]
@@ -104,7 +124,7 @@ class TokenAuthority:
         if body["current"] not in keys:
             raise EmbervmError(f"{self.keys_file}: the current key is missing")
         self._keys, self._current = keys, body["current"]
-        self._loaded_mtime = stat.st_mtime
+        self._loaded_stamp = stamp
 
     def _write(self, body: dict[str, Any], *, add_key: bool) -> None:
         now = self._clock()
@@ -113,40 +133,69 @@ class TokenAuthority:
             secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
             body["keys"].append({"kid": kid, "secret": secret, "created": now})
             body["current"] = kid
-        self.keys_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.keys_file.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(body, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.keys_file)
+        atomic_write(self.keys_file, json.dumps(body), mode=0o600)
 
-    def rotate(self) -> str:
-        """A new current key; keys retired longer ago than a token can live are dropped."""
-        with self._lock:
-            body = json.loads(self.keys_file.read_text())
-            horizon = self._clock() - MAX_MINUTES * 60 - 60
-            current = body["current"]
-            body["keys"] = [
-                k for k in body["keys"] if k["kid"] == current or k.get("retired", 0) > horizon
-            ]
-            for k in body["keys"]:
-                if k["kid"] == current:
-                    k["retired"] = self._clock()
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An advisory lock beside the key file, across processes (the server's scheduled
+        rotation and ``embervm tokens rotate``): a read-change-write never loses a key."""
+        self.keys_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_path = self.keys_file.with_name(self.keys_file.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def rotate(self, *, revoke: bool = False) -> str:
+        """A new current key, and its id. Without ``revoke``, the keys before it stay until
+        every token they sealed has expired (then the next rotation drops them); with
+        ``revoke``, they are dropped now: every token issued before is refused."""
+        with self._lock, self._file_lock():
+            body = json.loads(self.keys_file.read_text()) if self.keys_file.exists() else {}
+            now = self._clock()
+            previous = body.get("current", "")
+            keys = [] if revoke else body.get("keys", [])
+            for k in keys:
+                if k["kid"] == previous:
+                    k["retired"] = now
+            body["keys"] = [k for k in keys if k.get("retired", now) > now - RETIRED_KEY_SECONDS]
             self._write(body, add_key=True)
             self._read()
             return self._current
 
-    def _refresh(self) -> None:
-        """Pick up a rotation done by another process (cheap: one stat)."""
-        try:
-            mtime = self.keys_file.stat().st_mtime
-        except OSError:
+    def rotate_if_due(self, period_seconds: float) -> bool:
+        """Rotate when the current key is ``period_seconds`` old (True if it did)."""
+        self._refresh()
+        with self._lock, self._file_lock():
+            body = json.loads(self.keys_file.read_text())
+            created = next(
+                (k.get("created", 0.0) for k in body["keys"] if k["kid"] == body["current"]), 0.0
+            )
+        if self._clock() - created < period_seconds:
+            return False
+        self.rotate()
+        return True
+
+    async def keep_rotating(self, period_hours: float) -> None:
+        """Rotate every ``period_hours`` (a server task; off at 0). A key rotated by hand
+        restarts the period: the age of the current key decides."""
+        if period_hours <= 0:
             return
-        if mtime != self._loaded_mtime:
+        while True:
+            try:
+                if await asyncio.to_thread(self.rotate_if_due, period_hours * 3600):
+                    log.info("token key rotated (every %g h)", period_hours)
+            except (OSError, ValueError, KeyError, EmbervmError):
+                log.exception("scheduled token key rotation failed; retrying later")
+            await asyncio.sleep(min(ROTATION_CHECK_SECONDS, period_hours * 3600))
+
+    def _refresh(self) -> None:
+        """Pick up a rotation, revocation or deletion done by another process (one stat)."""
+        if _file_stamp(self.keys_file) != self._loaded_stamp:
             with self._lock:
-                self._read()
+                self._load()
 
     # -- TokenIssuer ---------------------------------------------------------------------
 
@@ -184,7 +233,8 @@ class TokenAuthority:
             header = json.loads(base64.urlsafe_b64decode(segment + "=="))
             if not isinstance(header, dict):
                 raise TokenRejected("malformed token")
-            key = self._keys[header["kid"]]
+            key_id = header["kid"]
+            key = self._keys[key_id]
             if {k: header.get(k) for k in _HEADER} != _HEADER:
                 raise TokenRejected("unexpected algorithm")
             body = json.loads(jwe.decrypt_compact(token, key).plaintext or b"")
@@ -193,6 +243,7 @@ class TokenAuthority:
                 kind=str(body["kind"]),
                 ports=_decode_ports(body["ports"]),
                 expires_at=float(body["exp"]),
+                key_id=key_id,
             )
         except TokenRejected:
             raise
@@ -202,19 +253,27 @@ class TokenAuthority:
             raise TokenRejected("expired token")
         return claims
 
+    def current(self, claims: TokenClaims) -> bool:
+        """The token is still good: not expired, and the key that sealed it is still loaded
+        (not revoked; a changed key file is re-read first). One ``stat``: cheap enough for
+        every request and for every open session every few seconds."""
+        self._refresh()
+        return claims.expires_at > self._clock() and claims.key_id in self._keys
+
     def verify(self, token: str, *, microvm_id: str, port: int, kind: str) -> TokenClaims:
         """The token opens ``port`` of ``microvm_id`` for ``kind`` traffic, or TokenRejected.
-        A token decrypted before is checked from memory (claims cannot change; expiry is
-        checked every time)."""
+        A token decrypted before is checked from memory (claims cannot change); expiry and
+        its key (revoked by ``rotate(revoke=True)`` or a deleted key file) are checked every
+        time."""
         claims = self._verified.get(token)
         if claims is None:
             claims = self.claims(token)
             if len(self._verified) >= CACHE_SIZE:
                 self._verified.clear()
             self._verified[token] = claims
-        elif claims.expires_at <= self._clock():
+        elif not self.current(claims):
             del self._verified[token]
-            raise TokenRejected("expired token")
+            raise TokenRejected("expired token or revoked key")
         if claims.microvm_id != microvm_id:
             raise TokenRejected("token for another MicroVM")
         if claims.kind != kind:
@@ -222,3 +281,12 @@ class TokenAuthority:
         if not claims.ports.allows(port):
             raise TokenRejected(f"port {port} not allowed by the token")
         return claims
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file from the one loaded (an atomic replace changes the inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

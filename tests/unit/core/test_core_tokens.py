@@ -134,3 +134,82 @@ def test_crafted_headers_are_refused_not_raised(authority: TokenAuthority, heade
     token = base64.urlsafe_b64encode(header).decode().rstrip("=") + ".a.b.c.d"
     with pytest.raises(TokenRejected):
         authority.claims(token)
+
+
+def _endpoint_token(authority: TokenAuthority) -> str:
+    return authority.issue(VM, kind="endpoint", ports=PortGrant(all_ports=True),
+                           expires_in_minutes=60)  # fmt: skip
+
+
+def test_revoking_rotation_refuses_cached_tokens_here_and_in_other_processes(
+    authority: TokenAuthority, clock: Clock
+) -> None:
+    # A17: a verified token stayed cached (and valid) after its key was gone.
+    token = _endpoint_token(authority)
+    other_process = TokenAuthority(authority.keys_file, clock=clock)
+    claims = other_process.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+    assert claims.key_id == json.loads(authority.keys_file.read_text())["current"]
+    assert other_process.current(claims)
+    authority.rotate(revoke=True)
+    assert not other_process.current(claims)
+    for verifier in (authority, other_process):
+        with pytest.raises(TokenRejected):
+            verifier.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+    fresh = _endpoint_token(authority)
+    other_process.verify(fresh, microvm_id=VM, port=8080, kind="endpoint")
+
+
+def test_a_deleted_key_file_is_noticed_and_replaced(authority: TokenAuthority) -> None:
+    token = _endpoint_token(authority)
+    claims = authority.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+    authority.keys_file.unlink()
+    assert not authority.current(claims)
+    with pytest.raises(TokenRejected):
+        authority.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+    assert authority.keys_file.exists()
+    authority.verify(_endpoint_token(authority), microvm_id=VM, port=8080, kind="endpoint")
+
+
+def test_current_turns_false_at_expiry(authority: TokenAuthority, clock: Clock) -> None:
+    claims = authority.claims(_endpoint_token(authority))
+    clock.now += 59 * 60
+    assert authority.current(claims)
+    clock.now += 61
+    assert not authority.current(claims)
+
+
+def test_scheduled_rotation_happens_when_the_key_is_due_and_keeps_live_tokens(
+    authority: TokenAuthority, clock: Clock
+) -> None:
+    token = _endpoint_token(authority)
+    first = json.loads(authority.keys_file.read_text())["current"]
+    clock.now += 23 * 3600
+    assert not authority.rotate_if_due(24 * 3600)
+    clock.now += 3600
+    assert authority.rotate_if_due(24 * 3600)
+    assert json.loads(authority.keys_file.read_text())["current"] != first
+    assert not authority.rotate_if_due(24 * 3600)  # the new key is young
+    clock.now = 1_800_000_000.0 + 30 * 60  # a token sealed by the retired key is still good
+    authority.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+
+
+def test_rotations_by_two_processes_keep_both_keys(authority: TokenAuthority, clock: Clock) -> None:
+    other_process = TokenAuthority(authority.keys_file, clock=clock)
+    a = authority.rotate()
+    b = other_process.rotate()  # read the file under the lock: a's key is kept
+    kids = [k["kid"] for k in json.loads(authority.keys_file.read_text())["keys"]]
+    assert a in kids and b in kids
+
+
+def test_key_file_write_fsyncs_the_directory(
+    authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A22: the key file's rename was not made durable (no fsync of the directory).
+    import embervm.fileio
+
+    synced: list[Path] = []
+    real = embervm.fileio.fsync_dir
+    monkeypatch.setattr(embervm.fileio, "fsync_dir", lambda p: (synced.append(p), real(p)))
+    authority.rotate()
+    assert synced == [authority.keys_file.parent]
+    assert stat.S_IMODE(authority.keys_file.stat().st_mode) == 0o600
