@@ -220,6 +220,7 @@ class ImageBuild:
             max_total_bytes=limits.max_total_bytes,
             max_files=limits.max_files,
             max_ratio=limits.max_ratio,
+            max_directory_bytes=limits.max_directory_bytes,
         )
         context = await asyncio.to_thread(BuildContext, root)
         self._build_context = context

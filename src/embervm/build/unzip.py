@@ -13,11 +13,13 @@ import contextlib
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from embervm.errors import BuildFailure
 
@@ -32,6 +34,74 @@ class ZipLimits:
     max_total_bytes: int = 2 * 1024**3
     max_files: int = 100_000
     max_ratio: float = 200.0
+    # zipfile reads the whole central directory, then keeps ~400 B of Python per record:
+    # 100,000 entries with 200-byte names and extras fit; a 512 MiB directory does not.
+    max_directory_bytes: int = 32 * 1024**2
+
+
+# The records zipfile reads to find the central directory (APPNOTE.TXT 4.3.12-4.3.16).
+_EOCD = struct.Struct("<4s4H2LH")  # signature, disks, entries (disk, total), size, offset
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_DIRECTORY_RECORD = struct.Struct("<4s6H3L5H2L")
+_MAX_COMMENT = 0xFFFF
+
+
+def _end_of_directory(fh: BinaryIO) -> tuple[int, int, int]:
+    """(entries, directory size, directory start) as ``zipfile`` will find them: the last
+    end record (ZIP64's when its locator precedes it), with the directory just before it."""
+    size = fh.seek(0, 2)
+    tail_len = min(size, _EOCD.size + _MAX_COMMENT)
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    if tail[-_EOCD.size :].startswith(b"PK\x05\x06") and tail.endswith(b"\0\0"):
+        at = len(tail) - _EOCD.size
+    else:
+        at = tail.rfind(b"PK\x05\x06", 0, len(tail) - _EOCD.size + 1)
+        if at < 0:
+            raise zipfile.BadZipFile("no end of central directory record")
+    _, _, _, _, entries, dir_size, _, _ = _EOCD.unpack_from(tail, at)
+    location = size - tail_len + at
+    zip64_at = location - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+    if zip64_at >= 0:
+        fh.seek(zip64_at)
+        record = fh.read(_ZIP64_EOCD.size + _ZIP64_LOCATOR.size)
+        locator = _ZIP64_LOCATOR.unpack_from(record, _ZIP64_EOCD.size)
+        zip64 = _ZIP64_EOCD.unpack_from(record)
+        if locator[0] == b"PK\x06\x07" and zip64[0] == b"PK\x06\x06":
+            entries, dir_size = zip64[7], zip64[8]
+            location = zip64_at
+    return entries, dir_size, location - dir_size
+
+
+def _check_directory(fh: BinaryIO, limits: ZipLimits) -> None:
+    """Refuse an archive whose central directory is too big to parse, before ``zipfile``
+    parses it: first by what the end record declares, then by counting the records (the
+    count in the end record is only a claim; ``zipfile`` reads records up to the size)."""
+    entries, dir_size, start = _end_of_directory(fh)
+    too_many = f"code artifact has more than {limits.max_files} entries"
+    if entries > limits.max_files:
+        raise BuildFailure(f"{too_many} ({entries})")
+    if dir_size > limits.max_directory_bytes:
+        raise BuildFailure(
+            f"code artifact's central directory is {dir_size} bytes; "
+            f"the limit is {limits.max_directory_bytes}"
+        )
+    if start < 0:
+        raise zipfile.BadZipFile("central directory before the start of the file")
+    fh.seek(start)
+    walked = records = 0
+    while walked < dir_size:
+        header = fh.read(_DIRECTORY_RECORD.size)
+        if len(header) != _DIRECTORY_RECORD.size or not header.startswith(b"PK\x01\x02"):
+            raise zipfile.BadZipFile("bad central directory record")
+        fields = _DIRECTORY_RECORD.unpack(header)
+        skip = fields[10] + fields[11] + fields[12]  # name, extra field and comment lengths
+        fh.seek(skip, 1)
+        walked += _DIRECTORY_RECORD.size + skip
+        records += 1
+        if records > limits.max_files:
+            raise BuildFailure(too_many)
 
 
 def _clean_name(raw: str) -> PurePosixPath | None:
@@ -114,10 +184,6 @@ def _write_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
 
 def _extract_all(zf: zipfile.ZipFile, root: Path, limits: ZipLimits, archive_bytes: int) -> None:
     infos = zf.infolist()
-    if len(infos) > limits.max_files:
-        raise BuildFailure(
-            f"code artifact has {len(infos)} entries; the limit is {limits.max_files}"
-        )
     budget = _Budget(limits, archive_bytes)
     seen: set[PurePosixPath] = set()
     for info in infos:
@@ -158,21 +224,24 @@ def safe_extract(
     max_total_bytes: int = ZipLimits.max_total_bytes,
     max_files: int = ZipLimits.max_files,
     max_ratio: float = ZipLimits.max_ratio,
+    max_directory_bytes: int = ZipLimits.max_directory_bytes,
 ) -> Path:
     """Extract ``zip_path`` into the new folder ``dest`` (which must not exist); return ``dest``.
 
     Raises BuildFailure with a user-facing reason; on failure nothing is left behind.
     """
-    limits = ZipLimits(max_total_bytes, max_files, max_ratio)
+    limits = ZipLimits(max_total_bytes, max_files, max_ratio, max_directory_bytes)
     if dest.exists():
         raise BuildFailure(f"internal: extraction target {dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
         try:
-            archive_bytes = zip_path.stat().st_size
-            with zipfile.ZipFile(zip_path) as zf:
-                _extract_all(zf, tmp, limits, archive_bytes)
+            with zip_path.open("rb") as fh:
+                _check_directory(fh, limits)
+                archive_bytes = fh.seek(0, 2)
+                with zipfile.ZipFile(fh) as zf:
+                    _extract_all(zf, tmp, limits, archive_bytes)
         except zipfile.BadZipFile as exc:
             raise BuildFailure("code artifact is not a valid zip file") from exc
         except OSError as exc:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import stat
+import struct
+import tracemalloc
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from embervm.build.unzip import safe_extract
 from embervm.errors import BuildFailure
 
 
-def make_zip(path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]], **kw: int) -> Path:
+def make_zip(path: Path, entries: Sequence[tuple[str | zipfile.ZipInfo, bytes]], **kw: int) -> Path:
     with zipfile.ZipFile(path, "w", compression=kw.get("compression", zipfile.ZIP_DEFLATED)) as zf:
         for name, data in entries:
             zf.writestr(name, data)
@@ -109,7 +113,7 @@ def test_entry_whose_header_lies_about_its_size_is_refused(tmp_path: Path) -> No
 
 def test_refuses_too_many_files(tmp_path: Path) -> None:
     z = make_zip(tmp_path / "a.zip", [(f"f{i}", b"x") for i in range(11)])
-    with pytest.raises(BuildFailure, match="11 entries; the limit is 10"):
+    with pytest.raises(BuildFailure, match="more than 10 entries"):
         safe_extract(z, tmp_path / "ctx", max_files=10)
 
 
@@ -137,3 +141,70 @@ def test_refuses_non_zip(tmp_path: Path) -> None:
     with pytest.raises(BuildFailure, match="not a valid zip"):
         safe_extract(z, tmp_path / "ctx")
     assert leftovers(tmp_path) == []
+
+
+def directory_bomb(path: Path, entries: int, *, declared: int | None = None) -> Path:
+    """The audit's §D.4 archive: nothing but minimal central-directory records (no files),
+    then a ZIP64 end record and locator, and a classic end record pointing at them."""
+    record = struct.pack(
+        "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0
+    )
+    names = (b"%c" % (65 + i % 26) for i in range(entries))
+    with path.open("wb") as fh:
+        for name in names:
+            fh.write(record + name)
+        size = fh.tell()
+        count = entries if declared is None else declared
+        zip64_at = fh.tell()
+        fh.write(struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, size, 0))
+        fh.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_at, 1))
+        fh.write(
+            struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+        )
+    return path
+
+
+def peak_bytes_of(call: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(BuildFailure):
+            call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_huge_central_directory_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    z = directory_bomb(tmp_path / "a.zip", 200_000)
+    assert z.stat().st_size > 9_000_000
+    peak = peak_bytes_of(lambda: safe_extract(z, tmp_path / "ctx"))
+    assert peak < 20 * 1024 * 1024  # zipfile.ZipFile held 73 MiB here (~370 B per record)
+    with pytest.raises(BuildFailure, match="more than 100000 entries"):
+        safe_extract(z, tmp_path / "ctx")
+    assert leftovers(tmp_path) == []
+
+
+def test_records_are_counted_whatever_the_end_record_declares(tmp_path: Path) -> None:
+    z = directory_bomb(tmp_path / "a.zip", 200_000, declared=1)
+    peak = peak_bytes_of(lambda: safe_extract(z, tmp_path / "ctx"))
+    with pytest.raises(BuildFailure, match="entries"):
+        safe_extract(z, tmp_path / "ctx")
+    assert peak < 20 * 1024 * 1024
+    assert leftovers(tmp_path) == []
+
+
+def test_a_central_directory_over_its_byte_cap_is_refused(tmp_path: Path) -> None:
+    z = directory_bomb(tmp_path / "a.zip", 1_000)
+    with pytest.raises(BuildFailure, match="central directory is 47000 bytes; the limit is 4096"):
+        safe_extract(z, tmp_path / "ctx", max_directory_bytes=4096)
+
+
+def test_an_archive_with_a_comment_and_a_zip64_entry_still_extracts(tmp_path: Path) -> None:
+    z = tmp_path / "a.zip"
+    with zipfile.ZipFile(z, "w", allowZip64=True) as zf:
+        with zf.open("big.txt", "w", force_zip64=True) as fh:
+            fh.write(b"zip64 entry")
+        zf.writestr("Dockerfile", b"FROM embervm/debian12\n")
+        zf.comment = b"a comment moves the end record"
+    out = safe_extract(z, tmp_path / "ctx")
+    assert (out / "big.txt").read_bytes() == b"zip64 entry"
