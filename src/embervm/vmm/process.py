@@ -225,7 +225,7 @@ class QemuProcess:
             )
             # From the commit on, the snapshot owns the disk (and a shared RAM file): the VM
             # must stop, and a cancel arriving now is too late to undo anything.
-            await past_point_of_no_return(
+            manifest = await past_point_of_no_return(
                 asyncio.to_thread(snap.commit_snapshot_dir, tmp, dest_dir, manifest)
             )
             committed = True

@@ -24,8 +24,7 @@ def write_snapshot(dest: Path, state: bytes = b"device-state") -> snap.SnapshotM
         snap.DEVICE_STATE: snap.FileEntry(len(state), snap.sha256_file(tmp / snap.DEVICE_STATE)),
         snap.DISK: snap.FileEntry(4),
     })  # fmt: skip
-    snap.commit_snapshot_dir(tmp, dest, m)
-    return m
+    return snap.commit_snapshot_dir(tmp, dest, m)
 
 
 def test_written_snapshot_loads_back_identical(tmp_path: Path) -> None:
