@@ -215,6 +215,7 @@ class NetworkManager:
             protected_ports=self._ports,
             vms=entries,
             isolate_forwarding=isolate_forwarding,
+            server_uid=os.geteuid(),
         )
         await self._runner.run(["nft", "-f", "-"], input=text)
 

@@ -5,7 +5,9 @@ Two tables do the work (docs/NETWORK.md explains each rule):
 - **Host table** (``inet embervm``, one per host): what may leave a VM's veth on the host side.
   Nothing from a VM reaches any host address (input) except the resolver's DNS port, and only for
   VMs with egress; forwarded traffic from a VM must carry its own address, must not go to a
-  blocked range or a protected port, and must be TCP; it is masqueraded out of the host.
+  blocked range or a protected port, and must be TCP; it is masqueraded out of the host. Only
+  sockets of the server's user open connections *to* a VM (output): any other local process
+  would skip the proxy's token check.
   Per-VM state lives in sets (links, egress links, link+source pairs), so adding or removing a
   VM is an element change, not a rule change.
 - **Namespace table** (``inet embervm`` inside each VM namespace): DNAT from the namespace side
@@ -64,11 +66,14 @@ def render_host_table(
     protected_ports: Sequence[int],
     vms: Sequence[HostVmEntry],
     isolate_forwarding: bool,
+    server_uid: int,
 ) -> str:
     """The whole host table, with the VMs that exist now in its sets.
 
     ``isolate_forwarding``: the manager switched IPv4 forwarding on, so traffic that does not
     involve a VM is dropped in the forward hook, as it was before forwarding was switched on.
+    ``server_uid``: the only user whose sockets may open a connection to a VM from the host
+    (the server's: the proxy, hooks and readiness probes run in its process).
     """
     blocked = [*BLOCKED_IPV4, pool]
     lines = [
@@ -95,6 +100,15 @@ def render_host_table(
         "\t\ttcp dport @protected_ports drop",
         f"\t\tiifname @egress_links ip daddr {resolver_ip} udp dport {resolver_port} accept",
         f"\t\tiifname @egress_links ip daddr {resolver_ip} tcp dport {resolver_port} accept",
+        "\t\tdrop",
+        "\t}",
+        "\tchain output {",
+        "\t\ttype filter hook output priority filter - 10; policy accept;",
+        "\t\toifname @vm_links jump vm_output",
+        "\t}",
+        "\tchain vm_output {",
+        "\t\tct state established,related accept",
+        f"\t\tmeta skuid {server_uid} accept",
         "\t\tdrop",
         "\t}",
         "\tchain forward {",

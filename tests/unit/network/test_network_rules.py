@@ -21,6 +21,7 @@ def host(**kw: object) -> str:
         "protected_ports": [8700, 8443],
         "vms": [A, B],
         "isolate_forwarding": False,
+        "server_uid": 0,
     }
     args.update(kw)
     return render_host_table("embervm", **args)  # type: ignore[arg-type]
@@ -83,6 +84,16 @@ def test_host_forward_allows_only_tcp_to_unblocked_addresses_from_egress_vms() -
     assert rules.index("ip daddr @blocked4 drop") < rules.index("meta l4proto tcp accept")
     assert rules[-1] == "drop"
     assert chain(host(), "to_vm_forward") == ["ct state established,related accept", "drop"]
+
+
+def test_only_the_server_user_opens_connections_from_the_host_to_a_vm() -> None:
+    """A13: any other local process would reach the guest's ports without the proxy's token."""
+    assert chain(host(), "output")[-1] == "oifname @vm_links jump vm_output"
+    assert chain(host(server_uid=991), "vm_output") == [
+        "ct state established,related accept",
+        "meta skuid 991 accept",
+        "drop",
+    ]
 
 
 def test_blocked_ranges_cover_private_link_local_multicast_and_the_pool() -> None:
