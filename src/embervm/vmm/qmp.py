@@ -193,6 +193,8 @@ def _drain_to_file(r: int, dest: Path, base: Path | None) -> tuple[int, str]:
             finally:
                 delta_base.close()
         return out.finish()
+    except OSError as exc:  # ENOSPC above all: say which file, keep the errno
+        raise OSError(exc.errno, f"{exc.strerror} (writing {dest.name})") from exc
     finally:
         # Close the fds first: an exception's traceback may still pin slices of the buffer.
         out.close()
@@ -242,6 +244,8 @@ async def migrate_to_file(
     costs no time after the migration ends. ``base``: the RAM file the guest's memory is a
     private mapping of; pages still equal to it are left out (``ramdelta``), and a stream the
     filter cannot rewrite raises ``DeltaUnsupported`` (the caller takes a full one instead).
+    When writing the file fails (disk full, I/O error) that ``OSError`` is raised, naming the
+    file, rather than QEMU's report of the pipe it then saw closed.
     """
     r, w = _pipe()
     try:
@@ -257,9 +261,11 @@ async def migrate_to_file(
         try:
             await _wait_migration(qmp, writer, timeout=timeout, what=f"migration to {dest}")
         except VmmError:
-            # The filter gave up and closed the pipe: say so rather than QEMU's EPIPE.
+            # Our end gave up and closed the pipe: say why rather than QEMU's EPIPE.
             done, _ = await asyncio.wait({writer}, timeout=5)
-            if done and isinstance(problem := writer.exception(), ramdelta.DeltaUnsupported):
+            if done and isinstance(
+                problem := writer.exception(), ramdelta.DeltaUnsupported | OSError
+            ):
                 raise problem from None
             raise
         return await asyncio.wait_for(asyncio.shield(writer), timeout)
