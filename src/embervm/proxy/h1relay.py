@@ -42,6 +42,8 @@ from embervm.proxy.h1wire import (
     NONE,
     BadMessage,
     Head,
+    forwarded_fields,
+    host_only_cookies,
     parse_request,
     request_framing,
     response_summary,
@@ -300,7 +302,7 @@ class ClientRelay(asyncio.Protocol):
         self.answered = False
         self.app_reusable = True
         self.deadline = self.loop.time() + EXCHANGE_IDLE_TIMEOUT
-        out = serialize(head.start, strip_headers(head.fields))
+        out = serialize(head.start, strip_headers(forwarded_fields(head)))
         if framing != NONE and self.buf:
             try:
                 end = self.request_body.feed(self.buf)
@@ -386,6 +388,7 @@ class ClientRelay(asyncio.Protocol):
             return
         if end < len(pending):
             self.app_reusable = False
+        raw = host_only_cookies(raw)
         self.transport.write(raw + pending[:end] if end else raw)
         if body.done:
             self._exchange_done()

@@ -39,6 +39,16 @@ _FRAMING_FIELD = re.compile(
 )
 CRLF = b"\r\n"
 HEAD_END = b"\r\n\r\n"
+# Connection-specific fields (RFC 9110 §7.6.1, §11.7): they describe one hop, never the app's
+# message, so no path relays them (the HTTP/2 paths add ``host`` and ``http2-settings``). The
+# HTTP/1.1 relay states the framing again itself (``forwarded_fields``).
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection",
+                        b"proxy-authenticate", b"proxy-authorization", b"te",
+                        b"transfer-encoding", b"upgrade"})  # fmt: skip
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
+# A Connection field may name fields to drop, but not the one that routes or those that frame.
+_NEVER_DROPPED = frozenset({b"host"}) | _FRAMING_NAMES
+_SET_COOKIE = re.compile(rb"^set-cookie:", re.I | re.M)
 
 
 class BadMessage(Exception):
@@ -105,12 +115,20 @@ _VERSIONS = {b"1": b"1.1", b"0": b"1.0"}
 
 
 def parse_request(raw: bytes) -> Head:
+    """A request head, refused (400) when RFC 9112 says so: a target that is not origin-form
+    (or ``*`` for OPTIONS; absolute-form would name a host the ``Host`` field does not, and
+    authority-form is CONNECT's), or more than one ``Host`` field (§3.2: which one routes?)."""
     line = _REQUEST_LINE.match(raw)
     if line is None:
         raise _request_line_error(raw)
     start = line.end()
-    return Head(raw[: start - 2], _VERSIONS[line[3]], _fields(raw, start), method=line[1],
-                target=line[2])  # fmt: skip
+    method, target = line[1], line[2]
+    if target[0] != 0x2F and not (target == b"*" and method == b"OPTIONS"):  # "/"
+        raise BadMessage()
+    fields = _fields(raw, start)
+    if sum(name == b"host" for name, _ in fields) > 1:
+        raise BadMessage()
+    return Head(raw[: start - 2], _VERSIONS[line[3]], fields, method=method, target=target)
 
 
 def _request_line_error(raw: bytes) -> BadMessage:
@@ -157,6 +175,57 @@ def serialize(start: bytes, fields: Fields) -> bytes:
     return b"".join([start, CRLF, *(b"%s: %s\r\n" % kv for kv in fields), CRLF])
 
 
+def forwarded_fields(head: Head, *, upgrade: bool = False) -> Fields:
+    """A request's fields as the app gets them over HTTP/1.1: no connection-specific field and
+    none the Connection field names (RFC 9110 §7.6.1), the framing stated once in its canonical
+    form (``request_framing`` accepted the head, so ``Content-Length: 5, 5`` is ``5`` and
+    ``Transfer-Encoding: ,Chunked`` is ``chunked``: an app reads the length the proxy read), and
+    for an upgrade its ``Upgrade`` field with ``Connection: upgrade``."""
+    named = head.tokens(b"connection") - _NEVER_DROPPED
+    kept: Fields = []
+    framed = False
+    for name, value in head.fields:
+        if name in _FRAMING_NAMES:
+            if not framed:
+                framed = True
+                canonical = b"chunked" if name == b"transfer-encoding" else _length(value)
+                kept.append((name, canonical))
+        elif name in HOP_BY_HOP or name in named:
+            if upgrade and name == b"upgrade":
+                kept.append((name, value))
+        else:
+            kept.append((name, value))
+    if upgrade:
+        kept.append((b"connection", b"upgrade"))
+    return kept
+
+
+def _length(value: bytes) -> bytes:
+    """The one length a Content-Length field ``_framing`` accepted states (``5, 5`` → ``5``)."""
+    return b"%d" % int(value.split(b",", 1)[0])
+
+
+def host_only_cookie(value: bytes) -> bytes:
+    """A ``Set-Cookie`` value without its ``Domain`` attribute (RFC 6265 §5.2.3), so the cookie
+    goes back only to the endpoint that set it: every VM's endpoint shares the proxy's parent
+    domain, and an app must not set cookies its neighbours' users would send (cookie tossing)."""
+    if b"domain" not in value.lower():
+        return value
+    name_value, *attributes = value.split(b";")
+    kept = [a for a in attributes if a.split(b"=", 1)[0].strip().lower() != b"domain"]
+    return b";".join([name_value, *kept])
+
+
+def host_only_cookies(raw: bytes) -> bytes:
+    """A response head as received, but with ``host_only_cookie`` applied to each Set-Cookie
+    field (the head is rebuilt only when it has one: most answers pass as they are)."""
+    if _SET_COOKIE.search(raw) is None:
+        return raw
+    head = parse_response(raw)
+    fields = [(n, host_only_cookie(v) if n == b"set-cookie" else v) for n, v in head.fields]
+    return serialize(head.start, fields)
+
+
 # -- framing -------------------------------------------------------------------------------
 
 NONE = -1  # no body
@@ -195,7 +264,11 @@ def _head_framing(head: Head) -> tuple[bool, int | None]:
 
 
 def request_framing(head: Head) -> int:
-    """Body length, ``CHUNKED`` or ``NONE`` (0 bytes)."""
+    """Body length, ``CHUNKED`` or ``NONE`` (0 bytes). Transfer-Encoding in an HTTP/1.0
+    request is faulty framing (RFC 9112 §6.1): an app that ignores it there would read a
+    chunked body as a second request."""
+    if head.version == b"1.0" and head.get(b"transfer-encoding") is not None:
+        raise BadMessage()
     chunked, length = _head_framing(head)
     if chunked:
         return CHUNKED

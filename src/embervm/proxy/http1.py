@@ -28,6 +28,8 @@ from embervm.proxy.h1wire import (
     BadMessage,
     Head,
     copy_body,
+    forwarded_fields,
+    host_only_cookies,
     parse_request,
     parse_response,
     read_head,
@@ -141,7 +143,9 @@ class Http1Session:
         """Serve one request; False when the connection must end afterwards."""
         self.answered = False
         fields = dict(head.fields)
-        upgrade = head.tokens(b"upgrade")
+        # an upgrade names itself in Connection, and only HTTP/1.1 has them (RFC 9110 §7.8)
+        upgrading = head.version == b"1.1" and b"upgrade" in head.tokens(b"connection")
+        upgrade = head.tokens(b"upgrade") if upgrading else set()
         websocket = b"websocket" in upgrade
         if b"h2c" in upgrade and self.h2c is not None and _h2c_upgradable(fields, framing):
             await self.h2c(head, self.reader, self.writer)
@@ -167,7 +171,8 @@ class Http1Session:
         except (OSError, TimeoutError):
             await self.refuse(502, f"The app is not answering on port {target.port}")
             return False
-        upstream.writer.write(serialize(head.start, strip_headers(head.fields)))
+        forwarded = forwarded_fields(head, upgrade=bool(upgrade))
+        upstream.writer.write(serialize(head.start, strip_headers(forwarded)))
         return await self._exchange(upstream, head, framing, bool(upgrade)) and keep
 
     async def _upstream_for(self, target: Target) -> Upstream:
@@ -238,7 +243,7 @@ class Http1Session:
             head = parse_response(raw)
             if head.status == 101 and upgrade:
                 self.answered = True
-                self.writer.write(raw)
+                self.writer.write(host_only_cookies(raw))
                 activity = partial(
                     self.admission.routes.record_activity, upstream.target.microvm_id
                 )
@@ -249,6 +254,7 @@ class Http1Session:
                 break
             self.writer.write(raw)
         self.answered = True
+        raw = host_only_cookies(raw)
         framing = response_framing(head, request.method)
         if 0 < framing <= SMALL_BODY:  # head and body in one write: one syscall, one packet
             async with asyncio.timeout(BODY_IDLE_TIMEOUT):
