@@ -18,6 +18,7 @@ MAX_HEADER_BLOCK = 64 * 1024  # compressed, CONTINUATION frames and their header
 MAX_TABLE = 4096  # HPACK dynamic table either way (the default)
 ABUSE_CREDIT = 1000
 MAX_WINDOW = 2**31 - 1
+CLOSED_MEMORY = 2 * MAX_STREAMS  # ids of streams we closed while the client could still send
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
 WINDOW_UPDATE, CONTINUATION = 8, 9
@@ -72,8 +73,8 @@ class StreamHandler(Protocol):
 
 
 class Stream:
-    __slots__ = ("held", "id", "length", "pending", "pending_end", "received", "recv_window",
-                 "remote_open", "send_window", "trailers", "unacked")  # fmt: skip
+    __slots__ = ("fed", "held", "id", "length", "pending", "pending_end", "received",
+                 "recv_window", "remote_open", "send_window", "trailers", "unacked")  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int, remote_open: bool, length: int) -> None:
         self.id = stream_id
@@ -87,3 +88,4 @@ class Stream:
         self.pending = b""  # to send when the windows allow
         self.pending_end = False
         self.trailers: list[Header] | None = None
+        self.fed = False  # DATA sent since the client's last WINDOW_UPDATE for the stream

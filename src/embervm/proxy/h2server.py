@@ -79,6 +79,7 @@ from embervm.proxy.h2frames import (
     frame,
 )
 from embervm.proxy.h2hpack import Header, HeaderDecoder, HeaderEncoder, HpackError
+from embervm.proxy.h2send import H2Sending
 
 __all__ = [
     "ABUSE_CREDIT",
@@ -104,8 +105,9 @@ __all__ = [
 ]
 
 
-class H2Server:
+class H2Server(H2Sending):
     def __init__(self, handler: StreamHandler) -> None:
+        super().__init__()
         self.handler = handler
         self.out = bytearray(frame(SETTINGS, 0, 0, OUR_SETTINGS))
         self.out += frame(WINDOW_UPDATE, 0, 0, U32.pack(WINDOW - 65535))
@@ -115,6 +117,7 @@ class H2Server:
         self._buf = b""
         self._preface = False
         self._settings_seen = False
+        self._settings_acked = False  # we send one SETTINGS: one ACK is due
         self._last_stream = 0
         self._decoder = HeaderDecoder(MAX_HEADER_LIST)
         self._encoder = HeaderEncoder()
@@ -127,7 +130,6 @@ class H2Server:
         self._send_window = 65535  # what we may still send on the connection
         self._initial_send_window = 65535
         self._max_send_frame = MAX_FRAME
-        self._blocked: dict[int, Stream] = {}  # streams holding data for want of window
         self._credit = ABUSE_CREDIT
 
     # -- starting ----------------------------------------------------------------------------
@@ -187,7 +189,6 @@ class H2Server:
         elif not self._settings_seen:
             if kind != SETTINGS or flags & ACK:
                 raise H2ConnectionError(PROTOCOL_ERROR, "first frame is not SETTINGS")
-            self._settings_seen = True
             self._settings(flags, stream_id, payload)
         elif kind == HEADERS:
             self._headers(flags, stream_id, payload)
@@ -270,7 +271,10 @@ class H2Server:
             self._trailers(stream, flags, headers)
         elif stream_id % 2 == 0 or stream_id > self._last_stream:
             self._new_stream(stream_id, flags, headers)
-        # else: a stream already closed (we reset it, or answered it): ignored
+        elif stream_id in self._closed_early:
+            self._spend()  # trailers sent before the client heard of our reset: ignored
+        else:  # a new stream below one already opened, or one both sides closed
+            raise H2ConnectionError(PROTOCOL_ERROR, "stream id reused or out of order")
 
     def _new_stream(self, stream_id: int, flags: int, headers: list[Header]) -> None:
         if stream_id % 2 == 0:
@@ -334,6 +338,7 @@ class H2Server:
             self._ack_connection(size)  # closed (or reset by us): discarded, window returned
             if stream is not None:
                 self._stream_error(stream_id, STREAM_CLOSED)
+            self._spend()
             return
         if size > stream.recv_window:
             self._ack_connection(size)
@@ -363,6 +368,7 @@ class H2Server:
             self.handler.on_end(stream_id)
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
+        """A grant that unblocks nothing and answers no DATA of ours spends a credit."""
         if len(payload) != 4:
             raise H2ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = U32.unpack(payload)[0] & 0x7FFFFFFF
@@ -372,13 +378,17 @@ class H2Server:
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise H2ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
+            if not self._conn_blocked and not self._fed:
+                self._spend()
+            self._fed = False
             self._flush_blocked()
             return
         stream = self.streams.get(stream_id)
         if stream is None:
             if stream_id > self._last_stream or stream_id % 2 == 0:
                 raise H2ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
-            return  # closed: ignored
+            self._spend()  # closed: ignored
+            return
         if not increment:
             self._stream_error(stream_id, PROTOCOL_ERROR)
             return
@@ -386,6 +396,9 @@ class H2Server:
         if stream.send_window > MAX_WINDOW:
             self._stream_error(stream_id, FLOW_CONTROL_ERROR)
             return
+        if stream.id not in self._stream_blocked and not stream.fed:
+            self._spend()
+        stream.fed = False
         if stream.pending or stream.pending_end:
             self._flush(stream)
 
@@ -395,27 +408,37 @@ class H2Server:
         if not stream_id:
             raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on the connection")
         stream = self.streams.get(stream_id)
-        if stream is None:
-            if stream_id > self._last_stream or stream_id % 2 == 0:
-                raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-            return
+        if stream is None and (stream_id > self._last_stream or stream_id % 2 == 0):
+            raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
         self._spend()
-        self._forget(stream)
-        self.handler.on_reset(stream_id)
+        if stream is not None:
+            self._forget(stream)
+            self.handler.on_reset(stream_id)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        """Every SETTINGS frame after the first, and every ACK we did not ask for, spends a
+        credit, and one more per 32 streams whose windows it changed."""
         if stream_id:
             raise H2ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
             if payload:
                 raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if self._settings_acked:
+                self._spend()
+            self._settings_acked = True
             return
-        self._apply_settings(payload)
+        walked = self._apply_settings(payload)
+        if self._settings_seen:
+            self._spend(1 + walked // 32)
+        self._settings_seen = True
         self.out += frame(SETTINGS, ACK, 0)
 
-    def _apply_settings(self, payload: bytes) -> None:
+    def _apply_settings(self, payload: bytes) -> int:
+        """Apply a SETTINGS payload (each setting's last value wins); returns how many open
+        streams a new INITIAL_WINDOW_SIZE changed (walked once, whatever the entries)."""
         if len(payload) % 6:
             raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS length")
+        initial_window = self._initial_send_window
         for code, value in SETTING.iter_unpack(payload):
             if code == 0x1:  # HEADER_TABLE_SIZE: our encoder's table, at most that
                 self._encoder.set_table_size(min(value, MAX_TABLE))
@@ -424,17 +447,24 @@ class H2Server:
             elif code == 0x4:  # INITIAL_WINDOW_SIZE: applies to open streams too
                 if value > MAX_WINDOW:
                     raise H2ConnectionError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE")
-                delta, self._initial_send_window = value - self._initial_send_window, value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise H2ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
-                if delta > 0:
-                    self._flush_blocked()
+                initial_window = value
             elif code == 0x5:  # MAX_FRAME_SIZE
                 if not MAX_FRAME <= value <= 2**24 - 1:
                     raise H2ConnectionError(PROTOCOL_ERROR, "MAX_FRAME_SIZE")
                 self._max_send_frame = min(value, 4 * MAX_FRAME)
+        delta, self._initial_send_window = (
+            initial_window - self._initial_send_window,
+            initial_window,
+        )
+        if not delta:
+            return 0
+        for stream in self.streams.values():
+            stream.send_window += delta
+            if stream.send_window > MAX_WINDOW:
+                raise H2ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
+        if delta > 0:
+            self._reopen_streams()
+        return len(self.streams)
 
     # -- flow control of what the client sends -------------------------------------------------
 
@@ -452,112 +482,7 @@ class H2Server:
                 stream.unacked = 0
         self._ack_connection(size)
 
-    def _ack_connection(self, size: int) -> None:
-        self._conn_unacked += size
-        if self._conn_unacked >= WINDOW // 2:
-            self.out += frame(WINDOW_UPDATE, 0, 0, U32.pack(self._conn_unacked))
-            self._recv_window += self._conn_unacked
-            self._conn_unacked = 0
-
-    # -- sending -------------------------------------------------------------------------------
-
-    def send_headers(self, stream_id: int, headers: list[Header], *, end: bool = False) -> None:
-        """A response head (``end``: and no body), or trailers (``end`` set) after the data
-        already given to ``send_data``. Nothing when the stream is gone."""
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            return
-        if stream.pending:  # trailers after data still waiting for window
-            stream.trailers = headers
-            stream.pending_end = True
-            return
-        self._header_frames(stream_id, headers, end)
-        if end:
-            self._finished(stream)
-
-    def _header_frames(self, stream_id: int, headers: list[Header], end: bool) -> None:
-        block = self._encoder.encode(headers)  # encoded as sent: HPACK's table is in order
-        flags = END_STREAM if end else 0
-        limit = self._max_send_frame
-        if len(block) <= limit:
-            self.out += frame(HEADERS, flags | END_HEADERS, stream_id, block)
-            return
-        self.out += frame(HEADERS, flags, stream_id, block[:limit])
-        for start in range(limit, len(block), limit):
-            last = start + limit >= len(block)
-            self.out += frame(CONTINUATION, END_HEADERS if last else 0, stream_id,
-                              block[start : start + limit])  # fmt: skip
-
-    def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> bool:
-        """Body bytes (``end``: the last). True when all went out; False when some wait for
-        the client's window (``on_drained`` tells when they went), or the stream is gone."""
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            return False
-        stream.pending = stream.pending + data if stream.pending else data
-        stream.pending_end = end
-        return self._flush(stream)
-
-    def _flush(self, stream: Stream) -> bool:
-        pending = stream.pending
-        end = stream.pending_end and stream.trailers is None  # END_STREAM on the last DATA
-        while pending:
-            size = min(len(pending), stream.send_window, self._send_window, self._max_send_frame)
-            if size <= 0:
-                stream.pending = pending
-                self._blocked[stream.id] = stream
-                return False
-            last = size == len(pending)
-            self.out += frame(DATA, END_STREAM if last and end else 0, stream.id,
-                              pending if last else pending[:size])  # fmt: skip
-            stream.send_window -= size
-            self._send_window -= size
-            if last:
-                break
-            pending = pending[size:]
-        else:
-            if end:  # nothing (more) to send but the end
-                self.out += frame(DATA, END_STREAM, stream.id)
-        stream.pending = b""
-        was_blocked = self._blocked.pop(stream.id, None) is not None
-        if stream.pending_end:
-            if stream.trailers is not None:
-                self._header_frames(stream.id, stream.trailers, True)
-            self._finished(stream)
-        if was_blocked:
-            self.handler.on_drained(stream.id)
-        return True
-
-    def _flush_blocked(self) -> None:
-        for blocked in list(self._blocked.values()):
-            if self._send_window <= 0:
-                return
-            if blocked.id in self._blocked:  # not reset by what an earlier one's drain did
-                self._flush(blocked)
-
-    def _finished(self, stream: Stream) -> None:
-        """We ended the stream: if the client is still sending, it may stop (RFC 9113 §8.1)."""
-        if stream.remote_open:
-            self._rst(stream.id, NO_ERROR)
-        self._forget(stream)
-        self._credit = min(self._credit + 1, ABUSE_CREDIT)
-
-    def reset(self, stream_id: int, code: int = INTERNAL_ERROR) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            self._rst(stream_id, code)
-            self._forget(stream)
-
-    def close(self, code: int = NO_ERROR) -> None:
-        """GOAWAY: no new streams (and with an error, none of the open ones either)."""
-        if not self.closed:
-            self.closed = True
-            self.out += frame(GOAWAY, 0, 0, U32.pack(self._last_stream) + U32.pack(code))
-
     # -- helpers -------------------------------------------------------------------------------
-
-    def _rst(self, stream_id: int, code: int) -> None:
-        self.out += frame(RST_STREAM, 0, stream_id, U32.pack(code))
 
     def _stream_error(self, stream_id: int, code: int) -> None:
         self._rst(stream_id, code)
@@ -565,15 +490,3 @@ class H2Server:
         if stream is not None:
             self._forget(stream)
             self.handler.on_reset(stream_id)
-
-    def _forget(self, stream: Stream) -> None:
-        del self.streams[stream.id]
-        self._blocked.pop(stream.id, None)
-        if stream.held:  # handed over, never consumed: the connection's window comes back
-            self._ack_connection(stream.held)
-            stream.held = 0
-
-    def _spend(self) -> None:
-        self._credit -= 1
-        if self._credit <= 0:
-            raise H2ConnectionError(ENHANCE_YOUR_CALM, "too many resets or empty frames")

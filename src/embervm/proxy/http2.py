@@ -251,12 +251,17 @@ class ClientSession(asyncio.Protocol):
                 self.flush_soon()
 
     def refuse(self, stream_id: int, status: int, message: str) -> None:
-        """A whole answer with a fixed body (refusals carry no detail)."""
+        """A whole answer with a fixed body (refusals carry no detail). When the client's
+        windows have no room for the body, the head alone ends the stream: a refused stream
+        never waits, held, for a client that grants no window (A2)."""
         body = (message + "\n").encode()
-        head = [(b":status", b"%d" % status), (b"content-type", b"text/plain"),
-                (b"content-length", b"%d" % len(body))]  # fmt: skip
-        self.engine.send_headers(stream_id, head)
-        self.engine.send_data(stream_id, body, end=True)
+        if self.engine.window(stream_id) < len(body):
+            self.engine.send_headers(stream_id, [(b":status", b"%d" % status)], end=True)
+        else:
+            head = [(b":status", b"%d" % status), (b"content-type", b"text/plain"),
+                    (b"content-length", b"%d" % len(body))]  # fmt: skip
+            self.engine.send_headers(stream_id, head)
+            self.engine.send_data(stream_id, body, end=True)
         self.flush_soon()
         self.finished(stream_id)
 
