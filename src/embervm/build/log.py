@@ -9,8 +9,11 @@ stop there. ``logging: {"disabled": {}}`` in the request gives a ``NullBuildLog`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +23,15 @@ from typing import Any, Protocol
 
 MAX_LINE = 8192
 END = "end"
+MAX_BYTES = 64 * 1024 * 1024  # of one build's log; then one "log truncated" record
+BATCH_BYTES = 256 * 1024
+FLUSH_INTERVAL = 0.1  # a record waits at most this long for its batch
+CLOSE_WAIT = 30.0  # close() waits this long for the last batch and the fsync
+POLL_INTERVAL = 0.2  # a follower looks for new records this often
+_TAIL_ROOM = 2 * 1024  # kept for the "log truncated" and end records
+_TAIL_BYTES = 64 * 1024  # of output a splitter reads for the last lines, once the log is full
+
+log = logging.getLogger("embervm.build.log")
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,11 @@ class LogRecord:
 class BuildLog(Protocol):
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None: ...
 
+    @property
+    def full(self) -> bool:
+        """True when records are being dropped: nobody needs output cut into lines."""
+        ...
+
     def close(self, outcome: str) -> None: ...
 
 
@@ -53,6 +70,8 @@ def _now_iso(clock: Callable[[], float]) -> str:
 
 class NullBuildLog:
     """Logging disabled: records are dropped."""
+
+    full = True
 
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None:
         return None
@@ -67,6 +86,7 @@ class MemoryBuildLog:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.records: list[LogRecord] = []
         self.closed: str | None = None
+        self.full = False
         self._clock = clock
 
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None:
@@ -81,48 +101,130 @@ class MemoryBuildLog:
 
 
 class LocalBuildLog:
-    """Appends records to ``path`` (flushed per record, so followers see them at once)."""
+    """Appends records to ``path``, at most ``max_bytes`` of them.
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    ``emit`` runs on the event loop, so it only encodes and queues; a writer thread writes
+    what is queued with one write and flush per batch (at ``BATCH_BYTES``, or after
+    ``FLUSH_INTERVAL`` so followers see a quiet step's lines soon). A build that prints without
+    end (``RUN yes``) fills ``max_bytes``; then one ``warning`` record says the log was cut and
+    later records are dropped, until the end record (room is kept for both).
+    """
+
+    def __init__(
+        self, path: Path, clock: Callable[[], float] = time.time, *, max_bytes: int = MAX_BYTES
+    ) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.writes = 0  # batches written (for tests and the curious)
         self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh = path.open("ab")
+        self._room = max_bytes - _TAIL_ROOM
+        self._truncated = False
         self._closed = False
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._stopping = False
+        self._sync = True
+        self._wake = threading.Condition()
+        self._writer = threading.Thread(target=self._write_batches, name="build-log", daemon=True)
+        self._writer.start()
 
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None:
-        if self._closed:
+        if self._closed or self._truncated:
             return
-        record = LogRecord(_now_iso(self._clock), stream, message[:MAX_LINE], step)
-        self._fh.write(record.to_json() + "\n")
-        self._fh.flush()
+        data = self._encode(stream, message[:MAX_LINE], step)
+        if len(data) > self._room:
+            self._truncated = True
+            notice = f"log truncated: a build log keeps at most {self.max_bytes} bytes"
+            data = self._encode("warning", notice, None)
+        self._room -= len(data)
+        self._queue(data)
+
+    @property
+    def full(self) -> bool:
+        """True once records are dropped (a splitter may stop cutting output into lines)."""
+        return self._truncated or self._closed
 
     def close(self, outcome: str) -> None:
+        """Queue the end record and wait for the writer to write, fsync and close."""
         if self._closed:
             return
-        self.emit(END, outcome)
-        self._closed = True
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        self._queue(self._encode(END, outcome, None))
+        self._stop(sync=True)
 
     def release(self) -> None:
         """Close the file without an end record (the server stops mid-build; a later
         reconciliation marks the build failed)."""
+        if not self._closed:
+            self._stop(sync=False)
+
+    def _encode(self, stream: str, message: str, step: str | None) -> bytes:
+        record = LogRecord(_now_iso(self._clock), stream, message, step)
+        return (record.to_json() + "\n").encode("utf-8", "replace")
+
+    def _queue(self, data: bytes) -> None:
+        with self._wake:
+            self._queued.append(data)
+            self._queued_bytes += len(data)
+            if len(self._queued) == 1 or self._queued_bytes >= BATCH_BYTES:
+                self._wake.notify()
+
+    def _stop(self, *, sync: bool) -> None:
         self._closed = True
-        self._fh.close()
+        with self._wake:
+            self._stopping = True
+            self._sync = sync
+            self._wake.notify()
+        self._writer.join(CLOSE_WAIT)
+        if self._writer.is_alive():
+            log.warning("the build log %s is still being written after %s s", self.path, CLOSE_WAIT)
+
+    def _write_batches(self) -> None:
+        """The writer thread: one write and flush per batch, until stopped."""
+        failed = False
+        while True:
+            with self._wake:
+                while not self._queued and not self._stopping:
+                    self._wake.wait()
+                if not self._stopping and self._queued_bytes < BATCH_BYTES:
+                    self._wake.wait(FLUSH_INTERVAL)  # let a batch gather
+                batch, self._queued, self._queued_bytes = self._queued, [], 0
+                stopping = self._stopping
+            try:
+                if batch:
+                    self._fh.write(b"".join(batch))
+                    self._fh.flush()
+                    self.writes += 1
+                if stopping:
+                    if self._sync:
+                        os.fsync(self._fh.fileno())
+                    self._fh.close()
+                    return
+            except OSError as exc:  # disk full: this batch is lost, later ones are tried
+                if not failed:
+                    log.warning("could not write the build log %s: %s", self.path, exc)
+                failed = True
+                if stopping:
+                    with contextlib.suppress(OSError):
+                        self._fh.close()
+                    return
 
     @staticmethod
     async def follow(
-        path: Path, *, poll_interval: float = 0.1, idle_timeout: float | None = None
+        path: Path, *, poll_interval: float = POLL_INTERVAL, idle_timeout: float | None = None
     ) -> AsyncIterator[LogRecord]:
         """Yield records from the start of ``path``, then new ones as they are written, until
         the ``end`` record. ``idle_timeout`` (seconds without a new record) ends the follow
-        early, for logs of builds whose writer died."""
+        early, for logs of builds whose writer died. A quiet log costs one ``stat`` per poll
+        (on the loop: it does not wait on the disk's data), no worker thread."""
         offset = 0
         buffer = b""
         idle = 0.0
         while True:
-            chunk = await asyncio.to_thread(_read_from, path, offset)
+            chunk = b""
+            if _size(path) > offset:
+                chunk = await asyncio.to_thread(_read_from, path, offset)
             offset += len(chunk)
             buffer += chunk
             lines = buffer.split(b"\n")
@@ -146,6 +248,13 @@ class LocalBuildLog:
             idle += poll_interval
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _read_from(path: Path, offset: int) -> bytes:
     try:
         with path.open("rb") as fh:
@@ -155,14 +264,17 @@ def _read_from(path: Path, offset: int) -> bytes:
         return b""
 
 
-def open_build_log(logging: Mapping[str, Any] | None, path: Path) -> BuildLog:
-    """The log a build request asks for: ``{"disabled": {}}`` → none, else a local file.
+def open_build_log(
+    logging: Mapping[str, Any] | None, path: Path, *, max_bytes: int = MAX_BYTES
+) -> BuildLog:
+    """The log a build request asks for: ``{"disabled": {}}`` → none, else a local file of
+    at most ``max_bytes``.
 
     ``cloudWatch`` settings are accepted and logged locally (there is no CloudWatch here).
     """
     if logging and "disabled" in logging:
         return NullBuildLog()
-    return LocalBuildLog(path)
+    return LocalBuildLog(path, max_bytes=max_bytes)
 
 
 class LineSplitter:
@@ -178,8 +290,12 @@ class LineSplitter:
 
     def __call__(self, stream: str, chunk: bytes) -> None:
         data = self._pending.get(stream, b"") + chunk
+        full = self._log.full
+        if full and len(data) > _TAIL_BYTES:  # records are dropped: only the last lines matter
+            data = data[-_TAIL_BYTES:]
+            data = data[data.find(b"\n") + 1 :]  # from the first whole line
         *lines, rest = data.split(b"\n")
-        for raw in lines:
+        for raw in lines[-self._keep :] if full else lines:
             self._line(stream, raw)
         if len(rest) > MAX_LINE:
             self._line(stream, rest)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from embervm.build.log import (
     LineSplitter,
@@ -86,3 +89,75 @@ def test_logging_disabled_gives_a_null_log(tmp_path: Path) -> None:
     assert isinstance(log, LocalBuildLog)
     log.close("SUCCESSFUL")
     assert not (tmp_path / "y.log").exists()
+
+
+class ThreadsOfWrites:
+    """Stands in for the log's file: records which thread made each write."""
+
+    def __init__(self, real: BinaryIO) -> None:
+        self.real = real
+        self.threads: list[int] = []
+
+    def write(self, data: bytes) -> int:
+        self.threads.append(threading.get_ident())
+        return self.real.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_flood_of_output_is_cut_at_the_cap_and_written_in_batches_off_the_loop(
+    tmp_path: Path,
+) -> None:
+    cap = 256 * 1024
+    log = LocalBuildLog(tmp_path / "build.log", max_bytes=cap)
+    file = ThreadsOfWrites(log._fh)
+    log._fh = file  # type: ignore[assignment]
+    split = LineSplitter(log, step="2/3")
+    chunk = b"y\n" * 32 * 1024
+    for _ in range(160):  # 10 MiB of `yes`: 5 M lines, about 500 MiB of records uncapped
+        split("stdout", chunk)
+    split.flush()
+    log.close("FAILED")
+    data = (tmp_path / "build.log").read_bytes()
+    assert len(data) <= cap
+    records = [json.loads(line) for line in data.splitlines()]
+    assert records[-1] == {
+        "ts": records[-1]["ts"],
+        "stream": "end",
+        "step": None,
+        "message": "FAILED",
+    }
+    assert records[-2]["stream"] == "warning"
+    assert records[-2]["message"].startswith("log truncated")
+    assert {r["message"] for r in records[:-2]} == {"y"}
+    assert threading.get_ident() not in file.threads  # not one write on the emitting thread
+    assert 0 < len(file.threads) < len(records) // 100  # batches, not a write per record
+    assert split.last_lines == ["y"] * 20
+
+
+def test_a_full_log_is_not_fed_line_by_line() -> None:
+    class Counting(MemoryBuildLog):
+        def __init__(self) -> None:
+            super().__init__()
+            self.full = True
+
+    log = Counting()
+    split = LineSplitter(log, step=None)
+    split("stdout", b"y\n" * 1024 * 1024 + b"last words\npartial")
+    assert len(log.records) == 20  # the last lines only, not a million
+    assert split.last_lines[-1] == "last words"
+    split.flush()
+    assert split.last_lines[-1] == "partial"
+
+
+def test_emit_only_queues_and_a_follower_sees_a_quiet_record_soon(tmp_path: Path) -> None:
+    log = LocalBuildLog(tmp_path / "build.log")
+    log.emit("build", "one record")
+    for _ in range(500):  # the writer's FLUSH_INTERVAL, without a batch to fill
+        if (tmp_path / "build.log").stat().st_size:
+            break
+        time.sleep(0.01)
+    assert b"one record" in (tmp_path / "build.log").read_bytes()
+    log.release()
+    assert log.writes == 1
