@@ -18,6 +18,10 @@ only watches for a disconnect under ASGI spec < 2.4), or ``MAX_STREAM_SECONDS`` 
 maximum lifetime and then some) pass. Each way, the source's generator is closed, so no
 reader outlives its client. Lines already read go out together (``BATCH_BYTES`` per write):
 a whole log is sent in big writes, a followed line as soon as it comes.
+
+A follower holds its stream (and a poller of its file) for hours, so their number is bounded:
+at most ``MAX_FOLLOWERS`` at once on the server and ``MAX_FOLLOWERS_PER_KEY`` per access key;
+one more is answered 429 ``ThrottlingException`` before anything is looked up.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
@@ -36,7 +41,7 @@ from starlette.types import Receive, Scope, Send
 from embervm.api._app import caller_of
 from embervm.api._errors import serialize_error
 from embervm.core.caller import Caller
-from embervm.errors import ApiError, InternalError, ValidationError
+from embervm.errors import ApiError, InternalError, ThrottledError, ValidationError
 
 log = logging.getLogger("embervm.api.logs")
 
@@ -44,6 +49,9 @@ MAX_LINE_BYTES = 64 * 1024
 BATCH_BYTES = 64 * 1024
 QUEUED_LINES = 1024  # read ahead of a slow client at most this many lines
 MAX_STREAM_SECONDS = 9 * 3600  # RunMicrovm's maximumDurationInSeconds is at most 8 h
+MAX_FOLLOWERS = 64  # open follow=true streams on this server
+MAX_FOLLOWERS_PER_KEY = 8  # ... and of one access key
+FOLLOWER_RETRY_SECONDS = 5
 _FOLLOW_VALUES = {"true": True, "1": True, "false": False, "0": False}
 _MEDIA_TYPE = "text/plain; charset=utf-8"
 
@@ -69,6 +77,46 @@ def encode_line(line: str) -> bytes:
     return data + b"\n"
 
 
+class Followers:
+    """Counts the open ``follow=true`` streams, refusing one over either cap."""
+
+    def __init__(self, limit: int = MAX_FOLLOWERS, per_key: int = MAX_FOLLOWERS_PER_KEY) -> None:
+        self.limit = limit
+        self.per_key = per_key
+        self._by_key: Counter[str] = Counter()
+
+    @property
+    def open(self) -> int:
+        return self._by_key.total()
+
+    def take(self, key: str) -> Callable[[], None]:
+        """A slot for ``key`` (``ThrottledError`` when there is none); call the result once
+        to give it back."""
+        if self.open >= self.limit:
+            raise ThrottledError(
+                f"this server already streams {self.limit} followed logs; try again later",
+                retry_after=FOLLOWER_RETRY_SECONDS,
+            )
+        if self._by_key[key] >= self.per_key:
+            raise ThrottledError(
+                f"this access key already follows {self.per_key} logs; "
+                "close one or try again later",
+                retry_after=FOLLOWER_RETRY_SECONDS,
+            )
+        self._by_key[key] += 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self._by_key[key] -= 1
+                if not self._by_key[key]:
+                    del self._by_key[key]
+
+        return give_back
+
+
 def _follow(request: Request) -> bool:
     value = request.query_params.get("follow", "false").lower()
     if value not in _FOLLOW_VALUES:
@@ -85,11 +133,24 @@ class LineStream:
     """A ``text/plain`` response streaming ``lines``; ends with the source, the client, or
     ``max_seconds`` — whichever comes first — and always closes the source."""
 
-    def __init__(self, lines: AsyncIterator[str], max_seconds: float = MAX_STREAM_SECONDS) -> None:
+    def __init__(
+        self,
+        lines: AsyncIterator[str],
+        max_seconds: float = MAX_STREAM_SECONDS,
+        *,
+        on_end: Callable[[], None] = lambda: None,  # gives back a follower's slot
+    ) -> None:
         self.lines = lines
         self.max_seconds = max_seconds
+        self.on_end = on_end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._respond(receive, send)
+        finally:
+            self.on_end()
+
+    async def _respond(self, receive: Receive, send: Send) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -173,37 +234,54 @@ async def _close(lines: AsyncIterator[str]) -> None:
             await close()
 
 
+def _no_slot() -> None:
+    """What a request that took no follower's slot gives back."""
+
+
 async def _respond(
-    request: Request, open_lines: Callable[[bool], Awaitable[AsyncIterator[str]]]
+    request: Request,
+    open_lines: Callable[[bool], Awaitable[AsyncIterator[str]]],
+    followers: Followers,
 ) -> Response | LineStream:
-    """Look the resource up (errors answered in the model's shapes), then stream its lines."""
+    """Take a follower's slot, look the resource up (errors answered in the model's shapes),
+    then stream its lines."""
+    give_back = _no_slot
     try:
-        lines = await open_lines(_follow(request))
+        follow = _follow(request)
+        if follow and request.method != "HEAD":
+            give_back = followers.take(caller_of(request).access_key_id)
+        lines = await open_lines(follow)
     except ApiError as exc:
+        give_back()
         return _error(exc)
     except Exception:
+        give_back()
         log.exception("opening %s failed", request.url.path[:200])
         return _error(InternalError("Internal server error"))
     if request.method == "HEAD":  # it exists; HEAD has no body to stream
         await _close(lines)
         return Response(status_code=200, media_type=_MEDIA_TYPE)
-    return LineStream(lines)
+    return LineStream(lines, on_end=give_back)
 
 
-def log_routes(source: LogLines) -> list[BaseRoute]:
-    """The two log endpoints over ``source`` (core's ``Operations``)."""
+def log_routes(source: LogLines, followers: Followers | None = None) -> list[BaseRoute]:
+    """The two log endpoints over ``source`` (core's ``Operations``); ``followers`` bounds
+    the open ``follow=true`` streams (default: the module's caps)."""
+    slots = followers or Followers()
 
     async def build_logs(request: Request) -> Response | LineStream:
         name, version = request.path_params["name"], request.path_params["version"]
         caller = caller_of(request)
         return await _respond(
-            request, lambda follow: source.build_log_lines(name, version, follow, caller=caller)
+            request,
+            lambda follow: source.build_log_lines(name, version, follow, caller=caller),
+            slots,
         )
 
     async def app_logs(request: Request) -> Response | LineStream:
         microvm_id, caller = request.path_params["microvm_id"], caller_of(request)
         return await _respond(
-            request, lambda follow: source.app_log_lines(microvm_id, follow, caller=caller)
+            request, lambda follow: source.app_log_lines(microvm_id, follow, caller=caller), slots
         )
 
     return [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,10 @@ import pytest
 from api_unit_harness import ENDPOINT, ApiHarness
 from botocore.awsrequest import AWSRequest
 
-from embervm.api.logs import MAX_LINE_BYTES, LineStream, encode_line, log_routes
+from embervm.api.logs import MAX_LINE_BYTES, Followers, LineStream, encode_line, log_routes
 from embervm.api.testing import sign
 from embervm.core.caller import Caller
-from embervm.errors import NotFoundError
+from embervm.errors import NotFoundError, ThrottledError
 
 BUILD = "/embervm/v1/microvm-images/web/versions/3/logs"
 APP = "/embervm/v1/microvms/mvm-1/logs"
@@ -89,7 +89,7 @@ def _signed_headers(api: ApiHarness, target: str, method: str = "GET") -> list[t
 class AsgiCall:
     """One request straight through the ASGI interface, with a client that can go away."""
 
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[MutableMapping[str, Any]] = field(default_factory=list)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     sent: asyncio.Condition = field(default_factory=asyncio.Condition)
     _body_sent: bool = False
@@ -101,7 +101,7 @@ class AsgiCall:
         await self.gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         async with self.sent:
             self.messages.append(message)
             self.sent.notify_all()
@@ -300,3 +300,58 @@ async def test_a_source_breaking_mid_stream_never_looks_like_a_complete_log(
     assert call.body == b"partial\n"
     assert not call.finished  # the server closes the connection: the client sees a break
     assert "disk gone" in caplog.text
+
+
+async def test_followers_over_the_per_key_cap_are_throttled_until_one_leaves(
+    tmp_path: Path,
+) -> None:
+    source = FakeLogSource(app={"mvm-1": ["first"]})
+    api = ApiHarness(tmp_path, extra_routes=log_routes(source, Followers(limit=10, per_key=2)))
+    calls, served = [], []
+    async with api.client, asyncio.timeout(10):
+        for _ in range(2):
+            call = AsgiCall()
+            scope = _scope(api, APP, b"follow=true")
+            served.append(asyncio.create_task(api.app(scope, call.receive, call.send)))
+            await call.received(b"first\n")
+            calls.append(call)
+        looked_up = len(source.calls)
+        refused = await api.signed_raw("GET", APP + "?follow=true")
+        assert refused.status_code == 429
+        assert refused.headers["x-amzn-errortype"] == "ThrottlingException"
+        assert refused.headers["retry-after"] == "5"
+        assert "already follows 2 logs" in refused.json()["message"]
+        assert len(source.calls) == looked_up  # refused before the log was opened
+        assert (await api.signed_raw("GET", APP)).status_code == 200  # reading is not following
+        calls[0].gone.set()  # one follower leaves: its slot is free again
+        await served[0]
+        call = AsgiCall()
+        again = asyncio.create_task(
+            api.app(_scope(api, APP, b"follow=true"), call.receive, call.send)
+        )
+        await call.received(b"first\n")
+        for leaving in (calls[1], call):
+            leaving.gone.set()
+        await asyncio.gather(served[1], again)
+
+
+def test_followers_are_capped_per_server_and_slots_come_back_once() -> None:
+    followers = Followers(limit=2, per_key=2)
+    give_back_a = followers.take("AKIDA")
+    followers.take("AKIDB")
+    with pytest.raises(ThrottledError, match="already streams 2 followed logs"):
+        followers.take("AKIDC")
+    give_back_a()
+    give_back_a()  # twice is once
+    assert followers.open == 1
+    followers.take("AKIDC")
+    assert followers.open == 2
+
+
+async def test_a_refused_lookup_gives_its_follower_slot_back(tmp_path: Path) -> None:
+    followers = Followers(limit=1, per_key=1)
+    api = ApiHarness(tmp_path, extra_routes=log_routes(FakeLogSource(), followers))
+    async with api.client:
+        for _ in range(3):
+            assert (await api.signed_raw("GET", APP + "?follow=true")).status_code == 404
+    assert followers.open == 0

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pytest
+
 from embervm.build.log import (
     LineSplitter,
     LocalBuildLog,
@@ -161,3 +163,35 @@ def test_emit_only_queues_and_a_follower_sees_a_quiet_record_soon(tmp_path: Path
     assert b"one record" in (tmp_path / "build.log").read_bytes()
     log.release()
     assert log.writes == 1
+
+
+async def test_a_follower_of_a_quiet_build_log_polls_without_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "build.log"
+    first = LocalBuildLog(path)
+    first.emit("build", "Step 1/1: RUN sleep 600")
+    first.release()  # the record is on disk before the follower starts
+    log = LocalBuildLog(path)
+    hops: list[str] = []
+    real_to_thread, real_sleep = asyncio.to_thread, asyncio.sleep
+
+    async def counting_to_thread(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real_to_thread(fn, *args, **kwargs)
+
+    polls = 0
+
+    async def counting_sleep(delay: float) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 200:  # after 200 quiet polls the build ends
+            await real_to_thread(log.close, "SUCCESSFUL")
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+    records = [r.stream async for r in LocalBuildLog.follow(path)]
+    assert records == ["build", "end"]
+    assert polls == 200
+    assert hops.count("_read_from") == 2  # one read per change, none per poll

@@ -1,5 +1,5 @@
-"""The app log pump survives a full disk: lines are dropped while writes fail, and it goes
-on writing once they succeed again."""
+"""The app log pump survives a full disk (lines are dropped while writes fail, and it goes
+on writing once they succeed again); a follower of a quiet log costs no worker thread."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import errno
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,36 @@ async def test_a_disk_that_stays_full_keeps_the_pump_running(tmp_path: Path) -> 
     assert task.done()
     assert task.exception() is None
     assert logs.calls == 50  # every line was tried: none killed the pump
+
+
+async def test_a_follower_of_a_quiet_log_polls_without_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs = AppLogFiles(tmp_path)
+    (tmp_path / f"{VM}.log").write_text("before\n")
+    hops: list[str] = []
+    real_to_thread = asyncio.to_thread
+
+    async def counting_to_thread(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real_to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+    follower = logs.lines(VM, follow=True)
+    assert await anext(follower) == "before"
+    polls = 0
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay: float) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 200:  # after 200 quiet polls, a new line and the VM's end
+            with (tmp_path / f"{VM}.log").open("a") as fh:
+                fh.write("after\n")
+            logs.end(VM)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+    assert [line async for line in follower] == ["after"]
+    assert polls == 200
+    assert hops == ["_read_from", "_read_from"]  # one read per change, none per poll
