@@ -10,8 +10,10 @@ stream); gRPC and ``X-aws-proxy-force-h2: true`` go as h2c over one multiplexed 
 VM port (``h2toh2``, a task per stream). What the frame layer has to send leaves in one write
 per turn of the event loop.
 
-Timeouts: 120 s without a stream before the connection is closed (GOAWAY), 300 s without a
-byte either way on a stream, 30 s for the client's first bytes after the hand-over.
+Timeouts: 30 s for a connection that has sent no request with a valid token (from the
+hand-over, whatever it sends: the same deadline as HTTP/1.1's first request, audit A8), then
+120 s without a stream before the connection is closed (GOAWAY), 300 s without a byte either
+way on a stream, 30 s for the client's first bytes after the hand-over.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class ClientSession(asyncio.Protocol):
         self.flushing = False
         self.gone = False
         self.done: asyncio.Future[None] = self.loop.create_future()
-        self.idle_since = self.loop.time()
+        self.idle_since = self.started = self.loop.time()
+        self.authenticated = False  # a request with a valid token came: IDLE_TIMEOUT applies
         self.timer = self.loop.call_later(TICK, self._tick)
         self.ask: Ask | None = None
         self.ask_key: tuple[bytes | None, ...] = ()
@@ -136,7 +139,8 @@ class ClientSession(asyncio.Protocol):
         now = self.loop.time()
         for exchange in list(self.exchanges.values()):
             exchange.expired(now, BODY_TIMEOUT)
-        if not self.exchanges and now - self.idle_since > IDLE_TIMEOUT:  # or only held data
+        idle = not self.exchanges and now - self.idle_since > IDLE_TIMEOUT  # or only held data
+        if idle or (not self.authenticated and now - self.started > FIRST_REQUEST_TIMEOUT):
             self.engine.close()
             self.close()
             return
@@ -150,10 +154,11 @@ class ClientSession(asyncio.Protocol):
         authority = request.authority or fields.get(b"host")
         try:
             ask = self._ask(authority, fields, request.path)
-            target = self.admission.admit_now(ask)
+            target = self.admission.admit_now(ask)  # the token checked first: Refusal if bad
         except Refusal as refusal:
             self.refuse(stream_id, refusal.status, refusal.message)
             return
+        self.authenticated = True
         exchange: Exchange
         if (fields.get(b"content-type", b"").startswith(b"application/grpc")
                 or fields.get(FORCE_H2_HEADER, b"").lower() == b"true"):  # fmt: skip

@@ -4,11 +4,15 @@ connections, answers held for clients that grant no window (audit A2, A8, B7).""
 
 from __future__ import annotations
 
+import asyncio
+
 import h2.events
 import h2.settings
 import pytest
-from tests.unit.proxy.conftest import HOST, Rig
+from tests.unit.proxy.conftest import HOST, App, Rig
 from tests.unit.proxy.test_proxy_h2_relay import Client
+
+from embervm.proxy import http2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,5 +35,51 @@ async def test_a_refusal_ends_its_stream_for_a_client_that_grants_no_window(rig:
         statuses = [dict(e.headers)[b":status"] for e in client.events
                     if isinstance(e, h2.events.ResponseReceived)]  # fmt: skip
         assert statuses == [b"403"] * 32
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def short_deadlines(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The first-request deadline and the session's tick, shortened alike (30 s and 5 s)."""
+    monkeypatch.setattr(http2, "FIRST_REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(http2, "TICK", 0.05)
+    return 0.3
+
+
+def refused_request(client: Client) -> None:
+    headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", HOST.encode()),
+               (b":path", b"/")]  # fmt: skip
+    client.conn.send_headers(client.conn.get_next_available_stream_id(), headers, end_stream=True)
+    client.flush()
+
+
+async def test_a_connection_without_a_valid_token_ends_at_the_first_request_deadline(
+    rig: Rig, short_deadlines: float
+) -> None:
+    client = await Client.open(rig)
+    try:
+        terminated: list[h2.events.ConnectionTerminated] = []
+        while not terminated:  # busy all along, but never with a valid token
+            refused_request(client)
+            events = await client.read()
+            assert not client.closed, "closed without GOAWAY"
+            terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert terminated[0].error_code == 0
+        assert await client.read() == []  # then closed
+    finally:
+        await client.close()
+
+
+async def test_a_connection_with_a_valid_token_outlives_the_first_request_deadline(
+    rig: Rig, app: App, short_deadlines: float
+) -> None:
+    client = await Client.open(rig)
+    try:
+        status, _ = await client.answer(client.request(rig, app.port))
+        assert status == 200
+        await asyncio.sleep(3 * short_deadlines)  # idle, but past the deadline it had
+        status, _ = await client.answer(client.request(rig, app.port))
+        assert status == 200
     finally:
         await client.close()
