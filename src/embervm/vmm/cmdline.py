@@ -2,13 +2,16 @@
 
 Kept pure so unit tests can pin every flag: the boot-hang fix (``pit=off,pic=off``, which needs
 ``tsc_early_khz`` in the kernel command line), the RAM in a ``memory-backend-file`` (what makes
-snapshots cheap), the agent port QEMU serves, and the seccomp sandbox.
+snapshots cheap), the agent port QEMU serves, the seccomp sandbox, the privilege drop and the
+serial console written into a pipe (docs/JAIL.md).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from embervm.vmm.config import AGENT_PORT_NAME, GUEST_MAC, VmConfig
 
@@ -16,6 +19,41 @@ QEMU_BINARY = "qemu-system-x86_64"
 RAM_BACKEND = "ram0"
 """The guest RAM's memory backend id: also the RAM block's name in migration streams."""
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# QEMU loads its filter before it drops privileges, so with ``elevateprivileges=deny`` its own
+# setgid() is killed (SIGSYS). Once dropped, QEMU has no capability left to elevate with: a
+# non-root process can set no id but its own, and it cannot exec (spawn=deny).
+SANDBOX_DROPPING = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+
+DropFlags = Literal["runas-chroot", "runas-run-with-chroot", "run-with"]
+"""How this QEMU spells the privilege drop: ``-runas``/``-chroot`` (up to 8.0), ``-runas`` with
+``-run-with chroot=`` (8.1 to 9.0, where ``-chroot`` is deprecated), ``-run-with user=,chroot=``
+(9.1 on, where ``-runas`` is deprecated)."""
+
+
+def drop_flags_from_help(help_text: str) -> DropFlags:
+    """Read from ``qemu-system-x86_64 -help`` which spelling this binary takes."""
+    run_with = re.search(r"^-run-with\b(.*)$", help_text, re.MULTILINE)
+    if run_with is None or "chroot=" not in run_with.group(1):
+        return "runas-chroot"
+    return "run-with" if "user=" in run_with.group(1) else "runas-run-with-chroot"
+
+
+@dataclass(frozen=True)
+class PrivilegeDrop:
+    """Who QEMU becomes once its devices and files are open: ``uid``:``uid`` with no other
+    group and no capability, chrooted into ``chroot`` (the VM's directory, root's 0700)."""
+
+    uid: int
+    chroot: Path
+    flags: DropFlags = "runas-chroot"
+
+    def argv(self) -> list[str]:
+        user = f"{self.uid}:{self.uid}"
+        if self.flags == "run-with":
+            return ["-run-with", f"user={user},chroot={self.chroot}"]
+        if self.flags == "runas-run-with-chroot":
+            return ["-runas", user, "-run-with", f"chroot={self.chroot}"]
+        return ["-runas", user, "-chroot", str(self.chroot)]
 
 
 @dataclass(frozen=True)
@@ -48,9 +86,16 @@ def qemu_argv(
     memory: MemorySpec | None = None,
     incoming: bool = False,
     binary: str = QEMU_BINARY,
+    serial_fd: int | None = None,
+    drop: PrivilegeDrop | None = None,
 ) -> list[str]:
-    """The full argv (binary first). ``incoming`` adds ``-incoming defer`` for restores."""
+    """The full argv (binary first). ``incoming`` adds ``-incoming defer`` for restores.
+    ``serial_fd``: the console goes to this inherited descriptor (a pipe the VMM drains)
+    instead of ``cfg.console_log``. ``drop``: the privilege drop (and a sandbox that lets
+    QEMU perform it)."""
     mem = memory or MemorySpec(cfg.memory_file)
+    # QEMU opens this path before it drops privileges, as root, outside its chroot.
+    console = cfg.console_log if serial_fd is None else Path(f"/proc/self/fd/{serial_fd}")
     if mem.path is None:
         backend = f"memory-backend-ram,id={RAM_BACKEND},size={cfg.memory_mib}M"
     else:
@@ -65,7 +110,7 @@ def qemu_argv(
         "-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M",
         "-object", backend,
         "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.cmdline,
-        "-serial", f"file:{cfg.console_log}",
+        "-serial", f"file:{console}",
         "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
         "-drive", f"id=d0,file={cfg.disk},format=qcow2,if=none,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-device,drive=d0",
@@ -81,7 +126,9 @@ def qemu_argv(
         netdev = "hubport,id=n0,hubid=0"
     argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}"]
     if cfg.sandbox:
-        argv += ["-sandbox", SANDBOX]
+        argv += ["-sandbox", SANDBOX if drop is None else SANDBOX_DROPPING]
+    if drop is not None:
+        argv += drop.argv()
     if incoming:
         argv += ["-incoming", "defer"]
     argv += list(cfg.extra_args)

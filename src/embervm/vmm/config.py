@@ -14,6 +14,13 @@ GUEST_MAC = "52:54:00:12:34:56"
 AGENT_PORT_NAME = "org.embervm.agent"
 #: Memory the QEMU process needs beyond guest RAM (TCG translation cache, devices, libraries).
 DEFAULT_MEMORY_OVERHEAD_MIB = 192
+#: Tasks (threads) one QEMU may have: vCPU threads, the main loop, RCU and up to 64 block I/O
+#: workers fit well within it; ``spawn=deny`` already stops forks, this caps threads too.
+DEFAULT_PIDS_MAX = 256
+#: Disk bandwidth and operations per second one VMM may use on the data dir's device, each
+#: way: enough for a guest's own work, too little for one guest to starve the others.
+DEFAULT_IO_BYTES_PER_SECOND = 256 << 20
+DEFAULT_IO_OPS_PER_SECOND = 8000
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,9 @@ class CgroupLimits:
 
     cpu_quota_cores: float | None = None  # e.g. 1.0 = one core's worth of CPU time
     memory_max_mib: int | None = None  # hard limit for the whole QEMU process
+    pids_max: int | None = None  # tasks (threads) of the QEMU process
+    io_bytes_per_second: int | None = None  # read and write, each, on the data dir's disk
+    io_ops_per_second: int | None = None  # read and write operations, each
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,9 @@ class VmConfig:
     tcg_thread: Literal["auto", "single", "multi"] = "auto"
     cgroup: CgroupLimits | None = None  # None: no cgroup jail
     sandbox: bool = True  # QEMU's seccomp filter (-sandbox on,...)
+    # QEMU drops to a uid of its own and chroots into ``workdir`` once its files are open
+    # (needs root; docs/JAIL.md).
+    unprivileged: bool = False
     kernel_release: str = ""  # recorded in snapshot manifests
     legacy_timers: bool = False  # keep PIT/PIC (only when the cmdline lacks tsc_early_khz)
     extra_args: tuple[str, ...] = field(default=())
@@ -91,11 +104,15 @@ class VmConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def effective_limits(self) -> CgroupLimits:
-        """The cgroup limits with defaults filled in: a core per vCPU, RAM + overhead."""
+        """The cgroup limits with defaults filled in: a core per vCPU, RAM + overhead, and
+        the task and disk I/O defaults above."""
         lim = self.cgroup or CgroupLimits()
         return CgroupLimits(
             cpu_quota_cores=lim.cpu_quota_cores or float(self.vcpus),
             memory_max_mib=lim.memory_max_mib or self.memory_mib + DEFAULT_MEMORY_OVERHEAD_MIB,
+            pids_max=lim.pids_max or DEFAULT_PIDS_MAX,
+            io_bytes_per_second=lim.io_bytes_per_second or DEFAULT_IO_BYTES_PER_SECOND,
+            io_ops_per_second=lim.io_ops_per_second or DEFAULT_IO_OPS_PER_SECOND,
         )
 
 

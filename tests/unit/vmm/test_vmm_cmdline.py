@@ -1,7 +1,12 @@
 from pathlib import Path
 
-from embervm.vmm.cmdline import MemorySpec, qemu_argv
-from embervm.vmm.config import VmConfig
+from embervm.vmm.cmdline import MemorySpec, PrivilegeDrop, drop_flags_from_help, qemu_argv
+from embervm.vmm.config import (
+    DEFAULT_IO_BYTES_PER_SECOND,
+    DEFAULT_IO_OPS_PER_SECOND,
+    DEFAULT_PIDS_MAX,
+    VmConfig,
+)
 
 
 def cfg(**kw: object) -> VmConfig:
@@ -80,3 +85,47 @@ def test_default_limits_are_a_core_per_vcpu_and_ram_plus_overhead() -> None:
     assert lim.cpu_quota_cores == 2.0
     assert lim.memory_max_mib is not None
     assert lim.memory_max_mib > 256
+    assert lim.pids_max == DEFAULT_PIDS_MAX
+    assert lim.io_bytes_per_second == DEFAULT_IO_BYTES_PER_SECOND
+    assert lim.io_ops_per_second == DEFAULT_IO_OPS_PER_SECOND
+
+
+def test_the_console_goes_to_an_inherited_pipe_when_given_one() -> None:
+    assert opt(qemu_argv(cfg(), serial_fd=7), "-serial") == ["file:/proc/self/fd/7"]
+
+
+QEMU_72_HELP = """\
+-chroot dir     chroot to dir just before starting the VM
+-runas user     change to user id user just before starting the VM
+                user can be numeric uid:gid instead
+"""
+QEMU_81_HELP = """\
+-run-with [async-teardown=on|off][,chroot=dir]
+                Set miscellaneous QEMU process lifecycle options:
+-runas user     change to user id user just before starting the VM
+"""
+QEMU_91_HELP = """\
+-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]
+                Set miscellaneous QEMU process lifecycle options:
+                user=username switch to the specified user before starting the VM
+"""
+
+
+def test_the_privilege_drop_is_spelled_as_each_qemu_version_takes_it() -> None:
+    assert drop_flags_from_help(QEMU_72_HELP) == "runas-chroot"
+    assert drop_flags_from_help(QEMU_81_HELP) == "runas-run-with-chroot"
+    assert drop_flags_from_help(QEMU_91_HELP) == "run-with"
+    jail = Path("/vms/ab")
+    assert PrivilegeDrop(7, jail, "runas-chroot").argv() == ["-runas", "7:7", "-chroot", "/vms/ab"]
+    assert PrivilegeDrop(7, jail, "runas-run-with-chroot").argv() == [
+        "-runas", "7:7", "-run-with", "chroot=/vms/ab"
+    ]  # fmt: skip
+    assert PrivilegeDrop(7, jail, "run-with").argv() == ["-run-with", "user=7:7,chroot=/vms/ab"]
+
+
+def test_a_dropping_qemu_keeps_its_sandbox_but_may_call_its_own_setuid() -> None:
+    argv = qemu_argv(cfg(), drop=PrivilegeDrop(1879048200, Path("/d")))
+    # elevateprivileges=deny would kill QEMU at its own setgid (it loads the filter first).
+    assert opt(argv, "-sandbox") == ["on,obsolete=deny,spawn=deny,resourcecontrol=deny"]
+    assert opt(argv, "-runas") == ["1879048200:1879048200"]
+    assert opt(argv, "-chroot") == ["/d"]
