@@ -56,6 +56,12 @@ class Settings:
     app_log_retention_days: float = 7.0
     # A build step's cached layer is forgotten (and its disk space freed) after this long unused.
     build_cache_days: float = 14.0
+    # Endpoint proxy: client connections held at once, in all and per source address (an IPv6
+    # /64), beyond which new ones are closed unread (A8); and how long a WebSocket, other
+    # upgrade or shell may go without a byte either way (A16).
+    proxy_max_connections: int = 10_000
+    proxy_max_connections_per_ip: int = 2_000
+    proxy_session_idle_timeout: float = 600.0
 
     @property
     def artifacts_dir(self) -> Path:

@@ -7,9 +7,11 @@ that it was refused, never why a token failed (that goes to the debug log).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from functools import partial
+from typing import Any, NamedTuple, Protocol
 
 from embervm.core.ids import MICROVM_ID_RE
 from embervm.core.lifecycle import ResolvedVm
@@ -20,6 +22,7 @@ from embervm.errors import (
     InsufficientCapacityError,
     NotFoundError,
 )
+from embervm.proxy.streams import SESSION_IDLE_TIMEOUT, TOKEN_CHECK_INTERVAL, SessionLease
 
 log = logging.getLogger("embervm.proxy")
 
@@ -48,8 +51,22 @@ class VmRoutes(Protocol):
     def record_activity(self, microvm_id: str) -> None: ...
 
 
+class Claims(Protocol):
+    """What the proxy reads of a verified token (``core.tokens.TokenClaims``)."""
+
+    @property
+    def expires_at(self) -> float: ...
+
+
 class TokenVerifier(Protocol):
-    def verify(self, token: str, *, microvm_id: str, port: int, kind: str) -> object: ...
+    """The proxy's side of ``core.tokens.TokenAuthority``."""
+
+    def verify(self, token: str, *, microvm_id: str, port: int, kind: str) -> Claims: ...
+
+    def current(self, claims: Any) -> bool:
+        """The token ``verify`` returned ``claims`` for is still good (not expired, its key
+        not revoked)."""
+        ...
 
 
 class Refusal(Exception):
@@ -106,10 +123,21 @@ def strip_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, b
 
 
 class Admission:
-    def __init__(self, domain: str, routes: VmRoutes, tokens: TokenVerifier) -> None:
+    def __init__(
+        self,
+        domain: str,
+        routes: VmRoutes,
+        tokens: TokenVerifier,
+        *,
+        session_idle_timeout: float = SESSION_IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.suffix = "." + domain.lower().strip(".")
         self.routes = routes
         self.tokens = tokens
+        self.session_idle_timeout = session_idle_timeout
+        self.token_check_interval = TOKEN_CHECK_INTERVAL
+        self.clock = clock
         self._open: dict[str, int] = {}
 
     def vm_of_host(self, host: bytes | str | None) -> str:
@@ -165,7 +193,21 @@ class Admission:
 
     async def admit(self, ask: Ask) -> Target:
         """Check the token and the VM (resuming it if it is suspended with auto-resume)."""
-        self._check_token(ask)
+        target, _ = await self._admit(ask)
+        return target
+
+    async def admit_session(self, ask: Ask) -> tuple[Target, SessionLease]:
+        """``admit``, and the lease of a session that may become a splice (an upgrade,
+        ``/shell``): it ends when the token that opened it expires or is revoked, or idles."""
+        target, claims = await self._admit(ask)
+        still_current = partial(self.tokens.current, claims)
+        lease = SessionLease(claims.expires_at, still_current,
+                             idle_timeout=self.session_idle_timeout, clock=self.clock,
+                             check_interval=self.token_check_interval)  # fmt: skip
+        return target, lease
+
+    async def _admit(self, ask: Ask) -> tuple[Target, Claims]:
+        claims = self._check_token(ask)
         try:
             vm = await self.routes.resolve(ask.microvm_id)
             if not vm.allows(ask.kind):
@@ -181,14 +223,15 @@ class Admission:
         except EmbervmError as exc:
             log.warning("MicroVM %s could not be started for a request: %s", ask.microvm_id, exc)
             raise Refusal(502, "MicroVM could not be resumed") from None
-        return self._target(ask, vm)
+        return self._target(ask, vm), claims
 
-    def _check_token(self, ask: Ask) -> None:
+    def _check_token(self, ask: Ask) -> Claims:
         if not ask.token:
             raise FORBIDDEN
         kind = "shell" if ask.kind == "shell" else "endpoint"
         try:
-            self.tokens.verify(ask.token, microvm_id=ask.microvm_id, port=ask.port, kind=kind)
+            return self.tokens.verify(ask.token, microvm_id=ask.microvm_id, port=ask.port,
+                                      kind=kind)  # fmt: skip
         except TokenRejected as exc:
             log.debug("token refused for %s: %s", ask.microvm_id, exc)
             raise FORBIDDEN from None

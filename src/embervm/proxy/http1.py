@@ -39,7 +39,13 @@ from embervm.proxy.h1wire import (
     status_line,
 )
 from embervm.proxy.shell import ShellOpener, serve_shell_h1
-from embervm.proxy.streams import READ_SIZE, close_quietly, open_upstream, splice
+from embervm.proxy.streams import (
+    READ_SIZE,
+    SessionLease,
+    close_quietly,
+    open_upstream,
+    splice,
+)
 
 log = logging.getLogger("embervm.proxy.http1")
 
@@ -153,12 +159,12 @@ class Http1Session:
         try:
             ask = self.admission.ask(fields.get(b"host"), fields, head.target,
                                      websocket=websocket)  # fmt: skip
-            target = await self.admission.admit(ask)
+            target, lease = await self.admission.admit_session(ask)
         except Refusal as refusal:
             await self.refuse(refusal.status, refusal.message)
             return False
         if ask.kind == "shell":
-            await serve_shell_h1(self, fields, target, self.shells)
+            await serve_shell_h1(self, fields, target, self.shells, lease)
             return False
         keep = head.version == b"1.1" and b"close" not in head.tokens(b"connection")
         if not websocket and fields.get(FORCE_H2_HEADER, b"").lower() == b"true":
@@ -173,7 +179,7 @@ class Http1Session:
             return False
         forwarded = forwarded_fields(head, upgrade=bool(upgrade))
         upstream.writer.write(serialize(head.start, strip_headers(forwarded)))
-        return await self._exchange(upstream, head, framing, bool(upgrade)) and keep
+        return await self._exchange(upstream, head, framing, lease if upgrade else None) and keep
 
     async def _upstream_for(self, target: Target) -> Upstream:
         current = self.upstream
@@ -189,7 +195,11 @@ class Http1Session:
         self.upstream = Upstream(target, reader, writer)
         return self.upstream
 
-    async def _exchange(self, upstream: Upstream, head: Head, framing: int, upgrade: bool) -> bool:
+    async def _exchange(
+        self, upstream: Upstream, head: Head, framing: int, upgrade: SessionLease | None
+    ) -> bool:
+        """One request and its answer; ``upgrade``: the request asks for one, and an app that
+        accepts it turns the connection into a splice held by this lease."""
         keep = False
         body: asyncio.Task[None] | None = None
         try:
@@ -216,7 +226,7 @@ class Http1Session:
         return keep
 
     async def _response_while(
-        self, body: asyncio.Task[None], upstream: Upstream, head: Head, upgrade: bool
+        self, body: asyncio.Task[None], upstream: Upstream, head: Head, upgrade: SessionLease | None
     ) -> bool:
         """The answer, relayed while the request body still flows; a client that stops short
         ends the exchange (the app would wait for the rest forever)."""
@@ -233,7 +243,9 @@ class Http1Session:
                 with contextlib.suppress(BaseException):
                     await response
 
-    async def _response(self, upstream: Upstream, request: Head, upgrade: bool) -> bool:
+    async def _response(
+        self, upstream: Upstream, request: Head, upgrade: SessionLease | None
+    ) -> bool:
         """Relay the app's answer; True when both connections may carry another request."""
         while True:
             async with asyncio.timeout(RESPONSE_HEAD_TIMEOUT):
@@ -241,14 +253,15 @@ class Http1Session:
             if raw is None:
                 raise ConnectionError("the app closed the connection before answering")
             head = parse_response(raw)
-            if head.status == 101 and upgrade:
+            if head.status == 101 and upgrade is not None:
                 self.answered = True
                 self.writer.write(host_only_cookies(raw))
-                activity = partial(
-                    self.admission.routes.record_activity, upstream.target.microvm_id
-                )
-                await splice((self.reader, self.writer), (upstream.reader, upstream.writer),
-                             activity)  # fmt: skip
+                vm_id = upstream.target.microvm_id
+                activity = partial(self.admission.routes.record_activity, vm_id)
+                app = (upstream.reader, upstream.writer)
+                ended = await splice((self.reader, self.writer), app, activity, upgrade)
+                if ended is not None:
+                    log.info("upgraded connection to %s closed: %s", vm_id, ended)
                 return False
             if head.status >= 200:
                 break

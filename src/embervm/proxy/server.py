@@ -46,7 +46,8 @@ class EndpointProxy:
         tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.settings = settings
-        self.admission = Admission(settings.domain, lifecycle, tokens)
+        idle = settings.proxy_session_idle_timeout
+        self.admission = Admission(settings.domain, lifecycle, tokens, session_idle_timeout=idle)
         self.shells = shells
         self._tls = tls
         self._servers: list[asyncio.Server] = []

@@ -24,7 +24,7 @@ from wsproto.utilities import generate_accept_token
 from embervm.errors import EmbervmError
 from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Target, subprotocols
 from embervm.proxy.h1wire import serialize
-from embervm.proxy.streams import READ_SIZE
+from embervm.proxy.streams import READ_SIZE, Ending, SessionLease
 
 if TYPE_CHECKING:
     from embervm.proxy.http1 import Http1Session
@@ -66,9 +66,14 @@ def _accept_headers(fields: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
 
 
 async def serve_shell_h1(
-    session: Http1Session, fields: dict[bytes, bytes], target: Target, shells: ShellOpener
+    session: Http1Session,
+    fields: dict[bytes, bytes],
+    target: Target,
+    shells: ShellOpener,
+    lease: SessionLease,
 ) -> None:
-    """Answer the upgrade, open the PTY, and bridge them until either side ends."""
+    """Answer the upgrade, open the PTY, and bridge them until either side or ``lease``
+    ends."""
     if not fields.get(b"sec-websocket-key"):
         await session.refuse(400, "Bad request")
         return
@@ -81,8 +86,14 @@ async def serve_shell_h1(
     session.writer.write(serialize(b"HTTP/1.1 101 Switching Protocols", _accept_headers(fields)))
     ws = Connection(ConnectionType.SERVER)
     routes = session.admission.routes
-    await _bridge(ws, pty, session.reader, session.writer,
-                  lambda: routes.record_activity(target.microvm_id))  # fmt: skip
+
+    def on_input() -> None:
+        routes.record_activity(target.microvm_id)
+        lease.touch()
+
+    ended = await _bridge(ws, pty, session.reader, session.writer, on_input, lease)
+    if ended is not None:
+        log.info("shell on %s closed: %s", target.microvm_id, ended)
 
 
 async def _bridge(
@@ -91,9 +102,14 @@ async def _bridge(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     on_input: Callable[[], None],
-) -> None:
+    lease: SessionLease,
+) -> Ending | None:
+    """Relay until the shell or the client ends (None), or the lease does (its reason: the
+    client gets a close frame saying so)."""
+
     async def to_client() -> None:
         async for chunk in pty:
+            lease.touch()
             writer.write(ws.send(BytesMessage(data=chunk)))
             await writer.drain()
         code = await pty.wait(EXIT_WAIT)  # the output ended: the exit status follows at once
@@ -129,16 +145,26 @@ async def _bridge(
 
     out = asyncio.create_task(to_client())
     inp = asyncio.create_task(from_client())
+    watch = asyncio.create_task(lease.ended())
     try:
-        await asyncio.wait({out, inp}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({out, inp, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if watch.done():
+            reason = watch.result()
+            code = 1001 if reason == Ending.IDLE else 1008  # going away; policy violation
+            with contextlib.suppress(Exception):  # wsproto refuses if a close went out already
+                writer.write(ws.send(CloseConnection(code=code, reason=reason)))
+                async with asyncio.timeout(5):
+                    await writer.drain()
+            return reason
         if inp.done() and not out.done():  # the client left: end the shell
             with contextlib.suppress(Exception):
                 await pty.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await out
+        return None
     finally:
-        for task in (out, inp):
+        for task in (out, inp, watch):
             task.cancel()
         with contextlib.suppress(Exception):
             await pty.close()
