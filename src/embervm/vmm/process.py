@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,17 @@ from embervm.vmm import _proc
 from embervm.vmm import snapshot as snap
 from embervm.vmm.cmdline import MemorySpec
 from embervm.vmm.config import VmConfig, VmStats
+from embervm.vmm.disks import create_overlay
 from embervm.vmm.jail import Cgroup
+from embervm.vmm.logcap import PipeLog
 from embervm.vmm.qmp import Qmp, migrate_to_file, set_migration_caps
 from embervm.vmm.ramdelta import DeltaUnsupported
 
 log = logging.getLogger("embervm.vmm")
 
 MIGRATION_TIMEOUT = 120.0
+#: How long an exited VMM's console and stderr pipes may take to deliver their last bytes.
+LOG_DRAIN_TIMEOUT = 5.0
 _BANDWIDTH = 100 << 30  # the default ~32 MiB/s would make stream snapshots crawl
 
 
@@ -54,6 +59,7 @@ class QemuProcess:
         qemu_version: str,
         child: asyncio.subprocess.Process | None,
         cgroup: Cgroup | None,
+        logs: Sequence[PipeLog] = (),
     ) -> None:
         self.cfg = cfg
         self.pid = pid
@@ -62,6 +68,7 @@ class QemuProcess:
         self._qmp = qmp
         self._child = child
         self._cgroup = cgroup
+        self._logs = tuple(logs)
         self._expected: str | None = None
         self._exit: asyncio.Future[VmExit] = asyncio.get_running_loop().create_future()
         self._watcher = asyncio.create_task(self._watch(), name=f"vmm-watch-{cfg.vm_id}")
@@ -84,6 +91,7 @@ class QemuProcess:
         if self._cgroup is not None:
             with contextlib.suppress(Exception):
                 self._cgroup.destroy()
+        await asyncio.gather(*(pipe_log.ended(LOG_DRAIN_TIMEOUT) for pipe_log in self._logs))
         if not self._exit.done():
             self._exit.set_result(VmExit(code, reason, expected))
 
@@ -111,6 +119,8 @@ class QemuProcess:
         with contextlib.suppress(asyncio.CancelledError):
             await self._watcher
         await self._qmp.close()
+        for pipe_log in self._logs:
+            pipe_log.close()  # QEMU's later console output finds no reader and is dropped
 
     def _ensure_alive(self) -> None:
         if self._exit.done():
@@ -260,16 +270,39 @@ class QemuProcess:
                 await self._qmp.cmd("cont", timeout=5)
 
     async def _switch_disk_overlay(self) -> Path:
-        """Freeze the current disk: QEMU moves the VM onto a new overlay backed by it."""
+        """Freeze the current disk: the VM moves onto a new overlay backed by it."""
         current = self.cfg.disk
-        new = current.with_name(f"{current.stem}.{int(time.time() * 1000)}.qcow2")
-        await self._qmp.cmd(
-            "blockdev-snapshot-sync",
-            {"device": "d0", "snapshot-file": str(new), "format": "qcow2",
-             "mode": "absolute-paths"},
-        )  # fmt: skip
-        self.cfg = self.cfg.with_changes(disk=new)
+        await self.switch_disk_overlay(
+            current.with_name(f"{current.stem}.{int(time.time() * 1000)}.qcow2")
+        )
         return current
+
+    async def switch_disk_overlay(self, new: Path) -> None:
+        """Move the VM's disk onto ``new``, a qcow2 overlay made here over the current disk,
+        which is frozen from then on. The host creates ``new`` (0600, its backing file named
+        by the host path) and hands QEMU an open descriptor (``add-fd``, ``/dev/fdset/N``):
+        a jailed QEMU can neither create nor open a file by itself."""
+        self._ensure_alive()
+        await asyncio.to_thread(create_overlay, self.cfg.disk, new, "qcow2")
+        try:
+            fd = await asyncio.to_thread(os.open, new, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fdset = await self._qmp.add_fd(fd)
+            finally:
+                os.close(fd)
+            try:
+                await self._qmp.cmd(
+                    "blockdev-snapshot-sync",
+                    {"device": "d0", "snapshot-file": f"/dev/fdset/{fdset}", "format": "qcow2",
+                     "mode": "existing"},
+                )  # fmt: skip
+            finally:
+                with contextlib.suppress(VmmError):  # QEMU keeps its own duplicate
+                    await self._qmp.cmd("remove-fd", {"fdset-id": fdset})
+        except BaseException:
+            await asyncio.to_thread(snap.remove_quietly, new)
+            raise
+        self.cfg = self.cfg.with_changes(disk=new)
 
     def _assemble(
         self, tmp: Path, disk: Path, state: tuple[int, str], *, shared: bool, delta: bool

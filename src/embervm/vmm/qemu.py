@@ -2,14 +2,18 @@
 
 Launch chain (each link ``exec``s the next, so the pid the caller sees is QEMU's):
 ``/bin/sh`` joining the VM's cgroup → ``ip netns exec <netns>`` (when the VM has a netns) →
-``qemu-system-x86_64 ...`` with the seccomp sandbox. QEMU opens no files for migrations: the
-VMM passes them as file descriptors over QMP (``getfd``), so ``spawn=deny`` holds.
+``qemu-system-x86_64 ...`` with the seccomp sandbox. An ``unprivileged`` VM's QEMU opens its
+files as root, then drops to a uid of its own and chroots into the VM's directory, where it
+can open nothing (docs/JAIL.md). QEMU opens no file after that: the VMM passes migration
+files and new disk overlays as file descriptors over QMP, so ``spawn=deny`` and the chroot
+hold. The serial console and stderr go into pipes drained into bounded logs (``logcap``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -22,14 +26,32 @@ from embervm.errors import EmbervmError, JailError, SnapshotError, VmmError
 from embervm.vmm import _proc
 from embervm.vmm import snapshot as snap
 from embervm.vmm.api import Vmm, VmProcess
-from embervm.vmm.cmdline import QEMU_BINARY, MemorySpec, qemu_argv
+from embervm.vmm.cmdline import (
+    QEMU_BINARY,
+    DropFlags,
+    MemorySpec,
+    PrivilegeDrop,
+    drop_flags_from_help,
+    qemu_argv,
+)
 from embervm.vmm.config import VmConfig
 from embervm.vmm.disks import create_overlay
-from embervm.vmm.jail import Cgroup, CgroupDriver
-from embervm.vmm.process import MIGRATION_TIMEOUT, QemuProcess
+from embervm.vmm.jail import (
+    Cgroup,
+    CgroupDriver,
+    block_device_of,
+    claimed_uid,
+    detect_cgroup_driver,
+    uids_in_use,
+)
+from embervm.vmm.logcap import PipeLog
+from embervm.vmm.process import LOG_DRAIN_TIMEOUT, MIGRATION_TIMEOUT, QemuProcess
 from embervm.vmm.qmp import Qmp, migrate_from_file, set_migration_caps
 
+log = logging.getLogger("embervm.vmm")
+
 START_TIMEOUT = 15.0
+STDERR_LOG = "qemu.stderr"
 
 
 def qemu_version(binary: str = QEMU_BINARY) -> str:
@@ -44,6 +66,17 @@ def qemu_version(binary: str = QEMU_BINARY) -> str:
     if not m:
         raise VmmError(f"cannot parse QEMU version from {out!r}")
     return m.group(1)
+
+
+def qemu_drop_flags(binary: str = QEMU_BINARY) -> DropFlags:
+    """How ``binary`` spells the privilege drop, read from its ``-help``."""
+    try:
+        out = subprocess.run(
+            [binary, "-help"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise VmmError(f"cannot run {binary} -help: {exc}") from exc
+    return drop_flags_from_help(out)
 
 
 class QemuVmm:
@@ -68,11 +101,24 @@ class QemuVmm:
         self.binary = binary
         self.start_timeout = start_timeout
         self._version: str | None = None
+        self._drop_flags: DropFlags | None = None
+
+    @classmethod
+    def for_host(cls) -> QemuVmm:
+        """The server's VMM: every VM whose config asks for limits gets a cgroup."""
+        return cls(cgroups=detect_cgroup_driver())
 
     async def version(self) -> str:
         if self._version is None:
             self._version = await asyncio.to_thread(qemu_version, self.binary)
         return self._version
+
+    async def drop_flags(self) -> DropFlags:
+        if self._drop_flags is None:
+            flags: DropFlags = await asyncio.to_thread(qemu_drop_flags, self.binary)
+            self._drop_flags = flags
+            return flags
+        return self._drop_flags
 
     # --- boot -------------------------------------------------------------------------------
 
@@ -122,7 +168,9 @@ class QemuVmm:
             )
         except OSError as exc:
             await asyncio.to_thread(snap.remove_quietly, *created)
-            raise SnapshotError(f"cannot prepare restore from {snapshot_dir}: {exc}") from exc
+            log.warning("VM %s: cannot prepare restore from %s: %s", cfg.vm_id, snapshot_dir, exc)
+            why = exc.strerror or type(exc).__name__
+            raise SnapshotError(f"cannot prepare the restore of VM {cfg.vm_id}: {why}") from exc
         except BaseException:
             await asyncio.to_thread(snap.remove_quietly, *created)
             raise
@@ -144,7 +192,7 @@ class QemuVmm:
             if isinstance(exc, VmmError):
                 # A corrupt stream usually makes QEMU fail first: name the real cause.
                 await asyncio.to_thread(snap.verify_file_hashes, snapshot_dir, manifest)
-                raise SnapshotError(f"restore from {snapshot_dir} failed: {exc}") from exc
+                raise SnapshotError(f"restore of VM {cfg.vm_id} failed: {exc}") from exc
             raise
         except BaseException:
             await asyncio.to_thread(snap.remove_quietly, *created)
@@ -189,35 +237,72 @@ class QemuVmm:
         for sock in (cfg.qmp_socket, cfg.agent_socket):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-        argv = qemu_argv(cfg, memory=memory, incoming=incoming, binary=self.binary)
-        if incoming:
-            argv.append("-S")  # stay paused after loading: the VMM decides when to run
-        if cfg.netns is not None:
-            argv = ["ip", "netns", "exec", cfg.netns, *argv]
-        cgroup = await asyncio.to_thread(self._make_cgroup, cfg)
-        if cgroup is not None:
-            argv = [*cgroup.launch_prefix(), *argv]
-        stderr_path = cfg.workdir / "qemu.stderr"
+        if not cfg.unprivileged:
+            return await self._spawn(cfg, memory, None, incoming, after_start)
+        flags = await self.drop_flags()
+        # The chroot: QEMU, once dropped, must not even list the VM's directory.
+        await asyncio.to_thread(os.chmod, cfg.workdir, 0o700)
+        in_use = await asyncio.to_thread(uids_in_use)
+        with claimed_uid(cfg.vm_id, in_use) as uid:
+            drop = PrivilegeDrop(uid, cfg.workdir, flags)
+            return await self._spawn(cfg, memory, drop, incoming, after_start)
+
+    async def _spawn(
+        self,
+        cfg: VmConfig,
+        memory: MemorySpec,
+        drop: PrivilegeDrop | None,
+        incoming: bool,
+        after_start: Callable[[Qmp], Awaitable[None]] | None,
+    ) -> QemuProcess:
+        serial_r, serial_w = os.pipe2(os.O_CLOEXEC)
+        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+        logs: list[PipeLog] = []
+        stderr_path = cfg.workdir / STDERR_LOG
         try:
-            with stderr_path.open("wb") as stderr:
+            logs.append(await PipeLog.open(serial_r, cfg.console_log))
+            serial_r = -1
+            logs.append(await PipeLog.open(stderr_r, stderr_path))
+            stderr_r = -1
+            argv = qemu_argv(
+                cfg, memory=memory, incoming=incoming, binary=self.binary,
+                serial_fd=serial_w, drop=drop,
+            )  # fmt: skip
+            if incoming:
+                argv.append("-S")  # stay paused after loading: the VMM decides when to run
+            if cfg.netns is not None:
+                argv = ["ip", "netns", "exec", cfg.netns, *argv]
+            cgroup = await asyncio.to_thread(self._make_cgroup, cfg)
+            if cgroup is not None:
+                argv = [*cgroup.launch_prefix(), *argv]
+            try:
                 child = await asyncio.create_subprocess_exec(
                     *argv,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
-                    stderr=stderr,
+                    stderr=stderr_w,
+                    pass_fds=(serial_w,),
                     start_new_session=True,
                 )
-        except OSError as exc:
-            if cgroup is not None:
-                cgroup.destroy()
-            raise VmmError(f"cannot start QEMU for {cfg.vm_id}: {exc}") from exc
+            except OSError as exc:
+                if cgroup is not None:
+                    cgroup.destroy()
+                raise VmmError(f"cannot start QEMU for {cfg.vm_id}: {exc}") from exc
+        except BaseException:
+            for pipe_log in logs:
+                pipe_log.close()
+            raise
+        finally:
+            for fd in (serial_r, serial_w, stderr_r, stderr_w):
+                if fd >= 0:
+                    os.close(fd)
         exited = asyncio.ensure_future(child.wait())
         qmp: Qmp | None = None
         try:
             qmp = await Qmp.connect(cfg.qmp_socket, timeout=self.start_timeout, alive=exited)
             proc = QemuProcess(
                 cfg, child.pid, qmp, memory=memory, qemu_version=await self.version(),
-                child=child, cgroup=cgroup,
+                child=child, cgroup=cgroup, logs=logs,
             )  # fmt: skip
         except BaseException as exc:
             await _reap(child, exited)
@@ -226,8 +311,9 @@ class QemuVmm:
             if cgroup is not None:
                 with contextlib.suppress(JailError):
                     cgroup.destroy()
+            await asyncio.gather(*(pipe_log.ended(LOG_DRAIN_TIMEOUT) for pipe_log in logs))
             if isinstance(exc, VmmError):
-                raise VmmError(f"{exc}; {_tail(stderr_path)}") from exc
+                raise _failure(cfg, "did not start", exc, stderr_path) from exc
             raise
         finally:
             exited.cancel()
@@ -237,7 +323,7 @@ class QemuVmm:
             except BaseException as exc:
                 await proc.kill()
                 if isinstance(exc, VmmError):
-                    raise VmmError(f"{exc}; {_tail(stderr_path)}") from exc
+                    raise _failure(cfg, "failed while loading its state", exc, stderr_path) from exc
                 raise
         return proc
 
@@ -250,7 +336,8 @@ class QemuVmm:
             if old.pids():
                 raise JailError(f"cgroup {name} is still in use by {sorted(old.pids())}")
             old.destroy()
-        return self.cgroups.create(name, cfg.effective_limits())
+        limits = cfg.effective_limits()
+        return self.cgroups.create(name, limits, io_device=block_device_of(cfg.disk))
 
 
 def _cgroup_name(cfg: VmConfig) -> str:
@@ -265,6 +352,13 @@ async def _reap(child: asyncio.subprocess.Process, exited: asyncio.Future[Any]) 
         await asyncio.wait_for(asyncio.shield(exited), 10)
 
 
+def _failure(cfg: VmConfig, what: str, exc: VmmError, stderr_path: Path) -> VmmError:
+    """A short, fixed reason for callers (it reaches the API's ``stateReason``); QEMU's own
+    words, with the host paths in them, go to the server log only."""
+    log.warning("VM %s: the VMM %s: %s; %s", cfg.vm_id, what, exc, _tail(stderr_path))
+    return VmmError(f"the VMM of {cfg.vm_id} {what} (details in the server log)")
+
+
 def _tail(path: Path, n: int = 600) -> str:
     try:
         text = path.read_text(errors="replace").strip()
@@ -274,11 +368,14 @@ def _tail(path: Path, n: int = 600) -> str:
 
 
 def _fresh_memory_file(path: Path, memory_mib: int) -> None:
-    """A new sparse RAM file (unlinking any old one: a live VMM may still map its inode)."""
+    """A new sparse RAM file, 0600 (unlinking any old one: a live VMM may still map its inode)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    with path.open("wb") as f:
-        f.truncate(memory_mib << 20)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, memory_mib << 20)
+    finally:
+        os.close(fd)
 
 
 def _restore_files(
