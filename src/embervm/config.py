@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,22 @@ def uploads_dir(data_dir: Path) -> Path:
     return data_dir / "uploads"
 
 
+def token_keys_file(data_dir: Path) -> Path:
+    """The endpoint and shell token keys (``core.tokens``; ``embervm tokens rotate``)."""
+    return data_dir / "keys" / "tokens.json"
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host`` (127.0.0.0/8, ::1, ``localhost``): the control
+    API may speak plain HTTP there; anywhere else it speaks TLS."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
@@ -56,12 +73,36 @@ class Settings:
     app_log_retention_days: float = 7.0
     # A build step's cached layer is forgotten (and its disk space freed) after this long unused.
     build_cache_days: float = 14.0
+    # Where the control API listens (None: ``listen_host`` when that is loopback, else
+    # 127.0.0.1: putting the endpoints on the network never exposes the API with them, A7).
+    api_listen: str | None = None
+    # The API's own certificate and key (None: the local CA issues one when it needs TLS).
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    # The token key is replaced this often (0: never); tokens live at most 60 min.
+    token_key_rotation_hours: float = 24.0
     # Endpoint proxy: client connections held at once, in all and per source address (an IPv6
     # /64), beyond which new ones are closed unread (A8); and how long a WebSocket, other
     # upgrade or shell may go without a byte either way (A16).
     proxy_max_connections: int = 10_000
     proxy_max_connections_per_ip: int = 2_000
     proxy_session_idle_timeout: float = 600.0
+
+    @property
+    def api_host(self) -> str:
+        """The control API's listening address (see ``api_listen``)."""
+        if self.api_listen is not None:
+            return self.api_listen
+        return self.listen_host if is_loopback(self.listen_host) else "127.0.0.1"
+
+    @property
+    def api_tls(self) -> bool:
+        """The control API speaks TLS: off this machine, or when given a certificate."""
+        return self.api_tls_cert is not None or not is_loopback(self.api_host)
+
+    @property
+    def token_keys_file(self) -> Path:
+        return token_keys_file(self.data_dir)
 
     @property
     def artifacts_dir(self) -> Path:

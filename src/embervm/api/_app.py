@@ -1,16 +1,18 @@
 """The control API: a Starlette app that turns signed rest-json requests into
 ``operations.invoke(name, params, caller)`` calls and their results into responses.
 
-Per request: bounded body read → SigV4 (``sigv4``) → route (``_routing``) → parse
-(``_parse``) → shape rules (``embervm.model``) → one call into core → serialize
-(``_serialize``). Every ``ApiError`` becomes its model error shape (``_errors``); anything else
-is logged and answered 500 ``InternalServerException`` without details. Bad input is always a
-4xx: nothing reaches core before it passed the model's rules.
+Per request: SigV4's head checks (key id, scope, date: no body is read for a client without
+credentials) → bounded body read, hashed as it arrives → SigV4's signature check → route
+(``_routing``) → parse (``_parse``) → shape rules (``embervm.model``) → one call into core →
+serialize (``_serialize``). Every ``ApiError`` becomes its model error shape (``_errors``);
+anything else is logged and answered 500 ``InternalServerException`` without details. Bad
+input is always a 4xx: nothing reaches core before it passed the model's rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -37,7 +39,7 @@ from ._errors import serialize_error
 from ._parse import parse_request
 from ._routing import Router, parse_query
 from ._serialize import Serialized, serialize_output
-from .sigv4 import SecretLookup, SigV4Verifier, VerifiedIdentity
+from .sigv4 import Admitted, SecretLookup, SigV4Verifier, VerifiedIdentity
 
 if TYPE_CHECKING:
     from embervm.core.caller import Caller
@@ -191,8 +193,9 @@ async def _no_receive() -> Message:
 
 
 class _SigV4Middleware:
-    """Reads the body (bounded, with a timeout), verifies SigV4 and puts the ``Caller`` into
-    the scope; everything but ``PUBLIC_PATHS`` needs a valid signature."""
+    """Checks what the head of a request proves (SigV4's key id, scope and date), then reads
+    the body (bounded, with a timeout, hashed as it arrives), checks the signature and puts the
+    ``Caller`` into the scope; everything but ``PUBLIC_PATHS`` needs a valid signature."""
 
     def __init__(
         self,
@@ -224,7 +227,13 @@ class _SigV4Middleware:
             await self._streamed(scope, receive, send, request_id)
             return
         try:
-            body = await self._read_body(scope, receive)
+            admitted = self.verifier.admit(_headers(scope))
+        except AccessDeniedError as err:
+            log.info("%s denied: %s", request_id, err.message)
+            await _send(send, serialize_error(None, err), request_id)
+            return
+        try:
+            body, digest = await self._read_body(scope, receive)
         except _BodyTooLarge:
             error = ValidationError(
                 f"Request body is larger than the limit of {self.max_body_bytes} bytes"
@@ -238,7 +247,7 @@ class _SigV4Middleware:
             await _send(send, result, request_id)
             return
         try:
-            identity = self._verify(scope, scope["method"], body)
+            identity = self._finish(scope, admitted, scope["method"], digest)
         except AccessDeniedError as err:
             log.info("%s denied: %s", request_id, err.message)
             await _send(send, serialize_error(None, err), request_id)
@@ -270,12 +279,18 @@ class _SigV4Middleware:
         await self.app(scope, receive, send)
 
     def _verify(self, scope: Scope, method: str, body: bytes | None) -> VerifiedIdentity:
-        return self.verifier.verify(
+        digest = None if body is None else hashlib.sha256(body).hexdigest()
+        return self._finish(scope, self.verifier.admit(_headers(scope)), method, digest)
+
+    def _finish(
+        self, scope: Scope, admitted: Admitted, method: str, body_sha256: str | None
+    ) -> VerifiedIdentity:
+        return self.verifier.finish(
+            admitted,
             method=method,
             raw_path=_raw_path(scope),
             raw_query=bytes(scope.get("query_string", b"")).decode("latin-1"),
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
-            body=body,
+            body_sha256=body_sha256,
         )
 
     def _caller(self, identity: VerifiedIdentity) -> Caller:
@@ -285,11 +300,13 @@ class _SigV4Middleware:
             region=identity.region,
         )
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, str]:
+        """The body and its hex SHA-256 (hashed piece by piece as it arrives)."""
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _BodyTooLarge
         chunks: list[bytes] = []
+        digest = hashlib.sha256()
         size = 0
         async with asyncio.timeout(BODY_READ_TIMEOUT):
             while True:
@@ -301,9 +318,14 @@ class _SigV4Middleware:
                 if size > self.max_body_bytes:
                     raise _BodyTooLarge
                 chunks.append(chunk)
+                digest.update(chunk)
                 if not message.get("more_body", False):
                     break
-        return b"".join(chunks)
+        return b"".join(chunks), digest.hexdigest()
+
+
+def _headers(scope: Scope) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

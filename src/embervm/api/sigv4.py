@@ -9,6 +9,12 @@ this module adds is the server's side of the
 contract: parse ``Authorization``, check the credential scope (service ``lambda``, any region),
 the clock skew (±15 min on ``X-Amz-Date``), the body hash, and compare in constant time.
 
+Two steps, so that a client without credentials cannot make the server read a body (A7):
+``admit(headers)`` checks everything the head says (the scope, the date, a well-formed declared
+body hash, and that the key id exists) before the body is read; ``finish`` then compares the
+body's SHA-256 (hashed as it streamed in) with the declared one and checks the signature. An
+unknown key is refused by ``admit`` (its message already said so, as AWS's does: A20).
+
 Every failure is ``AccessDeniedError`` (403 ``AccessDeniedException``, a modeled shape of every
 operation), with a message that says which check failed but never anything secret.
 """
@@ -19,7 +25,6 @@ import datetime as dt
 import hashlib
 import hmac
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -65,6 +70,18 @@ class _Authorization:
     signature: str
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A request whose head names a known key, a valid scope and a current date: its body may
+    be read now; ``SigV4Verifier.finish`` checks the signature."""
+
+    auth: _Authorization
+    headers: dict[str, list[str]]
+    amz_date: str
+    declared_sha256: str | None
+    secret: str
+
+
 def _parse_authorization(value: str | None) -> _Authorization:
     if not value:
         raise AccessDeniedError("Missing Authentication Token: the request is not signed")
@@ -108,7 +125,6 @@ class SigV4Verifier:
         self._service = service
         self._clock = clock
         self._max_skew = max_skew_seconds
-        self._unknown_secret = secrets.token_hex(20)
         self._keys: dict[tuple[str, str, str, str], bytes] = {}
 
     def verify(
@@ -127,50 +143,70 @@ class SigV4Verifier:
         is streamed after this check (uploads), so the request must carry a signed
         ``x-amz-content-sha256`` and the receiver must compare it with what arrives.
         """
-        pairs = [(name.lower(), value) for name, value in headers]
+        admitted = self.admit(headers)
+        digest = None if body is None else hashlib.sha256(body).hexdigest()
+        return self.finish(
+            admitted, method=method, raw_path=raw_path, raw_query=raw_query, body_sha256=digest
+        )
+
+    def admit(self, headers: Iterable[tuple[str, str]]) -> Admitted:
+        """Everything the head alone can prove, checked before any body is read."""
         by_name: dict[str, list[str]] = {}
-        for name, value in pairs:
-            by_name.setdefault(name, []).append(value)
+        for name, value in headers:
+            by_name.setdefault(name.lower(), []).append(value)
         auth = _parse_authorization(_first(by_name, "authorization"))
         self._check_scope(auth)
         amz_date = _first(by_name, "x-amz-date")
         self._check_date(auth, amz_date, signed=set(auth.signed_headers))
         assert amz_date is not None
         declared = _first(by_name, "x-amz-content-sha256")
-        if body is None:
+        if declared is not None and not _SHA256_HEX.match(declared):
+            raise AccessDeniedError("x-amz-content-sha256 must be the hex SHA-256 of the body")
+        secret = self._secrets.secret_for(auth.access_key_id)
+        if secret is None:
+            raise AccessDeniedError("The security token included in the request is invalid")
+        return Admitted(auth, by_name, amz_date, declared, secret)
+
+    def finish(
+        self,
+        admitted: Admitted,
+        *,
+        method: str,
+        raw_path: str,
+        raw_query: str,
+        body_sha256: str | None,
+    ) -> VerifiedIdentity:
+        """Check the body's hash (None: streamed later, so it must be declared and signed)
+        and the signature."""
+        auth, declared = admitted.auth, admitted.declared_sha256
+        if body_sha256 is None:
             if declared is None or "x-amz-content-sha256" not in auth.signed_headers:
                 raise AccessDeniedError("A streamed body needs a signed x-amz-content-sha256")
-            if not _SHA256_HEX.match(declared):
-                raise AccessDeniedError("x-amz-content-sha256 must be the hex SHA-256 of the body")
-        else:
-            self._check_body_hash(declared, body)
+            body_sha256 = declared
+        elif declared is not None and not hmac.compare_digest(body_sha256, declared):
+            raise AccessDeniedError("The provided x-amz-content-sha256 does not match the body")
 
         request = AWSRequest(
             method=method.upper(),
             url=f"http://embervm.invalid{raw_path}" + (f"?{raw_query}" if raw_query else ""),
-            data=body or b"",
         )
         for name in auth.signed_headers:
-            values = by_name.get(name)
+            values = admitted.headers.get(name)
             if not values:
                 raise AccessDeniedError(f"Signed header '{name}' is missing from the request")
             for value in values:
                 request.headers[name] = value
-        request.context["timestamp"] = amz_date
+        request.context["timestamp"] = admitted.amz_date
 
-        secret = self._secrets.secret_for(auth.access_key_id)
-        known = secret is not None
-        # Unknown keys cost the same work as known ones (a cached signing key of a secret no
-        # one holds): no timing oracle for key existence.
-        secret = secret if secret is not None else self._unknown_secret
-        signer = SigV4Auth(Credentials(auth.access_key_id, secret), auth.service, auth.region)
-        string_to_sign = signer.string_to_sign(request, signer.canonical_request(request))
-        key = self._signing_key(secret, amz_date[:8], auth.region, auth.service)
+        credentials = Credentials(auth.access_key_id, admitted.secret)
+        signer = SigV4Auth(credentials, auth.service, auth.region)
+        # The canonical request's last line is the payload hash: the one computed while the
+        # body streamed in (botocore would hash the body a second time).
+        canonical = signer.canonical_request(request).rpartition("\n")[0] + "\n" + body_sha256
+        string_to_sign = signer.string_to_sign(request, canonical)
+        key = self._signing_key(admitted.secret, admitted.amz_date[:8], auth.region, auth.service)
         expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
-        matches = hmac.compare_digest(expected.encode(), auth.signature.encode())
-        if not known:
-            raise AccessDeniedError("The security token included in the request is invalid")
-        if not matches:
+        if not hmac.compare_digest(expected.encode(), auth.signature.encode()):
             raise AccessDeniedError(
                 "The request signature we calculated does not match the signature you "
                 "provided. Check your AWS Secret Access Key and signing method."
@@ -219,16 +255,6 @@ class SigV4Verifier:
                 f"Signature expired: {amz_date} is now {relation} than the allowed window "
                 f"({stamp} ± {minutes} min.)"
             )
-
-    @staticmethod
-    def _check_body_hash(declared: str | None, body: bytes) -> None:
-        if declared is None:
-            return  # the signer hashes the body itself
-        if not _SHA256_HEX.match(declared):
-            raise AccessDeniedError("x-amz-content-sha256 must be the hex SHA-256 of the body")
-        actual = hashlib.sha256(body).hexdigest()
-        if not hmac.compare_digest(actual, declared):
-            raise AccessDeniedError("The provided x-amz-content-sha256 does not match the body")
 
 
 def _first(by_name: dict[str, list[str]], name: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,20 @@ class CliContext:
                     return key, secret
         raise CliError(f"{path} has no usable profile '{CLIENT_PROFILE}' or 'default'")
 
+    def api_ca_bundle(self) -> str | None:
+        """The CA bundle that verifies an ``https://`` control API: ``AWS_CA_BUNDLE`` if set,
+        else the server's local CA (``DATA_DIR/tls/ca.pem``, which issues the API's certificate
+        off loopback), else None (the system's)."""
+        bundle = os.environ.get("AWS_CA_BUNDLE")
+        if bundle:
+            return bundle
+        local = self.data_dir / "tls" / "ca.pem"
+        return str(local) if local.exists() else None
+
+    def api_tls(self) -> ssl.SSLContext:
+        """What httpx verifies the control API with (see ``api_ca_bundle``)."""
+        return ssl.create_default_context(cafile=self.api_ca_bundle())
+
     def client(self) -> Any:
         """A boto3 ``lambda-microvms`` client pointed at this server (created once)."""
         if self._client is None:
@@ -77,6 +92,7 @@ class CliContext:
                 region_name=self.region,
                 aws_access_key_id=key,
                 aws_secret_access_key=secret,
+                verify=self.api_ca_bundle(),
                 config=Config(
                     retries={"max_attempts": 2, "mode": "standard"},
                     connect_timeout=5,

@@ -55,7 +55,7 @@ def upload(ctx: CliContext, path: Path) -> str:
                 yield chunk
 
     try:
-        with httpx.Client(timeout=httpx.Timeout(30.0, write=300.0)) as client:
+        with httpx.Client(verify=ctx.api_tls(), timeout=httpx.Timeout(30.0, write=300.0)) as client:
             response = client.put(url, content=chunks(), headers=headers)
     except httpx.TransportError as exc:
         raise unreachable(ctx.endpoint_url) from exc
@@ -92,7 +92,7 @@ def stream_lines(ctx: CliContext, path: str, *, follow: bool) -> Iterator[str]:
     started = False
     try:
         with (
-            httpx.Client(timeout=timeout) as client,
+            httpx.Client(verify=ctx.api_tls(), timeout=timeout) as client,
             client.stream("GET", url, headers=headers) as response,
         ):
             if response.status_code >= 400:

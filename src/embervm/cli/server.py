@@ -26,7 +26,39 @@ def server(
         int, typer.Option(help="Endpoint proxy plain port (HTTP/1.1 + h2c).")
     ] = DEFAULT_PROXY_HTTP_PORT,
     domain: Annotated[str, typer.Option(help="Endpoint domain.")] = DEFAULT_DOMAIN,
-    listen: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    listen: Annotated[
+        str,
+        typer.Option(
+            help="Address of the endpoint proxy's listeners (the control API follows it only "
+            "when it is a loopback address; see --api-listen)."
+        ),
+    ] = "127.0.0.1",
+    api_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of the control API (default: --listen when that is loopback, else "
+            "127.0.0.1). Off loopback the API speaks TLS (see --api-tls-cert)."
+        ),
+    ] = None,
+    api_tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="The control API's certificate chain (PEM); default: one the local CA "
+            "(DATA_DIR/tls/ca.pem) issues when the API is off loopback."
+        ),
+    ] = None,
+    api_tls_key: Annotated[
+        Path | None, typer.Option(help="The private key of --api-tls-cert (PEM).")
+    ] = None,
+    token_key_rotation_hours: Annotated[
+        float,
+        typer.Option(
+            envvar="EMBERVM_TOKEN_KEY_ROTATION_HOURS",
+            min=0,
+            help="Hours between rotations of the endpoint-token key (0: never); tokens it "
+            "sealed keep working until they expire (at most 60 min).",
+        ),
+    ] = 24.0,
     database_url: Annotated[
         str | None,
         typer.Option(
@@ -96,10 +128,18 @@ def server(
         raise typer.BadParameter(
             f"{s3_endpoint_url!r} is not an http(s) URL", param_hint="--s3-endpoint-url"
         )
+    if (api_tls_cert is None) != (api_tls_key is None):
+        raise typer.BadParameter(
+            "--api-tls-cert and --api-tls-key go together", param_hint="--api-tls-cert"
+        )
     ctx = current()
     settings = Settings(
         data_dir=(data_dir or ctx.data_dir).expanduser().resolve(),
         listen_host=listen,
+        api_listen=api_listen,
+        api_tls_cert=api_tls_cert.expanduser().resolve() if api_tls_cert else None,
+        api_tls_key=api_tls_key.expanduser().resolve() if api_tls_key else None,
+        token_key_rotation_hours=token_key_rotation_hours,
         api_port=api_port,
         proxy_port=proxy_port,
         proxy_http_port=proxy_http_port,
