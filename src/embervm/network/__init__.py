@@ -15,12 +15,14 @@ Layering inside the package (everything Linux-specific is here and goes through
 docs/NETWORK.md describes the addressing and every rule, and why.
 """
 
-from ._addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX
+from ._addressing import BLOCKED_IPV4, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX
 from ._commands import CommandResult, CommandRunner, SubprocessRunner
 from ._manager import HostPaths, NetworkManager, VmNetwork
+from ._rules import EgressLimits
 from ._tapfd import open_tap
 
 __all__ = [
+    "BLOCKED_IPV4",
     "GATEWAY_IP",
     "GATEWAY_MAC",
     "GUEST_IP",
@@ -28,6 +30,7 @@ __all__ = [
     "GUEST_PREFIX",
     "CommandResult",
     "CommandRunner",
+    "EgressLimits",
     "HostPaths",
     "NetworkManager",
     "SubprocessRunner",

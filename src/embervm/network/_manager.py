@@ -27,7 +27,14 @@ from typing import Protocol
 
 from embervm.errors import NetworkSetupError
 
-from ._addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX, Pool
+from ._addressing import (
+    GATEWAY_IP,
+    GATEWAY_MAC,
+    GUEST_IP,
+    GUEST_MAC,
+    GUEST_PREFIX,
+    Pool,
+)
 from ._allocations import Allocation, AllocationStore, write_json_atomic
 from ._commands import CommandRunner, SubprocessRunner
 from ._names import (
@@ -40,7 +47,13 @@ from ._names import (
     table_name,
 )
 from ._resolver import Resolver
-from ._rules import HostVmEntry, render_host_table, render_host_vm_elements, render_netns_table
+from ._rules import (
+    EgressLimits,
+    HostVmEntry,
+    render_host_table,
+    render_host_vm_elements,
+    render_netns_table,
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,7 @@ class NetworkManager:
         resolver_port: int = 53,
         resolv_file: Path = Path("/etc/resolv.conf"),
         dns_overrides: Mapping[str, str] | None = None,
+        egress_limits: EgressLimits | None = None,
         runner: CommandRunner | None = None,
         resolver: ResolverProcess | None = None,
         paths: HostPaths | None = None,
@@ -140,7 +154,8 @@ class NetworkManager:
         """``api_ports``/``protected_ports``: host TCP ports no guest may reach on any address
         (the guest reaches no host port anyway; these are named for defence in depth).
         ``tag`` separates managers sharing a host (tests); ``dns_overrides`` maps names to
-        fixed addresses in the resolver (tests)."""
+        fixed addresses in the resolver (tests); ``egress_limits`` bound what each egress guest
+        may start (default ``EgressLimits()``)."""
         self._state_dir = state_dir
         self._pool = Pool(pool)
         self._ports = sorted({*api_ports, *protected_ports})
@@ -148,6 +163,7 @@ class NetworkManager:
         self._table = table_name(tag)
         self._dns_link = resolver_link(tag)
         self._resolver_port = resolver_port
+        self._egress_limits = egress_limits or EgressLimits()
         self._runner: CommandRunner = runner or SubprocessRunner()
         self._store = AllocationStore(state_dir, self._pool)
         self._resolver: ResolverProcess = resolver or Resolver(
@@ -332,6 +348,7 @@ class NetworkManager:
             resolver_ip=self._pool.resolver_ip,
             resolver_port=self._resolver_port,
             egress=net.egress,
+            limits=self._egress_limits,
         )
 
         async def make_netns() -> None:

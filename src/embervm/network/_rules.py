@@ -13,7 +13,9 @@ Two tables do the work (docs/NETWORK.md explains each rule):
 - **Namespace table** (``inet embervm`` inside each VM namespace): DNAT from the namespace side
   of the veth to the guest (ingress, only from the host side of the same veth), SNAT of the
   guest to the namespace address (egress), DNS redirect to the resolver, anti-spoofing on the
-  tap, and the same blocked ranges again (defence in depth: it vanishes with the namespace).
+  tap, and the same blocked ranges again (defence in depth: it vanishes with the namespace);
+  for egress guests also the per-VM limits (``EgressLimits``): they sit where a guest's packet
+  is first seen, so a dropped one leaves no conntrack entry in the namespace or on the host.
 
 Every rendering is a single transaction: it starts by creating and deleting the table, so
 applying it twice yields the same rules.
@@ -24,8 +26,37 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from embervm.errors import ConfigError
+
 from ._addressing import BLOCKED_IPV4, GATEWAY_IP, GUEST_IP
 from ._names import HOST_LINK_PREFIX
+
+
+@dataclass(frozen=True)
+class EgressLimits:
+    """What one ``INTERNET_EGRESS`` guest may start, per VM (audit B3, B4).
+
+    The defaults leave room for package installs and page loads (tens of connections at once)
+    while a flood or a scan from the host's address is cut to a trickle, and no guest holds
+    more than a sliver of the host's conntrack table (262,144 entries here; often 65,536).
+    """
+
+    connections: int = 1024
+    """Flows the guest may have tracked at once: TCP until it closes (TIME_WAIT no longer
+    counts), DNS until conntrack forgets it (30 s). New flows beyond are dropped."""
+    new_per_minute: int = 1200
+    """New flows (TCP and DNS) a minute, sustained (20 a second); ``new_burst`` may come at
+    once. A minute, not a second, is the unit so that a test can see the burst alone."""
+    new_burst: int = 100
+    dns_per_minute: int = 1200
+    """Packets to the resolver a minute, every packet and not only new flows, so a guest
+    reusing one socket is bounded too; ``dns_burst`` may come at once."""
+    dns_burst: int = 100
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1:
+                raise ConfigError(f"egress limit {name} must be at least 1, not {value}")
 
 
 @dataclass(frozen=True)
@@ -174,18 +205,19 @@ def render_netns_table(
     resolver_ip: str,
     resolver_port: int,
     egress: bool,
+    limits: EgressLimits,
 ) -> str:
-    """The table inside one VM's namespace."""
+    """The table inside one VM's namespace (``limits`` apply only with ``egress``)."""
     t = NETNS_TABLE
     tap_q, link_q = _quote(tap), _quote(netns_link)
+    out = f"iifname {tap_q} oifname {link_q}"
     dns_dnat = [
         f"\t\tiifname {tap_q} ip daddr {GATEWAY_IP} {proto} dport 53 "
         f"dnat ip to {resolver_ip}:{resolver_port}"
         for proto in ("udp", "tcp")
     ]
     dns_accept = [
-        f"\t\tiifname {tap_q} oifname {link_q} ip daddr {resolver_ip} {proto} dport "
-        f"{resolver_port} accept"
+        f"\t\t{out} ip daddr {resolver_ip} {proto} dport {resolver_port} accept"
         for proto in ("udp", "tcp")
     ]
     lines = [
@@ -217,15 +249,26 @@ def render_netns_table(
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy drop;",
         "\t\tct state invalid drop",
+    ]
+    if egress:  # before the established accept: a query on an open flow counts too
+        lines.append(
+            f"\t\t{out} ip daddr {resolver_ip} meta l4proto {{ tcp, udp }} th dport "
+            f"{resolver_port} limit rate over {limits.dns_per_minute}/minute "
+            f"burst {limits.dns_burst} packets drop"
+        )
+    lines += [
         "\t\tct state established,related accept",
         f"\t\tiifname {link_q} oifname {tap_q} ip saddr {host_ip} ip daddr {GUEST_IP} "
         "ct status dnat accept",
     ]
-    if egress:
+    if egress:  # only new flows get here: established ones were accepted above
         lines += [
+            f"\t\t{out} limit rate over {limits.new_per_minute}/minute "
+            f"burst {limits.new_burst} packets drop",
+            f"\t\t{out} ct count over {limits.connections} drop",
             *dns_accept,
-            f"\t\tiifname {tap_q} oifname {link_q} ip daddr @blocked4 drop",
-            f"\t\tiifname {tap_q} oifname {link_q} meta l4proto tcp accept",
+            f"\t\t{out} ip daddr @blocked4 drop",
+            f"\t\t{out} meta l4proto tcp accept",
         ]
     lines += ["\t}", "}"]
     return "\n".join(lines) + "\n"

@@ -34,16 +34,19 @@ GUEST_PORT = 8080
 PROBE_TIMEOUT = 1.0
 
 SERVER = r"""
-import socket, sys
+import socket, sys, threading
 kind, addr, port, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-if kind == "tcp":
+if kind in ("tcp", "hold"):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, port)); s.listen(16)
+    s.bind((addr, port)); s.listen(64)
     print("ready", flush=True)
     while True:
         c, peer = s.accept()
-        c.sendall(f"{name} {peer[0]}".encode()); c.close()
+        if kind == "hold":  # open until the client closes its side, then closed here too
+            threading.Thread(target=lambda c=c: (c.recv(1), c.close()), daemon=True).start()
+        else:
+            c.sendall(f"{name} {peer[0]}".encode()); c.close()
 else:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((addr, port))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from embervm.errors import ConfigError
 from embervm.network._rules import (
+    EgressLimits,
     HostVmEntry,
     render_host_table,
     render_host_vm_elements,
@@ -27,7 +31,7 @@ def host(**kw: object) -> str:
     return render_host_table("embervm", **args)  # type: ignore[arg-type]
 
 
-def netns(egress: bool) -> str:
+def netns(egress: bool, limits: EgressLimits | None = None) -> str:
     return render_netns_table(
         tap="tap0",
         netns_link="veth0",
@@ -36,6 +40,7 @@ def netns(egress: bool) -> str:
         resolver_ip="10.213.0.1",
         resolver_port=53,
         egress=egress,
+        limits=limits or EgressLimits(),
     )
 
 
@@ -164,3 +169,47 @@ def test_netns_drops_spoofed_and_ipv6_traffic_from_the_tap() -> None:
     assert 'iifname "tap0" ip saddr != 10.0.2.15 drop' in rules
     assert 'iifname "tap0" meta nfproto ipv6 drop' in rules
     assert "policy drop;" in "\n".join(chain(netns(egress=True), "input"))
+
+
+LIMITS = EgressLimits(connections=64, new_per_minute=5, new_burst=9, dns_per_minute=3, dns_burst=7)
+OUT = 'iifname "tap0" oifname "veth0"'
+
+
+def test_egress_guest_new_flows_are_rate_limited_and_counted_before_any_accept() -> None:
+    """B3: one guest can neither fill the host's conntrack table nor scan at full speed."""
+    forward = chain(netns(egress=True, limits=LIMITS), "forward")
+    rate = forward.index(f"{OUT} limit rate over 5/minute burst 9 packets drop")
+    count = forward.index(f"{OUT} ct count over 64 drop")
+    established = forward.index("ct state established,related accept")
+    first_guest_accept = min(
+        i for i, r in enumerate(forward) if r.startswith(OUT) and r.endswith("accept")
+    )
+    assert established < rate < count < first_guest_accept
+
+
+def test_every_packet_to_the_resolver_is_rate_limited_even_on_an_open_flow() -> None:
+    """B4: a guest reusing one UDP socket keeps its flow established; the limit comes first."""
+    forward = chain(netns(egress=True, limits=LIMITS), "forward")
+    dns_limit = forward.index(
+        f"{OUT} ip daddr 10.213.0.1 meta l4proto {{ tcp, udp }} th dport 53 "
+        "limit rate over 3/minute burst 7 packets drop"
+    )
+    assert dns_limit < forward.index("ct state established,related accept")
+
+
+def test_guests_without_egress_get_no_limits_as_they_start_nothing() -> None:
+    text = netns(egress=False)
+    assert " limit " not in text
+    assert " ct count " not in text
+
+
+def test_default_limits_are_in_the_rules() -> None:
+    forward = chain(netns(egress=True), "forward")
+    assert f"{OUT} ct count over 1024 drop" in forward
+    assert f"{OUT} limit rate over 1200/minute burst 100 packets drop" in forward
+
+
+@pytest.mark.parametrize("field", ["connections", "new_per_minute", "dns_burst"])
+def test_egress_limits_must_be_positive(field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        EgressLimits(**{field: 0})
