@@ -72,6 +72,10 @@ class HostBackend(Protocol):
 
     def is_running(self, microvm_id: str) -> bool: ...
 
+    def is_suspended(self, microvm_id: str) -> bool:
+        """The host holds the VM's suspend snapshot and no VMM for it (it can be resumed)."""
+        ...
+
 
 @dataclass(frozen=True)
 class BuildJob:

@@ -26,6 +26,7 @@ from typing import Any
 from embervm.core.clock import Clock, to_datetime
 from embervm.core.ids import state_reason
 from embervm.core.limits import CoreLimits
+from embervm.core.recovery import after_restart
 from embervm.core.seams import BuildJob, BuiltImage, HostBackend, ImageBuilder, SuspendOutcome
 from embervm.errors import BuildFailure
 from embervm.store import (
@@ -541,10 +542,11 @@ class Supervisor:
     # -- recovery ----------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """After a restart: VMs whose host operation was cut short get a truthful state;
-        builds that were running are failed (their build VM is gone)."""
+        """After a restart: every VM record is made to say what the host holds
+        (``recovery.after_restart``); builds that were running are failed (their build VM
+        is gone)."""
         for vm in await self.repo.microvms_in_states(
-            ("PENDING", "RUNNING", "SUSPENDING", "TERMINATING")
+            ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING")
         ):
             await self._recover_vm(vm)
         for version in await self.repo.versions_in_states(("PENDING", "IN_PROGRESS")):
@@ -571,25 +573,22 @@ class Supervisor:
 
     async def _recover_vm(self, vm: MicrovmRecord) -> None:
         vm_id = vm.microvm_id
-        running = self.host.is_running(vm_id)
-        now = self._now()
         if vm.state == "TERMINATING":
             self.spawn(self._terminate(vm_id), f"terminate {vm_id}")
-        elif running and vm.state in ("PENDING", "SUSPENDING"):
-            await self.move(vm_id, [vm.state], "RUNNING", address=self.host.address(vm_id))
-        elif running:
             return
-        elif vm.state == "PENDING" and vm.suspended_at is not None:
-            await self.move(vm_id, ["PENDING"], "SUSPENDED")  # the resume never happened
-        else:
-            result = await self.move(
-                vm_id,
-                [vm.state],
-                "TERMINATED",
-                state_reason=state_reason("HostRestarted", "the VM was lost in a server restart"),
-                terminated_at=to_datetime(now),
-                running_since=None,
-                address=None,
-            )
-            if result.status == "ok":
-                await self._meter_running(vm, now)
+        now = self._now()
+        target = after_restart(
+            vm,
+            running=self.host.is_running(vm_id),
+            suspended=self.host.is_suspended(vm_id),
+            address=self.host.address(vm_id),
+            now=to_datetime(now),
+        )
+        if target is None:
+            return
+        result = await self.move(vm_id, [vm.state], target.state, **target.values)
+        if result.status == "ok" and target.metered:
+            await self._meter_running(vm, now)
+        if result.status == "ok" and target.state == "TERMINATED":
+            with contextlib.suppress(Exception):  # whatever the host still holds of it
+                await self.host.terminate(vm_id)

@@ -132,6 +132,9 @@ class FakeHost:
     def is_running(self, microvm_id: str) -> bool:
         return microvm_id in self.running
 
+    def is_suspended(self, microvm_id: str) -> bool:
+        return microvm_id in self.suspended
+
 
 @dataclass
 class FakeBuilder:

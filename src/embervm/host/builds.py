@@ -25,6 +25,7 @@ from embervm.errors import GuestError, VmmError
 from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.guest.client import AgentClient
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
+from embervm.host._leftovers import reclaim_vm_dirs
 from embervm.network import NetworkManager
 from embervm.vmm import QemuProcess, QemuVmm, VmConfig, create_overlay
 from embervm.vmm.accel import detect_accelerator
@@ -65,13 +66,9 @@ class _Machine(AgentOps):
             raise GuestError(f"sync failed in the build VM (exit code {result.exit_code})")
         frozen = self.disk
         new = self._provider.new_layer_path()
-        await self.process.qmp(
-            "blockdev-snapshot-sync",
-            {"device": "d0", "snapshot-file": str(new), "format": "qcow2"},
-        )
+        # The process's config follows: an app VM that took build steps is snapshotted later.
+        await self.process.switch_disk_overlay(new)
         self.disk = new
-        # An app VM that took build steps is snapshotted later: its disk is the new overlay.
-        self.process.cfg = self.process.cfg.with_changes(disk=new)
         return LayerRef(str(frozen), await asyncio.to_thread(_allocated, frozen))
 
     async def snapshot(self, dest_dir: Path) -> SnapshotSizes:
@@ -118,7 +115,12 @@ class LocalMachineProvider:
         self._vms = root / "build-vms"
         self._boot = boot
         self._network = network
-        self._vmm = vmm or QemuVmm()
+        self._vmm = vmm or QemuVmm.for_host()
+
+    async def reclaim_leftovers(self) -> list[str]:
+        """At start-up, before any build: kill the build VMs of a dead run (their QEMU
+        processes outlive it) and remove their directories."""
+        return await reclaim_vm_dirs(self._vms, set())
 
     def new_layer_path(self) -> Path:
         self._layers.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,11 +24,13 @@ from pathlib import Path
 
 from embervm.aio import past_point_of_no_return
 from embervm.errors import GuestError, NotFoundError, RuntimeFailure, VmmError
+from embervm.fileio import atomic_write
 from embervm.guest.client import AgentClient, AppSpec, LogLine, PtySession
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
+from embervm.host._leftovers import kill_vmms, reclaim_vm_dirs, vmm_pids
 from embervm.network import NetworkManager, VmNetwork
 from embervm.vmm import QemuProcess, QemuVmm, load_manifest
-from embervm.vmm.snapshot import BASE_MEMORY, MEMORY, SnapshotManifest
+from embervm.vmm.snapshot import BASE_MEMORY, MEMORY, SnapshotManifest, recover_snapshot_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class LocalHost:
         self._vms_dir = vms_dir
         self._boot = boot
         self._network = network
-        self._vmm = vmm or QemuVmm()
+        self._vmm = vmm or QemuVmm.for_host()
         self._on_exit = on_exit
         self._vms: dict[str, _Vm] = {}
 
@@ -91,6 +92,11 @@ class LocalHost:
     def is_running(self, vm_id: str) -> bool:
         vm = self._vms.get(vm_id)
         return bool(vm and vm.process and vm.process.returncode is None)
+
+    def is_suspended(self, vm_id: str) -> bool:
+        """Held with its suspend snapshot and no VMM (suspended, or adopted after a restart)."""
+        vm = self._vms.get(vm_id)
+        return bool(vm and vm.process is None)
 
     def _get(self, vm_id: str) -> _Vm:
         vm = self._vms.get(vm_id)
@@ -108,7 +114,8 @@ class LocalHost:
         manifest = await asyncio.to_thread(load_manifest, spec.snapshot_dir)
         workdir = self._vms_dir / vm_dir_name(spec.vm_id)
         async with contextlib.AsyncExitStack() as undo:
-            await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=False)
+            # 0700: the VM's RAM, disk and snapshots are nobody else's (B1).
+            await asyncio.to_thread(workdir.mkdir, 0o700, parents=True, exist_ok=False)
             undo.callback(shutil.rmtree, workdir, ignore_errors=True)
             net = await self._network.create(spec.vm_id, egress=spec.egress)
             undo.push_async_callback(self._network.destroy, spec.vm_id)
@@ -214,45 +221,65 @@ class LocalHost:
         """After a restart: take back the VMMs an earlier run left running (pid + QMP socket,
         agent reconnected, network as allocated); returns the ids that are running again.
         A VM that cannot be taken back is left to ``reclaim_leftovers``."""
-        attached: list[str] = []
-        for vm_id in vm_ids:
-            workdir = self._vms_dir / vm_dir_name(vm_id)
-            record = await asyncio.to_thread(_read_process, workdir)
-            net = self._network.lookup(vm_id)
-            if vm_id in self._vms or record is None or net is None:
-                continue
-            pid, memory_mib = record
-            cfg = self._boot.config(vm_id, workdir, memory_mib=memory_mib, network=net)
-            try:
-                process = await self._vmm.attach(cfg, pid)
-            except RuntimeFailure as exc:
-                log.warning("MicroVM %s: cannot re-attach: %s", vm_id, exc)
-                continue
-            vm = _Vm(vm_id, workdir, net, process=process)
-            try:
-                vm.agent = await connect_agent(cfg, restored=False)
-            except RuntimeFailure as exc:
-                log.warning("MicroVM %s: agent did not answer after re-attach: %s", vm_id, exc)
-                await process.kill()
-                continue
-            self._vms[vm_id] = vm
-            self._watch(vm)
-            attached.append(vm_id)
-        return attached
+        return [vm_id for vm_id in vm_ids if await self._take_back_running(vm_id)]
+
+    async def _take_back_running(self, vm_id: str) -> bool:
+        workdir = self._vms_dir / vm_dir_name(vm_id)
+        record = await asyncio.to_thread(_read_process, workdir)
+        net = self._network.lookup(vm_id)
+        if vm_id in self._vms or record is None or net is None:
+            return False
+        recorded_pid, memory_mib = record
+        # A resume the crash cut short runs a VMM whose pid no record names yet.
+        live = await asyncio.to_thread(vmm_pids, workdir)
+        pid = recorded_pid if recorded_pid in live or len(live) != 1 else live[0]
+        cfg = self._boot.config(vm_id, workdir, memory_mib=memory_mib, network=net)
+        try:
+            process = await self._vmm.attach(cfg, pid)
+        except RuntimeFailure as exc:
+            log.warning("MicroVM %s: cannot re-attach: %s", vm_id, exc)
+            return False
+        vm = _Vm(vm_id, workdir, net, process=process)
+        try:
+            # A suspend the crash cut short left the guest stopped mid-snapshot: it runs on.
+            interrupted = await process.status() != "running"
+            if interrupted:
+                await _cancel_migration(process)
+                await process.cont()
+            vm.agent = await connect_agent(cfg, restored=False)
+            if interrupted:
+                await vm.agent.thaw()
+        except RuntimeFailure as exc:
+            log.warning("MicroVM %s: agent did not answer after re-attach: %s", vm_id, exc)
+            await process.kill()
+            return False
+        await asyncio.to_thread(recover_snapshot_dir, workdir / SUSPEND_DIR)
+        await asyncio.to_thread(_record_process, workdir, process.pid, memory_mib)
+        self._vms[vm_id] = vm
+        self._watch(vm)
+        return True
 
     async def adopt_suspended(self, vm_ids: Iterable[str]) -> list[str]:
-        """After a restart: take back the suspended VMs (their snapshot and network
-        allocation survive) so they can be resumed; returns the ids adopted."""
+        """After a restart: take back the VMs that were suspended or being suspended or
+        resumed; returns the ids held again. A committed suspend snapshot wins: any VMM of the
+        VM is killed (a resume cut short must not leave a second copy running) and the VM is
+        held suspended. Without one, a VMM that still runs (a suspend cut short, or a resume
+        that had consumed its snapshot) is taken back running."""
         adopted: list[str] = []
         for vm_id in vm_ids:
             workdir = self._vms_dir / vm_dir_name(vm_id)
             if vm_id in self._vms:
                 continue
             try:
+                await asyncio.to_thread(recover_snapshot_dir, workdir / SUSPEND_DIR)
                 await asyncio.to_thread(load_manifest, workdir / SUSPEND_DIR)
             except RuntimeFailure as exc:
-                log.warning("MicroVM %s: suspend snapshot unusable: %s", vm_id, exc)
+                if await self._take_back_running(vm_id):
+                    adopted.append(vm_id)
+                else:
+                    log.warning("MicroVM %s: suspend snapshot unusable: %s", vm_id, exc)
                 continue
+            await asyncio.to_thread(kill_vmms, workdir)
             net = self._network.lookup(vm_id)
             if net is None:
                 net = await self._network.create(vm_id, egress=False)
@@ -323,29 +350,15 @@ class LocalHost:
 
     async def reclaim_leftovers(self) -> list[str]:
         """At start-up: kill QEMU processes and remove VM directories of dead runs."""
-        live = {vm_dir_name(v) for v in self._vms}
-        removed: list[str] = []
-        if not self._vms_dir.exists():
-            return removed
-        for entry in await asyncio.to_thread(lambda: list(self._vms_dir.iterdir())):
-            if entry.name in live:
-                continue
-            for pid in _pids_using(entry):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
-            await asyncio.to_thread(shutil.rmtree, entry, True)
-            removed.append(entry.name)
-        return removed
+        return await reclaim_vm_dirs(self._vms_dir, {vm_dir_name(v) for v in self._vms})
 
 
 PROCESS_FILE = "process.json"
 
 
 def _record_process(workdir: Path, pid: int, memory_mib: int) -> None:
-    """What ``reattach`` needs after a server restart (written atomically)."""
-    tmp = workdir / (PROCESS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"pid": pid, "memory_mib": memory_mib}))
-    tmp.replace(workdir / PROCESS_FILE)
+    """What ``reattach`` needs after a server restart (atomic and durable, 0600)."""
+    atomic_write(workdir / PROCESS_FILE, json.dumps({"pid": pid, "memory_mib": memory_mib}))
 
 
 def _read_process(workdir: Path) -> tuple[int, int] | None:
@@ -365,14 +378,16 @@ def written_bytes(manifest: SnapshotManifest) -> int:
     )
 
 
-def _pids_using(workdir: Path) -> list[int]:
-    """QEMU processes whose command line names ``workdir`` (a dead run's VMMs)."""
-    needle = str(workdir).encode()
-    found: list[int] = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-    return found
+async def _cancel_migration(process: QemuProcess) -> None:
+    """Cancel a snapshot's migration a dead server started (its reader is gone), bounded."""
+    with contextlib.suppress(VmmError):
+        await process.qmp("migrate_cancel")
+        for _ in range(100):
+            status = await process.qmp("query-migrate")
+            if not isinstance(status, dict) or status.get("status") not in MIGRATING:
+                return
+            await asyncio.sleep(0.05)
+
+
+#: ``query-migrate`` states of a migration still in flight.
+MIGRATING = ("setup", "active", "cancelling", "device", "pre-switchover")

@@ -129,6 +129,9 @@ class LocalHostBackend:
     def is_running(self, microvm_id: str) -> bool:
         return self.host.is_running(microvm_id)
 
+    def is_suspended(self, microvm_id: str) -> bool:
+        return self.host.is_suspended(microvm_id)
+
 
 async def _unless_cancelled(task: asyncio.Task[T], cancel: asyncio.Event) -> bool:
     """Wait for ``task`` unless ``cancel`` is set first, then cancel it. True when the task
