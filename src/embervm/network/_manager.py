@@ -28,6 +28,7 @@ from typing import Protocol
 from embervm.errors import NetworkSetupError
 
 from ._addressing import (
+    BLOCKED_IPV4,
     GATEWAY_IP,
     GATEWAY_MAC,
     GUEST_IP,
@@ -144,7 +145,7 @@ class NetworkManager:
         protected_ports: Iterable[int] = (),
         tag: str = DEFAULT_TAG,
         resolver_port: int = 53,
-        resolv_file: Path = Path("/etc/resolv.conf"),
+        resolv_file: Path | None = None,
         dns_overrides: Mapping[str, str] | None = None,
         egress_limits: EgressLimits | None = None,
         runner: CommandRunner | None = None,
@@ -172,6 +173,7 @@ class NetworkManager:
             port=resolver_port,
             resolv_file=resolv_file,
             overrides=dns_overrides,
+            unreachable=(*BLOCKED_IPV4, str(self._pool)),
         )
         self._paths = paths or HostPaths()
         self._host_state = state_dir / "host.json"

@@ -6,6 +6,16 @@ servers in the host's ``/etc/resolv.conf`` (re-read when it changes). It binds o
 (``--bind-interfaces``), reads no system configuration (``--conf-file=/dev/null``,
 ``--no-hosts``) and drops privileges. It is the server's child; its pid file lets the next start
 end one left behind by a crash.
+
+Guests get public DNS only, never the host's own names (audit B4): a host whose resolv.conf
+names only a loopback stub (systemd-resolved's 127.0.0.53 answers ``/etc/hosts``, the host
+name, ``_gateway``, LLMNR and mDNS names, and routes VPN domains) is bypassed for the upstream
+servers that stub uses; ``localhost`` names are answered here, never forwarded; plain names
+are never forwarded (``--domain-needed``); and an upstream answer pointing where a guest
+cannot go is turned into NXDOMAIN: every range the rules block (``--bogus-nxdomain``, which
+takes a subnet since dnsmasq 2.85; that covers 100.64/10, where VPNs such as Tailscale answer)
+and private IPv6 too (``--stop-dns-rebind``). Such an answer would only tell the guest about
+the host's networks.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import ipaddress
 import os
 import pwd
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -26,6 +36,32 @@ from ._commands import describe
 
 START_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
+
+HOST_RESOLV_FILE = Path("/etc/resolv.conf")
+RESOLVED_UPSTREAMS_FILE = Path("/run/systemd/resolve/resolv.conf")
+"""systemd-resolved's list of the upstream servers its stub forwards to."""
+
+
+def upstream_resolv_file(
+    host_file: Path = HOST_RESOLV_FILE, resolved_file: Path = RESOLVED_UPSTREAMS_FILE
+) -> Path:
+    """The resolv.conf whose servers dnsmasq forwards to: the host's, unless it names only
+    loopback stubs and systemd-resolved lists the servers behind them (see module docstring)."""
+    try:
+        lines = host_file.read_text().splitlines()
+    except OSError:
+        return host_file
+    servers = [f[1] for f in map(str.split, lines) if len(f) >= 2 and f[0] == "nameserver"]
+    if servers and all(_is_loopback(s) for s in servers) and resolved_file.exists():
+        return resolved_file
+    return host_file
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _unprivileged_user() -> str:
@@ -45,8 +81,10 @@ def dnsmasq_argv(
     resolv_file: Path,
     overrides: Mapping[str, str],
     user: str,
+    unreachable: Sequence[str],
 ) -> list[str]:
-    """The dnsmasq command line (pure, for tests)."""
+    """The dnsmasq command line (pure, for tests); upstream answers in an ``unreachable``
+    range become NXDOMAIN."""
     argv = [
         binary,
         "--keep-in-foreground",
@@ -60,9 +98,12 @@ def dnsmasq_argv(
         f"--user={user}",
         "--domain-needed",
         "--bogus-priv",
+        "--stop-dns-rebind",
+        "--local=/localhost/",
         "--cache-size=1000",
         "--log-facility=-",
     ]
+    argv += [f"--bogus-nxdomain={cidr}" for cidr in unreachable]
     argv += [f"--address=/{name}/{ip}" for name, ip in sorted(overrides.items())]
     return argv
 
@@ -107,16 +148,21 @@ class Resolver:
         *,
         listen_ip: str,
         port: int,
-        resolv_file: Path = Path("/etc/resolv.conf"),
+        resolv_file: Path | None = None,
         overrides: Mapping[str, str] | None = None,
+        unreachable: Sequence[str] = (),
         binary: str = "dnsmasq",
     ) -> None:
+        """``resolv_file``: where the upstream servers are listed (default:
+        ``upstream_resolv_file()``, chosen at each start); ``unreachable``: the ranges no
+        guest reaches, whose addresses it is not told."""
         self._pid_file = state_dir / "dnsmasq.pid"
         self._log_file = state_dir / "dnsmasq.log"
         self._listen_ip = listen_ip
         self._port = port
         self._resolv_file = resolv_file
         self._overrides = dict(overrides or {})
+        self._unreachable = tuple(unreachable)
         self._binary = binary
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -129,9 +175,10 @@ class Resolver:
             listen_ip=self._listen_ip,
             port=self._port,
             pid_file=self._pid_file,
-            resolv_file=self._resolv_file,
+            resolv_file=self._resolv_file or upstream_resolv_file(),
             overrides=self._overrides,
             user=_unprivileged_user(),
+            unreachable=self._unreachable,
         )
         with _open_log(self._log_file) as log:
             try:

@@ -53,9 +53,13 @@ else:
     print("ready", flush=True)
     while True:
         data, peer = s.recvfrom(512)
-        if kind == "dns":  # answer every A query with 198.51.100.77
+        if kind == "dns":  # A queries: "ip-a-b-c-d.<any>" gets a.b.c.d, others 198.51.100.77
             end = data.index(b"\0", 12) + 5
-            answer = b"\xc0\x0c" + bytes([0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 51, 100, 77])
+            first = data[13 : 13 + data[12]].decode()
+            ip = [198, 51, 100, 77]
+            if first.startswith("ip-"):
+                ip = [int(x) for x in first[3:].split("-")]
+            answer = b"\xc0\x0c" + bytes([0, 1, 0, 1, 0, 0, 0, 60, 0, 4, *ip])
             s.sendto(data[:2] + b"\x81\x80\0\x01\0\x01\0\0\0\0" + data[12:end] + answer, peer)
         else:
             s.sendto(f"{name} {peer[0]}".encode(), peer)

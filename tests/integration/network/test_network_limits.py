@@ -1,4 +1,4 @@
-"""Per-VM limits on what an egress guest may start (B3) and ask the resolver (B4).
+"""Per-VM limits on what an egress guest may start, and what the resolver tells it (B3, B4).
 
 The guest is the veth stand-in of ``conftest`` (the rules match device names, so it goes
 through what a QEMU guest on the tap would). The rates are per minute and each test stays far
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,43 @@ async def test_a_guest_asks_the_resolver_at_most_at_its_rate(tmp_path: Path) -> 
             world, DNS_QUERIES, "10.0.2.2", "example.test", 9, ATTEMPT_TIMEOUT
         )
         assert answered == 5
+
+
+UNREACHABLE_ANSWERS = (
+    "192-168-1-5", "10-1-2-3", "172-16-0-9", "127-0-0-1", "169-254-169-254",
+    "100-64-1-1", "198-18-0-1", "0-0-0-0",
+)  # fmt: skip
+"""Addresses the host's resolver may know (LAN, VPN, metadata, loopback) that no guest
+reaches; dnsmasq turns each into NXDOMAIN, which the probe reports as NOANSWER."""
+
+
+@pytest.fixture
+def upstream_list() -> Iterator[Path]:
+    """A resolv.conf naming the stand-in internet's DNS server, where dnsmasq (``nobody``)
+    can read it: pytest's tmp_path is root's alone."""
+    folder = Path(tempfile.mkdtemp(prefix="embervm-upstream-"))
+    try:
+        folder.chmod(0o755)
+        (folder / "resolv.conf").write_text(f"nameserver {INTERNET_IP}\n")
+        yield folder / "resolv.conf"
+    finally:
+        shutil.rmtree(folder)
+
+
+async def test_the_resolver_tells_a_guest_no_host_local_names(
+    tmp_path: Path, upstream_list: Path
+) -> None:
+    """B4: the upstream here answers every name; the resolver passes on only public answers,
+    never forwards localhost or plain names."""
+    async with open_world(tmp_path, resolv_file=upstream_list) as world:
+        await world.vm_with_guest("a", egress=True)
+        await world.serve("dns", f"{world.tag}i", INTERNET_IP, 53, "upstream")
+
+        async def ask(name: str) -> str | None:
+            return await world.probe(f"{world.tag}ga", "dns", "10.0.2.2", 53, name)
+
+        assert await ask("ip-8-8-4-4.example.com") == "8.8.4.4"  # public answers pass
+        for unreachable in UNREACHABLE_ANSWERS:
+            assert await ask(f"ip-{unreachable}.corp.example.com") == "NOANSWER", unreachable
+        assert await ask("ip-8-8-4-4.localhost") == "NOANSWER"  # never forwarded
+        assert await ask("ip-8-8-4-4") == "NOANSWER"  # a plain name, never forwarded

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import embervm.network
-from embervm.network._resolver import _proc_udp_has, dnsmasq_argv
+from embervm.network._resolver import _proc_udp_has, dnsmasq_argv, upstream_resolv_file
 
 
 def test_dnsmasq_binds_only_the_resolver_address_and_reads_no_system_config() -> None:
@@ -17,6 +17,7 @@ def test_dnsmasq_binds_only_the_resolver_address_and_reads_no_system_config() ->
         resolv_file=Path("/etc/resolv.conf"),
         overrides={"example.test": "203.0.113.10"},
         user="nobody",
+        unreachable=["10.0.0.0/8"],
     )
     assert argv[0] == "dnsmasq"
     for flag in (
@@ -31,6 +32,44 @@ def test_dnsmasq_binds_only_the_resolver_address_and_reads_no_system_config() ->
     ):
         assert flag in argv
     assert not [a for a in argv if a.startswith(("--interface", "--dhcp"))]
+
+
+def test_dnsmasq_answers_no_host_local_names() -> None:
+    """B4: localhost names are never forwarded, plain names neither, and upstream answers in
+    a range no guest reaches (private, shared, loopback, link-local...) become NXDOMAIN."""
+    argv = dnsmasq_argv(
+        binary="dnsmasq", listen_ip="10.213.0.1", port=53, pid_file=Path("/p"),
+        resolv_file=Path("/r"), overrides={}, user="nobody",
+        unreachable=["100.64.0.0/10", "10.213.0.0/16"],
+    )  # fmt: skip
+    for flag in ("--local=/localhost/", "--domain-needed", "--stop-dns-rebind", "--no-hosts",
+                 "--bogus-nxdomain=100.64.0.0/10", "--bogus-nxdomain=10.213.0.0/16"):  # fmt: skip
+        assert flag in argv
+    assert "--rebind-localhost-ok" not in argv
+
+
+def test_a_loopback_stub_is_bypassed_for_the_servers_behind_it(tmp_path: Path) -> None:
+    """B4: systemd-resolved's stub answers /etc/hosts, the host name and LAN names."""
+    host, resolved = tmp_path / "resolv.conf", tmp_path / "resolved.conf"
+    resolved.write_text("nameserver 192.0.2.53\n")
+    host.write_text("# stub\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n")
+    assert upstream_resolv_file(host, resolved) == resolved
+    host.write_text("nameserver 127.0.0.53\nnameserver ::1\n")
+    assert upstream_resolv_file(host, resolved) == resolved
+
+
+def test_the_host_list_is_kept_when_it_names_a_real_server_or_no_stub_list_exists(
+    tmp_path: Path,
+) -> None:
+    host, resolved = tmp_path / "resolv.conf", tmp_path / "resolved.conf"
+    host.write_text("nameserver 127.0.0.53\n")
+    assert upstream_resolv_file(host, resolved) == host  # no resolved list to use instead
+    resolved.write_text("nameserver 192.0.2.53\n")
+    host.write_text("nameserver 127.0.0.53\nnameserver 10.255.255.53\n")
+    assert upstream_resolv_file(host, resolved) == host
+    host.write_text("")
+    assert upstream_resolv_file(host, resolved) == host
+    assert upstream_resolv_file(tmp_path / "absent", resolved) == tmp_path / "absent"
 
 
 UDP_TABLE = """\
