@@ -43,6 +43,7 @@ from embervm.server.backends import (
     LocalHostBackend,
     PipelineImageBuilder,
 )
+from embervm.server.datadir import secure_data_dir
 from embervm.store import open_repository
 from embervm.vmm.accel import detect_accelerator
 
@@ -132,7 +133,10 @@ async def start_server(
     limits: CoreLimits | None = None,
 ) -> RunningServer:
     """Start every part; each shutdown is pushed on ``stack`` (closing it stops the server)."""
-    for path in (settings.data_dir, settings.run_dir, settings.vms_dir, settings.images_dir):
+    tightened = await asyncio.to_thread(secure_data_dir, settings.data_dir)
+    if tightened:
+        progress(f"{settings.data_dir} was open to other users: {tightened} entries made private")
+    for path in (settings.run_dir, settings.vms_dir, settings.images_dir):
         await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(CredentialStore(settings.credentials_file).ensure)
 
