@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from embervm.errors import GuestError
+from embervm.fileio import atomic_write
 from embervm.guest.client import AgentClient
 
 HOOK_PATH = "/aws/lambda-microvms/runtime/v1/"
@@ -58,10 +59,9 @@ class RuntimeHooks:
         return self.timeouts.get(hook, DEFAULT_TIMEOUT)
 
     def save(self, path: Path) -> None:
+        """Durably (A22): after a crash the VM's hooks are the old ones or the new ones."""
         body = {"port": self.port, "enabled": sorted(self.enabled), "timeouts": self.timeouts}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(body), mode=0o600)
 
     @classmethod
     def load(cls, path: Path) -> RuntimeHooks:

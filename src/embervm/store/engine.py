@@ -1,7 +1,8 @@
 """Engines and migrations: SQLite (WAL) by default, PostgreSQL (asyncpg) by URL.
 
-SQLite: one writer at a time is the database's own rule; we make it explicit instead of
-letting concurrent writers fail with "database is locked". Write transactions start with
+SQLite: WAL with ``synchronous=FULL`` (an answered write survives a power loss). One writer
+at a time is the database's own rule; we make it explicit instead of letting concurrent
+writers fail with "database is locked". Write transactions start with
 ``BEGIN IMMEDIATE`` (the write lock is taken up front, so a read-then-write transaction can
 never be refused half-way) and the repository also serializes its writers in-process; reads
 (one statement each) run in autocommit, in parallel under WAL. PostgreSQL: ordinary
@@ -62,7 +63,11 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # FULL, not NORMAL: with NORMAL a WAL commit is not fsynced, so after a power loss the
+        # last transactions roll back although the API answered them (a VM created or deleted
+        # "again"). FULL fsyncs the WAL once per write transaction: ~1.2 ms here, in
+        # aiosqlite's thread, against ~0.02 ms; control-plane writes are a few per API call.
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
