@@ -89,7 +89,10 @@ class Owner(Protocol):
     engine: H2Server
     pool: LinkPool
     loop: asyncio.AbstractEventLoop
-    client_full: bool
+
+    @property
+    def client_full(self) -> bool:
+        """The client takes no more for now (its connection is full, or too much is held)."""
 
     def flush_soon(self) -> None: ...
 

@@ -27,13 +27,18 @@ from embervm.proxy.h2toh1 import Owner
 log = logging.getLogger("embervm.proxy.http2")
 
 BODY_TIMEOUT = 300.0
+# h2c app connections per client connection: each may hold its window of answer (1 MiB) that
+# the client has not taken yet, so this bounds what a client and its apps pin (B7).
+MAX_H2_TARGETS = 4
+TOO_MANY_TARGETS = Refusal(429, "Too many HTTP/2 app connections on this connection")
 _END = b"end"  # in the queue: the client finished (an object no DATA frame is)
 
 
 class H2Upstreams:
     """A client connection's h2c connections to apps, one per target (streams that ask for
     one at once share the one being opened). Each counts against its VM's connection limit
-    (``Admission.reserve``) from the moment it is being opened until it is closed."""
+    (``Admission.reserve``) from the moment it is being opened until it is closed, and a
+    client connection has at most ``MAX_H2_TARGETS`` (a 429 for a stream that needs one more)."""
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
@@ -47,6 +52,9 @@ class H2Upstreams:
             return upstream.peer
         opening = self.opening.get(target)
         if opening is None:
+            live = sum(1 for kept, up in self.open.items() if kept != target and up.usable(kept))
+            if len(self.opening) + live >= MAX_H2_TARGETS:
+                raise TOO_MANY_TARGETS
             self.admission.reserve(target)  # Refusal (429) goes to the stream
             opening = self.opening[target] = asyncio.create_task(H2Upstream.open(target))
             opening.add_done_callback(lambda task: self._opened(target, task))

@@ -47,6 +47,11 @@ log = logging.getLogger("embervm.proxy.http2")
 IDLE_TIMEOUT = 120.0
 BODY_TIMEOUT = 300.0
 TICK = 5.0  # how often a connection looks at its streams' and its own idle time
+# Answer bytes the frame layer may hold for a client that grants no window before every app
+# connection of the client's connection stops being read (B7). What a connection can pin, in
+# all: this, plus one app read that came before the pause (256 KiB), plus the h2c apps'
+# windows (h2toh2.MAX_H2_TARGETS x 1 MiB), plus the client's own window (1 MiB): under 7 MiB.
+HELD_BUDGET = 1024 * 1024
 HAND_OVER_READ = 1 << 30  # "everything buffered": the bytes read before the hand-over
 BAD_UPGRADE = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\nconnection: close\r\n\r\nBad request\n"
@@ -67,7 +72,8 @@ class ClientSession(asyncio.Protocol):
         self.upstreams = H2Upstreams(admission)
         self.exchanges: dict[int, Exchange] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.client_full = False
+        self.transport_full = False  # the client's connection does not take what we write
+        self.over_budget = False  # the frame layer holds more than HELD_BUDGET for the client
         self.flushing = False
         self.gone = False
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -99,20 +105,33 @@ class ClientSession(asyncio.Protocol):
         if not self.done.done():
             self.done.set_result(None)
 
+    @property
+    def client_full(self) -> bool:
+        """The client takes no more for now: the apps' answers wait where they are."""
+        return self.transport_full or self.over_budget
+
     def pause_writing(self) -> None:
-        self.client_full = True
         self.transport.pause_reading()  # nor read what it asks of us meanwhile (PING, SETTINGS)
-        for exchange in self.exchanges.values():
-            exchange.client_writable(False)
+        self._room(transport_full=True, over_budget=self.over_budget)
 
     def resume_writing(self) -> None:
-        self.client_full = False
         if not self.gone:
             self.transport.resume_reading()
-        for exchange in list(self.exchanges.values()):
-            exchange.client_writable(True)
+        self._room(transport_full=False, over_budget=self.over_budget)
+
+    def _room(self, *, transport_full: bool, over_budget: bool) -> None:
+        was_full = self.client_full
+        self.transport_full, self.over_budget = transport_full, over_budget
+        if self.client_full != was_full:
+            for exchange in list(self.exchanges.values()):
+                exchange.client_writable(not self.client_full)
 
     def flush_soon(self) -> None:
+        """Write what the frame layer has to send, once this turn of the loop is over (and
+        look at what it holds: every call follows a change of it)."""
+        over_budget = self.engine.held_bytes > HELD_BUDGET
+        if over_budget != self.over_budget:
+            self._room(transport_full=self.transport_full, over_budget=over_budget)
         if not self.flushing:
             self.flushing = True
             self.loop.call_soon(self._flush)

@@ -5,14 +5,19 @@ connections, answers held for clients that grant no window (audit A2, A8, B7).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import h2.events
 import h2.settings
 import pytest
 from tests.unit.proxy.conftest import HOST, App, Rig
+from tests.unit.proxy.test_proxy_force_h2 import h2c_app
 from tests.unit.proxy.test_proxy_h2_relay import Client
 
 from embervm.proxy import http2
+from embervm.proxy.h2toh2 import MAX_H2_TARGETS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,3 +88,79 @@ async def test_a_connection_with_a_valid_token_outlives_the_first_request_deadli
         assert status == 200
     finally:
         await client.close()
+
+
+@pytest.fixture
+def sessions(monkeypatch: pytest.MonkeyPatch) -> list[http2.ClientSession]:
+    """Every client session the proxy makes, to look at what it holds."""
+    made: list[http2.ClientSession] = []
+    init = http2.ClientSession.__init__
+
+    def recorded(self: http2.ClientSession, *args: Any) -> None:
+        init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(http2.ClientSession, "__init__", recorded)
+    return made
+
+
+@pytest.fixture
+async def endless_app() -> AsyncIterator[int]:
+    """An app answering each request with a body that never ends, as fast as it is taken."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\r\n")
+            while True:
+                writer.write(b"z" * 65536)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def settled(measure: Callable[[], int]) -> int:
+    """``measure`` once it stopped changing (what a stalled relay holds)."""
+    last, same = -1, 0
+    while same < 5:
+        await asyncio.sleep(0.1)
+        now = measure()
+        same = same + 1 if now == last else 0
+        last = now
+    return last
+
+
+async def test_what_a_client_that_grants_no_window_pins_is_bounded(
+    rig: Rig, sessions: list[http2.ClientSession], endless_app: int
+) -> None:
+    client = await Client.open(rig, NO_WINDOW)  # and the connection's 64 KiB, never renewed
+    try:
+        for _ in range(32):
+            client.request(rig, endless_app, "/")
+        await client.read(ack=False)
+        (session,) = sessions
+        held = await settled(lambda: session.engine.held_bytes)
+        assert held <= http2.HELD_BUDGET + 256 * 1024  # was one app read per stream: 32 of them
+        assert session.client_full
+    finally:
+        await client.close()
+
+
+async def test_a_client_connection_reaches_a_bounded_number_of_h2c_apps(rig: Rig) -> None:
+    servers = [await asyncio.start_server(h2c_app, "127.0.0.1", 0)
+               for _ in range(MAX_H2_TARGETS + 1)]  # fmt: skip
+    client = await Client.open(rig)
+    try:
+        statuses = []
+        for server in servers:
+            port = server.sockets[0].getsockname()[1]
+            stream_id = client.request(rig, port, "/", (b"x-aws-proxy-force-h2", b"true"))
+            statuses.append((await client.answer(stream_id))[0])
+        assert statuses == [200] * MAX_H2_TARGETS + [429]
+    finally:
+        await client.close()
+        for server in servers:
+            server.close()
