@@ -63,9 +63,15 @@ class Settings:
     # pools; one server per host keeps the defaults.
     network_tag: str = "emb"
     network_pool: str = "10.213.0.0/16"
-    # Folders a ``file://`` code artifact may come from (None: anywhere but the data dir, whose
-    # uploads folder is allowed, and the system's pseudo file systems).
+    # Folders a ``file://`` code artifact may come from besides the data dir's uploads folder
+    # (None: none; never the rest of the data dir, /proc, /sys or /dev).
     artifact_roots: tuple[Path, ...] | None = None
+    # Networks (CIDR) ``https://`` artifacts may come from although they are not public (an
+    # on-prem artifact server); "0.0.0.0/0" and "::/0" allow every address.
+    artifact_private_networks: tuple[str, ...] = ()
+    # Buckets s3:// artifacts may come from (None: every bucket of ``s3_endpoint_url``, and none
+    # on AWS, where the server's own identity would read them for any caller).
+    artifact_s3_buckets: tuple[str, ...] | None = None
     # Where s3:// code artifacts live (None: AWS); credentials come from boto3's usual chain.
     s3_endpoint_url: str | None = None
     s3_ca_file: Path | None = None
@@ -73,6 +79,12 @@ class Settings:
     app_log_retention_days: float = 7.0
     # A build step's cached layer is forgotten (and its disk space freed) after this long unused.
     build_cache_days: float = 14.0
+    # Endpoint proxy: client connections held at once, in all and per source address (an IPv6
+    # /64), beyond which new ones are closed unread (A8); and how long a WebSocket, other
+    # upgrade or shell may go without a byte either way (A16).
+    proxy_max_connections: int = 10_000
+    proxy_max_connections_per_ip: int = 2_000
+    proxy_session_idle_timeout: float = 600.0
     # Where the control API listens (None: ``listen_host`` when that is loopback, else
     # 127.0.0.1: putting the endpoints on the network never exposes the API with them, A7).
     api_listen: str | None = None
@@ -81,12 +93,6 @@ class Settings:
     api_tls_key: Path | None = None
     # The token key is replaced this often (0: never); tokens live at most 60 min.
     token_key_rotation_hours: float = 24.0
-    # Endpoint proxy: client connections held at once, in all and per source address (an IPv6
-    # /64), beyond which new ones are closed unread (A8); and how long a WebSocket, other
-    # upgrade or shell may go without a byte either way (A16).
-    proxy_max_connections: int = 10_000
-    proxy_max_connections_per_ip: int = 2_000
-    proxy_session_idle_timeout: float = 600.0
 
     @property
     def api_host(self) -> str:

@@ -1,31 +1,34 @@
 """Fetch a build's ``codeArtifact.uri`` into a local file, bounded in size and time.
 
 Every failure becomes ``BuildFailure`` with a reason written for the user who gave the URI:
-the build's ``stateReason`` is that sentence. Supported: ``file://`` (a regular file, within
-what a ``FilePolicy`` allows), ``https://`` (TLS verified against the system CA bundle, or a
-given CA file), ``s3://bucket/key`` (the configured S3 endpoint). Plain ``http://`` is refused.
+the build's ``stateReason`` is that sentence. It tells nothing about the host the caller could
+not learn otherwise: a local file that is missing, a folder or not a regular file "could not
+be fetched" alike, and foreign exception text (botocore's, httpx's) is logged, never shown.
+Supported: ``file://`` (a regular file, within what a ``FilePolicy`` allows), ``https://``
+(public addresses only, TLS verified: ``_https``), ``s3://bucket/key`` (the configured S3
+endpoint, in the buckets its ``S3Config`` allows). Plain ``http://`` is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import ssl
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import httpx
-
+from embervm.blobs._https import https_chunks
 from embervm.blobs._s3 import S3BlobStore, S3Config
 from embervm.blobs._store import CHUNK, stream_to_file
 from embervm.errors import BuildFailure, NotFoundError, RuntimeFailure
 
+log = logging.getLogger("embervm.blobs.fetch")
+
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 DEFAULT_TIMEOUT = 300.0
-MAX_REDIRECTS = 5
 # Never artifacts: kernel interfaces, and devices (a FIFO or /dev/zero would only hang or fill).
 SYSTEM_DENIED = (Path("/proc"), Path("/sys"), Path("/dev"))
 
@@ -43,14 +46,11 @@ class FilePolicy:
     denied: tuple[Path, ...] = SYSTEM_DENIED
     carve_outs: tuple[Path, ...] = ()
 
-    def refusal(self, real: Path) -> str | None:
-        """Why ``real`` (a resolved path) may not be read, or ``None``."""
+    def allows(self, real: Path) -> bool:
+        """Whether ``real`` (a resolved path) may be read."""
         if self.roots is not None and not _inside_any(real, self.roots):
-            allowed = ", ".join(str(r) for r in self.roots)
-            return f"is outside the allowed folders ({allowed})"
-        if _inside_any(real, self.denied) and not _inside_any(real, self.carve_outs):
-            return "is in a folder the server does not read artifacts from"
-        return None
+            return False
+        return not _inside_any(real, self.denied) or _inside_any(real, self.carve_outs)
 
 
 async def fetch_code_artifact(
@@ -62,12 +62,14 @@ async def fetch_code_artifact(
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
     ca_file: Path | None = None,
     file_policy: FilePolicy | None = None,
+    private_networks: Sequence[str] = (),
 ) -> Path:
     """Copy the artifact at ``uri`` to ``dest`` (atomically) and return ``dest``.
 
     ``ca_file`` replaces the system CA bundle for ``https://`` (tests, private CAs);
     ``file_policy`` says which local files ``file://`` may name (default: any regular file
-    outside the system's pseudo file systems).
+    outside the system's pseudo file systems); ``private_networks`` (CIDRs) are fetched from
+    over ``https://`` although they are not public (an on-prem artifact server).
     """
     scheme = urlsplit(uri).scheme.lower()
     try:
@@ -75,7 +77,9 @@ async def fetch_code_artifact(
             if scheme == "file":
                 chunks = _file_chunks(uri, file_policy or FilePolicy())
             elif scheme == "https":
-                chunks = _https_chunks(uri, ca_file=ca_file, max_bytes=max_bytes)
+                chunks = https_chunks(
+                    uri, ca_file=ca_file, max_bytes=max_bytes, private_networks=private_networks
+                )
             elif scheme == "s3":
                 chunks = _s3_chunks(uri, s3_config or S3Config(), max_bytes=max_bytes)
             elif scheme == "http":
@@ -92,7 +96,7 @@ async def fetch_code_artifact(
         raise BuildFailure(
             f"downloading the code artifact {uri!r} did not finish within {timeout:.0f} s"
         ) from exc
-    except RuntimeFailure as exc:
+    except RuntimeFailure as exc:  # stream_to_file's size limit: a sentence about the caller's file
         raise BuildFailure(f"code artifact {uri!r}: {exc}") from exc
     except OSError as exc:
         raise BuildFailure(f"could not store the code artifact: {exc.strerror or exc}") from exc
@@ -106,28 +110,27 @@ async def _file_chunks(uri: str, policy: FilePolicy) -> AsyncIterator[bytes]:
     path = Path(unquote(parts.path))
     if not path.is_absolute():
         raise BuildFailure(f"code artifact {uri!r}: file:// URIs need an absolute path")
+    refused = BuildFailure(
+        f"code artifact {uri!r} is in a folder the server does not read artifacts from "
+        "(its uploads, and --artifact-root folders)"
+    )
+    unreadable = BuildFailure(f"code artifact {uri!r} could not be fetched; give a zip file")
     real = await asyncio.to_thread(path.resolve)
-    refusal = policy.refusal(real)
-    if refusal is not None:
-        raise BuildFailure(f"code artifact {uri!r} {refusal}")
+    if not policy.allows(real):
+        raise refused
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore it.
         fd = await asyncio.to_thread(os.open, real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise BuildFailure(f"code artifact {uri!r} does not exist") from exc
-    except OSError as exc:
-        raise BuildFailure(f"code artifact {uri!r} cannot be read: {exc.strerror}") from exc
+    except OSError as exc:  # missing, unreadable: one answer, whatever the cause
+        raise unreadable from exc
     # The path may have been swapped for a link since it was resolved: judge what was opened.
     opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
-    refusal = policy.refusal(opened)
-    if refusal is not None:
+    if not policy.allows(opened):
         os.close(fd)
-        raise BuildFailure(f"code artifact {uri!r} {refusal}")
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+        raise refused
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, a device, a FIFO: the same answer
         os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise BuildFailure(f"code artifact {uri!r} is {kind}; give a zip file")
+        raise unreadable
     fh = os.fdopen(fd, "rb")
     try:
         while chunk := await asyncio.to_thread(fh.read, CHUNK):
@@ -140,71 +143,22 @@ def _inside_any(real: Path, roots: tuple[Path, ...]) -> bool:
     return any(real.is_relative_to(root.resolve()) for root in roots)
 
 
-def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """The system trust store (``/etc/ssl/certs``) unless a CA file is given."""
-    if ca_file is not None:
-        return ssl.create_default_context(cafile=str(ca_file))
-    return ssl.create_default_context()
-
-
-async def _https_chunks(uri: str, *, ca_file: Path | None, max_bytes: int) -> AsyncIterator[bytes]:
-    timeouts = httpx.Timeout(30.0, connect=10.0)
-
-    async def https_only(request: httpx.Request) -> None:
-        """Checked before every request, so a redirect to http:// is never followed."""
-        if request.url.scheme != "https":
-            raise BuildFailure(f"code artifact {uri!r} redirected to a non-https URL")
-
-    async with httpx.AsyncClient(
-        event_hooks={"request": [https_only]},
-        verify=_tls_context(ca_file),
-        timeout=timeouts,
-        follow_redirects=True,
-        max_redirects=MAX_REDIRECTS,
-        trust_env=True,
-    ) as client:
-        try:
-            async with client.stream("GET", uri) as response:
-                if response.status_code != 200:
-                    raise BuildFailure(
-                        f"downloading the code artifact {uri!r} returned HTTP "
-                        f"{response.status_code}"
-                    )
-                declared = response.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                    raise BuildFailure(
-                        f"code artifact {uri!r} is {declared} bytes; the limit is {max_bytes}"
-                    )
-                async for chunk in response.aiter_bytes(CHUNK):
-                    yield chunk
-        except httpx.TooManyRedirects as exc:
-            raise BuildFailure(f"code artifact {uri!r}: too many redirects") from exc
-        except httpx.ConnectError as exc:
-            cause = "TLS certificate not trusted" if _is_tls(exc) else "could not connect"
-            raise BuildFailure(f"code artifact {uri!r}: {cause} ({exc})") from exc
-        except httpx.TimeoutException as exc:
-            raise BuildFailure(f"code artifact {uri!r}: the server stopped answering") from exc
-        except httpx.HTTPError as exc:
-            raise BuildFailure(f"code artifact {uri!r}: download failed ({exc})") from exc
-
-
-def _is_tls(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
-
-
 async def _s3_chunks(uri: str, config: S3Config, *, max_bytes: int) -> AsyncIterator[bytes]:
     parts = urlsplit(uri)
     bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
     if not bucket or not key:
         raise BuildFailure(f"code artifact {uri!r} must look like s3://bucket/key")
+    if config.buckets is not None and bucket not in config.buckets:
+        raise BuildFailure(
+            f"code artifact {uri!r} is in a bucket the server does not read artifacts from "
+            "(embervm server --artifact-s3-bucket)"
+        )
     store = S3BlobStore(bucket, config.endpoint_url, config.credentials, config=config)
     try:
         async for chunk in store.stream_object(key):
             yield chunk
     except NotFoundError as exc:
         raise BuildFailure(f"code artifact {uri!r} does not exist") from exc
+    except RuntimeFailure as exc:  # botocore's words (endpoints, request ids) stay in the log
+        log.info("code artifact %s: %s", uri, exc)
+        raise BuildFailure(f"code artifact {uri!r} could not be fetched from S3") from exc

@@ -38,7 +38,8 @@ class S3Credentials:
 
 @dataclass(frozen=True)
 class S3Config:
-    """Where ``s3://`` lives: endpoint (None = AWS), credentials (None = boto3's chain)."""
+    """Where ``s3://`` lives: endpoint (None = AWS), credentials (None = boto3's chain), and
+    which buckets code artifacts may come from (None: every one)."""
 
     endpoint_url: str | None = None
     credentials: S3Credentials | None = None
@@ -47,6 +48,7 @@ class S3Config:
     read_timeout: float = 30.0
     call_timeout: float = 120.0
     ca_file: Path | None = None
+    buckets: frozenset[str] | None = None
 
     def client(self) -> Any:
         """A boto3 S3 client with bounded timeouts and path-style addressing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
@@ -88,8 +89,24 @@ def server(
         list[Path] | None,
         typer.Option(
             "--artifact-root",
-            help="Only read file:// code artifacts inside this folder (repeatable; default: "
-            "anywhere but the data dir, whose uploads folder is allowed, /proc, /sys and /dev).",
+            help="Also read file:// code artifacts inside this folder (repeatable; default: "
+            "only the data dir's uploads folder, where `embervm images create` puts them).",
+        ),
+    ] = None,
+    artifact_private_network: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--artifact-private-network",
+            help="Also fetch https:// code artifacts from this network (CIDR, repeatable), "
+            "although it is not public: an on-prem artifact server.",
+        ),
+    ] = None,
+    artifact_s3_bucket: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--artifact-s3-bucket",
+            help="Only read s3:// code artifacts from this bucket (repeatable; default: every "
+            "bucket of --s3-endpoint-url, none on AWS).",
         ),
     ] = None,
     s3_endpoint_url: Annotated[
@@ -132,6 +149,13 @@ def server(
         raise typer.BadParameter(
             "--api-tls-cert and --api-tls-key go together", param_hint="--api-tls-cert"
         )
+    for network in artifact_private_network or ():
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise typer.BadParameter(
+                f"{network!r} is not a network", param_hint="--artifact-private-network"
+            ) from exc
     ctx = current()
     settings = Settings(
         data_dir=(data_dir or ctx.data_dir).expanduser().resolve(),
@@ -149,6 +173,8 @@ def server(
         network_tag=network_tag,
         network_pool=network_pool,
         artifact_roots=artifact_roots(artifact_root),
+        artifact_private_networks=tuple(artifact_private_network or ()),
+        artifact_s3_buckets=tuple(artifact_s3_bucket) if artifact_s3_bucket else None,
         s3_endpoint_url=s3_endpoint_url,
         s3_ca_file=s3_ca_file.expanduser().resolve() if s3_ca_file else None,
         app_log_retention_days=log_retention_days,

@@ -33,11 +33,13 @@ FOLLOW_IDLE_TIMEOUT = 3600.0  # a log whose writer died (server killed) ends aft
 
 
 def artifact_file_policy(settings: Settings) -> FilePolicy:
-    """``file://`` artifacts never come from the data dir (token keys, credentials, TLS keys,
-    other accounts' images and snapshots) except its uploads folder, nor from /proc, /sys or
-    /dev; ``--artifact-root`` confines them further."""
+    """``file://`` artifacts come from the data dir's uploads folder (where the CLI puts them)
+    and the ``--artifact-root`` folders only: the server runs as root, so any other path would
+    let an API caller read, or probe for, the host's files. Never from the rest of the data
+    dir (token keys, credentials, TLS keys, other accounts' images), /proc, /sys or /dev, even
+    under an artifact root."""
     return FilePolicy(
-        roots=settings.artifact_roots,
+        roots=(settings.uploads_dir, *(settings.artifact_roots or ())),
         denied=(*SYSTEM_DENIED, settings.data_dir),
         carve_outs=(settings.uploads_dir,),
     )
@@ -45,9 +47,19 @@ def artifact_file_policy(settings: Settings) -> FilePolicy:
 
 def artifact_s3_config(settings: Settings) -> S3Config:
     """``s3://`` artifacts: the configured endpoint (AWS if none) in the server's region;
-    credentials from boto3's chain (``AWS_ACCESS_KEY_ID``…, ``AWS_PROFILE``, instance roles)."""
+    credentials from boto3's chain (``AWS_ACCESS_KEY_ID``…, ``AWS_PROFILE``, instance roles).
+
+    Buckets: ``--artifact-s3-bucket`` when given; else every bucket of a configured endpoint
+    (the operator's own store, credentials made for it) and none on AWS, where the chain is
+    the host's identity and would read any bucket it can for any API caller."""
+    buckets = settings.artifact_s3_buckets
+    if buckets is None and settings.s3_endpoint_url is None:
+        buckets = ()
     return S3Config(
-        endpoint_url=settings.s3_endpoint_url, region=settings.region, ca_file=settings.s3_ca_file
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.region,
+        ca_file=settings.s3_ca_file,
+        buckets=frozenset(buckets) if buckets is not None else None,
     )
 
 
@@ -74,6 +86,7 @@ class PipelineImageBuilder:
                 dest,
                 s3_config=artifact_s3_config(self.settings),
                 file_policy=artifact_file_policy(self.settings),
+                private_networks=self.settings.artifact_private_networks,
             )
 
         spec = spec_from_request(

@@ -1,15 +1,20 @@
 """fetch_code_artifact against real servers on 127.0.0.1: HTTPS with a CA the test makes, and
-S3 through moto's real HTTP server (``moto[server]``) with boto3."""
+S3 through moto's real HTTP server (``moto[server]``) with boto3.
+
+127.0.0.1 is not a public address, so the HTTPS tests allow it (``LOOPBACK``) the way an
+on-prem operator allows an artifact server's network; each redirect is checked again."""
 
 from __future__ import annotations
 
 import datetime
 import http.server
 import ipaddress
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -24,6 +29,9 @@ from embervm.errors import BuildFailure, NotFoundError
 pytestmark = pytest.mark.integration
 
 PAYLOAD = b"PK\x03\x04" + b"z" * 5000
+LOOPBACK = ("127.0.0.1/32",)
+NAME = "artifacts.test"  # resolved by the test's own getaddrinfo to 127.0.0.1
+HOSTS_SEEN: list[str] = []  # the Host field of each request the HTTPS server answered
 
 
 def names(folder: Path) -> list[str]:
@@ -52,7 +60,9 @@ def _cert(
     )
     if not ca:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName(NAME)]
+            ),
             critical=False,
         )
     return builder.sign(issuer_key or key, hashes.SHA256())
@@ -80,6 +90,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return
 
     def do_GET(self) -> None:
+        HOSTS_SEEN.append(self.headers.get("Host", ""))
         if self.path == "/artifact.zip":
             self.send_response(200)
             self.send_header("Content-Length", str(len(PAYLOAD)))
@@ -88,6 +99,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "/artifact.zip")
+            self.end_headers()
+        elif self.path == "/to-internal":  # the same server, by an address nobody allowed
+            self.send_response(302)
+            _, port = self.connection.getsockname()
+            self.send_header("Location", f"https://127.0.0.2:{port}/artifact.zip")
+            self.end_headers()
+        elif self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
             self.end_headers()
         elif self.path == "/to-http":
             self.send_response(302)
@@ -130,16 +150,78 @@ async def test_https_fetch_verifies_with_the_given_ca(
     https_url: str, tls_files: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     ca = tls_files[0]
-    dest = await fetch_code_artifact(f"{https_url}/artifact.zip", tmp_path / "a.zip", ca_file=ca)
+    dest = await fetch_code_artifact(
+        f"{https_url}/artifact.zip", tmp_path / "a.zip", ca_file=ca, private_networks=LOOPBACK
+    )
     assert dest.read_bytes() == PAYLOAD
-    dest = await fetch_code_artifact(f"{https_url}/redirect", tmp_path / "b.zip", ca_file=ca)
+    dest = await fetch_code_artifact(
+        f"{https_url}/redirect", tmp_path / "b.zip", ca_file=ca, private_networks=LOOPBACK
+    )
     assert dest.read_bytes() == PAYLOAD
 
 
 async def test_https_with_untrusted_certificate_is_refused(https_url: str, tmp_path: Path) -> None:
-    with pytest.raises(BuildFailure, match="TLS certificate not trusted"):
-        await fetch_code_artifact(f"{https_url}/artifact.zip", tmp_path / "a.zip")
+    with pytest.raises(BuildFailure, match=r"TLS certificate not trusted$"):
+        await fetch_code_artifact(
+            f"{https_url}/artifact.zip", tmp_path / "a.zip", private_networks=LOOPBACK
+        )
     assert not (tmp_path / "a.zip").exists()
+
+
+async def test_https_to_a_loopback_server_is_refused_by_default(
+    https_url: str, tls_files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The audit's probe: the server's own listeners answered "TLS certificate not trusted"
+    (a port scan from the host); now nothing is connected to."""
+    seen = len(HOSTS_SEEN)
+    with pytest.raises(BuildFailure, match="did not resolve to a public address"):
+        await fetch_code_artifact(
+            f"{https_url}/artifact.zip", tmp_path / "a.zip", ca_file=tls_files[0]
+        )
+    assert len(HOSTS_SEEN) == seen
+
+
+async def test_a_redirect_to_an_address_not_allowed_is_refused(
+    https_url: str, tls_files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(BuildFailure, match="did not resolve to a public address"):
+        await fetch_code_artifact(
+            f"{https_url}/to-internal",
+            tmp_path / "a.zip",
+            ca_file=tls_files[0],
+            private_networks=LOOPBACK,
+        )
+    assert names(tmp_path) == []
+
+
+async def test_the_checked_address_is_connected_to_and_the_name_serves_tls_and_host(
+    https_url: str,
+    tls_files: tuple[Path, Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One lookup per hop, and the connection goes to what it answered (a second, different
+    answer — DNS rebinding — is never asked for); TLS verifies the name, Host carries it."""
+    port = int(https_url.rsplit(":", 1)[1])
+    lookups: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def fake_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == NAME:
+            lookups.append(host)
+            return real_getaddrinfo("127.0.0.1", *args, **kwargs)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    dest = await fetch_code_artifact(
+        f"https://{NAME}:{port}/redirect",
+        tmp_path / "a.zip",
+        ca_file=tls_files[0],
+        private_networks=LOOPBACK,
+    )
+    assert dest.read_bytes() == PAYLOAD
+    assert lookups == [NAME, NAME]  # the URI, then its redirect
+    assert HOSTS_SEEN[-2:] == [f"{NAME}:{port}"] * 2
 
 
 @pytest.mark.parametrize(
@@ -149,6 +231,7 @@ async def test_https_with_untrusted_certificate_is_refused(https_url: str, tmp_p
         ("/artifact.zip", "is 5004 bytes; the limit is 1000"),
         ("/chunked-big", "larger than 1000 bytes"),
         ("/to-http", "redirected to a non-https URL"),
+        ("/loop", "too many redirects"),
     ],
 )
 async def test_https_failures_are_user_facing(
@@ -156,7 +239,11 @@ async def test_https_failures_are_user_facing(
 ) -> None:
     with pytest.raises(BuildFailure, match=why):
         await fetch_code_artifact(
-            f"{https_url}{path}", tmp_path / "a.zip", ca_file=tls_files[0], max_bytes=1000
+            f"{https_url}{path}",
+            tmp_path / "a.zip",
+            ca_file=tls_files[0],
+            max_bytes=1000,
+            private_networks=LOOPBACK,
         )
     assert names(tmp_path) == []
 
@@ -235,5 +322,6 @@ async def test_s3_unreachable_endpoint_fails_in_bounded_time(tmp_path: Path) -> 
         read_timeout=1,
         call_timeout=10,
     )
-    with pytest.raises(BuildFailure, match="S3 get"):
+    with pytest.raises(BuildFailure, match=r"could not be fetched from S3$") as err:
         await fetch_code_artifact("s3://b/k.zip", tmp_path / "a.zip", s3_config=config)
+    assert "127.0.0.1" not in err.value.reason  # botocore's text (the endpoint) is only logged

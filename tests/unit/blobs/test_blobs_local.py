@@ -59,7 +59,7 @@ async def test_fetch_file_uri_copies_the_artifact(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("uri", "why"),
     [
-        ("file:///nonexistent/a.zip", "does not exist"),
+        ("file:///nonexistent/a.zip", "could not be fetched"),
         ("ftp://host/a.zip", "not supported"),
         ("http://example.com/a.zip", "plain http"),
         ("s3://bucket-only", "must look like s3://bucket/key"),
@@ -72,9 +72,17 @@ async def test_fetch_refusals_are_build_failures(tmp_path: Path, uri: str, why: 
     assert not (tmp_path / "a.zip").exists()
 
 
-async def test_fetch_file_uri_of_a_folder_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BuildFailure, match="is a folder"):
-        await fetch_code_artifact(tmp_path.as_uri(), tmp_path / "a.zip")
+async def test_a_missing_file_a_folder_and_a_fifo_get_the_same_answer(tmp_path: Path) -> None:
+    """Nothing tells the caller what is at a path: it is a zip or it "could not be fetched"."""
+    os.mkfifo(tmp_path / "pipe.zip")
+    (tmp_path / "unreadable.zip").write_bytes(b"x")
+    (tmp_path / "unreadable.zip").chmod(0)
+    answers = set()
+    for name in ("missing.zip", "", "pipe.zip", "unreadable.zip" if os.geteuid() else ""):
+        with pytest.raises(BuildFailure) as err:
+            await fetch_code_artifact((tmp_path / name).as_uri(), tmp_path / "a.zip")
+        answers.add(err.value.reason.replace(repr((tmp_path / name).as_uri()), "URI"))
+    assert answers == {"code artifact URI could not be fetched; give a zip file"}
 
 
 async def test_fetch_file_uri_confined_to_roots(tmp_path: Path) -> None:
@@ -82,13 +90,13 @@ async def test_fetch_file_uri_confined_to_roots(tmp_path: Path) -> None:
     outside = tmp_path / "secret.zip"
     outside.write_bytes(b"x")
     policy = FilePolicy(roots=(tmp_path / "uploads",))
-    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+    with pytest.raises(BuildFailure, match="does not read artifacts from"):
         await fetch_code_artifact(outside.as_uri(), tmp_path / "a.zip", file_policy=policy)
     sneaky = f"file://{tmp_path}/uploads/../secret.zip"
-    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+    with pytest.raises(BuildFailure, match="does not read artifacts from"):
         await fetch_code_artifact(sneaky, tmp_path / "a.zip", file_policy=policy)
     (tmp_path / "uploads" / "link.zip").symlink_to(outside)
-    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+    with pytest.raises(BuildFailure, match="does not read artifacts from"):
         await fetch_code_artifact(
             (tmp_path / "uploads" / "link.zip").as_uri(), tmp_path / "a.zip", file_policy=policy
         )
@@ -124,7 +132,7 @@ async def test_fetch_file_uri_never_reads_pseudo_file_systems(tmp_path: Path) ->
 async def test_fetch_file_uri_of_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.zip"
     os.mkfifo(fifo)
-    with pytest.raises(BuildFailure, match="not a regular file"):
+    with pytest.raises(BuildFailure, match="could not be fetched"):
         await fetch_code_artifact(fifo.as_uri(), tmp_path / "a.zip", timeout=5.0)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from embervm.blobs import fetch_code_artifact
+from embervm.blobs import S3Config, fetch_code_artifact
 from embervm.cli.server import artifact_roots
 from embervm.config import Settings
 from embervm.errors import BuildFailure
@@ -40,30 +40,33 @@ async def test_the_data_dir_is_never_an_artifact_source(tmp_path: Path, secret: 
         )
 
 
-async def test_uploads_and_files_elsewhere_are_read_by_default(tmp_path: Path) -> None:
+async def test_by_default_only_uploads_are_read(tmp_path: Path) -> None:
     config = settings(tmp_path)
     elsewhere = tmp_path / "project.zip"
     elsewhere.write_bytes(b"project")
     policy = artifact_file_policy(config)
-    for source, body in ((config.uploads_dir / "mine.zip", b"mine"), (elsewhere, b"project")):
-        out = await fetch_code_artifact(source.as_uri(), tmp_path / "out.zip", file_policy=policy)
-        assert out.read_bytes() == body
+    out = await fetch_code_artifact(
+        (config.uploads_dir / "mine.zip").as_uri(), tmp_path / "out.zip", file_policy=policy
+    )
+    assert out.read_bytes() == b"mine"
+    for refused in (elsewhere, Path("/etc/ssh/sshd_config"), Path("/etc/nope")):
+        with pytest.raises(BuildFailure, match="does not read artifacts from"):
+            await fetch_code_artifact(refused.as_uri(), tmp_path / "x.zip", file_policy=policy)
 
 
-async def test_artifact_roots_confine_file_uris(tmp_path: Path) -> None:
+async def test_artifact_roots_add_folders_but_never_the_data_dir(tmp_path: Path) -> None:
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "ok.zip").write_bytes(b"ok")
-    config = settings(tmp_path, roots=(allowed,))
+    config = settings(tmp_path, roots=(allowed, tmp_path))  # tmp_path holds the data dir
     policy = artifact_file_policy(config)
-    with pytest.raises(BuildFailure, match="outside the allowed folders"):
+    for source, body in ((allowed / "ok.zip", b"ok"), (config.uploads_dir / "mine.zip", b"mine")):
+        out = await fetch_code_artifact(source.as_uri(), tmp_path / "out.zip", file_policy=policy)
+        assert out.read_bytes() == body
+    with pytest.raises(BuildFailure, match="does not read artifacts from"):
         await fetch_code_artifact(
-            (config.uploads_dir / "mine.zip").as_uri(), tmp_path / "out.zip", file_policy=policy
+            (config.data_dir / "credentials").as_uri(), tmp_path / "x.zip", file_policy=policy
         )
-    out = await fetch_code_artifact(
-        (allowed / "ok.zip").as_uri(), tmp_path / "out.zip", file_policy=policy
-    )
-    assert out.read_bytes() == b"ok"
 
 
 def test_artifact_roots_from_flags_then_environment(
@@ -88,6 +91,23 @@ def test_s3_artifacts_use_the_configured_endpoint_and_region(tmp_path: Path) -> 
     )
 
 
+def test_s3_buckets_every_one_of_an_endpoint_none_on_aws_unless_listed(tmp_path: Path) -> None:
+    endpoint = Settings(data_dir=tmp_path, s3_endpoint_url="http://127.0.0.1:9000")
+    assert artifact_s3_config(endpoint).buckets is None
+    assert artifact_s3_config(Settings(data_dir=tmp_path)).buckets == frozenset()
+    listed = Settings(data_dir=tmp_path, artifact_s3_buckets=("apps", "builds"))
+    assert artifact_s3_config(listed).buckets == frozenset({"apps", "builds"})
+
+
+@pytest.mark.parametrize("buckets", [frozenset(), frozenset({"apps"})])
+async def test_a_bucket_outside_the_list_is_refused_before_s3_is_asked(
+    tmp_path: Path, buckets: frozenset[str]
+) -> None:
+    config = S3Config(endpoint_url="http://127.0.0.1:9", buckets=buckets, call_timeout=1)
+    with pytest.raises(BuildFailure, match="in a bucket the server does not read artifacts from"):
+        await fetch_code_artifact("s3://other/app.zip", tmp_path / "a.zip", s3_config=config)
+
+
 def test_server_refuses_an_s3_endpoint_that_is_not_a_url(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "embervm.cli", "--data-dir", str(tmp_path), "server",
             "--s3-endpoint-url", "minio:9000"]  # fmt: skip
@@ -102,3 +122,19 @@ def test_server_refuses_an_s3_endpoint_that_is_not_a_url(tmp_path: Path) -> None
     assert done.returncode == 2, done
     assert "'minio:9000' is not an http(s) URL" in done.stderr
     assert not (tmp_path / "embervm.db").exists()  # refused before anything started
+
+
+def test_server_refuses_a_private_network_that_is_not_a_cidr(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "embervm.cli", "--data-dir", str(tmp_path), "server",
+            "--artifact-private-network", "intranet"]  # fmt: skip
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 2, done
+    assert "'intranet' is not a network" in done.stderr
+    assert not (tmp_path / "embervm.db").exists()
