@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import posixpath
 import shutil
 import tempfile
@@ -39,6 +40,8 @@ from embervm.build.plan import BuildPlan, CopyStep, ImageConfig, RunStep, Step, 
 from embervm.build.ready import DEFAULT_APP_PORT, HookSettings, wait_for_hook, wait_for_port
 from embervm.build.unzip import ZipLimits, safe_extract
 from embervm.errors import BuildFailure, EmbervmError
+
+logger = logging.getLogger("embervm.build")
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BuildMachine)  # a build or app VM
@@ -136,14 +139,18 @@ class ImageBuild:
             self.log.emit("error", f"build failed: {exc.reason}")
             self.log.close("FAILED")
             raise
-        except EmbervmError as exc:
-            reason = f"the build machine failed: {exc}"
+        except Exception as exc:  # the runtime's failure, or a bug: a clean, fixed reason
+            # Its text (QEMU's stderr, host paths, addresses) is for the operator's log only:
+            # the reason and the build log are the API caller's to read.
+            kind = type(exc).__name__
+            runtime = isinstance(exc, EmbervmError)
+            logger.warning("build failed: %r", exc, exc_info=not runtime)
+            reason = (
+                f"the build machine failed ({kind})"
+                if runtime
+                else f"internal error during the build ({kind})"
+            )
             self.log.emit("error", f"build failed: {reason}")
-            self.log.close("FAILED")
-            raise BuildFailure(reason) from exc
-        except Exception as exc:  # a bug or an untranslated runtime error: still a clean failure
-            reason = f"internal error during the build ({type(exc).__name__})"
-            self.log.emit("error", f"build failed: {reason}: {exc}")
             self.log.close("FAILED")
             raise BuildFailure(reason) from exc
         except BaseException:  # cancelled (server stopping): cleaned up, then re-raised
@@ -616,4 +623,5 @@ class ImageBuild:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT):
                 await machine.shutdown()
         except (TimeoutError, EmbervmError, OSError) as exc:
-            self.log.emit("warning", f"stopping a build VM failed: {exc}")
+            logger.warning("stopping a build VM failed: %r", exc)
+            self.log.emit("warning", f"stopping a build VM failed ({type(exc).__name__})")

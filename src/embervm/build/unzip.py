@@ -232,7 +232,7 @@ def safe_extract(
     """
     limits = ZipLimits(max_total_bytes, max_files, max_ratio, max_directory_bytes)
     if dest.exists():
-        raise BuildFailure(f"internal: extraction target {dest} already exists")
+        raise BuildFailure("internal error: the extraction target already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
@@ -245,7 +245,7 @@ def safe_extract(
         except zipfile.BadZipFile as exc:
             raise BuildFailure("code artifact is not a valid zip file") from exc
         except OSError as exc:
-            why = exc.strerror or str(exc)
+            why = exc.strerror or "I/O error"  # never str(exc): it names host paths
             raise BuildFailure(f"could not unpack the code artifact: {why}") from exc
         os.chmod(tmp, 0o755)  # noqa: S103  # a build context is readable
         tmp.rename(dest)

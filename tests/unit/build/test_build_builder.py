@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.builder import BuildSpec, ImageBuild
+from embervm.build.builder import BuildResult, BuildSpec, ImageBuild
 from embervm.build.cache import LayerRef, LocalLayerCache
 from embervm.build.log import MemoryBuildLog
 from embervm.build.machine import OutputSink
 from embervm.build.ready import HookSettings
 from embervm.build.testing import ExecCall, FakeAppMachine, FakeBuildMachine, FakeMachineProvider
-from embervm.errors import BuildFailure
+from embervm.errors import BuildFailure, VmmError
 
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 DOCKERFILE = """FROM embervm/debian12
@@ -66,7 +66,7 @@ def files(app: str = "print('v1')") -> dict[str, str]:
 
 async def build(
     tmp_path: Path, provider: FakeMachineProvider, archive: Path, **kw: object
-) -> tuple[object, MemoryBuildLog]:
+) -> tuple[BuildResult, MemoryBuildLog]:
     log = MemoryBuildLog()
     cache = LocalLayerCache(tmp_path / "cache")
     result = await ImageBuild(
@@ -97,7 +97,7 @@ async def test_build_runs_steps_starts_app_and_snapshots(tmp_path: Path, app_por
     assert launch.env["GREETING"] == "hello"
     assert launch.env["EXTRA"] == "1"
     assert launch.cwd == "/app"
-    assert result.snapshot_build() == {  # type: ignore[attr-defined]
+    assert result.snapshot_build() == {
         "memorySnapshotSizeInBytes": provider.memory_bytes,
         "diskSnapshotSizeInBytes": provider.disk_bytes,
         "codeInstallSizeInBytes": len("flask\n") + len("print('v1')"),
@@ -160,7 +160,7 @@ async def test_garbage_collected_cached_layer_is_rebuilt(tmp_path: Path, app_por
     provider.missing_layers = {"layer-1"}
     provider.exec_calls.clear()
     result, _ = await build(tmp_path, provider, write_zip(tmp_path / "b.zip", files()))
-    assert result.steps_cached == 0  # type: ignore[attr-defined]
+    assert result.steps_cached == 0
     assert len(provider.exec_calls) == 2
 
 
@@ -316,6 +316,27 @@ async def test_untranslated_runtime_error_becomes_a_clean_build_failure(tmp_path
         ).run()
     assert provider.all_shut_down()
     assert log.closed == "FAILED"
+
+
+async def test_a_runtime_failure_reaches_the_caller_as_a_fixed_reason_and_the_detail_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    detail = "qemu-system-x86_64: /var/lib/embervm/vms/build-1/disk.qcow2: Permission denied"
+
+    def broken(machine: FakeBuildMachine, call: ExecCall, out: OutputSink) -> int | None:
+        raise VmmError(detail)
+
+    log = MemoryBuildLog()
+    with pytest.raises(BuildFailure) as err:
+        await ImageBuild(
+            spec(tmp_path, write_zip(tmp_path / "a.zip", files())),
+            provider=FakeMachineProvider(exec_script=broken),
+            cache=LocalLayerCache(tmp_path / "c"),
+            log=log,
+        ).run()
+    assert err.value.reason == "the build machine failed (VmmError)"
+    assert not any("/var/lib" in message for message in log.messages())  # the API shows these
+    assert detail in caplog.text  # the operator's log has it
 
 
 async def test_cancelled_build_cleans_up_and_propagates(tmp_path: Path) -> None:
