@@ -162,8 +162,8 @@ class LocalHost:
             if vm.process is not None and vm.process.returncode is None:
                 raise VmmError(f"MicroVM {vm_id} is already running")
             snapshot = vm.workdir / SUSPEND_DIR
-            # Sizes only: the restore hashes the state file while it feeds it to QEMU, and a
-            # second pass here read the whole RAM stream (0.15-0.4 s) before QEMU started.
+            # Sizes and stamps only: the restore hashes the state file before QEMU starts, and
+            # hashing it here too would read it twice.
             manifest = await asyncio.to_thread(load_manifest, snapshot, verify_hashes=False)
             if vm.rebuild_network:
                 vm.network = await self._network.create(vm_id, egress=vm.network.egress)
