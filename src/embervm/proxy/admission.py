@@ -6,6 +6,7 @@ that it was refused, never why a token failed (that goes to the debug log).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -120,6 +121,66 @@ def strip_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, b
             value = ", ".join(offered).encode()
         kept.append((name, value))
     return kept
+
+
+class Slot:
+    """One client connection counted by ``ConnectionLimits``; ``release`` when it ends (again
+    is harmless: a connection can end on more than one path)."""
+
+    __slots__ = ("address", "limits")
+
+    def __init__(self, limits: ConnectionLimits | None, address: str) -> None:
+        self.limits = limits
+        self.address = address
+
+    def release(self) -> None:
+        limits, self.limits = self.limits, None
+        if limits is not None:
+            limits.release(self.address)
+
+
+class ConnectionLimits:
+    """Client connections held at once, in all and per source address, so that no one client
+    can take the file descriptors every VM's QMP, agent, disk and database work needs (A8). A
+    connection over either cap is closed as soon as it is accepted, before a TLS handshake
+    or a read. IPv6 sources count per /64 (one host's usual allocation)."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.held = 0
+        self._by_address: dict[str, int] = {}
+
+    def take(self, peer: str) -> Slot | None:
+        """A slot for a connection from ``peer`` (an IP address), or None: over a cap."""
+        address = source_of(peer)
+        held = self._by_address.get(address, 0)
+        if self.held >= self.total or held >= self.per_address:
+            return None
+        self.held += 1
+        self._by_address[address] = held + 1
+        return Slot(self, address)
+
+    def release(self, address: str) -> None:
+        self.held -= 1
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
+
+
+def source_of(peer: str) -> str:
+    """What a per-address cap counts: the IPv4 address, or the IPv6 /64."""
+    if ":" not in peer:
+        return peer
+    try:
+        ip = ipaddress.IPv6Address(peer.split("%", 1)[0])
+    except ValueError:
+        return peer
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class Admission:

@@ -33,6 +33,7 @@ from embervm.proxy.admission import (
     Admission,
     Ask,
     Refusal,
+    Slot,
     Target,
     strip_headers,
 )
@@ -67,9 +68,9 @@ H2_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
 # what a connection does next
 _NEW, _HEAD, _ADMIT, _EXCHANGE, _GONE = range(5)
 
-HandOff = Callable[[asyncio.Transport, bytes, bool, bool], None]
-"""``(transport, bytes read and unused, http2, eof seen)``: serve the rest of the connection
-with the stream-based sessions."""
+HandOff = Callable[[asyncio.Transport, bytes, bool, bool, Slot], None]
+"""``(transport, bytes read and unused, http2, eof seen, the connection's slot)``: serve the
+rest of the connection with the stream-based sessions (which release the slot at its end)."""
 
 
 class AppLink(asyncio.Protocol):
@@ -111,10 +112,11 @@ class ClientRelay(asyncio.Protocol):
 
     transport: asyncio.Transport  # from connection_made, before any other callback
 
-    def __init__(self, admission: Admission, hand_off: HandOff, *, tls: bool) -> None:
+    def __init__(self, admission: Admission, hand_off: HandOff, *, tls: bool, slot: Slot) -> None:
         self.admission = admission
         self.hand_off = hand_off
         self.tls = tls
+        self.slot = slot  # this connection's place under the connection caps
         self.sniff_h2 = not tls  # plain listener: the first bytes may be HTTP/2's preface
         self.loop = asyncio.get_running_loop()
         self.state = _NEW  # a TLS handshake may still be under way
@@ -172,6 +174,7 @@ class ClientRelay(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _GONE
+        self.slot.release()
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:
@@ -471,7 +474,7 @@ class ClientRelay(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self._drop_app()
-        self.hand_off(self.transport, data, http2, self.eof)
+        self.hand_off(self.transport, data, http2, self.eof, self.slot)
 
     def _update_reading(self) -> None:
         want = not self.app_full and len(self.buf) <= MAX_PENDING and self.state != _GONE
