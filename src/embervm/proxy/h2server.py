@@ -4,8 +4,9 @@
 each request, body piece, end and reset; what the session sends (``send_headers``,
 ``send_data``, ``reset``) and what the protocol itself answers (SETTINGS and PING
 acknowledgements, WINDOW_UPDATE, GOAWAY) is appended to ``out``, which the session writes
-once per turn of the event loop. HPACK is jh2's compiled codec (``h2hpack``); request header
-lists are checked by ``h2fields``.
+once per turn of the event loop. HPACK is jh2's compiled codec behind a structural check
+(``h2hpack``); request header lists are checked by ``h2fields``; the sending half is
+``h2send``.
 
 Written here rather than taken from h2 because h2's state machine costs ~50 µs per request on
 this machine even with jh2's HPACK (docs/ARCHITECTURE.md, "Where the code departs from the
@@ -22,11 +23,18 @@ design"). What it enforces:
   stream (the session stops reading the app while a stream holds data: nothing buffered whole);
 - SETTINGS_MAX_CONCURRENT_STREAMS: a stream counts until it is reset or we have sent all of
   its answer (data held for want of window included); beyond it, REFUSED_STREAM;
+- stream ids only grow: a HEADERS frame opening a stream below one already opened (or on a
+  stream both sides closed) is a PROTOCOL_ERROR; frames the client sent before it heard of our
+  RST_STREAM are ignored;
 - rapid reset (CVE-2023-44487) and other floods of frames that cost us and bring nothing
-  (resets, refused or malformed streams, PRIORITY, empty DATA, unknown frame types): each spends
-  one of ``ABUSE_CREDIT`` credits, each completed stream earns one back; at zero, GOAWAY
-  ENHANCE_YOUR_CALM. Frames that we must answer (PING, SETTINGS) are answered through the same
-  output, and the session stops reading a client that does not read its answers.
+  (resets, refused or malformed streams, PRIORITY, empty DATA, unknown frame types, frames on
+  closed streams, WINDOW_UPDATEs that unblock nothing and answer none of our DATA, SETTINGS
+  after the first and ACKs we did not ask for): each spends one of ``ABUSE_CREDIT`` credits,
+  each completed stream earns one back; at zero, GOAWAY ENHANCE_YOUR_CALM. No frame costs more
+  than the streams it moves on (audit A2: a WINDOW_UPDATE visits only streams waiting for the
+  connection's window, a SETTINGS frame walks the streams once). Frames that we must answer
+  (PING, SETTINGS) are answered through the same output, and the session stops reading a
+  client that does not read its answers.
 """
 
 from __future__ import annotations

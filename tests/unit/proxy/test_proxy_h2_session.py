@@ -164,3 +164,16 @@ async def test_a_client_connection_reaches_a_bounded_number_of_h2c_apps(rig: Rig
         await client.close()
         for server in servers:
             server.close()
+
+
+async def test_a_window_update_flood_after_refusals_ends_the_connection(rig: Rig) -> None:
+    client = await Client.open(rig, NO_WINDOW)  # the audit's A2 attack, without a token
+    try:
+        for _ in range(256):
+            refused_request(client)
+        for _ in range(16384 // 13):  # 16 KiB of WINDOW_UPDATE(0, +1)
+            client.conn.increment_flow_control_window(1)
+        client.flush()
+        assert await client.goaway_code() == 0xB  # ENHANCE_YOUR_CALM
+    finally:
+        await client.close()
