@@ -73,8 +73,8 @@ class StreamHandler(Protocol):
 
 
 class Stream:
-    __slots__ = ("fed", "held", "id", "length", "pending", "pending_end", "received",
-                 "recv_window", "remote_open", "send_window", "trailers", "unacked")  # fmt: skip
+    __slots__ = ("held", "id", "length", "pending", "pending_end", "received", "recv_window",
+                 "remote_open", "send_window", "trailers", "unacked", "ungranted")  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int, remote_open: bool, length: int) -> None:
         self.id = stream_id
@@ -88,4 +88,4 @@ class Stream:
         self.pending = b""  # to send when the windows allow
         self.pending_end = False
         self.trailers: list[Header] | None = None
-        self.fed = False  # DATA sent since the client's last WINDOW_UPDATE for the stream
+        self.ungranted = 0  # DATA we sent that the client's WINDOW_UPDATEs have not given back

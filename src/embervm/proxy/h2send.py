@@ -52,7 +52,7 @@ class H2Sending:
         self.held_bytes = 0  # answer bytes held for want of the client's windows
         self._conn_blocked: dict[int, Stream] = {}  # held for the connection's window only
         self._stream_blocked: dict[int, Stream] = {}  # held for their own window
-        self._fed = False  # DATA sent since the client's last connection WINDOW_UPDATE
+        self._ungranted = 0  # DATA we sent that connection WINDOW_UPDATEs did not give back
         self._closed_early: dict[int, None] = {}  # see ``_rst``: the newest CLOSED_MEMORY
 
     def send_headers(self, stream_id: int, headers: list[Header], *, end: bool = False) -> None:
@@ -113,7 +113,8 @@ class H2Sending:
             stream.send_window -= size
             self._send_window -= size
             self.held_bytes -= size
-            stream.fed = self._fed = True
+            stream.ungranted += size
+            self._ungranted += size
             if last:
                 break
             pending = pending[size:]

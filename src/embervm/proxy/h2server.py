@@ -376,7 +376,9 @@ class H2Server(H2Sending):
             self.handler.on_end(stream_id)
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
-        """A grant that unblocks nothing and answers no DATA of ours spends a credit."""
+        """A grant that unblocks nothing and gives back none of the DATA we sent (more than
+        the client's grants so far gave back) spends a credit: a client that grants as it
+        reads spends none, one that sends +1 after +1 spends one each."""
         if len(payload) != 4:
             raise H2ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = U32.unpack(payload)[0] & 0x7FFFFFFF
@@ -386,9 +388,9 @@ class H2Server(H2Sending):
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise H2ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
-            if not self._conn_blocked and not self._fed:
+            if not self._conn_blocked and self._ungranted <= 0:
                 self._spend()
-            self._fed = False
+            self._ungranted = max(0, self._ungranted - increment)
             self._flush_blocked()
             return
         stream = self.streams.get(stream_id)
@@ -404,9 +406,9 @@ class H2Server(H2Sending):
         if stream.send_window > MAX_WINDOW:
             self._stream_error(stream_id, FLOW_CONTROL_ERROR)
             return
-        if stream.id not in self._stream_blocked and not stream.fed:
+        if stream.id not in self._stream_blocked and stream.ungranted <= 0:
             self._spend()
-        stream.fed = False
+        stream.ungranted = max(0, stream.ungranted - increment)
         if stream.pending or stream.pending_end:
             self._flush(stream)
 

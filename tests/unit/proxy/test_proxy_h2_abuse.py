@@ -110,15 +110,18 @@ def test_unsolicited_settings_acks_spend_credit(client: Client) -> None:
     assert goaway(client.read()) == ENHANCE_YOUR_CALM
 
 
-def test_window_updates_that_answer_our_data_are_free() -> None:
-    client = Client({SettingsFrame.INITIAL_WINDOW_SIZE: 100})
+def test_window_updates_that_give_back_our_data_are_free() -> None:
+    client = Client({SettingsFrame.INITIAL_WINDOW_SIZE: 3 * 16384})
     client.read()
     client.send(client.headers(1, request(), "END_STREAM"))
     client.server.send_headers(1, [(b":status", b"200")])
-    for _ in range(2 * ABUSE_CREDIT):  # a long download, the client granting as it reads
-        client.server.send_data(1, b"x" * 50)
-        client.send(WindowUpdateFrame(0, window_increment=50), WindowUpdateFrame(1, 50))
+    for _ in range(ABUSE_CREDIT):  # a long download, the client granting each frame it reads
+        client.server.send_data(1, b"x" * 3 * 16384)
+        grants = [WindowUpdateFrame(stream_id, window_increment=16384)
+                  for _ in range(3) for stream_id in (0, 1)]  # fmt: skip
+        client.send(*grants)
     assert not client.server.closed
+    assert client.server.held_bytes == 0
 
 
 @pytest.mark.parametrize(
