@@ -46,8 +46,7 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                         b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"transfer-encoding", b"upgrade"})  # fmt: skip
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
-# A Connection field may name fields to drop, but not the one that routes or those that frame.
-_NEVER_DROPPED = frozenset({b"host"}) | _FRAMING_NAMES
+_SPECIAL = HOP_BY_HOP | _FRAMING_NAMES
 _SET_COOKIE = re.compile(rb"^set-cookie:", re.I | re.M)
 
 
@@ -180,21 +179,28 @@ def forwarded_fields(head: Head, *, upgrade: bool = False) -> Fields:
     none the Connection field names (RFC 9110 §7.6.1), the framing stated once in its canonical
     form (``request_framing`` accepted the head, so ``Content-Length: 5, 5`` is ``5`` and
     ``Transfer-Encoding: ,Chunked`` is ``chunked``: an app reads the length the proxy read), and
-    for an upgrade its ``Upgrade`` field with ``Connection: upgrade``."""
-    named = head.tokens(b"connection") - _NEVER_DROPPED
+    for an upgrade its ``Upgrade`` field with ``Connection: upgrade``. One pass over the fields
+    (this is on every request's path), a second only when Connection names other fields."""
     kept: Fields = []
+    connection: list[bytes] = []
     framed = False
     for name, value in head.fields:
-        if name in _FRAMING_NAMES:
+        if name not in _SPECIAL:
+            kept.append((name, value))
+        elif name in _FRAMING_NAMES:
             if not framed:
                 framed = True
                 canonical = b"chunked" if name == b"transfer-encoding" else _length(value)
                 kept.append((name, canonical))
-        elif name in HOP_BY_HOP or name in named:
-            if upgrade and name == b"upgrade":
-                kept.append((name, value))
-        else:
+        elif name == b"connection":
+            connection.append(value)
+        elif upgrade and name == b"upgrade":
             kept.append((name, value))
+    if connection:
+        named = {t.strip().lower() for v in connection for t in v.split(b",")} - _SPECIAL
+        named.discard(b"host")  # the routing field stays whatever Connection says
+        if named:
+            kept = [(name, value) for name, value in kept if name not in named]
     if upgrade:
         kept.append((b"connection", b"upgrade"))
     return kept
