@@ -53,7 +53,7 @@ class H2Sending:
         self._conn_blocked: dict[int, Stream] = {}  # held for the connection's window only
         self._stream_blocked: dict[int, Stream] = {}  # held for their own window
         self._ungranted = 0  # DATA we sent that connection WINDOW_UPDATEs did not give back
-        self._closed_early: dict[int, None] = {}  # see ``_rst``: the newest CLOSED_MEMORY
+        self._closed_early: dict[int, int] = {}  # see ``_rst``: the newest CLOSED_MEMORY
 
     def send_headers(self, stream_id: int, headers: list[Header], *, end: bool = False) -> None:
         """A response head (``end``: and no body), or trailers (``end`` set) after the data
@@ -181,10 +181,12 @@ class H2Sending:
             self.out += frame(GOAWAY, 0, 0, U32.pack(self._last_stream) + U32.pack(code))
 
     def _rst(self, stream_id: int, code: int) -> None:
-        """RST_STREAM. The id is remembered for a while: frames the client sent on the stream
-        before it heard of the reset are still coming, and they are not a protocol error."""
+        """RST_STREAM. The id is remembered for a while, with the DATA bytes the client may
+        still send on it (its window): what it sent before it heard of the reset is still
+        coming, and is neither a protocol error nor abuse."""
         self.out += frame(RST_STREAM, 0, stream_id, U32.pack(code))
-        self._closed_early[stream_id] = None
+        stream = self.streams.get(stream_id)
+        self._closed_early[stream_id] = WINDOW if stream is None else stream.recv_window
         if len(self._closed_early) > CLOSED_MEMORY:
             del self._closed_early[next(iter(self._closed_early))]
 

@@ -344,9 +344,13 @@ class H2Server(H2Sending):
             if stream_id > self._last_stream or stream_id % 2 == 0:
                 raise H2ConnectionError(PROTOCOL_ERROR, "DATA on an idle stream")
             self._ack_connection(size)  # closed (or reset by us): discarded, window returned
+            in_flight = self._closed_early.get(stream_id, 0)
             if stream is not None:
                 self._stream_error(stream_id, STREAM_CLOSED)
-            self._spend()
+            if 0 < size <= in_flight:  # sent before the client heard of our reset
+                self._closed_early[stream_id] = in_flight - size
+            else:
+                self._spend()
             return
         if size > stream.recv_window:
             self._ack_connection(size)

@@ -134,11 +134,22 @@ def test_window_updates_that_give_back_our_data_are_free() -> None:
     ids=["data", "window_update", "rst_stream"],
 )
 def test_frames_on_closed_streams_spend_credit(client: Client, frame: bytes) -> None:
-    client.send(client.headers(1, [(b":method", b"POST"), *request()[1:]]))
-    client.server.send_headers(1, [(b":status", b"204")], end=True)  # closed by us
+    client.send(client.headers(1, request(), "END_STREAM"))
+    client.server.send_headers(1, [(b":status", b"204")], end=True)  # closed by both sides
     client.server.receive(frame * (ABUSE_CREDIT - 2))
     assert goaway(client.read()) is None
     client.server.receive(frame * 4)
+    assert goaway(client.read()) == ENHANCE_YOUR_CALM
+
+
+def test_data_in_flight_when_we_answered_early_is_free_up_to_the_window(client: Client) -> None:
+    post = [(b":method", b"POST"), *request()[1:]]
+    for stream_id in range(1, 40, 2):  # 20 uploads answered (401) before their body came
+        client.send(client.headers(stream_id, post))
+        client.server.send_headers(stream_id, [(b":status", b"401")], end=True)
+        client.send(*[data(stream_id, b"x" * 16384) for _ in range(64)])  # its whole window
+    assert not client.server.closed
+    client.server.receive(raw(0x0, 0, 39, b"x") * ABUSE_CREDIT)  # beyond it: abuse
     assert goaway(client.read()) == ENHANCE_YOUR_CALM
 
 
