@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from embervm.errors import NetworkSetupError
-from embervm.network import CommandResult, NetworkManager
+from embervm.network import CommandResult, EgressLimits, NetworkManager
 from embervm.network._manager import HostPaths
 from embervm.network.testing import FakeRunner
 
@@ -41,7 +42,9 @@ class Rig:
         return (self.paths.proc_sys_net / "ipv4" / "ip_forward").read_text()
 
 
-def make_rig(tmp_path: Path, runner: FakeRunner | None = None) -> Rig:
+def make_rig(
+    tmp_path: Path, runner: FakeRunner | None = None, limits: EgressLimits | None = None
+) -> Rig:
     paths = HostPaths(tmp_path / "netns", tmp_path / "sysnet", tmp_path / "procnet")
     paths.netns_dir.mkdir()
     paths.sys_net.mkdir()
@@ -57,6 +60,7 @@ def make_rig(tmp_path: Path, runner: FakeRunner | None = None) -> Rig:
         runner=runner,
         resolver=resolver,
         paths=paths,
+        egress_limits=limits,
     )
     return Rig(manager, runner, resolver, paths, tmp_path / "state")
 
@@ -87,6 +91,20 @@ async def test_start_installs_table_resolver_and_forwarding_and_stop_undoes_them
     assert not r.resolver.running
     assert r.forwarding() == "0"
     assert "delete table inet embervm" in (r.runner.calls[-1][1] or "")
+
+
+async def test_the_server_user_and_the_egress_limits_reach_the_rules(tmp_path: Path) -> None:
+    r = make_rig(tmp_path, limits=EgressLimits(connections=7, dns_burst=3))
+    await r.manager.start()
+    try:
+        assert f"meta skuid {os.geteuid()} accept" in (r.runner.calls[0][1] or "")  # A13
+        net = await r.manager.create("mvm-1", egress=True)
+        netns_rules = next(i or "" for argv, i in r.runner.calls if argv[:4] == (
+            "ip", "netns", "exec", net.netns))  # fmt: skip
+        assert "ct count over 7 drop" in netns_rules  # B3
+        assert "burst 3 packets drop" in netns_rules  # B4
+    finally:
+        await r.manager.stop()
 
 
 async def test_create_before_start_is_refused(tmp_path: Path) -> None:
