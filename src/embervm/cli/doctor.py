@@ -107,17 +107,42 @@ def check_nftables() -> Check:
 
 
 def check_cgroups() -> Check:
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-    if v2:
-        return Check("cgroups", True, "v2")
-    mounts = Path("/proc/mounts").read_text()
-    has_v1 = " cgroup " in mounts and "memory" in mounts and "cpu" in mounts
-    return Check(
-        "cgroups",
-        has_v1,
-        "v1 (cpu, memory)" if has_v1 else "no cpu/memory cgroup hierarchy",
-        "" if has_v1 else "mount cgroup v2 at /sys/fs/cgroup (or v1 cpu and memory)",
-    )
+    from embervm.errors import JailError
+    from embervm.vmm.jail import CgroupV1, CgroupV2, detect_cgroup_driver
+
+    try:
+        driver = detect_cgroup_driver()
+    except JailError as exc:
+        return Check(
+            "cgroups", False, str(exc), "mount cgroup v2 at /sys/fs/cgroup (or v1 cpu and memory)"
+        )
+    if isinstance(driver, CgroupV2):
+        offered = set((driver.root / "cgroup.controllers").read_text().split())
+        missing = sorted({"pids", "io"} - offered)
+    else:
+        assert isinstance(driver, CgroupV1)
+        missing = [
+            c for c, r in (("pids", driver.pids_root), ("blkio", driver.blkio_root)) if not r
+        ]
+    detail = f"v{driver.version}" + (f", without {', '.join(missing)}" if missing else "")
+    fix = f"enable the {' and '.join(missing)} controllers (VMs get no task or disk I/O limit)"
+    return Check("cgroups", not missing, detail, fix if missing else "", fatal=False)
+
+
+def check_jail() -> Check:
+    """The VMMs drop to uids of their own (docs/JAIL.md): no account may own one of them."""
+    import pwd
+
+    from embervm.vmm.jail import UID_BASE, UID_SPAN
+
+    taken = [p.pw_name for p in pwd.getpwall() if UID_BASE <= p.pw_uid < UID_BASE + UID_SPAN]
+    span = f"{UID_BASE}-{UID_BASE + UID_SPAN - 1}"
+    if taken:
+        return Check(
+            "VMM jail", False, f"uids {span} are meant for VMMs but {', '.join(taken)} own some",
+            "move those accounts out of that range",
+        )  # fmt: skip
+    return Check("VMM jail", True, f"QEMU drops to uids {span}, chrooted into its VM's directory")
 
 
 def check_disk(data_dir: Path) -> Check:
@@ -163,6 +188,7 @@ def run_checks() -> list[Check]:
         check_binary("dnsmasq", "dnsmasq-base"),
         check_nftables(),
         check_cgroups(),
+        check_jail(),
         check_kvm(),
         check_disk(data_dir),
         check_port(DEFAULT_API_PORT, "control API"),

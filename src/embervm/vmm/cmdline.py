@@ -17,6 +17,8 @@ from embervm.vmm.config import AGENT_PORT_NAME, GUEST_MAC, VmConfig
 
 QEMU_BINARY = "qemu-system-x86_64"
 RAM_BACKEND = "ram0"
+DISK_FDSET = 1
+"""The fd set holding the disk's descriptors (QMP ``add-fd`` numbers later sets after it)."""
 """The guest RAM's memory backend id: also the RAM block's name in migration streams."""
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # QEMU loads its filter before it drops privileges, so with ``elevateprivileges=deny`` its own
@@ -87,15 +89,19 @@ def qemu_argv(
     incoming: bool = False,
     binary: str = QEMU_BINARY,
     serial_fd: int | None = None,
+    disk_fds: tuple[int, int] | None = None,
     drop: PrivilegeDrop | None = None,
 ) -> list[str]:
     """The full argv (binary first). ``incoming`` adds ``-incoming defer`` for restores.
     ``serial_fd``: the console goes to this inherited descriptor (a pipe the VMM drains)
-    instead of ``cfg.console_log``. ``drop``: the privilege drop (and a sandbox that lets
-    QEMU perform it)."""
+    instead of ``cfg.console_log``. ``disk_fds``: inherited read-write and read-only
+    descriptors of ``cfg.disk``, opened as fd set ``DISK_FDSET`` (QEMU names no path when the
+    disk later becomes a read-only backing file). ``drop``: the privilege drop (and a sandbox
+    that lets QEMU perform it)."""
     mem = memory or MemorySpec(cfg.memory_file)
     # QEMU opens this path before it drops privileges, as root, outside its chroot.
     console = cfg.console_log if serial_fd is None else Path(f"/proc/self/fd/{serial_fd}")
+    disk = cfg.disk if disk_fds is None else Path(f"/dev/fdset/{DISK_FDSET}")
     if mem.path is None:
         backend = f"memory-backend-ram,id={RAM_BACKEND},size={cfg.memory_mib}M"
     else:
@@ -112,7 +118,12 @@ def qemu_argv(
         "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.cmdline,
         "-serial", f"file:{console}",
         "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
-        "-drive", f"id=d0,file={cfg.disk},format=qcow2,if=none,cache=unsafe,discard=unmap",
+        # auto-read-only=off: the disk is opened read-write at once; otherwise an incoming
+        # migration opens it read-only and `cont` opens it again. No file locks: the fd set
+        # keeps the read-write description open, so its lock would outlive a freeze (see
+        # QemuProcess.switch_disk_overlay); which VM writes which file is the VMM's to say.
+        "-drive", f"id=d0,file={disk},format=qcow2,if=none,cache=unsafe,discard=unmap,"
+                  "auto-read-only=off,file.locking=off",
         "-device", "virtio-blk-device,drive=d0",
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
@@ -125,6 +136,8 @@ def qemu_argv(
     else:
         netdev = "hubport,id=n0,hubid=0"
     argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}"]
+    for fd in disk_fds or ():
+        argv += ["-add-fd", f"fd={fd},set={DISK_FDSET}"]
     if cfg.sandbox:
         argv += ["-sandbox", SANDBOX if drop is None else SANDBOX_DROPPING]
     if drop is not None:

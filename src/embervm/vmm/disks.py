@@ -36,3 +36,15 @@ def create_overlay(backing: Path, dest: Path, backing_format: DiskFormat) -> Pat
         detail = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else exc
         raise VmmError(f"qemu-img create {dest} failed: {detail}") from exc
     return dest
+
+
+def disk_descriptors(disk: Path) -> tuple[int, int]:
+    """A read-write and a read-only descriptor of ``disk``, for QEMU's fd sets: the block
+    layer opens ``/dev/fdset/N`` read-write, and read-only when the disk becomes a backing
+    file, without ever naming a path (the caller closes both once QEMU holds them)."""
+    rw = os.open(disk, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return rw, os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(rw)
+        raise

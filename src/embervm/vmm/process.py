@@ -23,7 +23,7 @@ from embervm.vmm import _proc
 from embervm.vmm import snapshot as snap
 from embervm.vmm.cmdline import MemorySpec
 from embervm.vmm.config import VmConfig, VmStats
-from embervm.vmm.disks import create_overlay
+from embervm.vmm.disks import create_overlay, disk_descriptors
 from embervm.vmm.jail import Cgroup
 from embervm.vmm.logcap import PipeLog
 from embervm.vmm.qmp import Qmp, migrate_to_file, set_migration_caps
@@ -280,25 +280,31 @@ class QemuProcess:
     async def switch_disk_overlay(self, new: Path) -> None:
         """Move the VM's disk onto ``new``, a qcow2 overlay made here over the current disk,
         which is frozen from then on. The host creates ``new`` (0600, its backing file named
-        by the host path) and hands QEMU an open descriptor (``add-fd``, ``/dev/fdset/N``):
-        a jailed QEMU can neither create nor open a file by itself."""
+        by the host path) and hands QEMU a read-write and a read-only descriptor of it in an
+        fd set (``/dev/fdset/N``): a jailed QEMU can neither create nor open a file itself,
+        and the read-only one lets it reopen the file read-only once a later switch freezes
+        it. File locking is off, as for the first disk (``cmdline``): the fd set keeps the
+        read-write description open, and its lock would outlive the freeze and keep clones
+        from using the frozen file as their backing file."""
         self._ensure_alive()
         await asyncio.to_thread(create_overlay, self.cfg.disk, new, "qcow2")
         try:
-            fd = await asyncio.to_thread(os.open, new, os.O_RDWR | os.O_CLOEXEC)
+            fds = await asyncio.to_thread(disk_descriptors, new)
             try:
-                fdset = await self._qmp.add_fd(fd)
+                fdset = await self._qmp.add_fd(fds[0])
+                await self._qmp.add_fd(fds[1], fdset)
             finally:
-                os.close(fd)
-            try:
-                await self._qmp.cmd(
-                    "blockdev-snapshot-sync",
-                    {"device": "d0", "snapshot-file": f"/dev/fdset/{fdset}", "format": "qcow2",
-                     "mode": "existing"},
-                )  # fmt: skip
-            finally:
-                with contextlib.suppress(VmmError):  # QEMU keeps its own duplicate
-                    await self._qmp.cmd("remove-fd", {"fdset-id": fdset})
+                for fd in fds:
+                    os.close(fd)
+            node = f"disk-{fdset}"
+            await self._qmp.cmd(
+                "blockdev-add",
+                {"driver": "qcow2", "node-name": node, "backing": None, "discard": "unmap",
+                 "cache": {"no-flush": True, "direct": False},
+                 "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}",
+                          "locking": "off"}},
+            )  # fmt: skip
+            await self._qmp.cmd("blockdev-snapshot", {"node": "d0", "overlay": node})
         except BaseException:
             await asyncio.to_thread(snap.remove_quietly, new)
             raise

@@ -35,7 +35,7 @@ from embervm.vmm.cmdline import (
     qemu_argv,
 )
 from embervm.vmm.config import VmConfig
-from embervm.vmm.disks import create_overlay
+from embervm.vmm.disks import create_overlay, disk_descriptors
 from embervm.vmm.jail import (
     Cgroup,
     CgroupDriver,
@@ -255,6 +255,7 @@ class QemuVmm:
         incoming: bool,
         after_start: Callable[[Qmp], Awaitable[None]] | None,
     ) -> QemuProcess:
+        disk_fds = await asyncio.to_thread(disk_descriptors, cfg.disk)
         serial_r, serial_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
         logs: list[PipeLog] = []
@@ -266,7 +267,7 @@ class QemuVmm:
             stderr_r = -1
             argv = qemu_argv(
                 cfg, memory=memory, incoming=incoming, binary=self.binary,
-                serial_fd=serial_w, drop=drop,
+                serial_fd=serial_w, disk_fds=disk_fds, drop=drop,
             )  # fmt: skip
             if incoming:
                 argv.append("-S")  # stay paused after loading: the VMM decides when to run
@@ -281,7 +282,7 @@ class QemuVmm:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=stderr_w,
-                    pass_fds=(serial_w,),
+                    pass_fds=(serial_w, *disk_fds),
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -293,7 +294,7 @@ class QemuVmm:
                 pipe_log.close()
             raise
         finally:
-            for fd in (serial_r, serial_w, stderr_r, stderr_w):
+            for fd in (serial_r, serial_w, stderr_r, stderr_w, *disk_fds):
                 if fd >= 0:
                     os.close(fd)
         exited = asyncio.ensure_future(child.wait())

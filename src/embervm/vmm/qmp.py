@@ -84,14 +84,16 @@ class Qmp:
             raise VmmError(f"cannot pass a file descriptor to QEMU: {exc!r}") from exc
         await self.cmd("getfd", {"fdname": fdname})
 
-    async def add_fd(self, fd: int) -> int:
-        """Hand QEMU an open file as a new fd set; its id (open it as ``/dev/fdset/<id>``):
-        how the block layer takes a file it may not open itself (a jailed QEMU)."""
+    async def add_fd(self, fd: int, fdset_id: int | None = None) -> int:
+        """Hand QEMU an open file in fd set ``fdset_id`` (a new one when None); the set's id.
+        QEMU opens ``/dev/fdset/<id>`` by duplicating the member with the access mode it asks
+        for: how the block layer takes files it may not open itself (a jailed QEMU)."""
         try:
             _send_fd(self._client, fd)
         except (QMPError, OSError, AttributeError) as exc:
             raise VmmError(f"cannot pass a file descriptor to QEMU: {exc!r}") from exc
-        return int((await self.cmd("add-fd"))["fdset-id"])
+        args = {} if fdset_id is None else {"fdset-id": fdset_id}
+        return int((await self.cmd("add-fd", args))["fdset-id"])
 
     async def close(self) -> None:
         await _disconnect(self._client)

@@ -129,3 +129,10 @@ def test_a_dropping_qemu_keeps_its_sandbox_but_may_call_its_own_setuid() -> None
     assert opt(argv, "-sandbox") == ["on,obsolete=deny,spawn=deny,resourcecontrol=deny"]
     assert opt(argv, "-runas") == ["1879048200:1879048200"]
     assert opt(argv, "-chroot") == ["/d"]
+
+
+def test_the_disk_is_opened_from_inherited_descriptors_when_given() -> None:
+    argv = qemu_argv(cfg(), disk_fds=(8, 9))
+    assert opt(argv, "-add-fd") == ["fd=8,set=1", "fd=9,set=1"]
+    assert opt(argv, "-drive")[0].startswith("id=d0,file=/dev/fdset/1,format=qcow2,")
+    assert opt(argv, "-drive")[0].endswith(",auto-read-only=off,file.locking=off")

@@ -1,0 +1,100 @@
+"""The VMM jail against real QEMU (TCG): a jailed QEMU runs as a uid of its own with no
+capability, chrooted into its VM's directory, in a cgroup that caps its tasks, and still
+boots, restores, snapshots (through fds it is handed) and suspends; a guest that floods its
+serial console leaves a bounded console.log. Fixtures come from test_vmm_qemu."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from test_vmm_qemu import Lab, agent, sh
+
+from embervm.vmm import CgroupLimits, QemuVmm, detect_cgroup_driver
+from embervm.vmm import snapshot as snap
+from embervm.vmm.config import DEFAULT_PIDS_MAX
+from embervm.vmm.jail import UID_BASE, UID_SPAN
+from embervm.vmm.logcap import cap_bytes
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the jail and cgroups need root"),
+    pytest.mark.timeout(240),
+]
+
+
+def status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def assert_jailed(pid: int, workdir: Path) -> int:
+    """The QEMU process runs as one unprivileged uid and gid, with no capability, no way to
+    gain one, its seccomp filter, and ``workdir`` as its root; returns the uid."""
+    st = status(pid)
+    uids = {int(x) for x in st["Uid"].split()}
+    gids = {int(x) for x in st["Gid"].split()}
+    assert len(uids) == 1
+    (uid,) = uids
+    assert UID_BASE <= uid < UID_BASE + UID_SPAN
+    assert gids == {uid}
+    assert st["Groups"] == str(uid)
+    assert int(st["CapEff"], 16) == 0
+    assert int(st["CapPrm"], 16) == 0
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    assert os.readlink(f"/proc/{pid}/root") == str(workdir)
+    assert stat.S_IMODE(workdir.stat().st_mode) == 0o700  # root's: QEMU cannot even list it
+    return uid
+
+
+async def test_a_jailed_vmm_is_unprivileged_and_chrooted_and_still_snapshots_and_resumes(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    driver = detect_cgroup_driver()
+    lab.vmm = QemuVmm(cgroups=driver)
+    proc, cfg = await lab.restore(image[0], lab.cfg(unprivileged=True, cgroup=CgroupLimits()))
+    uid = assert_jailed(proc.pid, cfg.workdir)
+    cgroup = driver.existing(f"vm-{cfg.vm_id}")
+    assert cgroup is not None
+    pids_max = [d / "pids.max" for d in cgroup.dirs if (d / "pids.max").exists()]
+    assert [p.read_text().strip() for p in pids_max] == [str(DEFAULT_PIDS_MAX)]
+
+    # A snapshot that keeps the VM running moves its disk onto a new overlay: made by the
+    # host, handed to the chrooted QEMU as an fd set.
+    await sh(cfg, "echo before > /root/f && sync")
+    await proc.snapshot(cfg.workdir / "snap", resume=True)
+    await sh(cfg, "echo after > /root/f && sync")
+    assert (await sh(cfg, "cat /root/f")).strip() == "after"
+
+    # A second jailed VM gets another uid; its suspend and resume work through fds too.
+    clone, clone_cfg = await lab.restore(cfg.workdir / "snap", lab.cfg(unprivileged=True))
+    assert assert_jailed(clone.pid, clone_cfg.workdir) != uid
+    assert (await sh(clone_cfg, "cat /root/f")).strip() == "before"
+    await clone.snapshot(clone_cfg.workdir / "suspend")
+    for name in (snap.DEVICE_STATE, snap.BASE_MEMORY, snap.DISK):  # the VM's RAM and disk
+        path = clone_cfg.workdir / "suspend" / name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    resumed, resumed_cfg = await lab.restore(clone_cfg.workdir / "suspend", clone_cfg, consume=True)
+    assert_jailed(resumed.pid, resumed_cfg.workdir)
+    assert (await sh(resumed_cfg, "cat /root/f")).strip() == "before"
+
+
+async def test_a_guest_flooding_its_serial_console_leaves_a_bounded_log(
+    lab: Lab, image: tuple[Path, str]
+) -> None:
+    proc, cfg = await lab.restore(image[0], lab.cfg(unprivileged=True))
+    client = await agent(cfg)
+    try:
+        flood = "head -c 3000000 /dev/zero | tr '\\0' A > /dev/ttyS0"
+        result = await client.exec(["/bin/sh", "-c", flood], timeout=180)
+    finally:
+        await client.close()
+    assert result.exit_code == 0, result
+    await proc.stop()
+    size = cfg.console_log.stat().st_size
+    assert size <= cap_bytes()
+    assert b"bytes dropped]" in cfg.console_log.read_bytes()
+    assert stat.S_IMODE(cfg.console_log.stat().st_mode) == 0o600
