@@ -3,12 +3,13 @@ microVM → ready check → snapshot (docs/BUILDS.md).
 
 Layering inside the package: ``plan`` (data) ← ``dockerfile`` / ``dockerignore`` / ``_words``
 (parsing) ← ``context`` (files for COPY) ← ``cache`` (keys, layer map) ← ``machine`` (the seam
-the runtime implements) ← ``log`` / ``ready`` ← ``builder`` (orchestration) ← ``request``.
+the runtime implements) ← ``log`` / ``ready`` ← ``spec`` (a build's input and result, data) ←
+``builder`` (orchestration) ← ``request``.
 ``testing`` holds public fakes of the seam. build imports no runtime module: the host layer
 implements ``MachineProvider``; core wires a fetcher from ``embervm.blobs``.
 """
 
-from embervm.build.builder import ArtifactFetcher, BuildResult, BuildSpec, ImageBuild
+from embervm.build.builder import ImageBuild
 from embervm.build.cache import LayerCache, LayerRef, LocalLayerCache
 from embervm.build.context import BuildContext
 from embervm.build.dockerfile import managed_image_name, parse_dockerfile
@@ -34,6 +35,7 @@ from embervm.build.machine import (
 from embervm.build.plan import BuildPlan, ImageConfig
 from embervm.build.ready import HOOK_PATH, HookSettings, http_hook, tcp_probe
 from embervm.build.request import build_egress, spec_from_request
+from embervm.build.spec import ArtifactFetcher, BuildResult, BuildSpec
 from embervm.build.unzip import ZipLimits, safe_extract
 
 __all__ = [

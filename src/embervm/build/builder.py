@@ -20,8 +20,7 @@ import posixpath
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,63 +36,18 @@ from embervm.build.machine import (
     TreeEntry,
 )
 from embervm.build.plan import BuildPlan, CopyStep, ImageConfig, RunStep, Step, WorkdirStep
-from embervm.build.ready import DEFAULT_APP_PORT, HookSettings, wait_for_hook, wait_for_port
-from embervm.build.unzip import ZipLimits, safe_extract
+from embervm.build.ready import DEFAULT_APP_PORT, wait_for_hook, wait_for_port
+from embervm.build.spec import BuildResult, BuildSpec
+from embervm.build.unzip import safe_extract
 from embervm.errors import BuildFailure, EmbervmError
 
 logger = logging.getLogger("embervm.build")
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BuildMachine)  # a build or app VM
-ArtifactFetcher = Callable[[Path], Awaitable[Path]]
-"""Given a destination path, put the code artifact zip there (e.g. ``fetch_code_artifact``)."""
-
 SHUTDOWN_TIMEOUT = 30.0
 PROBE_TIMEOUT = 5.0  # one connection attempt to the app's port, after it was ready once
 SETTLE_TIMEOUT = 15.0  # after the port opens, wait this long at most for the app to go idle
-
-
-@dataclass(frozen=True)
-class BuildSpec:
-    """Everything one build needs (from CreateMicrovmImage / UpdateMicrovmImage)."""
-
-    base_image_arn: str
-    code_artifact: Path | ArtifactFetcher
-    snapshot_dir: Path  # images/<name>/<version>/snapshot; must not exist yet
-    work_dir: Path  # temp space is created (and removed) inside it
-    environment: Mapping[str, str] = field(default_factory=dict)
-    hooks: HookSettings = field(default_factory=HookSettings)
-    egress: bool = False
-    build_memory_mib: int = 2048  # the build VM (pip, compilers)
-    app_memory_mib: int = 1024  # the snapshot's memory size: what RunMicrovm restores
-    build_args: Mapping[str, str] = field(default_factory=dict)
-    step_timeout: float = 900.0
-    build_timeout: float = 1800.0
-    grace: float = 30.0  # extra time a VM gets to answer before it is considered hung
-    boot_timeout: float = 180.0  # a VM boot or restore (TCG boots take seconds, not minutes)
-    zip_limits: ZipLimits = field(default_factory=ZipLimits)
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    snapshot_dir: Path
-    layer: LayerRef
-    config: ImageConfig
-    app: AppLaunch
-    memory_snapshot_bytes: int
-    disk_snapshot_bytes: int
-    code_install_bytes: int
-    steps_total: int
-    steps_cached: int
-    warnings: tuple[str, ...] = ()
-
-    def snapshot_build(self) -> dict[str, int]:
-        """The model's ``SnapshotBuild`` shape (GetMicrovmImageBuild)."""
-        return {
-            "memorySnapshotSizeInBytes": self.memory_snapshot_bytes,
-            "diskSnapshotSizeInBytes": self.disk_snapshot_bytes,
-            "codeInstallSizeInBytes": self.code_install_bytes,
-        }
 
 
 def _step_text(step: Step) -> str:

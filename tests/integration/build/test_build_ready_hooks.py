@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.builder import BuildSpec, ImageBuild
+from embervm.build import BuildSpec, ImageBuild
 from embervm.build.cache import LocalLayerCache
 from embervm.build.log import MemoryBuildLog
 from embervm.build.ready import HOOK_PATH, HookSettings, http_hook, wait_for_hook

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.builder import BuildResult, BuildSpec, ImageBuild
+from embervm.build.builder import ImageBuild
 from embervm.build.cache import LayerRef, LocalLayerCache
 from embervm.build.log import MemoryBuildLog
 from embervm.build.machine import OutputSink
 from embervm.build.ready import HookSettings
+from embervm.build.spec import BuildResult, BuildSpec
 from embervm.build.testing import ExecCall, FakeAppMachine, FakeBuildMachine, FakeMachineProvider
 from embervm.errors import BuildFailure, VmmError
 
