@@ -171,8 +171,9 @@ class Probe:
 
     async def check(self, label: str, *, write: bool = True) -> None:
         """Ask the probe (its counter moves one step) and compare all five records; with
-        ``write``, append ``label`` to the log file on the guest's disk first (not while the
-        host's disk is full: the guest's write would stop the VM with an I/O error)."""
+        ``write``, append ``label`` to the log file on the guest's disk first. Not while the
+        host's disk is full: a guest write that meets ENOSPC pauses the VM (QEMU's
+        ``werror=enospc``, status ``io-error``) until something continues it."""
         self.count += 1
         append = f"echo {label} >> /root/chaos.log && sync && " if write else ""
         if write:
