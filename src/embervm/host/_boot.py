@@ -55,6 +55,8 @@ class BootInputs:
         network: VmNetwork | None,
         jail: bool = True,
     ) -> VmConfig:
+        """The VM's config; ``jail``: a cgroup with limits and a QEMU that drops to a uid of
+        its own in a chroot of ``workdir`` (docs/JAIL.md)."""
         return VmConfig.for_workdir(
             vm_id,
             workdir,
@@ -68,6 +70,7 @@ class BootInputs:
             netns=network.netns if network else None,
             tap=network.tap if network else None,
             cgroup=CgroupLimits(cpu_quota_cores=cpu_quota_for(memory_mib)) if jail else None,
+            unprivileged=jail,
         )
 
 

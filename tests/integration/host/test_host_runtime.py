@@ -7,9 +7,11 @@ managed base layer) is shared by the module; each test launches VMs from it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
+import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import pytest
 from embervm.build.machine import AppLaunch
 from embervm.guest.artifacts import GuestArtifacts
 from embervm.host import LaunchSpec, LocalHost, LocalMachineProvider
-from embervm.host._boot import BootInputs
+from embervm.host._boot import BootInputs, vm_dir_name
 from embervm.network import NetworkManager
 
 pytestmark = [
@@ -196,3 +198,33 @@ async def test_launch_from_a_missing_snapshot_leaves_nothing(
         await runtime.launch(LaunchSpec("vm-e", env.root / "no-such-snapshot"))
     assert env.network.lookup("vm-e") is None
     assert not (env.root / "vms").exists() or list((env.root / "vms").iterdir()) == []
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value for key, _, value in (line.partition(":") for line in lines)}
+
+
+async def test_a_launched_vm_runs_in_the_jail_and_its_files_are_private(
+    env: Env, host: tuple[LocalHost, list[tuple[str, str]]]
+) -> None:
+    runtime, _ = host
+    old_umask = os.umask(0)  # the modes must not depend on the server's umask
+    try:
+        address = await runtime.launch(LaunchSpec("vm-j", env.snapshot))
+        workdir = env.root / "vms" / vm_dir_name("vm-j")
+        for _ in range(2):  # as launched, and again after a suspend and resume
+            pid = json.loads((workdir / "process.json").read_text())["pid"]
+            status = _proc_status(pid)
+            assert "0" not in status["Uid"].split()
+            assert "0" not in status["Gid"].split()
+            assert int(status["CapEff"], 16) == 0
+            assert os.readlink(f"/proc/{pid}/root") == str(workdir)
+            assert stat.S_IMODE(workdir.stat().st_mode) == 0o700
+            for name in ("process.json", "disk.qcow2", "console.log", "qemu.stderr"):
+                assert stat.S_IMODE((workdir / name).stat().st_mode) == 0o600, name
+            assert await get(address)
+            await runtime.suspend("vm-j")
+            await runtime.resume("vm-j")
+    finally:
+        os.umask(old_umask)
