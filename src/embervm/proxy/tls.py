@@ -136,13 +136,13 @@ def _ensure_ca(
         if not missing:
             return cert, key
         cert = _issue_ca(key, [*allowed, *missing])
-        atomic_write(ca_pem, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        atomic_write(ca_pem, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
         log.warning("%s issued again to also permit %s", ca_pem, ", ".join(map(str, missing)))
         return cert, key
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _issue_ca(key, permitted)
     atomic_write(ca_key, _key_pem(key), mode=0o600)
-    atomic_write(ca_pem, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    atomic_write(ca_pem, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     return cert, key
 
 
@@ -185,7 +185,7 @@ def _ensure_leaf(
     )
     atomic_write(files.key, _key_pem(key), mode=0o600)
     chain = cert.public_bytes(serialization.Encoding.PEM)
-    atomic_write(files.cert, chain + ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    atomic_write(files.cert, chain + ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     return files
 
 
