@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,8 @@ FLUSH_INTERVAL = 0.1  # a record waits at most this long for its batch
 CLOSE_WAIT = 30.0  # close() waits this long for the last batch and the fsync
 POLL_INTERVAL = 0.2  # a follower looks for new records this often
 _TAIL_ROOM = 2 * 1024  # kept for the "log truncated" and end records
-_TAIL_BYTES = 64 * 1024  # of output a splitter reads for the last lines, once the log is full
+_RECORD_FLOOR = 70  # bytes of a record besides its message and stream, at least
+_TAIL_LINES = 100  # of a chunk a splitter looks at for the last lines, once the log is full
 
 log = logging.getLogger("embervm.build.log")
 
@@ -53,8 +54,30 @@ class LogRecord:
         return cls(str(data["ts"]), str(data["stream"]), str(data["message"]), data.get("step"))
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """Messages queued for the writer thread, with the time they came and their stream."""
+
+    ts: float
+    stream: str
+    step: str | None
+    messages: Sequence[str]
+
+    def records(self) -> list[bytes]:
+        head = f'{{"ts": "{_iso(self.ts)}", "stream": {json.dumps(self.stream)}, '
+        head += f'"step": {json.dumps(self.step)}, "message": '
+        return [
+            f"{head}{json.dumps(m[:MAX_LINE], ensure_ascii=False)}}}\n".encode("utf-8", "replace")
+            for m in self.messages
+        ]
+
+
 class BuildLog(Protocol):
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None: ...
+
+    def emit_lines(
+        self, stream: str, messages: Sequence[str], *, step: str | None = None
+    ) -> None: ...
 
     @property
     def full(self) -> bool:
@@ -64,8 +87,8 @@ class BuildLog(Protocol):
     def close(self, outcome: str) -> None: ...
 
 
-def _now_iso(clock: Callable[[], float]) -> str:
-    return datetime.fromtimestamp(clock(), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class NullBuildLog:
@@ -74,6 +97,9 @@ class NullBuildLog:
     full = True
 
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None:
+        return None
+
+    def emit_lines(self, stream: str, messages: Sequence[str], *, step: str | None = None) -> None:
         return None
 
     def close(self, outcome: str) -> None:
@@ -90,11 +116,15 @@ class MemoryBuildLog:
         self._clock = clock
 
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None:
-        self.records.append(LogRecord(_now_iso(self._clock), stream, message[:MAX_LINE], step))
+        self.records.append(LogRecord(_iso(self._clock()), stream, message[:MAX_LINE], step))
+
+    def emit_lines(self, stream: str, messages: Sequence[str], *, step: str | None = None) -> None:
+        for message in messages:
+            self.emit(stream, message, step=step)
 
     def close(self, outcome: str) -> None:
         self.closed = outcome
-        self.records.append(LogRecord(_now_iso(self._clock), END, outcome))
+        self.records.append(LogRecord(_iso(self._clock()), END, outcome))
 
     def messages(self, stream: str | None = None) -> list[str]:
         return [r.message for r in self.records if stream is None or r.stream == stream]
@@ -103,11 +133,13 @@ class MemoryBuildLog:
 class LocalBuildLog:
     """Appends records to ``path``, at most ``max_bytes`` of them.
 
-    ``emit`` runs on the event loop, so it only encodes and queues; a writer thread writes
-    what is queued with one write and flush per batch (at ``BATCH_BYTES``, or after
-    ``FLUSH_INTERVAL`` so followers see a quiet step's lines soon). A build that prints without
-    end (``RUN yes``) fills ``max_bytes``; then one ``warning`` record says the log was cut and
-    later records are dropped, until the end record (room is kept for both).
+    ``emit`` and ``emit_lines`` run on the event loop, so they only queue the text with its
+    time; a writer thread turns the queue into JSON records and writes them with one write and
+    flush per batch (at ``BATCH_BYTES`` of text, or after ``FLUSH_INTERVAL`` so followers see a
+    quiet step's lines soon). A build that prints without end (``RUN yes``) fills ``max_bytes``:
+    the writer then writes one ``warning`` record saying the log was cut and drops the rest,
+    until the end record (room is kept for both). The loop stops queueing as soon as a lower
+    bound of the queued records' size passes ``max_bytes``, so the queue stays bounded too.
     """
 
     def __init__(
@@ -119,11 +151,12 @@ class LocalBuildLog:
         self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = path.open("ab")
-        self._room = max_bytes - _TAIL_ROOM
+        self._queued_at_least = 0  # bytes the records queued so far take, at least
+        self._room = max_bytes - _TAIL_ROOM  # the writer's: bytes left for output records
         self._truncated = False
         self._closed = False
-        self._queued: list[bytes] = []
-        self._queued_bytes = 0
+        self._queued: list[_Entry] = []
+        self._queued_chars = 0
         self._stopping = False
         self._sync = True
         self._wake = threading.Condition()
@@ -131,26 +164,26 @@ class LocalBuildLog:
         self._writer.start()
 
     def emit(self, stream: str, message: str, *, step: str | None = None) -> None:
-        if self._closed or self._truncated:
+        self.emit_lines(stream, (message,), step=step)
+
+    def emit_lines(self, stream: str, messages: Sequence[str], *, step: str | None = None) -> None:
+        """One record per message, all with this moment's time."""
+        if self.full or not messages:
             return
-        data = self._encode(stream, message[:MAX_LINE], step)
-        if len(data) > self._room:
-            self._truncated = True
-            notice = f"log truncated: a build log keeps at most {self.max_bytes} bytes"
-            data = self._encode("warning", notice, None)
-        self._room -= len(data)
-        self._queue(data)
+        chars = sum(min(len(m), MAX_LINE) for m in messages)
+        self._queued_at_least += chars + len(messages) * _RECORD_FLOOR
+        self._queue(_Entry(self._clock(), stream, step, messages), chars)
 
     @property
     def full(self) -> bool:
         """True once records are dropped (a splitter may stop cutting output into lines)."""
-        return self._truncated or self._closed
+        return self._queued_at_least > self.max_bytes or self._truncated or self._closed
 
     def close(self, outcome: str) -> None:
         """Queue the end record and wait for the writer to write, fsync and close."""
         if self._closed:
             return
-        self._queue(self._encode(END, outcome, None))
+        self._queue(_Entry(self._clock(), END, None, (outcome,)), len(outcome))
         self._stop(sync=True)
 
     def release(self) -> None:
@@ -159,15 +192,11 @@ class LocalBuildLog:
         if not self._closed:
             self._stop(sync=False)
 
-    def _encode(self, stream: str, message: str, step: str | None) -> bytes:
-        record = LogRecord(_now_iso(self._clock), stream, message, step)
-        return (record.to_json() + "\n").encode("utf-8", "replace")
-
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, entry: _Entry, chars: int) -> None:
         with self._wake:
-            self._queued.append(data)
-            self._queued_bytes += len(data)
-            if len(self._queued) == 1 or self._queued_bytes >= BATCH_BYTES:
+            self._queued.append(entry)
+            self._queued_chars += chars
+            if len(self._queued) == 1 or self._queued_chars >= BATCH_BYTES:
                 self._wake.notify()
 
     def _stop(self, *, sync: bool) -> None:
@@ -180,6 +209,24 @@ class LocalBuildLog:
         if self._writer.is_alive():
             log.warning("the build log %s is still being written after %s s", self.path, CLOSE_WAIT)
 
+    def _records(self, entries: list[_Entry]) -> bytes:
+        """The writer's JSON lines for ``entries``, cut at ``max_bytes`` (the end record is
+        always written)."""
+        out: list[bytes] = []
+        for entry in entries:
+            if self._truncated and entry.stream != END:
+                continue
+            for record in entry.records():
+                if entry.stream != END and len(record) > self._room:
+                    self._truncated = True
+                    notice = f"log truncated: a build log keeps at most {self.max_bytes} bytes"
+                    record = _Entry(entry.ts, "warning", None, (notice,)).records()[0]
+                    out.append(record)
+                    break
+                self._room -= len(record)
+                out.append(record)
+        return b"".join(out)
+
     def _write_batches(self) -> None:
         """The writer thread: one write and flush per batch, until stopped."""
         failed = False
@@ -187,13 +234,14 @@ class LocalBuildLog:
             with self._wake:
                 while not self._queued and not self._stopping:
                     self._wake.wait()
-                if not self._stopping and self._queued_bytes < BATCH_BYTES:
+                if not self._stopping and self._queued_chars < BATCH_BYTES:
                     self._wake.wait(FLUSH_INTERVAL)  # let a batch gather
-                batch, self._queued, self._queued_bytes = self._queued, [], 0
+                batch, self._queued, self._queued_chars = self._queued, [], 0
                 stopping = self._stopping
             try:
-                if batch:
-                    self._fh.write(b"".join(batch))
+                data = self._records(batch)
+                if data:
+                    self._fh.write(data)
                     self._fh.flush()
                     self.writes += 1
                 if stopping:
@@ -279,7 +327,8 @@ def open_build_log(
 
 class LineSplitter:
     """Turns an exec's output chunks into whole lines for the log (partial lines are held
-    until their newline or ``flush``)."""
+    until their newline or ``flush``). A chunk's lines go to the log in one call; once the log
+    is full only the last lines are kept (for the failure reason), from the chunk's tail."""
 
     def __init__(self, log: BuildLog, *, step: str | None, keep_last: int = 20) -> None:
         self._log = log
@@ -290,26 +339,38 @@ class LineSplitter:
 
     def __call__(self, stream: str, chunk: bytes) -> None:
         data = self._pending.get(stream, b"") + chunk
-        full = self._log.full
-        if full and len(data) > _TAIL_BYTES:  # records are dropped: only the last lines matter
-            data = data[-_TAIL_BYTES:]
-            data = data[data.find(b"\n") + 1 :]  # from the first whole line
-        *lines, rest = data.split(b"\n")
-        for raw in lines[-self._keep :] if full else lines:
-            self._line(stream, raw)
+        if self._log.full:  # only the last lines matter now: cut those off the end
+            *lines, rest = data.rsplit(b"\n", _TAIL_LINES)
+            lines = lines[1:] if len(lines) == _TAIL_LINES else lines  # [0]: the older ones
+        else:
+            *lines, rest = data.split(b"\n")
         if len(rest) > MAX_LINE:
-            self._line(stream, rest)
+            lines.append(rest)
             rest = b""
         self._pending[stream] = rest
+        self._lines(stream, lines)
 
-    def _line(self, stream: str, raw: bytes) -> None:
-        text = raw.decode("utf-8", errors="replace").rstrip("\r")
-        self._log.emit(stream, text, step=self._step)
-        if text.strip():
-            self.last_lines = [*self.last_lines[-(self._keep - 1) :], text]
+    def _lines(self, stream: str, raw: list[bytes]) -> None:
+        if not raw:
+            return
+        if self._log.full:  # nothing to record: only the last lines are decoded
+            self._remember(b.decode("utf-8", "replace").rstrip("\r") for b in reversed(raw))
+            return
+        texts = [t.rstrip("\r") for t in b"\n".join(raw).decode("utf-8", "replace").split("\n")]
+        self._log.emit_lines(stream, texts, step=self._step)
+        self._remember(reversed(texts))
+
+    def _remember(self, newest_first: Iterable[str]) -> None:
+        """Keep the last ``keep_last`` lines that are not blank."""
+        tail: list[str] = []
+        for text in newest_first:
+            if len(tail) == self._keep:
+                break
+            if text.strip():
+                tail.append(text)
+        self.last_lines = [*self.last_lines, *reversed(tail)][-self._keep :]
 
     def flush(self) -> None:
         for stream, rest in list(self._pending.items()):
-            if rest:
-                self._line(stream, rest)
+            self._lines(stream, [rest] if rest else [])
         self._pending.clear()
