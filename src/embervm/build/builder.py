@@ -90,8 +90,7 @@ class ImageBuild:
                         ) from exc
                     raise
         except BuildFailure as exc:
-            self.log.emit("error", f"build failed: {exc.reason}")
-            self.log.close("FAILED")
+            await self._end_log("error", f"build failed: {exc.reason}", "FAILED")
             raise
         except Exception as exc:  # the runtime's failure, or a bug: a clean, fixed reason
             # Its text (QEMU's stderr, host paths, addresses) is for the operator's log only:
@@ -104,21 +103,22 @@ class ImageBuild:
                 if runtime
                 else f"internal error during the build ({kind})"
             )
-            self.log.emit("error", f"build failed: {reason}")
-            self.log.close("FAILED")
+            await self._end_log("error", f"build failed: {reason}", "FAILED")
             raise BuildFailure(reason) from exc
         except BaseException:  # cancelled (server stopping): cleaned up, then re-raised
             self.log.emit("error", "build interrupted")
             self.log.close("FAILED")
             raise
         elapsed = self.clock() - started
-        self.log.emit(
-            "build",
-            f"build succeeded in {elapsed:.1f} s ({result.steps_cached} of "
-            f"{result.steps_total} steps cached)",
-        )
-        self.log.close("SUCCESSFUL")
+        cached = f"{result.steps_cached} of {result.steps_total} steps cached"
+        await self._end_log("build", f"build succeeded in {elapsed:.1f} s ({cached})", "SUCCESSFUL")
         return result
+
+    async def _end_log(self, stream: str, message: str, outcome: str) -> None:
+        """The last record and the end one. Closing waits for the log's last batch and its
+        fsync (a flood of output may leave megabytes queued), so it runs in a thread."""
+        self.log.emit(stream, message)
+        await asyncio.to_thread(self.log.close, outcome)
 
     # --- phases ------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -338,6 +340,38 @@ async def test_a_runtime_failure_reaches_the_caller_as_a_fixed_reason_and_the_de
     assert err.value.reason == "the build machine failed (VmmError)"
     assert not any("/var/lib" in message for message in log.messages())  # the API shows these
     assert detail in caplog.text  # the operator's log has it
+
+
+class ThreadOfClose(MemoryBuildLog):
+    """Records which thread closed the log (closing waits for the writer's last batch)."""
+
+    closed_on: int | None = None
+
+    def close(self, outcome: str) -> None:
+        self.closed_on = threading.get_ident()
+        super().close(outcome)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_the_log_is_closed_off_the_event_loop(
+    tmp_path: Path, app_port: int, fails: bool
+) -> None:
+    def broken(machine: FakeBuildMachine, call: ExecCall, out: OutputSink) -> int | None:
+        raise VmmError("gone")
+
+    provider = FakeMachineProvider(port_map={8080: app_port})
+    if fails:
+        provider = FakeMachineProvider(exec_script=broken)
+    log = ThreadOfClose()
+    with contextlib.suppress(BuildFailure):
+        await ImageBuild(
+            spec(tmp_path, write_zip(tmp_path / "a.zip", files())),
+            provider=provider,
+            cache=LocalLayerCache(tmp_path / "c"),
+            log=log,
+        ).run()
+    assert log.closed == ("FAILED" if fails else "SUCCESSFUL")
+    assert log.closed_on not in (None, threading.get_ident())
 
 
 async def test_cancelled_build_cleans_up_and_propagates(tmp_path: Path) -> None:
