@@ -137,6 +137,32 @@ def server(
             help="Days a cached build step may go unused before its disk layer is freed.",
         ),
     ] = 14.0,
+    proxy_max_connections: Annotated[
+        int,
+        typer.Option(
+            envvar="EMBERVM_PROXY_MAX_CONNECTIONS",
+            min=1,
+            help="Client connections the endpoint proxy holds at once; more are closed at once "
+            "(kept under half the open files limit).",
+        ),
+    ] = 10_000,
+    proxy_max_connections_per_ip: Annotated[
+        int,
+        typer.Option(
+            envvar="EMBERVM_PROXY_MAX_CONNECTIONS_PER_IP",
+            min=1,
+            help="Client connections the endpoint proxy holds at once from one address "
+            "(an IPv6 /64).",
+        ),
+    ] = 2_000,
+    proxy_session_idle_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="EMBERVM_PROXY_SESSION_IDLE_TIMEOUT",
+            min=1,
+            help="Seconds a WebSocket, other upgrade or shell may go without a byte either way.",
+        ),
+    ] = 600.0,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
     from embervm.server.app import event_loop_factory, run_server
@@ -179,6 +205,9 @@ def server(
         s3_ca_file=s3_ca_file.expanduser().resolve() if s3_ca_file else None,
         app_log_retention_days=log_retention_days,
         build_cache_days=build_cache_days,
+        proxy_max_connections=proxy_max_connections,
+        proxy_max_connections_per_ip=proxy_max_connections_per_ip,
+        proxy_session_idle_timeout=proxy_session_idle_timeout,
     )
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         code = runner.run(run_server(settings))
