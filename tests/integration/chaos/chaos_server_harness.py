@@ -1,6 +1,7 @@
 """Server-level chaos: a real ``embervm server`` killed with SIGKILL, and what must be true of
 the host after it restarts on the same data dir (``check_reality``).
 
+``hold_connections`` keeps many HTTP/1.1 client connections open through the endpoint proxy.
 Used by ``test_chaos_server_*.py`` and ``bench/chaos_server.py``. The app is a stdlib HTTP/1.1
 server (keep-alive, a request counter in memory): its image builds in one VM boot, no ``RUN``,
 so a chaos test pays no package download.
@@ -8,12 +9,16 @@ so a chaos test pays no package download.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +229,93 @@ def check_reality(server: LiveServer, vm_ids: list[str]) -> dict[str, dict[str, 
             link = VmNames.derive(vm_id, server.network_tag).host_link
             assert link not in table, f"nftables still names {link} of {vm_id}"
     return records
+
+
+# -- many client connections held open through the proxy ----------------------------------------
+
+
+@dataclass
+class HeldConnections:
+    """What ``hold_connections`` saw: answers by status, connections open now and at most,
+    how many had to reconnect (the proxy closes a connection it answers 429), errors."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    open_now: int = 0
+    open_most: int = 0
+    reconnects: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def opened(self) -> None:
+        self.open_now += 1
+        self.open_most = max(self.open_most, self.open_now)
+
+
+def raise_nofile_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (1,000 sockets need more than the usual 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+async def hold_connections(
+    server: LiveServer,
+    vm_id: str,
+    auth: str,
+    *,
+    count: int,
+    trickle: float,
+    stop: asyncio.Event,
+    seen: HeldConnections,
+) -> HeldConnections:
+    """``count`` HTTP/1.1 keep-alive client connections to the VM's endpoint through the
+    proxy, each sending a request with a valid token every ``trickle`` seconds until ``stop``.
+    A connection the proxy answers 429 (the VM's app-connection limit) and closes is opened
+    again after ``trickle`` seconds, so ``count`` connections keep trying all along. ``seen``
+    is updated as answers come (the caller may read it meanwhile)."""
+    request = (
+        f"GET / HTTP/1.1\r\nHost: {vm_id}.microvm.localhost\r\nx-aws-proxy-auth: {auth}\r\n\r\n"
+    ).encode()
+
+    async def one(index: int) -> None:
+        await asyncio.sleep(trickle * index / count)  # spread the first requests
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.proxy_http_port)
+            except OSError as exc:
+                seen.errors[type(exc).__name__] += 1
+                await _pause(stop, trickle)
+                continue
+            seen.opened()
+            try:
+                while not stop.is_set():
+                    writer.write(request)
+                    status, close = await _answer(reader)
+                    seen.statuses[status] += 1
+                    if close:
+                        seen.reconnects += 1
+                        break
+                    await _pause(stop, trickle)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                seen.errors[type(exc).__name__] += 1
+            finally:
+                seen.open_now -= 1
+                writer.close()
+            await _pause(stop, trickle)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return seen
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status, whether the server closes after it) of one answer, its body read."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    await reader.readexactly(int(fields.get("content-length", "0")))
+    return int(lines[0].split()[1]), fields.get("connection", "").lower() == "close"
