@@ -45,6 +45,7 @@ def assert_jailed(pid: int, workdir: Path) -> int:
     assert int(st["CapPrm"], 16) == 0
     assert st["NoNewPrivs"] == "1"
     assert st["Seccomp"] == "2"
+    assert st["Seccomp_filters"] == "2"  # QEMU's own and embervm's (vmm/seccomp.py)
     assert os.readlink(f"/proc/{pid}/root") == str(workdir)
     assert stat.S_IMODE(workdir.stat().st_mode) == 0o700  # root's: QEMU cannot even list it
     return uid
