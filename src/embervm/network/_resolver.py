@@ -13,9 +13,11 @@ name, ``_gateway``, LLMNR and mDNS names, and routes VPN domains) is bypassed fo
 servers that stub uses; ``localhost`` names are answered here, never forwarded; plain names
 are never forwarded (``--domain-needed``); and an upstream answer pointing where a guest
 cannot go is turned into NXDOMAIN: every range the rules block (``--bogus-nxdomain``, which
-takes a subnet since dnsmasq 2.85; that covers 100.64/10, where VPNs such as Tailscale answer)
-and private IPv6 too (``--stop-dns-rebind``). Such an answer would only tell the guest about
-the host's networks.
+takes a subnet since dnsmasq 2.85; that covers 100.64/10, where VPNs such as Tailscale answer).
+Such an answer would only tell the guest about the host's networks. ``--stop-dns-rebind`` is
+not used: dnsmasq's idea of "private" includes the documentation ranges (192.0.2/24,
+198.51.100/24, 203.0.113/24), which guests may reach and where some networks (this project's CI
+among them) put the registries; private IPv6 answers are moot, guests have no IPv6.
 """
 
 from __future__ import annotations
@@ -98,7 +100,6 @@ def dnsmasq_argv(
         f"--user={user}",
         "--domain-needed",
         "--bogus-priv",
-        "--stop-dns-rebind",
         "--local=/localhost/",
         "--cache-size=1000",
         "--log-facility=-",

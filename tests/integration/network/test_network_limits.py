@@ -145,6 +145,8 @@ async def test_the_resolver_tells_a_guest_no_host_local_names(
             return await world.probe(f"{world.tag}ga", "dns", "10.0.2.2", 53, name)
 
         assert await ask("ip-8-8-4-4.example.com") == "8.8.4.4"  # public answers pass
+        # so do the documentation ranges, which guests reach (registries may live there)
+        assert await ask("ip-203-0-113-80.example.com") == "203.0.113.80"
         for unreachable in UNREACHABLE_ANSWERS:
             assert await ask(f"ip-{unreachable}.corp.example.com") == "NOANSWER", unreachable
         assert await ask("ip-8-8-4-4.localhost") == "NOANSWER"  # never forwarded
