@@ -16,8 +16,17 @@ from typing import TYPE_CHECKING
 import h2.events as ev
 
 from embervm.proxy.admission import Target, strip_headers
-from embervm.proxy.h1wire import CRLF, NONE, Head, body_chunks, serialize, status_line
-from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, Header, StreamGone, new_connection
+from embervm.proxy.h1wire import (
+    CRLF,
+    HOP_BY_HOP_H2,
+    NONE,
+    Head,
+    body_chunks,
+    host_only_cookie,
+    serialize,
+    status_line,
+)
+from embervm.proxy.h2peer import H2Peer, Header, StreamGone, new_connection
 from embervm.proxy.streams import READ_SIZE, open_upstream
 
 if TYPE_CHECKING:
@@ -62,7 +71,7 @@ async def relay(session: Http1Session, app: H2Upstream, request: Head, framing: 
                           (b":authority", request.get(b"host") or b""),
                           (b":path", request.target)]  # fmt: skip
     head += [(k, v) for k, v in strip_headers(request.fields)
-             if k not in HOP_BY_HOP or (k == b"te" and v.lower() == b"trailers")]  # fmt: skip
+             if k not in HOP_BY_HOP_H2 or (k == b"te" and v.lower() == b"trailers")]  # fmt: skip
     body: asyncio.Task[None] | None = None
     try:
         await peer.send_headers(stream_id, head, end=framing == NONE)
@@ -99,7 +108,11 @@ async def _response(
         if isinstance(event, ev.ResponseReceived):
             raw = list(event.headers or [])
             status = int(next((v for k, v in raw if k == b":status"), b"502"))
-            fields = [(k, v) for k, v in raw if not k.startswith(b":") and k not in HOP_BY_HOP]
+            fields = [
+                (k, host_only_cookie(v) if k == b"set-cookie" else v)
+                for k, v in raw
+                if not k.startswith(b":") and k not in HOP_BY_HOP_H2
+            ]
             if status >= 200 and not event.stream_ended:
                 chunked = not any(k == b"content-length" for k, _ in fields)
                 if chunked:
@@ -120,7 +133,7 @@ async def _response(
             peer.acknowledge(stream_id, event.flow_controlled_length or 0)
         elif isinstance(event, ev.TrailersReceived):
             if chunked:
-                trailers = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP]
+                trailers = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP_H2]
                 writer.write(b"0\r\n" + b"".join(b"%s: %s\r\n" % kv for kv in trailers) + CRLF)
                 await writer.drain()
             return True

@@ -45,6 +45,9 @@ HEAD_END = b"\r\n\r\n"
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                         b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"transfer-encoding", b"upgrade"})  # fmt: skip
+# The HTTP/2 paths drop two more (RFC 9113 §8.2.2): Host travels as ``:authority`` and
+# HTTP2-Settings belongs to h2c's Upgrade.
+HOP_BY_HOP_H2 = HOP_BY_HOP | {b"host", b"http2-settings"}
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
 _SPECIAL = HOP_BY_HOP | _FRAMING_NAMES
 _SET_COOKIE = re.compile(rb"^set-cookie:", re.I | re.M)

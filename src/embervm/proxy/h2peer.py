@@ -23,10 +23,6 @@ WINDOW = 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
 MAX_STREAMS = 256
 
-# Connection-specific fields: never relayed between HTTP/1.1 and HTTP/2 (RFC 9113 §8.2.2).
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                        b"upgrade", b"te", b"host", b"http2-settings"})  # fmt: skip
-
 StreamEvent = ev.Event | None  # None: the connection is gone
 Header = tuple[bytes, bytes]
 

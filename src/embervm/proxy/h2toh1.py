@@ -23,10 +23,12 @@ from embervm.proxy.admission import PROXY_HEADER_PREFIX, Admission, Target
 from embervm.proxy.h1body import Payload
 from embervm.proxy.h1wire import (
     HEAD_END,
+    HOP_BY_HOP_H2,
     NONE,
     TO_CLOSE,
     BadMessage,
     Head,
+    host_only_cookie,
     parse_response,
     response_framing,
 )
@@ -37,9 +39,6 @@ from embervm.proxy.http1 import MAX_HEAD
 from embervm.proxy.streams import CONNECT_TIMEOUT
 
 MAX_IDLE = 16  # kept app connections per target and client connection
-# Connection-specific fields: never relayed between HTTP/1.1 and HTTP/2 (RFC 9113 §8.2.2).
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                        b"upgrade", b"te", b"host", b"http2-settings"})  # fmt: skip
 
 
 def request_head(request: Request, ended: bool) -> tuple[bytes, bool]:
@@ -49,7 +48,7 @@ def request_head(request: Request, ended: bool) -> tuple[bytes, bool]:
     lines: list[bytes] = []
     cookies: list[bytes] = []
     for name, value in request.fields:
-        if name.startswith(PROXY_HEADER_PREFIX) or name in HOP_BY_HOP:
+        if name.startswith(PROXY_HEADER_PREFIX) or name in HOP_BY_HOP_H2:
             if name == b"host" and host is None:  # :authority wins (RFC 9113 §8.3.1)
                 host = value
             continue
@@ -72,11 +71,11 @@ def response_fields(head: Head) -> tuple[list[Header], bool]:
     fields: list[Header] = [(b":status", b"%d" % head.status)]
     listed: list[bytes] = []
     for name, value in head.fields:
-        if name in HOP_BY_HOP:
+        if name in HOP_BY_HOP_H2:
             if name == b"connection":
                 listed.append(value)
             continue
-        fields.append((name, value))
+        fields.append((name, host_only_cookie(value) if name == b"set-cookie" else value))
     if not listed:
         return fields, False
     named = {token.strip().lower() for value in listed for token in value.split(b",")}

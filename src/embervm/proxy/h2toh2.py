@@ -18,9 +18,10 @@ import h2.events as ev
 
 from embervm.proxy.admission import Admission, Refusal, Target, strip_headers
 from embervm.proxy.forced_h2 import H2Upstream
+from embervm.proxy.h1wire import HOP_BY_HOP_H2, host_only_cookie
 from embervm.proxy.h2fields import Request
 from embervm.proxy.h2hpack import Header
-from embervm.proxy.h2peer import HOP_BY_HOP, H2Peer, StreamGone
+from embervm.proxy.h2peer import H2Peer, StreamGone
 from embervm.proxy.h2server import CANCEL
 from embervm.proxy.h2toh1 import Owner
 
@@ -162,7 +163,7 @@ class H2Exchange:
         head = [(b":method", request.method), (b":scheme", b"http"),
                 (b":authority", request.authority or b""), (b":path", request.path)]  # fmt: skip
         head += [
-            (k, v) for k, v in strip_headers(request.fields) if k not in HOP_BY_HOP or k == b"te"
+            (k, v) for k, v in strip_headers(request.fields) if k not in HOP_BY_HOP_H2 or k == b"te"
         ]
         body: asyncio.Task[None] | None = None
         try:
@@ -207,7 +208,8 @@ class H2Exchange:
             async with asyncio.timeout(BODY_TIMEOUT):
                 event = await queue.get()
             if isinstance(event, ev.ResponseReceived):
-                fields = [(k, v) for k, v in event.headers or [] if k not in HOP_BY_HOP]
+                fields = [(k, host_only_cookie(v) if k == b"set-cookie" else v)
+                          for k, v in event.headers or [] if k not in HOP_BY_HOP_H2]  # fmt: skip
                 engine.send_headers(stream_id, fields, end=bool(event.stream_ended))
                 self.owner.flush_soon()
                 if event.stream_ended:

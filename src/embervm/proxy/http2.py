@@ -33,11 +33,11 @@ from embervm.proxy.admission import (
     Refusal,
     Target,
 )
-from embervm.proxy.h1wire import Head
+from embervm.proxy.h1wire import HOP_BY_HOP_H2, Head
 from embervm.proxy.h2fields import Malformed, Request
 from embervm.proxy.h2hpack import Header
 from embervm.proxy.h2server import CANCEL, H2Server
-from embervm.proxy.h2toh1 import HOP_BY_HOP, H1Exchange, LinkPool
+from embervm.proxy.h2toh1 import H1Exchange, LinkPool
 from embervm.proxy.h2toh2 import H2Exchange, H2Upstreams
 from embervm.proxy.http1 import FIRST_REQUEST_TIMEOUT
 from embervm.proxy.streams import close_quietly
@@ -340,7 +340,7 @@ def _upgrade_request(request: Head) -> Request:
     headers: list[Header] = [(b":method", request.method), (b":scheme", b"http"),
                              (b":authority", request.get(b"host") or b""),
                              (b":path", request.target)]  # fmt: skip
-    headers += [(k, v) for k, v in request.fields if k not in HOP_BY_HOP]
+    headers += [(k, v) for k, v in request.fields if k not in HOP_BY_HOP_H2]
     return h2fields.request(headers)
 
 
