@@ -66,10 +66,11 @@ class CliContext:
         raise CliError(f"{path} has no usable profile '{CLIENT_PROFILE}' or 'default'")
 
     def api_ca_bundle(self) -> str | None:
-        """The CA bundle that verifies an ``https://`` control API: ``AWS_CA_BUNDLE`` if set,
-        else the server's local CA (``DATA_DIR/tls/ca.pem``, which issues the API's certificate
-        off loopback), else None (the system's)."""
-        bundle = os.environ.get("AWS_CA_BUNDLE")
+        """The CA bundle that verifies an ``https://`` control API: ``EMBERVM_CA_BUNDLE`` if
+        set (a certificate of the operator's), else the server's local CA
+        (``DATA_DIR/tls/ca.pem``, which issues the API's certificate off loopback), else None
+        (boto3's usual: ``AWS_CA_BUNDLE`` or the system's)."""
+        bundle = os.environ.get("EMBERVM_CA_BUNDLE")
         if bundle:
             return bundle
         local = self.data_dir / "tls" / "ca.pem"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -149,3 +151,25 @@ async def test_an_api_with_a_certificate_speaks_tls_to_boto3(tmp_path: Path) -> 
         answer = await asyncio.to_thread(list_microvms)
     assert isinstance(answer, dict)
     assert answer["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+async def test_the_cli_trusts_the_local_ca_of_an_https_api(tmp_path: Path) -> None:
+    files = ensure_tls(tmp_path / "tls", "microvm.localhost")  # DATA_DIR/tls/ca.pem signs it
+    settings = Settings(
+        data_dir=tmp_path, api_port=0, api_tls_cert=files.cert, api_tls_key=files.key
+    )
+
+    async def cli(*env: tuple[str, str]) -> int:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "embervm.cli", "--data-dir", str(tmp_path),
+            "--endpoint-url", url, "get", "mvm-00000000000000000000", "-o", "json",
+            env={**os.environ, **dict(env)}, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        return await asyncio.wait_for(process.wait(), 60)
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = await _serve(stack, settings)
+        assert await cli() == 0
+        other = ensure_tls(tmp_path / "other", "microvm.localhost").ca
+        assert await cli(("EMBERVM_CA_BUNDLE", str(other))) != 0  # another CA: refused
