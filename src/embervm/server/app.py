@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
-import socket
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import uvicorn
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.extensions import extension_routes
@@ -30,13 +26,14 @@ from embervm.build.cache import LocalLayerCache
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
 from embervm.core.tokens import TokenAuthority
-from embervm.errors import ConfigError, EmbervmError
+from embervm.errors import EmbervmError
 from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.host import LocalHost, open_machine_provider
 from embervm.host._boot import BootInputs
 from embervm.host.layergc import keep_collecting
 from embervm.network import NetworkManager
 from embervm.proxy import EndpointProxy
+from embervm.server.api_listener import serve_api
 from embervm.server.backends import (
     AppLogFiles,
     BuildLogFiles,
@@ -72,57 +69,13 @@ class RunningServer:
         return f"embervm ready api={self.api_url} proxy={self.proxy_url}"
 
 
-class _QuietUvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the server owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-def bind(host: str, port: int, what: str) -> socket.socket:
-    """A listening TCP socket, or a ConfigError that names the flag to change."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        hint = "another process listens there" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ConfigError(f"cannot listen on {host}:{port} for the {what}: {hint}") from exc
-    sock.setblocking(False)
-    return sock
-
-
 async def _serve_api(stack: contextlib.AsyncExitStack, settings: Settings, ops: Operations) -> str:
     credentials = CredentialStore(settings.credentials_file)
     routes, streamed = extension_routes(ops, settings.uploads_dir)
     app = create_api_app(
         ops, credentials, settings=settings, extra_routes=routes, streamed_paths=streamed
     )
-    sock = bind(settings.listen_host, settings.api_port, "control API (--api-port)")
-    config = uvicorn.Config(
-        app, http="httptools", log_level="warning", lifespan="off", access_log=False
-    )
-    server = _QuietUvicorn(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
-
-    async def stop() -> None:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sock.close()
-
-    stack.push_async_callback(stop)
-    while not server.started:
-        if task.done():
-            task.result()
-            raise ConfigError("the control API stopped while starting")
-        await asyncio.sleep(0.01)
-    host, port = sock.getsockname()[:2]
-    return f"http://{host}:{port}"
+    return await serve_api(stack, settings, app)
 
 
 async def start_server(
@@ -169,7 +122,11 @@ async def start_server(
     stack.push_async_callback(host.detach_all)  # running VMs outlive a server restart
     machines = await stack.enter_async_context(open_machine_provider(settings, network=network))
 
-    tokens = TokenAuthority(settings.data_dir / "keys" / "tokens.json")
+    tokens = TokenAuthority(settings.token_keys_file)
+    rotating = asyncio.create_task(
+        tokens.keep_rotating(settings.token_key_rotation_hours), name="token-key-rotation"
+    )
+    stack.push_async_callback(_cancel_and_wait, rotating)
     app_logs = AppLogFiles(
         settings.data_dir / "microvm-logs", retention=settings.app_log_retention_days * 86400
     )
