@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.integration.server.server_harness import LiveServer, free_port, token
+from tests.integration.server.server_harness import LiveServer, free_port, token, zip_dir
 
 from embervm.host._boot import vm_dir_name
 from embervm.network._names import VmNames, netns_prefix
@@ -66,11 +66,17 @@ ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
 """
 
 
-def write_app(folder: Path) -> Path:
+def write_app(folder: Path, *, marker: str = "") -> Path:
+    """The app's build context; a ``marker`` makes its code (and so its build) new."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "Dockerfile").write_text(APP_DOCKERFILE)
-    (folder / "app.py").write_text(APP_SOURCE)
+    (folder / "app.py").write_text(APP_SOURCE + (f"# {marker}\n" if marker else ""))
     return folder
+
+
+def zip_app(server: LiveServer, folder: Path, name: str) -> str:
+    """The build context zipped into the server's uploads folder; its ``file://`` URI."""
+    return zip_dir(folder, server.data_dir / "uploads" / f"{name}.zip").as_uri()
 
 
 @contextlib.contextmanager
@@ -176,12 +182,12 @@ def wait_stable(server: LiveServer, vm_ids: list[str]) -> dict[str, dict[str, An
     """Every VM's record once none is in a transitional state."""
     client = server.client()
 
-    def records() -> dict[str, dict[str, Any]] | None:
+    def records() -> list[dict[str, dict[str, Any]]]:
         got = {v: client.get_microvm(microvmIdentifier=v) for v in vm_ids}
-        return got if all(r["state"] in STABLE for r in got.values()) else None
+        return [got] if all(r["state"] in STABLE for r in got.values()) else []
 
-    result: dict[str, dict[str, Any]] = poll(records, RECOVERY_TIMEOUT, "stable VM states")
-    return result
+    found: list[dict[str, dict[str, Any]]] = poll(records, RECOVERY_TIMEOUT, "stable VM states")
+    return found[0]
 
 
 def _all_vm_ids(server: LiveServer) -> list[str]:
