@@ -78,6 +78,10 @@ def test_listening_everywhere_keeps_the_api_on_loopback_and_the_data_dir_private
             f"proxy=https://0.0.0.0:{server.proxy_port}"
         )
         assert _listening(server.api_port) == {"0100007F"}  # 127.0.0.1 only
+        assert (
+            f"embervm: control API on http://127.0.0.1:{server.api_port} only; --api-listen "
+            "puts it on the network (HTTPS)"
+        ) in server.output  # scripts that relied on --listen for the API learn why
         assert _listening(server.proxy_port) == {"00000000"}  # the endpoints: everywhere
         assert server.client().list_microvms()["ResponseMetadata"]["HTTPStatusCode"] == 200
         assert _open_to_others(data_dir) == []
