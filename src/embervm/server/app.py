@@ -172,7 +172,7 @@ async def start_server(
     stack.push_async_callback(ops.stop)
 
     api_url = await _serve_api(stack, settings, ops)
-    if settings.api_host != settings.listen_host:
+    if settings.api_listen is None and settings.api_host != settings.listen_host:
         # --listen used to move the API too: say where it is now (A7).
         progress(f"control API on {api_url} only; --api-listen puts it on the network (HTTPS)")
     proxy = EndpointProxy(settings, lifecycle=ops.lifecycle, tokens=tokens, shells=host)
