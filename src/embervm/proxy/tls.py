@@ -10,8 +10,10 @@ again when their names change or they have less than 30 days left. An operator m
 own certificate and key instead. ALPN offers ``h2`` and ``http/1.1``.
 
 The CA carries a critical NameConstraints extension (A19) permitting only ``<domain>`` (and
-its subdomains), ``localhost`` and ``127.0.0.1/32``, plus the control API's names: a stolen
-``ca.key`` cannot mint a certificate its clients accept for any other site. When a new domain
+its subdomains) and ``localhost``, plus the control API's host name: a stolen ``ca.key``
+cannot mint a certificate its clients accept for any other site's name. IP addresses are not
+constrained: BoringSSL (gRPC's TLS) refuses every certificate under a CA with an iPAddress
+constraint. When a new domain
 or API address needs a name the CA does not permit, the CA certificate is issued again with
 the same key and the wider list (certificates it signed stay valid; clients must load the new
 ``ca.pem`` to accept the new names; the CLI reads it from the data dir). A CA made before the
@@ -63,21 +65,22 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _general_name(name: str, *, subtree: bool) -> x509.GeneralName:
-    """An IP address or a DNS name; as a NameConstraints subtree an IP is its /32 (or /128)."""
+def _general_name(name: str) -> x509.GeneralName:
+    """An IP address or a DNS name, for a certificate's subjectAltName."""
     try:
-        address = ipaddress.ip_address(name)
+        return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
-    if subtree:
-        return x509.IPAddress(ipaddress.ip_network(address))
-    return x509.IPAddress(address)
 
 
 def _permitted(domain: str, leaf_names: Iterable[str]) -> list[x509.GeneralName]:
-    wanted = [domain, "localhost", "127.0.0.1", *leaf_names]
+    """The CA's permitted subtrees: DNS names only. BoringSSL (gRPC's TLS) refuses every
+    certificate issued under a CA that has an iPAddress constraint ("unsupported name
+    constraint type"), so IP names are left unconstrained (RFC 5280 §4.2.1.10: a constraint
+    binds only names of its own type)."""
+    wanted = [domain, "localhost", *leaf_names]
     names = dict.fromkeys(name.removeprefix("*.") for name in wanted)  # a subtree has no '*'
-    return [_general_name(name, subtree=True) for name in names]
+    return [n for n in map(_general_name, names) if isinstance(n, x509.DNSName)]
 
 
 def _constraints(cert: x509.Certificate) -> list[x509.GeneralName] | None:
@@ -163,7 +166,7 @@ def _ensure_leaf(
     """A current certificate for ``names`` at ``files``, signed by the local CA."""
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_cert, ca_key = _ensure_ca(tls_dir, _permitted(domain, names))
-    sans = [_general_name(name, subtree=False) for name in dict.fromkeys(names)]
+    sans = [_general_name(name) for name in dict.fromkeys(names)]
     if _current(files, sans):
         return files
     key = ec.generate_private_key(ec.SECP256R1())
