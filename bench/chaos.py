@@ -25,6 +25,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import chaos_server
 from chaoslib import Row, Scenario, StateLost, vm
 
 from embervm.guest.artifacts import ensure_guest_artifacts
@@ -32,7 +33,7 @@ from embervm.guest.artifacts import ensure_guest_artifacts
 
 def scenarios(lab: vm.VmLab) -> list[Scenario]:
     """Every scenario, in the order the table lists them."""
-    return vm.scenarios(lab)
+    return vm.scenarios(lab) + chaos_server.scenarios()
 
 
 async def run(only: list[str], size: int | None) -> list[Row]:
