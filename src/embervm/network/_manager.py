@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -199,6 +200,7 @@ class NetworkManager:
     async def start(self) -> None:
         """Host table, resolver address and process, IPv4 forwarding. Idempotent; after a
         restart it re-adopts the VMs whose allocations survive."""
+        await self._refuse_a_pool_in_use()
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self._store.open()
         try:
@@ -212,6 +214,32 @@ class NetworkManager:
                 await self.stop()
             raise
         self._started = True
+
+    async def _refuse_a_pool_in_use(self) -> None:
+        """Fail when a host link that is not this manager's holds an address of the pool.
+
+        Each VM block gets a connected route (``pool + 4i /30``) on its host veth; a second
+        link carrying an address of the same block (another server's network, or what a dead
+        one left) adds a second route to the same /30, the kernel picks one of them, and the
+        proxy's connections to the VM go to the other network: 502 "the app is not answering"
+        with nothing wrong on this side. Another manager on the same pool always shows, by
+        its resolver link (the pool's first address) if not by a VM link."""
+        out = await self._runner.run(["ip", "-j", "-d", "addr", "show"])
+        alias_prefix = link_alias_prefix(self._tag)
+        for link in json.loads(out.stdout or "[]"):
+            name, alias = str(link.get("ifname", "")), str(link.get("ifalias", ""))
+            if name == self._dns_link or alias.startswith(alias_prefix):
+                continue
+            for addr in link.get("addr_info", []):
+                if addr.get("family") == "inet" and self._holds(str(addr["local"])):
+                    owner = f" ({alias})" if alias else ""
+                    raise NetworkSetupError(
+                        f"network pool {self._pool} is in use on this host: {addr['local']} is on "
+                        f"{name}{owner}; choose another pool (--network-pool) or remove that link"
+                    )
+
+    def _holds(self, address: str) -> bool:
+        return ipaddress.IPv4Address(address) in self._pool.network
 
     def _forwarding_before(self) -> str:
         """IPv4 forwarding as it was before any manager on this state dir switched it on."""

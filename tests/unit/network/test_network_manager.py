@@ -79,8 +79,9 @@ async def test_start_installs_table_resolver_and_forwarding_and_stop_undoes_them
 ) -> None:
     r = make_rig(tmp_path)
     await r.manager.start()
-    table_input = r.runner.calls[0][1] or ""
-    assert r.runner.calls[0][0] == ("nft", "-f", "-")
+    assert r.runner.calls[0][0] == ("ip", "-j", "-d", "addr", "show")  # the pool is free
+    table_input = r.runner.calls[1][1] or ""
+    assert r.runner.calls[1][0] == ("nft", "-f", "-")
     assert "table inet embervm {" in table_input
     assert 'iifname != "ev*" oifname != "ev*" drop' in table_input  # forwarding was off
     assert "elements = { 8443, 8700 }" in table_input
@@ -97,7 +98,7 @@ async def test_the_server_user_and_the_egress_limits_reach_the_rules(tmp_path: P
     r = make_rig(tmp_path, limits=EgressLimits(connections=7, dns_burst=3))
     await r.manager.start()
     try:
-        assert f"meta skuid {os.geteuid()} accept" in (r.runner.calls[0][1] or "")  # A13
+        assert f"meta skuid {os.geteuid()} accept" in (r.runner.calls[1][1] or "")  # A13
         net = await r.manager.create("mvm-1", egress=True)
         netns_rules = next(i or "" for argv, i in r.runner.calls if argv[:4] == (
             "ip", "netns", "exec", net.netns))  # fmt: skip
