@@ -81,8 +81,9 @@ def zip_app(server: LiveServer, folder: Path, name: str) -> str:
 
 @contextlib.contextmanager
 def chaos_server(data_dir: Path, *extra_args: str) -> Iterator[LiveServer]:
-    """A server on free ports over ``data_dir``; every QEMU under it is killed at the end
-    (running VMs outlive a server by design)."""
+    """A server on free ports over ``data_dir``; at the end every VM is terminated before it
+    stops and any QEMU left is killed (running VMs and their networks outlive a server by
+    design: left on the host, a network holds its pool's addresses for good)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "artifacts").exists():
         (data_dir / "artifacts").symlink_to(_test_cache() / "artifacts")
@@ -93,10 +94,29 @@ def chaos_server(data_dir: Path, *extra_args: str) -> Iterator[LiveServer]:
     try:
         yield server
     finally:
-        server.stop()
-        for pid in vmm_pids(data_dir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        try:
+            _terminate_every_vm(server)
+        finally:
+            server.stop()
+            for pid in vmm_pids(data_dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _terminate_every_vm(server: LiveServer) -> None:
+    """Kill every QEMU (the server's watchers release those VMs), terminate the VMs still
+    held (suspended ones), and wait until none is left: the server then stops with no VM
+    network, so it removes its host table and resolver link too."""
+    if server.process is None or server.process.poll() is not None:
+        server.start()  # a test ended with it dead: its restart reclaims what the kill left
+    for pid in vmm_pids(server.data_dir / "vms"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    client = server.client()
+    for vm_id in _all_vm_ids(server):
+        with contextlib.suppress(Exception):  # one the watcher ended meanwhile
+            client.terminate_microvm(microvmIdentifier=vm_id)
+    poll(lambda: not _all_vm_ids(server), RECOVERY_TIMEOUT, "every VM terminated")
 
 
 def _test_cache() -> Path:

@@ -9,6 +9,8 @@ machine and unchanged build steps are reused across runs.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import secrets
 import socket
@@ -46,6 +48,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_network_tag() -> str:
+    """A random ``e<xx>`` tag no resolver link on the host has: a server sharing another's tag
+    would reclaim that one's networks as its own leftovers."""
+    links = set(os.listdir("/sys/class/net"))
+    return secrets.choice([t for t in (f"e{i:02x}" for i in range(256)) if f"{t}dns0" not in links])
+
+
+def free_network_pool() -> str:
+    """A random /22 of 10.219.0.0/16 holding no address of the host: a pool another server's
+    networks (or a dead one's) hold would give a VM block two routes (the server refuses it)."""
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True)
+    used = [ipaddress.IPv4Address(a["local"]) for link in json.loads(out.stdout or "[]")
+            for a in link.get("addr_info", []) if a.get("family") == "inet"]  # fmt: skip
+    pools = [ipaddress.IPv4Network(f"10.219.{4 * i}.0/22") for i in range(64)]
+    return str(secrets.choice([p for p in pools if not any(a in p for a in used)]))
+
+
 def zip_dir(source: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -65,8 +84,8 @@ class LiveServer:
     proxy_http_port: int
     # Its own nftables tables and addresses: test runs beside it on the host never collide
     # (kept across restarts: a restarted server takes its VMs back).
-    network_tag: str = field(default_factory=lambda: "e" + secrets.token_hex(1))
-    network_pool: str = field(default_factory=lambda: f"10.219.{4 * secrets.randbelow(64)}.0/22")
+    network_tag: str = field(default_factory=free_network_tag)
+    network_pool: str = field(default_factory=free_network_pool)
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
