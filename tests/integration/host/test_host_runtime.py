@@ -66,7 +66,8 @@ def _netns_list() -> str:
 def env(guest_artifacts: GuestArtifacts) -> Iterator[Env]:
     root = Path(f"/tmp/emb-host-{os.getpid()}")  # short: unix socket paths stay < 108 bytes
     tag = "h" + secrets.token_hex(1)
-    network = NetworkManager(root / "network", pool="10.214.0.0/16", tag=tag)
+    pool = f"10.212.{4 * secrets.randbelow(64)}.0/22"  # no other test draws from 10.212/16
+    network = NetworkManager(root / "network", pool=pool, tag=tag)
     boot = BootInputs(guest_artifacts)
     loop = asyncio.new_event_loop()
 
