@@ -214,3 +214,22 @@ def test_key_file_write_fsyncs_the_directory(
     authority.rotate()
     assert synced == [authority.keys_file.parent]
     assert stat.S_IMODE(authority.keys_file.stat().st_mode) == 0o600
+
+
+def test_requests_verified_from_the_cache_look_at_the_key_file_at_most_once_a_second(
+    authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stat of the key file on every request cost a fifth of the proxy's time per request.
+    import embervm.core.tokens as tokens
+
+    token = _endpoint_token(authority)
+    authority.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+    looks: list[Path] = []
+    real = tokens._file_stamp
+    monkeypatch.setattr(tokens, "_file_stamp", lambda p: (looks.append(p), real(p))[1])
+    for _ in range(1000):
+        authority.verify(token, microvm_id=VM, port=8080, kind="endpoint")
+    assert len(looks) <= 1
+    claims = authority.claims(token)
+    authority.current(claims)  # what open sessions call: always looks
+    assert len(looks) <= 2
