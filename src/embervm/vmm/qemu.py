@@ -55,14 +55,19 @@ START_TIMEOUT = 15.0
 STDERR_LOG = "qemu.stderr"
 
 
-def qemu_version(binary: str = QEMU_BINARY) -> str:
-    """``7.2.22`` from ``qemu-system-x86_64 --version``."""
+def _qemu_says(binary: str, flag: str) -> str:
+    """What ``binary flag`` prints (``--version``, ``-help``), or VmmError."""
     try:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=10, check=True
+        return subprocess.run(
+            [binary, flag], capture_output=True, text=True, timeout=10, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise VmmError(f"cannot run {binary} --version: {exc}") from exc
+        raise VmmError(f"cannot run {binary} {flag}: {exc}") from exc
+
+
+def qemu_version(binary: str = QEMU_BINARY) -> str:
+    """``7.2.22`` from ``qemu-system-x86_64 --version``."""
+    out = _qemu_says(binary, "--version")
     m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
     if not m:
         raise VmmError(f"cannot parse QEMU version from {out!r}")
@@ -71,13 +76,7 @@ def qemu_version(binary: str = QEMU_BINARY) -> str:
 
 def qemu_drop_flags(binary: str = QEMU_BINARY) -> DropFlags:
     """How ``binary`` spells the privilege drop, read from its ``-help``."""
-    try:
-        out = subprocess.run(
-            [binary, "-help"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise VmmError(f"cannot run {binary} -help: {exc}") from exc
-    return drop_flags_from_help(out)
+    return drop_flags_from_help(_qemu_says(binary, "-help"))
 
 
 class QemuVmm:
