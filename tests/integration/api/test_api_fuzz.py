@@ -18,6 +18,7 @@ per operation and kind (about a minute; the real server needs ``flock /tmp/ember
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import socket
 from collections.abc import Iterator
@@ -377,7 +378,11 @@ def _odd_values(shape: Shape, current: Any) -> list[Any]:
     return out
 
 
+@functools.cache
 def _odd_candidates(operation: str) -> list[tuple[Path_, Any]]:
+    """Made once per operation: hypothesis replays a failing example by drawing from the same
+    list again (the model's patterns are matched with a timeout, so a list made again under
+    load could differ: FlakyStrategyDefinition)."""
     params = example_input(operation, full=True)
     shape = operation_model(operation).input_shape
     return [
