@@ -92,7 +92,13 @@ def _at_once(server: LiveServer, vm_id: str) -> object:
 
 
 def _vmm_started(server: LiveServer, vm_id: str) -> object:
-    return poll(lambda: vm_pids(server, vm_id), 60, "the VMM")
+    try:
+        return poll(lambda: vm_pids(server, vm_id), 60, "the VMM")
+    except AssertionError:
+        vm = server.client().get_microvm(microvmIdentifier=vm_id)
+        raise AssertionError(
+            f"no VMM for {vm_id} within 60 s: {vm.get('state')} {vm.get('stateReason')}"
+        ) from None
 
 
 def _a_little_after_the_vmm(server: LiveServer, vm_id: str) -> object:
@@ -153,7 +159,7 @@ def _kill_one(server: LiveServer, operation: str, moment: Moment) -> tuple[int, 
 
 
 def _kill_build(server: LiveServer, moment: str, round_: int) -> int:
-    name = f"chaos-build-{moment}-{round_}"
+    name = f"chaos-build-{moment.replace('+', '-')}-{round_}"  # names: [a-zA-Z0-9-_]+
     source = write_app(server.data_dir / f"src-{name}", marker=name)
     params: dict[str, Any] = {"baseImageArn": BASE_IMAGE_ARN, "buildRoleArn": BUILD_ROLE,
                               "codeArtifact": {"uri": zip_app(server, source, name)}}  # fmt: skip
