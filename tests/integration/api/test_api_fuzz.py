@@ -372,7 +372,12 @@ def _odd_values(shape: Shape, current: Any) -> list[Any]:
     elif kind == "boolean":
         out += [True, False]
     elif kind == "list" and current:
-        out += [current[: low or 0], current * min(high or 20, 100)]
+        shortest = current[: low or 0]
+        # an empty list in the query string is no parameter at all on the wire (botocore sends
+        # nothing): for a required member that is a missing value, not an odd one
+        if shortest or shape.serialization.get("location") != "querystring":
+            out.append(shortest)
+        out.append(current * min(high or 20, 100))
     elif kind == "map" and current:
         out += [{}] if not low else []
     return out
