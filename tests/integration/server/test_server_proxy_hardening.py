@@ -150,12 +150,14 @@ def capped_server(guest_artifacts: GuestArtifacts, tmp_path: Path) -> Iterator[L
 
 def turned_away(port: int) -> bool:
     """A connection that sends nothing is closed by the proxy at once (a TLS listener would
-    otherwise wait for the ClientHello, a plain one for a request)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        try:
+    otherwise wait for the ClientHello, a plain one for a request). The close can be a reset
+    that arrives before ``connect`` itself returns (with a timeout, Python's connect polls and
+    then reads ``SO_ERROR``, which is ECONNRESET by then)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             return sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
+    except ConnectionResetError:
+        return True
 
 
 def test_connections_over_the_per_address_cap_are_closed_and_held_ones_keep_working(
