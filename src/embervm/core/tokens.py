@@ -286,7 +286,11 @@ class TokenAuthority:
             if len(self._verified) >= CACHE_SIZE:
                 self._verified.clear()
             self._verified[token] = claims
-        elif not self._still_good(claims):
+        elif not (  # inline: the usual case (not expired, key loaded, no look at the file due)
+            claims.expires_at > self._clock()
+            and claims.key_id in self._keys
+            and time.monotonic() < self._next_check
+        ) and not self._still_good(claims):
             del self._verified[token]
             raise TokenRejected("expired token or revoked key")
         if claims.microvm_id != microvm_id:

@@ -20,7 +20,9 @@ from embervm.proxy.h1wire import (
     host_only_cookie,
     host_only_cookies,
     parse_request,
+    parse_response,
     request_framing,
+    response_summary,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,6 +99,27 @@ def test_set_cookie_loses_its_domain(value: bytes, host_only: bytes) -> None:
 def test_a_head_without_set_cookie_passes_as_it_is() -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Domain: domain=a\r\n\r\n"
     assert host_only_cookies(raw) is raw
+
+
+@pytest.mark.parametrize("name", [b"Set-Cookie", b"SET-COOKIE", b"set-cookie", b"sEt-CoOkIe"])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_a_set_cookie_in_any_case_anywhere_in_the_head_loses_its_domain(
+    name: bytes, position: int
+) -> None:
+    fields = [b"Content-Length: 0", b"X-A: b"]
+    fields.insert(position, name + b": s=1; Domain=" + DOMAIN.encode())
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+    assert parse_response(host_only_cookies(raw)).get(b"set-cookie") == b"s=1"
+
+
+def test_the_summary_reads_framing_fields_one_right_after_another_in_any_case() -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nCONNECTION: close\r\ncontent-length: 5\r\n"
+           b"Content-Length: 5\r\n\r\n")  # fmt: skip
+    assert response_summary(raw, b"GET") == (200, 5, False)
+    with pytest.raises(BadMessage):
+        response_summary(raw.replace(b"Content-Length: 5", b"CONTENT-LENGTH: 6"), b"GET")
+    with pytest.raises(BadMessage):
+        response_summary(raw.replace(b"Content-Length: 5", b"tRaNsFeR-eNcOdInG: chunked"), b"GET")
 
 
 # -- through the proxy, over real sockets ---------------------------------------------------
