@@ -19,7 +19,7 @@ from embervm.proxy.h2hpack import Header
 
 _TCHAR_LOWER = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 _FIELD_VALUE = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # VCHAR SP HTAB obs
-_SPACE = b" \t"
+_EDGE = frozenset({b"", b" ", b"\t"})  # what may not start or end a value (or: no value)
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATH = re.compile(rb"[\x21-\x7e]+")
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
@@ -51,10 +51,12 @@ def _values_ok(joined: bytes, count: int) -> bool:
     """``count`` values joined by NUL: allowed bytes only, no whitespace at either end of one."""
     if joined.translate(None, _FIELD_VALUE) != b"\x00" * (count - 1):
         return False
-    if joined[:1] in _SPACE or joined[-1:] in _SPACE:
-        return not joined  # b"" is "in" everything: one empty value is fine
-    return not (b"\x00 " in joined or b" \x00" in joined or b"\x00\t" in joined
-                or b"\t\x00" in joined)  # fmt: skip
+    if joined[:1] in _EDGE or joined[-1:] in _EDGE:
+        return not joined  # one empty value is fine
+    # find, not ``in``: ``bytes in bytes`` first tries the needle as an int and formats a
+    # TypeError for it (~0.1 us each, on every request)
+    return (joined.find(b"\x00 ") < 0 and joined.find(b" \x00") < 0
+            and joined.find(b"\x00\t") < 0 and joined.find(b"\t\x00") < 0)  # fmt: skip
 
 
 def check_fields(fields: list[Header], extra_values: tuple[bytes, ...] = ()) -> None:
