@@ -17,9 +17,11 @@ from embervm.vmm.config import AGENT_PORT_NAME, GUEST_MAC, VmConfig
 
 QEMU_BINARY = "qemu-system-x86_64"
 RAM_BACKEND = "ram0"
+"""The guest RAM's memory backend id: also the RAM block's name in migration streams."""
 DISK_FDSET = 1
 """The fd set holding the disk's descriptors (QMP ``add-fd`` numbers later sets after it)."""
-"""The guest RAM's memory backend id: also the RAM block's name in migration streams."""
+SERIAL_FDSET = 2
+"""The fd set holding the write end of the serial console's pipe."""
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # QEMU loads its filter before it drops privileges, so with ``elevateprivileges=deny`` its own
 # setgid() is killed (SIGSYS). Once dropped, QEMU has no capability left to elevate with: a
@@ -99,8 +101,14 @@ def qemu_argv(
     disk later becomes a read-only backing file). ``drop``: the privilege drop (and a sandbox
     that lets QEMU perform it)."""
     mem = memory or MemorySpec(cfg.memory_file)
-    # QEMU opens this path before it drops privileges, as root, outside its chroot.
-    console = cfg.console_log if serial_fd is None else Path(f"/proc/self/fd/{serial_fd}")
+    # QEMU opens the console before it drops privileges, as root, outside its chroot. An
+    # inherited pipe goes in as an fd set (a jailed QEMU's mount namespace has no /proc),
+    # appended to: a truncating open of an fd set member truncates it, which a pipe refuses.
+    if serial_fd is None:
+        serial = ["-serial", f"file:{cfg.console_log}"]
+    else:
+        serial = ["-chardev", f"file,id=console,path=/dev/fdset/{SERIAL_FDSET},append=on",
+                  "-serial", "chardev:console"]  # fmt: skip
     disk = cfg.disk if disk_fds is None else Path(f"/dev/fdset/{DISK_FDSET}")
     if mem.path is None:
         backend = f"memory-backend-ram,id={RAM_BACKEND},size={cfg.memory_mib}M"
@@ -116,7 +124,7 @@ def qemu_argv(
         "-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M",
         "-object", backend,
         "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd), "-append", cfg.cmdline,
-        "-serial", f"file:{console}",
+        *serial,
         "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
         # auto-read-only=off: the disk is opened read-write at once; otherwise an incoming
         # migration opens it read-only and `cont` opens it again. No file locks: the fd set
@@ -138,6 +146,8 @@ def qemu_argv(
     argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}"]
     for fd in disk_fds or ():
         argv += ["-add-fd", f"fd={fd},set={DISK_FDSET}"]
+    if serial_fd is not None:
+        argv += ["-add-fd", f"fd={serial_fd},set={SERIAL_FDSET}"]
     if cfg.sandbox:
         argv += ["-sandbox", SANDBOX if drop is None else SANDBOX_DROPPING]
     if drop is not None:

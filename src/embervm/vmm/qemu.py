@@ -2,8 +2,9 @@
 
 Launch chain (each link ``exec``s the next, so the pid the caller sees is QEMU's):
 ``/bin/sh`` joining the VM's cgroup → ``ip netns exec <netns>`` (when the VM has a netns) →
-``python -c`` loading a second seccomp filter (``seccomp``) → ``qemu-system-x86_64 ...`` with
-its own seccomp sandbox. An ``unprivileged`` VM's QEMU opens its
+``python -c`` entering the jail's mount namespace (``rootview``) and loading a second seccomp
+filter (``seccomp``; both in ``launchstep``) → ``qemu-system-x86_64 ...`` with its own seccomp
+sandbox. An ``unprivileged`` VM's QEMU opens its
 files as root, then drops to a uid of its own and chroots into the VM's directory, where it
 can open nothing (docs/JAIL.md). QEMU opens no file after that: the VMM passes migration
 files and new disk overlays as file descriptors over QMP, so ``spawn=deny`` and the chroot
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from embervm.errors import EmbervmError, JailError, SnapshotError, VmmError
-from embervm.vmm import _proc, seccomp
+from embervm.vmm import _proc, launchstep, rootview, seccomp
 from embervm.vmm import snapshot as snap
 from embervm.vmm.api import Vmm, VmProcess
 from embervm.vmm.cmdline import (
@@ -271,8 +272,10 @@ class QemuVmm:
             )  # fmt: skip
             if incoming:
                 argv.append("-S")  # stay paused after loading: the VMM decides when to run
-            if cfg.sandbox:
-                argv = [*seccomp.launch_prefix(), *argv]
+            if cfg.sandbox or drop is not None:
+                mounts = () if drop is None else rootview.vmm_view(cfg, memory, self.binary)
+                bpf = seccomp.program() if cfg.sandbox else None
+                argv = [*launchstep.launch_prefix(seccomp_filter=bpf, mounts=mounts), *argv]
             if cfg.netns is not None:
                 argv = ["ip", "netns", "exec", cfg.netns, *argv]
             cgroup = await asyncio.to_thread(self._make_cgroup, cfg)

@@ -7,16 +7,14 @@ filter refuses those with EPERM, refuses every non-x86-64 system call (the 32-bi
 entry and x32 numbers are classic ways around a filter written for one table) and allows the
 rest, which QEMU's own filter then judges: the stricter verdict wins.
 
-It is installed by the launch chain, right before QEMU: ``python -c INSTALL <hex> qemu …``
-sets ``NoNewPrivs``, loads the program with ``prctl(PR_SET_SECCOMP)`` and ``exec``s QEMU,
-which inherits it (a filter, once loaded, cannot be removed). After ``ip netns exec``, which
-needs ``setns``, ``unshare`` and ``mount``.
+The launch chain's last step (``launchstep``) loads it right before it ``exec``s QEMU, which
+inherits it (a filter, once loaded, cannot be removed): after ``ip netns exec`` and the jail's
+mount namespace, which need ``setns``, ``unshare``, ``mount`` and ``pivot_root``.
 """
 
 from __future__ import annotations
 
 import struct
-import sys
 
 #: x86-64 numbers of the calls refused (``asm/unistd_64.h``).
 DENIED_SYSCALLS: dict[str, int] = {
@@ -66,24 +64,3 @@ def program() -> bytes:
         body.append(_insn(_JEQ, nr, jt=len(numbers) - i))
     body += [_insn(_RET, _RET_ALLOW), _insn(_RET, _RET_ERRNO_EPERM)]
     return b"".join(body)
-
-
-# Run as ``python -I -S -c INSTALL <filter hex> <argv…>``: no site, no embervm import.
-INSTALL = """\
-import ctypes, os, sys
-prog = bytes.fromhex(sys.argv[1])
-buf = ctypes.create_string_buffer(prog, len(prog))
-class Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-fprog = Prog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):
-    sys.stderr.write("embervm-seccomp: %s\\n" % os.strerror(ctypes.get_errno()))
-    sys.exit(126)
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
-
-
-def launch_prefix(python: str = sys.executable) -> list[str]:
-    """argv prefix that loads the filter, then execs the rest (same pid)."""
-    return [python, "-I", "-S", "-c", INSTALL, program().hex()]

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 from test_vmm_qemu import Lab, agent, sh
 
-from embervm.vmm import CgroupLimits, QemuVmm, detect_cgroup_driver
+from embervm.vmm import CgroupLimits, QemuVmm, VmConfig, detect_cgroup_driver
 from embervm.vmm import snapshot as snap
 from embervm.vmm.config import DEFAULT_PIDS_MAX
 from embervm.vmm.jail import UID_BASE, UID_SPAN
 from embervm.vmm.logcap import cap_bytes
+from embervm.vmm.rootview import backing_chain
 
 pytestmark = [
     pytest.mark.integration,
@@ -51,6 +53,35 @@ def assert_jailed(pid: int, workdir: Path) -> int:
     return uid
 
 
+def in_its_namespace(pid: int, *argv: str) -> str:
+    """``argv``'s output, run in ``pid``'s mount namespace (from that namespace's root)."""
+    done = subprocess.run(["nsenter", "-t", str(pid), "-m", "--", *argv],
+                          capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    return done.stdout
+
+
+def assert_own_mount_namespace(pid: int, cfg: VmConfig, snapshot: Path) -> None:
+    """Before its chroot QEMU saw a mount namespace of its own (vmm/rootview.py): an empty
+    read-only root with the system, a few devices, its own directory and the files it was
+    started from (kernel, initrd, the snapshot it restores and that disk's backing chain),
+    nothing else of the host: no other VM's files, no /proc, no /root or /var."""
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    found = in_its_namespace(
+        pid, "find", "/", "-path", "/usr", "-prune", "-o", "!", "-type", "d", "-print"
+    ).split()
+    own = {p for p in found if p.startswith(f"{cfg.workdir}/")}
+    assert {str(cfg.qmp_socket), str(cfg.agent_socket)} <= own
+    system = {"/bin", "/lib", "/lib64", "/sbin", "/etc/ld.so.cache"}
+    devices = {f for f in found if f.startswith("/dev/")}
+    assert devices <= {f"/dev/{d}" for d in ("null", "zero", "urandom", "random", "net/tun")}
+    inputs = {str(cfg.kernel), str(cfg.initrd), *(str(f) for f in snapshot.iterdir())}
+    inputs |= {str(f) for f in backing_chain(snapshot / snap.DISK)}
+    rest = set(found) - own - system - devices
+    assert str(cfg.kernel) in rest
+    assert rest <= inputs, rest - inputs
+    assert "Read-only" in in_its_namespace(pid, "sh", "-c", "touch /x 2>&1 || true")
+
+
 async def test_a_jailed_vmm_is_unprivileged_and_chrooted_and_still_snapshots_and_resumes(
     lab: Lab, image: tuple[Path, str]
 ) -> None:
@@ -58,6 +89,7 @@ async def test_a_jailed_vmm_is_unprivileged_and_chrooted_and_still_snapshots_and
     lab.vmm = QemuVmm(cgroups=driver)
     proc, cfg = await lab.restore(image[0], lab.cfg(unprivileged=True, cgroup=CgroupLimits()))
     uid = assert_jailed(proc.pid, cfg.workdir)
+    assert_own_mount_namespace(proc.pid, cfg, image[0])
     cgroup = driver.existing(f"vm-{cfg.vm_id}")
     assert cgroup is not None
     pids_max = [d / "pids.max" for d in cgroup.dirs if (d / "pids.max").exists()]
@@ -73,6 +105,7 @@ async def test_a_jailed_vmm_is_unprivileged_and_chrooted_and_still_snapshots_and
     # A second jailed VM gets another uid; its suspend and resume work through fds too.
     clone, clone_cfg = await lab.restore(cfg.workdir / "snap", lab.cfg(unprivileged=True))
     assert assert_jailed(clone.pid, clone_cfg.workdir) != uid
+    assert_own_mount_namespace(clone.pid, clone_cfg, cfg.workdir / "snap")
     assert (await sh(clone_cfg, "cat /root/f")).strip() == "before"
     await clone.snapshot(clone_cfg.workdir / "suspend")
     for name in (snap.DEVICE_STATE, snap.BASE_MEMORY, snap.DISK):  # the VM's RAM and disk

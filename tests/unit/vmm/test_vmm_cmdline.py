@@ -90,8 +90,11 @@ def test_default_limits_are_a_core_per_vcpu_and_ram_plus_overhead() -> None:
     assert lim.io_ops_per_second == DEFAULT_IO_OPS_PER_SECOND
 
 
-def test_the_console_goes_to_an_inherited_pipe_when_given_one() -> None:
-    assert opt(qemu_argv(cfg(), serial_fd=7), "-serial") == ["file:/proc/self/fd/7"]
+def test_the_console_goes_to_an_inherited_pipe_as_an_fd_set_when_given_one() -> None:
+    argv = qemu_argv(cfg(), serial_fd=7)
+    assert opt(argv, "-serial") == ["chardev:console"]  # no /proc in a jailed QEMU's view
+    assert opt(argv, "-chardev")[0] == "file,id=console,path=/dev/fdset/2,append=on"
+    assert "fd=7,set=2" in opt(argv, "-add-fd")
 
 
 QEMU_72_HELP = """\

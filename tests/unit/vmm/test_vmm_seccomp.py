@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from embervm.vmm.seccomp import DENIED_SYSCALLS, launch_prefix, program
+from embervm.vmm.launchstep import launch_prefix
+from embervm.vmm.seccomp import DENIED_SYSCALLS, program
 
 # Calls a syscall by number and prints its errno (0: it ran).
 PROBE = """\
@@ -19,7 +20,8 @@ for nr in map(int, sys.argv[1:]):
 
 
 def probe(*numbers: int) -> list[int]:
-    argv = [*launch_prefix(), sys.executable, "-I", "-S", "-c", PROBE, *map(str, numbers)]
+    prefix = launch_prefix(seccomp_filter=program())
+    argv = [*prefix, sys.executable, "-I", "-S", "-c", PROBE, *map(str, numbers)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
     return [int(x) for x in done.stdout.split()]
 

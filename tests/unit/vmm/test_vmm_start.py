@@ -19,10 +19,17 @@ from embervm.vmm.logcap import HEAD_BYTES, cap_bytes
 SECRET = "/srv/secret-data-dir/vms/0123abcd/disk.qcow2"
 FLOOD = 3_000_000
 
-# Writes FLOOD bytes to whatever the console is (the -serial file: path), floods stderr, and
-# fails the way QEMU does: one line naming a host path.
+# Writes FLOOD bytes to whatever the console is (the -serial file: or -chardev file path, or
+# the descriptor of fd set 2 when that path is /dev/fdset/2), floods stderr, and fails the
+# way QEMU does: one line naming a host path.
 FAKE_QEMU = f"""#!/bin/sh
-for a; do case "$a" in file:*) console="${{a#file:}}";; esac; done
+for a; do case "$a" in
+  file:*) console="${{a#file:}}";;
+  file,id=console,path=*) console="${{a#file,id=console,path=}}"
+                          console="${{console%,append=on}}";;
+  fd=*,set=2) fd="${{a#fd=}}"; serial="/proc/self/fd/${{fd%,set=2}}";;
+esac; done
+[ "$console" = /dev/fdset/2 ] && console="$serial"
 head -c {FLOOD} /dev/zero | tr '\\0' A > "$console"
 head -c {FLOOD} /dev/zero | tr '\\0' B >&2
 echo "qemu-system-x86_64: -drive file={SECRET}: Could not open" >&2
