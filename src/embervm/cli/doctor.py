@@ -142,7 +142,20 @@ def check_jail() -> Check:
             "VMM jail", False, f"uids {span} are meant for VMMs but {', '.join(taken)} own some",
             "move those accounts out of that range",
         )  # fmt: skip
-    return Check("VMM jail", True, f"QEMU drops to uids {span}, chrooted into its VM's directory")
+    if os.geteuid() != 0:
+        return Check("VMM jail", False, "not root: QEMU cannot be jailed",
+                     "run embervm as root")  # fmt: skip
+    from embervm.errors import VmmError
+    from embervm.vmm.qemu import probe_jail
+
+    try:
+        probe_jail()
+    except VmmError as exc:
+        return Check("VMM jail", False, str(exc), "see docs/JAIL.md, What the host must provide")
+    return Check(
+        "VMM jail", True,
+        f"a jailed QEMU answered: own mount namespace, seccomp allow-list, uids {span}, chroot",
+    )  # fmt: skip
 
 
 def check_disk(data_dir: Path) -> Check:

@@ -30,6 +30,7 @@ from embervm.vmm import snapshot as snap
 from embervm.vmm.api import Vmm, VmProcess
 from embervm.vmm.cmdline import (
     QEMU_BINARY,
+    SANDBOX_DROPPING,
     DropFlags,
     MemorySpec,
     PrivilegeDrop,
@@ -78,6 +79,34 @@ def qemu_version(binary: str = QEMU_BINARY) -> str:
 def qemu_drop_flags(binary: str = QEMU_BINARY) -> DropFlags:
     """How ``binary`` spells the privilege drop, read from its ``-help``."""
     return drop_flags_from_help(_qemu_says(binary, "-help"))
+
+
+def probe_jail(binary: str = QEMU_BINARY) -> None:
+    """Start ``binary`` the way every VMM is jailed (its own mount namespace, the seccomp
+    allow-list, QEMU's sandbox, the uid drop and chroot) with no machine, have it answer QMP
+    on stdin and quit; VmmError saying what failed otherwise. Needs root."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="embervm-jail-probe-") as tmp:
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o700)
+        with claimed_uid("jail-probe", uids_in_use()) as uid:
+            drop = PrivilegeDrop(uid, workdir, qemu_drop_flags(binary))
+            argv = [
+                *launchstep.launch_prefix(seccomp_filter=seccomp.program(),
+                                          mounts=rootview.base_view(workdir, binary)),
+                binary, "-M", "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio",
+                "-sandbox", SANDBOX_DROPPING, *drop.argv(),
+            ]  # fmt: skip
+            qmp = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+            try:
+                done = subprocess.run(argv, input=qmp, capture_output=True, text=True,
+                                      timeout=30, check=False)  # fmt: skip
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise VmmError(f"a jailed {binary} did not run: {exc}") from exc
+    if done.returncode != 0 or '"return"' not in done.stdout:
+        said = (done.stderr.strip() or done.stdout.strip())[-300:]
+        raise VmmError(f"a jailed {binary} exited with {done.returncode}: {said}")
 
 
 class QemuVmm:

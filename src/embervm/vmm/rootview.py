@@ -105,14 +105,15 @@ def _outside(path: Path, roots: list[str]) -> bool:
     return not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def vmm_view(cfg: VmConfig, memory: MemorySpec, binary: str) -> tuple[Mount, ...]:
-    """Everything a jailed QEMU for ``cfg`` may see, for the launch step. ``binary`` is QEMU
-    (a name on ``PATH`` or a path); bound read-only when it lives outside ``/usr``."""
+def base_view(workdir: Path, binary: str, *, tap: bool = False, kvm: bool = False) -> list[Mount]:
+    """The system, the devices and the VM's own directory ``workdir``: what every jailed
+    QEMU sees. ``binary`` is QEMU (a name on ``PATH`` or a path); bound read-only when it
+    lives outside ``/usr``."""
     mounts = _system()
     devices = [*DEVICES]
-    if cfg.tap is not None:
+    if tap:
         devices.append(TUN_DEVICE)
-    if cfg.accel == "kvm":
+    if kvm:
         devices.append(KVM_DEVICE)
     mounts += [Mount.of(d, "dev") for d in devices]
     exe = shutil.which(binary)
@@ -120,8 +121,14 @@ def vmm_view(cfg: VmConfig, memory: MemorySpec, binary: str) -> tuple[Mount, ...
         raise VmmError(f"{binary} is not on PATH")
     if _outside(Path(exe), list(SYSTEM_DIRS)):
         mounts.append(Mount.of(os.path.realpath(exe), "ro"))
+    mounts.append(Mount.of(workdir, "rw"))
+    return mounts
+
+
+def vmm_view(cfg: VmConfig, memory: MemorySpec, binary: str) -> tuple[Mount, ...]:
+    """Everything a jailed QEMU for ``cfg`` may see, for the launch step."""
+    mounts = base_view(cfg.workdir, binary, tap=cfg.tap is not None, kvm=cfg.accel == "kvm")
     own = str(cfg.workdir)
-    mounts.append(Mount.of(own, "rw"))
     for sock in (cfg.qmp_socket, cfg.agent_socket):
         if _outside(sock, [own]):
             raise VmmError(f"{sock} is outside the VM's directory {own}")

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from test_vmm_qemu import Lab, agent, sh
 
-from embervm.vmm import CgroupLimits, QemuVmm, VmConfig, detect_cgroup_driver
+from embervm.errors import VmmError
+from embervm.vmm import CgroupLimits, QemuVmm, VmConfig, detect_cgroup_driver, seccomp
 from embervm.vmm import snapshot as snap
 from embervm.vmm.config import DEFAULT_PIDS_MAX
 from embervm.vmm.jail import UID_BASE, UID_SPAN
 from embervm.vmm.logcap import cap_bytes
+from embervm.vmm.qemu import probe_jail
 from embervm.vmm.rootview import backing_chain
 
 pytestmark = [
@@ -132,3 +134,12 @@ async def test_a_guest_flooding_its_serial_console_leaves_a_bounded_log(
     assert size <= cap_bytes()
     assert b"bytes dropped]" in cfg.console_log.read_bytes()
     assert stat.S_IMODE(cfg.console_log.stat().st_mode) == 0o600
+
+
+def test_the_doctor_s_jail_probe_starts_a_jailed_qemu_and_sees_a_broken_jail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe_jail()  # own mount namespace, the allow-list, the uid drop and chroot: QMP answers
+    monkeypatch.delitem(seccomp.ALLOWED_SYSCALLS, "chroot")
+    with pytest.raises(VmmError, match="chroot failed"):
+        probe_jail()
