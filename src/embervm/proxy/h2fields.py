@@ -20,6 +20,9 @@ from embervm.proxy.h2hpack import Header
 _TCHAR_LOWER = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 _FIELD_VALUE = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # VCHAR SP HTAB obs
 _EDGE = frozenset({b"", b" ", b"\t"})  # what may not start or end a value (or: no value)
+# SP or HTAB beside a NUL (the separator of joined values): one scan from NUL to NUL (a
+# literal first byte), where four ``bytes.find`` of two-byte needles cost ~1 us a request
+_INNER_EDGE = re.compile(rb"\x00(?:[ \t]|(?<=[ \t]\x00))")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATH = re.compile(rb"[\x21-\x7e]+")
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
@@ -53,10 +56,7 @@ def _values_ok(joined: bytes, count: int) -> bool:
         return False
     if joined[:1] in _EDGE or joined[-1:] in _EDGE:
         return not joined  # one empty value is fine
-    # find, not ``in``: ``bytes in bytes`` first tries the needle as an int and formats a
-    # TypeError for it (~0.1 us each, on every request)
-    return (joined.find(b"\x00 ") < 0 and joined.find(b" \x00") < 0
-            and joined.find(b"\x00\t") < 0 and joined.find(b"\t\x00") < 0)  # fmt: skip
+    return _INNER_EDGE.search(joined) is None
 
 
 def check_fields(fields: list[Header], extra_values: tuple[bytes, ...] = ()) -> None:

@@ -20,7 +20,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from embervm.proxy.h2fields import Request
+from embervm.proxy.h2fields import Malformed, Request, check_fields
 from embervm.proxy.h2server import (
     ABUSE_CREDIT,
     COMPRESSION_ERROR,
@@ -209,6 +209,24 @@ def test_a_malformed_request_is_reset_and_never_seen(client: Client, headers: He
     assert not client.server.closed  # a stream error: the connection goes on
     client.send(client.headers(3, request(), "END_STREAM"))
     assert 3 in client.recorder.requests
+
+
+@pytest.mark.parametrize("value", [b" a", b"a ", b"\ta", b"a\t", b" ", b"\t", b"a b "])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_whitespace_at_either_end_of_any_value_is_malformed(value: bytes, position: int) -> None:
+    fields = [(b"x-a", b"1"), (b"x-b", b"2 3")]
+    fields.insert(position, (b"x-c", value))
+    with pytest.raises(Malformed):
+        check_fields(fields)
+    extra = [b"GET", b"/"]
+    extra.insert(position, value)  # pseudo-header values are values too
+    with pytest.raises(Malformed):
+        check_fields([(b"x-a", b"1")], tuple(extra))
+
+
+def test_inner_whitespace_and_empty_values_are_fine() -> None:
+    check_fields([(b"x-a", b""), (b"x-b", b"a \t b"), (b"x-c", b"")], (b"GET", b"", b"/"))
+    check_fields([(b"x-a", b"")])
 
 
 def test_a_body_longer_or_shorter_than_its_length_is_reset(client: Client) -> None:
