@@ -195,7 +195,7 @@ def serve_proxy(port: int, upstream: int, keys: Path) -> None:
 
 
 def run() -> dict[str, Any]:
-    from embervm.core.seams import PortGrant
+    from embervm.contracts import PortGrant
     from embervm.core.tokens import TokenAuthority
 
     root = Path(tempfile.mkdtemp(prefix="embervm-bench-proxy-"))

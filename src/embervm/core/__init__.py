@@ -2,10 +2,11 @@
 
 Layering inside the package: ``ids``/``clock``/``paging``/``limits`` (data and small rules) ←
 ``seams`` (the Protocols real work goes through: ``HostBackend``, ``ImageBuilder``, log
-sources, ``TokenIssuer``) ← ``supervisor`` (background transitions and builds) ← ``lifecycle``
-(idle/lifetime timers, auto-resume, the proxy's view) ← ``images``/``microvms`` (the
-operations) ← ``operations`` (``Operations.invoke``, the API's one entry point). ``testing``
-holds public fakes of the seams. Core writes no SQL (``embervm.store``) and knows no HTTP.
+sources, ``TokenIssuer``; the values they carry are in ``embervm.contracts``) ←
+``supervisor`` (background transitions and builds) ← ``lifecycle`` (idle/lifetime timers,
+auto-resume, the proxy's view) ← ``images``/``microvms`` (the operations) ← ``operations``
+(``Operations.invoke``, the API's one entry point). ``testing`` holds public fakes of the
+seams. Core writes no SQL (``embervm.store``) and knows no HTTP.
 """
 
 from embervm.core.caller import Caller
@@ -15,24 +16,16 @@ from embervm.core.limits import CoreLimits, RateLimit, host_memory_budget_mib
 from embervm.core.operations import Operations
 from embervm.core.seams import (
     AppLogSource,
-    BuildJob,
     BuildLogSource,
-    BuiltImage,
     HostBackend,
     ImageBuilder,
-    PortGrant,
-    SuspendOutcome,
     TokenIssuer,
-    TokenKind,
-    VmSpec,
 )
 from embervm.core.supervisor import Supervisor
 
 __all__ = [
     "AppLogSource",
-    "BuildJob",
     "BuildLogSource",
-    "BuiltImage",
     "Caller",
     "Clock",
     "CoreLimits",
@@ -40,14 +33,10 @@ __all__ = [
     "ImageBuilder",
     "Lifecycle",
     "Operations",
-    "PortGrant",
     "RateLimit",
     "ResolvedVm",
     "Supervisor",
-    "SuspendOutcome",
     "SystemClock",
     "TokenIssuer",
-    "TokenKind",
-    "VmSpec",
     "host_memory_budget_mib",
 ]

@@ -32,7 +32,6 @@ CONNECTOR_ARN_RE = re.compile(
 )
 INGRESS_CONNECTORS = ("ALL_INGRESS", "HTTP_INGRESS", "SHELL_INGRESS", "NO_INGRESS")
 EGRESS_CONNECTORS = ("INTERNET_EGRESS",)
-MICROVM_ID_RE = re.compile(r"^mvm-[0-9a-f]{20}$")
 
 
 def new_microvm_id() -> str:

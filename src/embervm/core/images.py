@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+from embervm.contracts import BuildJob
 from embervm.core import render
 from embervm.core.caller import Caller
 from embervm.core.context import CoreContext, claim_for
@@ -28,7 +29,6 @@ from embervm.core.ids import (
     parse_image_identifier,
 )
 from embervm.core.paging import page_size
-from embervm.core.seams import BuildJob
 from embervm.errors import ConflictError, NotFoundError, QuotaExceededError, ValidationError
 from embervm.store import (
     BuildFilter,

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from embervm.contracts import PortGrant, TokenKind, VmSpec
 from embervm.core import render
 from embervm.core.caller import Caller
 from embervm.core.context import CoreContext, claim_for
@@ -28,7 +29,7 @@ from embervm.core.ids import (
 )
 from embervm.core.images import ImageService, _empty_lines
 from embervm.core.paging import page_size
-from embervm.core.seams import SHELL_PORT, PortGrant, TokenKind, VmSpec
+from embervm.core.seams import SHELL_PORT
 from embervm.errors import (
     ConflictError,
     InsufficientCapacityError,

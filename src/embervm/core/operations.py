@@ -22,13 +22,7 @@ from embervm.core.lifecycle import Lifecycle
 from embervm.core.limits import CoreLimits, RateLimiter
 from embervm.core.microvms import MicrovmService
 from embervm.core.paging import PageTokens, load_or_create_key
-from embervm.core.seams import (
-    AppLogSource,
-    BuildLogSource,
-    HostBackend,
-    ImageBuilder,
-    TokenIssuer,
-)
+from embervm.core.seams import AppLogSource, BuildLogSource, HostBackend, ImageBuilder, TokenIssuer
 from embervm.core.supervisor import Supervisor
 from embervm.errors import ValidationError
 from embervm.store import Repository

@@ -1,8 +1,9 @@
-"""The seams core drives real work through (``typing.Protocol``s) and the values they carry.
+"""The seams core drives real work through (``typing.Protocol``s); the values they carry are
+``embervm.contracts``.
 
-- ``HostBackend``: runs VMs (``embervm.host.LocalHost`` behind a thin adapter in the server).
+- ``HostBackend``: runs VMs (``embervm.host.backend.LocalHostBackend`` over ``LocalHost``).
 - ``ImageBuilder``: builds an image version into a snapshot (``PipelineImageBuilder`` in
-  ``core.pipeline`` adapts ``embervm.build``).
+  ``embervm.host.imagebuilder`` adapts ``embervm.build`` and ``embervm.blobs``).
 - ``BuildLogSource`` / ``AppLogSource``: lines of build logs and app logs, for the API's log
   extension endpoints (core checks the resource exists, then delegates).
 - ``TokenIssuer``: endpoint and shell tokens (``core.tokens.TokenAuthority``, the proxy's).
@@ -14,38 +15,12 @@ build); core turns those into states with a ``stateReason``, never into 500s.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from embervm.contracts import BuildJob, BuiltImage, PortGrant, SuspendOutcome, TokenKind, VmSpec
 
 SHELL_PORT = 8022
-
-
-@dataclass(frozen=True)
-class VmSpec:
-    """One VM to launch from an image version's snapshot (RunMicrovm)."""
-
-    microvm_id: str
-    snapshot_dir: Path
-    memory_mib: int
-    vcpus: int  # whole vCPUs for the VMM: max(1, memory / 2 GiB)
-    cpu_fraction: float  # the share of a CPU the VM is entitled to: memory / 2 GiB (¼ at 512)
-    egress: bool  # INTERNET_EGRESS
-    ingress: tuple[str, ...]  # connector names: ALL_INGRESS, HTTP_INGRESS, SHELL_INGRESS...
-    hooks: Mapping[str, Any] | None  # the image version's model ``Hooks`` (port, microvmHooks)
-    run_hook_payload: str | None  # body of the /run hook
-    image_arn: str = ""
-    image_version: str = ""
-    environment: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SuspendOutcome:
-    """``completed`` False: the suspend was cancelled and the VM still runs."""
-
-    completed: bool
-    snapshot_bytes: int = 0
 
 
 class HostBackend(Protocol):
@@ -77,30 +52,6 @@ class HostBackend(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class BuildJob:
-    """One image version to build. ``request`` holds the version's configuration by model
-    member names (baseImageArn, codeArtifact, hooks, environmentVariables, resources,
-    egressNetworkConnectors, logging...), ready for ``embervm.build.spec_from_request``."""
-
-    account_id: str
-    image_name: str
-    image_arn: str
-    version: str
-    build_id: str
-    request: Mapping[str, Any]
-    memory_mib: int
-
-
-@dataclass(frozen=True)
-class BuiltImage:
-    snapshot_dir: Path
-    memory_mib: int
-    memory_snapshot_bytes: int = 0
-    disk_snapshot_bytes: int = 0
-    code_install_bytes: int = 0
-
-
 class ImageBuilder(Protocol):
     async def build(self, job: BuildJob) -> BuiltImage:
         """Build the version's snapshot; raise ``BuildFailure(reason)`` when it fails."""
@@ -122,33 +73,6 @@ class AppLogSource(Protocol):
     def lines(self, microvm_id: str, *, follow: bool) -> AsyncIterator[str]:
         """The VM's app output, one line each; with ``follow``, until the VM stops."""
         ...
-
-
-@dataclass(frozen=True)
-class PortGrant:
-    """Ports a token opens: every port, or inclusive ranges (single ports are 1-wide)."""
-
-    all_ports: bool = False
-    ranges: tuple[tuple[int, int], ...] = ()
-
-    def allows(self, port: int) -> bool:
-        return self.all_ports or any(lo <= port <= hi for lo, hi in self.ranges)
-
-    @classmethod
-    def from_model(cls, specs: Sequence[Mapping[str, Any]]) -> PortGrant:
-        """From the model's ``allowedPorts`` (shape rules already checked by the API)."""
-        ranges: list[tuple[int, int]] = []
-        for spec in specs:
-            if "allPorts" in spec:
-                return cls(all_ports=True)
-            if "port" in spec:
-                ranges.append((int(spec["port"]), int(spec["port"])))
-            elif "range" in spec:
-                ranges.append((int(spec["range"]["startPort"]), int(spec["range"]["endPort"])))
-        return cls(ranges=tuple(ranges))
-
-
-TokenKind = Literal["endpoint", "shell"]
 
 
 class TokenIssuer(Protocol):

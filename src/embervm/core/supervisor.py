@@ -23,11 +23,12 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from embervm.contracts import BuildJob, BuiltImage, SuspendOutcome
 from embervm.core.clock import Clock, to_datetime
 from embervm.core.ids import state_reason
 from embervm.core.limits import CoreLimits
 from embervm.core.recovery import after_restart
-from embervm.core.seams import BuildJob, BuiltImage, HostBackend, ImageBuilder, SuspendOutcome
+from embervm.core.seams import HostBackend, ImageBuilder
 from embervm.errors import BuildFailure
 from embervm.store import (
     AdmissionLimits,

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embervm.core.seams import BuildJob, BuiltImage, PortGrant, SuspendOutcome, TokenKind, VmSpec
+from embervm.contracts import BuildJob, BuiltImage, PortGrant, SuspendOutcome, TokenKind, VmSpec
 from embervm.errors import BuildFailure, EmbervmError, VmmError
 
 

@@ -37,7 +37,7 @@ from joserfc import jwe
 from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
 
-from embervm.core.seams import PortGrant, TokenKind
+from embervm.contracts import PortGrant, TokenKind
 from embervm.errors import EmbervmError
 from embervm.fileio import atomic_write
 

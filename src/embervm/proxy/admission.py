@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, Protocol
 
-from embervm.core.ids import MICROVM_ID_RE
+from embervm.contracts import MICROVM_ID_RE
 from embervm.core.lifecycle import ResolvedVm
 from embervm.core.tokens import TokenRejected
 from embervm.errors import (

@@ -30,16 +30,13 @@ from embervm.errors import EmbervmError
 from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.host import LocalHost, open_machine_provider
 from embervm.host._boot import BootInputs
+from embervm.host.applogs import AppLogFiles
+from embervm.host.backend import LocalHostBackend
+from embervm.host.imagebuilder import BuildLogFiles, PipelineImageBuilder
 from embervm.host.layergc import keep_collecting
 from embervm.network import NetworkManager
 from embervm.proxy import EndpointProxy
 from embervm.server.api_listener import serve_api
-from embervm.server.backends import (
-    AppLogFiles,
-    BuildLogFiles,
-    LocalHostBackend,
-    PipelineImageBuilder,
-)
 from embervm.server.datadir import secure_data_dir
 from embervm.store import open_repository
 from embervm.vmm.accel import detect_accelerator
@@ -94,7 +91,12 @@ async def start_server(
     await asyncio.to_thread(CredentialStore(settings.credentials_file).ensure)
 
     progress("preparing guest artifacts (the first start builds them: a few minutes)")
-    artifacts = await ensure_guest_artifacts(settings.artifacts_dir, progress=progress)
+    artifacts = await ensure_guest_artifacts(
+        settings.artifacts_dir,
+        progress=progress,
+        debian_mirror=settings.debian_mirror,
+        debian_security_mirror=settings.debian_security_mirror,
+    )
     accel = await detect_accelerator(settings.run_dir / "accel.json", kernel=artifacts.kernel)
     progress(f"accelerator: {accel}")
 

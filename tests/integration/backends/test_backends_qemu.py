@@ -24,19 +24,16 @@ import pytest
 import pytest_asyncio
 
 from embervm.config import Settings
+from embervm.contracts import BuildJob, BuiltImage, VmSpec
 from embervm.core.ids import new_microvm_id
-from embervm.core.seams import BuildJob, BuiltImage, VmSpec
 from embervm.errors import BuildFailure, RuntimeFailure
 from embervm.guest.artifacts import GuestArtifacts
 from embervm.host import LocalHost, open_machine_provider
 from embervm.host._boot import BootInputs
+from embervm.host.applogs import AppLogFiles
+from embervm.host.backend import LocalHostBackend
+from embervm.host.imagebuilder import BuildLogFiles, PipelineImageBuilder
 from embervm.network import NetworkManager
-from embervm.server.backends import (
-    AppLogFiles,
-    BuildLogFiles,
-    LocalHostBackend,
-    PipelineImageBuilder,
-)
 from embervm.vmm.accel import detect_accelerator
 
 pytestmark = [

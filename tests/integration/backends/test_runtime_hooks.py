@@ -1,4 +1,4 @@
-"""Runtime hook calls (``embervm.server.hooks``) through the real guest agent's HTTP relay
+"""Runtime hook calls (``embervm.host.hooks``) through the real guest agent's HTTP relay
 (``embervm.guest.testing.local_agent``: the agent the guest runs, as a local process) to a real
 HTTP server on 127.0.0.1 playing the app: retries, single attempts, timeouts, settings."""
 
@@ -14,7 +14,7 @@ import pytest
 from embervm.errors import GuestError
 from embervm.guest.client import AgentClient
 from embervm.guest.testing import local_agent
-from embervm.server.hooks import HOOK_PATH, RuntimeHooks, call_hook
+from embervm.host.hooks import HOOK_PATH, RuntimeHooks, call_hook
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -8,7 +8,7 @@ import pytest
 from cli_harness import as_json, cli
 
 from embervm.config import token_keys_file
-from embervm.core.seams import PortGrant
+from embervm.contracts import PortGrant
 from embervm.core.tokens import TokenAuthority, TokenRejected
 
 VM = "mvm-0123456789abcdef0123"

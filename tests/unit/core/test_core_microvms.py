@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from core_unit_harness import ALL_INGRESS, Rig, make_rig
 
+from embervm.contracts import PortGrant
 from embervm.core import Caller, CoreLimits, RateLimit
-from embervm.core.seams import PortGrant
 from embervm.errors import (
     ConflictError,
     InsufficientCapacityError,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from embervm.core.seams import PortGrant
+from embervm.contracts import PortGrant
 from embervm.core.tokens import TokenAuthority, TokenRejected
 
 VM = "mvm-0123456789abcdef0123"

@@ -25,8 +25,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from embervm.config import Settings
+from embervm.contracts import PortGrant
 from embervm.core.lifecycle import ResolvedVm
-from embervm.core.seams import PortGrant
 from embervm.core.tokens import TokenAuthority
 from embervm.errors import ConflictError, InternalError, NotFoundError
 from embervm.proxy import EndpointProxy

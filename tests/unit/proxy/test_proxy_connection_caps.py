@@ -17,7 +17,7 @@ import pytest
 from tests.unit.proxy.conftest import DOMAIN, VM, App, LocalShells, Routes, running, until
 
 from embervm.config import Settings
-from embervm.core.seams import PortGrant
+from embervm.contracts import PortGrant
 from embervm.core.tokens import TokenAuthority
 from embervm.proxy import EndpointProxy
 from embervm.proxy.admission import ConnectionLimits, source_of

@@ -15,7 +15,7 @@ import pytest
 from tests.unit.proxy.conftest import HOST, OTHER, VM, LocalShells, Routes, dead_port, running
 
 from embervm.config import Settings
-from embervm.core.seams import PortGrant
+from embervm.contracts import PortGrant
 from embervm.core.tokens import TokenAuthority
 from embervm.proxy import EndpointProxy
 

@@ -18,13 +18,13 @@ import logging
 from pathlib import Path
 from typing import TypeVar
 
-from embervm.core.seams import SuspendOutcome, VmSpec
+from embervm.contracts import SuspendOutcome, VmSpec
 from embervm.errors import GuestError, RuntimeFailure
 from embervm.host import LaunchSpec, LocalHost
-from embervm.server.applogs import AppLogFiles
-from embervm.server.hooks import RuntimeHooks, call_hook
+from embervm.host.applogs import AppLogFiles
+from embervm.host.hooks import RuntimeHooks, call_hook
 
-log = logging.getLogger("embervm.server.hostbackend")
+log = logging.getLogger("embervm.host.backend")
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from embervm.guest.client import LogLine
-from embervm.server.applogs import AppLogFiles
+from embervm.host.applogs import AppLogFiles
 
 VM = "mvm-" + "d" * 20
 
@@ -45,7 +45,7 @@ async def test_a_full_disk_drops_lines_and_the_pump_resumes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     logs = FullDiskFor(tmp_path, failing=range(2, 5))
-    caplog.set_level(logging.WARNING, "embervm.server.applogs")
+    caplog.set_level(logging.WARNING, "embervm.host.applogs")
     logs.pump(VM, lambda: lines(8))
     await logs.drain(VM)
     written = [line async for line in logs.lines(VM, follow=False)]

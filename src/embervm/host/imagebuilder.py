@@ -25,7 +25,7 @@ from embervm.build import (
     spec_from_request,
 )
 from embervm.config import Settings
-from embervm.core.seams import BuildJob, BuiltImage
+from embervm.contracts import BuildJob, BuiltImage
 from embervm.errors import BuildFailure
 
 BUILD_LOG = "build.log"

@@ -13,7 +13,7 @@ from embervm.blobs import S3Config, fetch_code_artifact
 from embervm.cli.server import artifact_roots
 from embervm.config import Settings
 from embervm.errors import BuildFailure
-from embervm.server.imagebuilder import artifact_file_policy, artifact_s3_config
+from embervm.host.imagebuilder import artifact_file_policy, artifact_s3_config
 
 
 def settings(tmp_path: Path, roots: tuple[Path, ...] | None = None) -> Settings:

@@ -17,11 +17,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from embervm.core.ids import MICROVM_ID_RE
+from embervm.contracts import MICROVM_ID_RE
 from embervm.errors import GuestError
 from embervm.guest.client import LogLine
 
-log = logging.getLogger("embervm.server.applogs")
+log = logging.getLogger("embervm.host.applogs")
 
 MAX_BYTES = 8 * 1024 * 1024
 MAX_LINE = 16 * 1024

@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from embervm.server.applogs import AppLogFiles
+from embervm.host.applogs import AppLogFiles
 
 ENDED_LONG_AGO = "mvm-" + "a" * 20
 ENDED_RECENTLY = "mvm-" + "b" * 20

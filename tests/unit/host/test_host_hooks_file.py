@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from embervm.server.hooks import RuntimeHooks
+from embervm.host.hooks import RuntimeHooks
 
 HOOKS = {"port": 9000, "microvmHooks": {"suspend": "ENABLED", "suspendTimeoutInSeconds": 5}}
 
