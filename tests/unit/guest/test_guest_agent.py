@@ -155,8 +155,15 @@ async def test_pty_resize_is_seen_by_the_program(client: AgentClient) -> None:
 
 
 async def test_pty_signal_interrupts_the_foreground_program(client: AgentClient) -> None:
-    pty = await client.open_pty(["sleep", "30"])
-    await asyncio.sleep(0.3)
+    # The program says it runs before the signal goes out: a fixed pause lost the race under
+    # load (the signal reached the child before it became the terminal's foreground).
+    pty = await client.open_pty(["sh", "-c", "echo ready; exec sleep 30"])
+    seen = b""
+    async with asyncio.timeout(10):
+        async for chunk in pty:
+            seen += chunk
+            if b"ready" in seen:
+                break
     await pty.signal(signal.SIGINT)
     assert await pty.wait(timeout=10) == 128 + signal.SIGINT
 
