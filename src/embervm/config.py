@@ -93,6 +93,10 @@ class Settings:
     api_tls_key: Path | None = None
     # The token key is replaced this often (0: never); tokens live at most 60 min.
     token_key_rotation_hours: float = 24.0
+    # Debian mirrors the ``debian12`` base disk is built from (None: the one the host's apt
+    # sources name, else deb.debian.org; ``guest.mirrors``). Not part of the disk's cache key.
+    debian_mirror: str | None = None
+    debian_security_mirror: str | None = None
 
     @property
     def api_host(self) -> str:

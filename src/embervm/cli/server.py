@@ -163,8 +163,27 @@ def server(
             help="Seconds a WebSocket, other upgrade or shell may go without a byte either way.",
         ),
     ] = 600.0,
+    debian_mirror: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EMBERVM_DEBIAN_MIRROR",
+            help="Debian archive the debian12 base image is built from, e.g. "
+            "http://mirror.example/debian (default: the one this host's apt sources name, "
+            "else http://deb.debian.org/debian).",
+        ),
+    ] = None,
+    debian_security_mirror: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EMBERVM_DEBIAN_SECURITY_MIRROR",
+            help="Debian security archive of the debian12 base image (default: the one this "
+            "host's apt sources name, else http://deb.debian.org/debian-security).",
+        ),
+    ] = None,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
+    from embervm.errors import ConfigError
+    from embervm.guest.mirrors import check_mirror_url
     from embervm.server.app import event_loop_factory, run_server
 
     if s3_endpoint_url is not None and not s3_endpoint_url.startswith(("http://", "https://")):
@@ -175,6 +194,15 @@ def server(
         raise typer.BadParameter(
             "--api-tls-cert and --api-tls-key go together", param_hint="--api-tls-cert"
         )
+    mirrors = {
+        "--debian-mirror": debian_mirror,
+        "--debian-security-mirror": debian_security_mirror,
+    }
+    for flag, url in mirrors.items():
+        try:
+            mirrors[flag] = check_mirror_url(url) if url else None
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint=flag) from exc
     for network in artifact_private_network or ():
         try:
             ipaddress.ip_network(network, strict=False)
@@ -208,6 +236,8 @@ def server(
         proxy_max_connections=proxy_max_connections,
         proxy_max_connections_per_ip=proxy_max_connections_per_ip,
         proxy_session_idle_timeout=proxy_session_idle_timeout,
+        debian_mirror=mirrors["--debian-mirror"],
+        debian_security_mirror=mirrors["--debian-security-mirror"],
     )
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         code = runner.run(run_server(settings))

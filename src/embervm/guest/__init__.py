@@ -2,6 +2,8 @@
 
 - ``artifacts``: builds and caches the kernel, the initramfs (which carries the agent) and the
   ``debian12`` base disk.
+- ``mirrors``: the Debian mirrors the base disk is built from (the host's apt sources, an
+  override, or deb.debian.org).
 - ``agent``: the stdlib-only program that runs as PID 1 inside the guest (``python3 -m
   embervm_agent``); ``agent.protocol`` is the framing both sides share.
 - ``client``: ``AgentClient``, the host side of the protocol (see ``docs/GUEST_PROTOCOL.md``).

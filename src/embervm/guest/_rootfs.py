@@ -12,6 +12,13 @@ Decisions (and why):
   ``update-ca-certificates`` runs inside images.
 - DNS is the gateway ``10.0.2.2`` (the per-VM resolver); apt lists are removed like in Docker's
   images (a Dockerfile runs ``apt-get update`` first).
+- Packages come from the Debian mirror the host uses (``mirrors.resolve_mirrors``), but the
+  cache key names the archive by its canonical address (deb.debian.org), not by the mirror: a
+  mirror is a copy of the same archive, so it changes where the packages are fetched from, not
+  which packages are installed. Hosts (and a fleet's hosts) with different mirrors share a key,
+  and a host on deb.debian.org keeps the key it had before mirrors were configurable. What is
+  not named by the key: the guest's ``/etc/apt/sources.list`` lists the mirror the disk was
+  built from, and changing the mirror does not rebuild a disk already cached.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 
 from embervm.errors import ArtifactError
 from embervm.guest._proc import run_tool
+from embervm.guest.mirrors import CANONICAL, DebianMirrors
 
 DISK_SIZE = 8 * 1024**3
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -44,7 +52,6 @@ class RootfsRecipe:
 
     suite: str
     packages: tuple[str, ...]
-    sources: tuple[str, ...]
     size: int
     host_ca: bytes = field(repr=False)
 
@@ -69,21 +76,21 @@ class RootfsRecipe:
                 "less",
                 "netbase",
             ),
-            sources=(
-                "deb http://deb.debian.org/debian bookworm main",
-                "deb http://deb.debian.org/debian bookworm-updates main",
-                "deb http://deb.debian.org/debian-security bookworm-security main",
-            ),
             size=DISK_SIZE,
             host_ca=host_ca,
         )
 
+    def sources(self, mirrors: DebianMirrors = CANONICAL) -> tuple[str, ...]:
+        """The apt ``deb`` lines of this suite at ``mirrors``."""
+        return mirrors.sources(self.suite)
+
     def hash_parts(self) -> list[bytes | str]:
+        # The canonical sources, whatever mirror builds the disk (see the module docstring).
         return [
             ROOTFS_RECIPE,
             self.suite,
             *self.packages,
-            *self.sources,
+            *self.sources(CANONICAL),
             str(self.size),
             hashlib.sha256(self.host_ca).hexdigest(),
             _CUSTOMISE_VERSION,
@@ -109,12 +116,21 @@ def _norm(pem: bytes) -> bytes:
     return b"\n".join(line.strip() for line in pem.strip().splitlines())
 
 
-async def build_rootfs(recipe: RootfsRecipe, dest: Path, progress: Callable[[str], None]) -> None:
-    """Build the tree in a temp dir next to ``dest`` and pack it into the raw image ``dest``."""
+async def build_rootfs(
+    recipe: RootfsRecipe,
+    dest: Path,
+    progress: Callable[[str], None],
+    mirrors: DebianMirrors = CANONICAL,
+) -> None:
+    """Build the tree in a temp dir next to ``dest`` (packages from ``mirrors``) and pack it
+    into the raw image ``dest``."""
     with tempfile.TemporaryDirectory(prefix=".rootfs-", dir=dest.parent) as tmp_s:
         tree = Path(tmp_s) / "tree"
         started = time.monotonic()
-        progress(f"mmdebstrap {recipe.suite} (minbase + {len(recipe.packages)} packages)")
+        progress(
+            f"mmdebstrap {recipe.suite} (minbase + {len(recipe.packages)} packages) from "
+            f"{mirrors.archive} and {mirrors.security} ({mirrors.origin})"
+        )
         await run_tool(
             [
                 "mmdebstrap",
@@ -130,7 +146,7 @@ async def build_rootfs(recipe: RootfsRecipe, dest: Path, progress: Callable[[str
                 "--dpkgopt=path-exclude=/usr/share/info/*",
                 recipe.suite,
                 str(tree),
-                *recipe.sources,
+                *recipe.sources(mirrors),
             ],
             time_limit=1200,
         )

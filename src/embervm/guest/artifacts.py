@@ -2,7 +2,8 @@
 
 Each artifact is a directory ``<artifacts_dir>/<kind>-<key>/`` whose key hashes every input of
 its recipe (kernel package version, busybox bytes, init script, agent source, rootfs recipe, host
-CA bundle...), so it is rebuilt exactly when an input changes. Builds run in a private temporary
+CA bundle...), so it is rebuilt exactly when an input changes (the Debian mirror a disk is
+fetched from is not an input: see ``_rootfs``). Builds run in a private temporary
 directory under a file lock and are published with an atomic rename (see ``_cache``).
 
 The agent is shipped on the initramfs, not on the base disk: editing the agent rebuilds a 3 MiB
@@ -22,6 +23,7 @@ from pathlib import Path
 from embervm.errors import ArtifactError
 from embervm.guest import _initramfs, _kernel, _rootfs
 from embervm.guest._cache import cached_dir, hash_inputs
+from embervm.guest.mirrors import resolve_mirrors
 
 #: Bump when a recipe changes in a way its inputs do not capture.
 KERNEL_RECIPE = "kernel-v1"
@@ -111,9 +113,17 @@ async def ensure_boot_artifacts(
 
 
 async def ensure_base_disk(
-    artifacts_dir: Path, *, progress: Callable[[str], None] | None = None
+    artifacts_dir: Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    debian_mirror: str | None = None,
+    debian_security_mirror: str | None = None,
 ) -> Path:
-    """The ``debian12`` base disk (raw sparse ext4, 8 GiB), built once per recipe."""
+    """The ``debian12`` base disk (raw sparse ext4, 8 GiB), built once per recipe.
+
+    A build fetches packages from the given mirrors, else the host's own (``mirrors``); the
+    mirror is not part of the key (see ``_rootfs``), so it is only looked up for a build.
+    """
     report = progress or _noop
     recipe = _rootfs.RootfsRecipe.debian12()
     key = hash_inputs(recipe.hash_parts())
@@ -124,7 +134,8 @@ async def ensure_base_disk(
                 "building the base disk runs mmdebstrap --mode=root and needs root; "
                 "run once as root (or copy a built artifacts/ directory)"
             )
-        await _rootfs.build_rootfs(recipe, tmp / "rootfs.raw", report)
+        mirrors = await asyncio.to_thread(resolve_mirrors, debian_mirror, debian_security_mirror)
+        await _rootfs.build_rootfs(recipe, tmp / "rootfs.raw", report, mirrors)
 
     ddir = await cached_dir(
         artifacts_dir, "disk-debian12", key, build, lock_timeout=_DISK_LOCK_TIMEOUT
@@ -133,11 +144,21 @@ async def ensure_base_disk(
 
 
 async def ensure_guest_artifacts(
-    artifacts_dir: Path, *, progress: Callable[[str], None] | None = None
+    artifacts_dir: Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    debian_mirror: str | None = None,
+    debian_security_mirror: str | None = None,
 ) -> GuestArtifacts:
-    """Kernel, initramfs and base disk, building whatever is missing or stale."""
+    """Kernel, initramfs and base disk, building whatever is missing or stale (the Debian
+    mirrors: see ``ensure_base_disk``)."""
     boot = await ensure_boot_artifacts(artifacts_dir, progress=progress)
-    disk = await ensure_base_disk(artifacts_dir, progress=progress)
+    disk = await ensure_base_disk(
+        artifacts_dir,
+        progress=progress,
+        debian_mirror=debian_mirror,
+        debian_security_mirror=debian_security_mirror,
+    )
     return GuestArtifacts(
         kernel=boot.kernel, initrd=boot.initrd, base_disk=disk, kernel_release=boot.kernel_release
     )

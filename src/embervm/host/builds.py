@@ -206,7 +206,11 @@ async def open_machine_provider(
 ) -> AsyncIterator[LocalMachineProvider]:
     """A provider for this host's settings (guest artifacts built or found in the cache;
     a network manager started and stopped here unless one is passed in)."""
-    artifacts = await ensure_guest_artifacts(settings.artifacts_dir)
+    artifacts = await ensure_guest_artifacts(
+        settings.artifacts_dir,
+        debian_mirror=settings.debian_mirror,
+        debian_security_mirror=settings.debian_security_mirror,
+    )
     accel = await detect_accelerator(settings.run_dir / "accel.json", kernel=artifacts.kernel)
     boot = BootInputs(artifacts, accel)
     own = network is None
