@@ -2,11 +2,11 @@
 
 Layering inside the package: ``ids``/``clock``/``paging``/``limits`` (data and small rules) ←
 ``seams`` (the Protocols real work goes through: ``HostBackend``, ``ImageBuilder``, log
-sources, ``TokenIssuer``; the values they carry are in ``embervm.contracts``) ←
-``supervisor`` (background transitions and builds) ← ``lifecycle`` (idle/lifetime timers,
-auto-resume, the proxy's view) ← ``images``/``microvms`` (the operations) ← ``operations``
-(``Operations.invoke``, the API's one entry point). ``testing`` holds public fakes of the
-seams. Core writes no SQL (``embervm.store``) and knows no HTTP.
+sources, ``TokenIssuer``; the values they carry are in ``embervm.contracts``) ← ``builds``
+(image builds in the background) ← ``supervisor`` (background transitions) ← ``lifecycle``
+(idle/lifetime timers, auto-resume, the proxy's view) ← ``images``/``microvms`` (the
+operations) ← ``operations`` (``Operations.invoke``, the API's one entry point). ``testing``
+holds public fakes of the seams. Core writes no SQL (``embervm.store``) and knows no HTTP.
 """
 
 from embervm.core.caller import Caller

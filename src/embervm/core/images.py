@@ -180,7 +180,7 @@ class ImageService:
             image, version, build, tags, max_images=self.ctx.limits.max_images, claim=claim
         )
         if outcome.status == "created":
-            self.ctx.supervisor.start_build(
+            self.ctx.supervisor.builds.start(
                 self._job(image, version, build.build_id),
                 building="CREATING",
                 done="CREATED",
@@ -244,7 +244,7 @@ class ImageService:
                 resourceType="MicrovmImage",
             )
         updated = await self.ctx.repo.get_image(image.account_id, image.name) or image
-        self.ctx.supervisor.start_build(
+        self.ctx.supervisor.builds.start(
             self._job(updated, version, build.build_id),
             building="UPDATING",
             done="UPDATED",
@@ -396,7 +396,7 @@ class ImageService:
 
     async def _discard(self, name: str, version: str | None) -> None:
         with contextlib.suppress(Exception):
-            await self.ctx.supervisor.builder.discard(name, version)
+            await self.ctx.supervisor.builds.discard(name, version)
 
     # -- managed images ----------------------------------------------------------------------
 

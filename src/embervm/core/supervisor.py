@@ -12,7 +12,7 @@ the loser's final CAS simply fails — nobody overwrites a newer state.
 
 Per VM, host operations run one at a time (``_host_lock``); deciding-and-spawning runs under
 ``_control`` so a flight (launch/resume/suspend task) is registered before anyone else looks.
-Builds run here too, at most ``concurrent_builds`` at once.
+Builds run in tasks owned here too, driven by ``builds.BuildRunner``.
 """
 
 from __future__ import annotations
@@ -23,23 +23,18 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from embervm.contracts import BuildJob, BuiltImage, SuspendOutcome
+from embervm.contracts import SuspendOutcome, VmSpec
+from embervm.core.builds import BuildRunner
 from embervm.core.clock import Clock, to_datetime
 from embervm.core.ids import state_reason
 from embervm.core.limits import CoreLimits
 from embervm.core.recovery import after_restart
 from embervm.core.seams import HostBackend, ImageBuilder
-from embervm.errors import BuildFailure
 from embervm.store import (
     AdmissionLimits,
-    BuildChange,
-    BuildFilter,
-    ImageChange,
     MicrovmRecord,
-    Page,
     Repository,
     Transition,
-    VersionChange,
 )
 
 log = logging.getLogger("embervm.core")
@@ -61,7 +56,13 @@ class Supervisor:
     ) -> None:
         self.repo = repository
         self.host = host
-        self.builder = builder
+        self.builds = BuildRunner(
+            repository=repository,
+            builder=builder,
+            clock=clock,
+            concurrent_builds=limits.concurrent_builds,
+            spawn=self.spawn,
+        )
         self.clock = clock
         self.limits = limits
         self.host_id = host_id
@@ -70,7 +71,6 @@ class Supervisor:
         self._cancels: dict[str, asyncio.Event] = {}
         self._host_locks: dict[str, asyncio.Lock] = {}
         self._control_locks: dict[str, asyncio.Lock] = {}
-        self._build_slots = asyncio.Semaphore(max(1, limits.concurrent_builds))
         self._listeners: list[Callable[[MicrovmRecord], None]] = []
 
     # -- task ownership ----------------------------------------------------------------------
@@ -175,12 +175,12 @@ class Supervisor:
 
     # -- launch ------------------------------------------------------------------------------
 
-    def start_launch(self, vm: MicrovmRecord, spec_factory: Callable[[], Any]) -> None:
+    def start_launch(self, vm: MicrovmRecord, spec_factory: Callable[[], VmSpec]) -> None:
         """Launch a freshly admitted PENDING VM in the background."""
         task = self.spawn(self._launch(vm.microvm_id, spec_factory), f"launch {vm.microvm_id}")
         self._flight(vm.microvm_id, task)
 
-    async def _launch(self, vm_id: str, spec_factory: Callable[[], Any]) -> None:
+    async def _launch(self, vm_id: str, spec_factory: Callable[[], VmSpec]) -> None:
         async with self._lock(self._host_locks, vm_id):
             current = await self.repo.get_microvm(vm_id)
             if current is None or current.state != "PENDING":
@@ -411,135 +411,6 @@ class Supervisor:
             if result.status == "ok":
                 await self.repo.add_usage(vm_id, snapshot_bytes_read=current.last_snapshot_bytes)
 
-    # -- builds ------------------------------------------------------------------------------
-
-    def start_build(self, job: BuildJob, *, building: str, done: str, failed: str) -> None:
-        """Run ``job`` in the background; the image goes ``building`` → ``done``|``failed``."""
-        self.spawn(self._build(job, building, done, failed), f"build {job.image_name}")
-
-    async def _build(self, job: BuildJob, building: str, done: str, failed: str) -> None:
-        number = int(job.version)
-        async with self._build_slots:
-            started = await self.repo.apply(
-                BuildChange(job.build_id, {"state": "IN_PROGRESS"}, ("PENDING",)),
-                VersionChange(
-                    job.account_id,
-                    job.image_name,
-                    number,
-                    {"state": "IN_PROGRESS", "updated_at": to_datetime(self._now())},
-                    ("PENDING",),
-                ),
-            )
-            if not started:
-                return
-            built: BuiltImage | None = None
-            try:
-                built = await self.builder.build(job)
-                reason = ""
-            except BuildFailure as exc:
-                reason = exc.reason
-            except Exception as exc:
-                log.exception("build of %s/%s crashed", job.image_name, job.version)
-                reason = f"internal error during the build ({type(exc).__name__})"
-            await self._finish_build(job, built, reason, building, done, failed)
-
-    async def _finish_build(
-        self,
-        job: BuildJob,
-        built: BuiltImage | None,
-        reason: str,
-        building: str,
-        done: str,
-        failed: str,
-    ) -> None:
-        number = int(job.version)
-        now = to_datetime(self._now())
-        if built is not None:
-            await self.repo.apply(
-                BuildChange(
-                    job.build_id,
-                    {
-                        "state": "SUCCESSFUL",
-                        "snapshot_build": {
-                            "memorySnapshotSizeInBytes": built.memory_snapshot_bytes,
-                            "diskSnapshotSizeInBytes": built.disk_snapshot_bytes,
-                            "codeInstallSizeInBytes": built.code_install_bytes,
-                        },
-                    },
-                    ("IN_PROGRESS",),
-                ),
-                VersionChange(
-                    job.account_id,
-                    job.image_name,
-                    number,
-                    {
-                        "state": "SUCCESSFUL",
-                        "status": "ACTIVE",
-                        "snapshot_dir": str(built.snapshot_dir),
-                        "memory_mib": built.memory_mib,
-                        "updated_at": now,
-                    },
-                    ("IN_PROGRESS",),
-                ),
-                ImageChange(
-                    job.account_id,
-                    job.image_name,
-                    {"state": done, "state_reason": None, "updated_at": now},
-                    (building,),
-                ),
-            )
-            return
-        await self.fail_build(
-            job.account_id,
-            job.image_name,
-            number,
-            job.build_id,
-            reason,
-            building=building,
-            failed=failed,
-        )
-
-    async def fail_build(
-        self,
-        account_id: str,
-        image_name: str,
-        number: int,
-        build_id: str,
-        reason: str,
-        *,
-        building: str,
-        failed: str,
-    ) -> None:
-        now = to_datetime(self._now())
-        await self.repo.apply(
-            BuildChange(
-                build_id, {"state": "FAILED", "state_reason": reason}, ("PENDING", "IN_PROGRESS")
-            ),
-            VersionChange(
-                account_id,
-                image_name,
-                number,
-                {
-                    "state": "FAILED",
-                    "status": "INACTIVE",
-                    "state_reason": reason,
-                    "updated_at": now,
-                },
-                ("PENDING", "IN_PROGRESS"),
-            ),
-            ImageChange(
-                account_id,
-                image_name,
-                {
-                    "state": failed,
-                    "state_reason": reason,
-                    "latest_failed_version": str(number),
-                    "updated_at": now,
-                },
-                (building,),
-            ),
-        )
-
     # -- recovery ----------------------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -550,27 +421,7 @@ class Supervisor:
             ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING")
         ):
             await self._recover_vm(vm)
-        for version in await self.repo.versions_in_states(("PENDING", "IN_PROGRESS")):
-            image = await self.repo.get_image(version.account_id, version.image_name)
-            builds = await self.repo.list_builds(
-                version.account_id,
-                version.image_name,
-                version.number,
-                Page(limit=50),
-                BuildFilter(),
-            )
-            building = image.state if image is not None else "CREATING"
-            failed = "CREATE_FAILED" if building == "CREATING" else "UPDATE_FAILED"
-            for build in builds or []:
-                await self.fail_build(
-                    version.account_id,
-                    version.image_name,
-                    version.number,
-                    build.build_id,
-                    "the server restarted during the build",
-                    building=building,
-                    failed=failed,
-                )
+        await self.builds.fail_interrupted()
 
     async def _recover_vm(self, vm: MicrovmRecord) -> None:
         vm_id = vm.microvm_id
