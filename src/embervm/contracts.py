@@ -25,8 +25,8 @@ class VmSpec:
     microvm_id: str
     snapshot_dir: Path
     memory_mib: int
-    vcpus: int  # whole vCPUs for the VMM: max(1, memory / 2 GiB)
-    cpu_fraction: float  # the share of a CPU the VM is entitled to: memory / 2 GiB (¼ at 512)
+    vcpus: int  # whole vCPUs for the VMM (``sizing.vcpus_for``)
+    cpu_fraction: float  # the share of a CPU the VM is entitled to (``sizing.cpu_share``)
     egress: bool  # INTERNET_EGRESS
     ingress: tuple[str, ...]  # connector names: ALL_INGRESS, HTTP_INGRESS, SHELL_INGRESS...
     hooks: Mapping[str, Any] | None  # the image version's model ``Hooks`` (port, microvmHooks)

@@ -38,6 +38,7 @@ from embervm.errors import (
     QuotaExceededError,
     ValidationError,
 )
+from embervm.sizing import cpu_share, vcpus_for
 from embervm.store import MicrovmRecord, Page, RunnableVersion, VersionRecord
 
 AUTH_HEADER = "X-aws-proxy-auth"
@@ -137,7 +138,7 @@ class MicrovmService:
             state="PENDING",
             endpoint=f"https://{vm_id}.{settings.domain}:{settings.proxy_port}",
             memory_mib=version.memory_mib,
-            vcpus=max(1, version.memory_mib // 2048),
+            vcpus=vcpus_for(version.memory_mib),
             maximum_duration_seconds=duration,
             started_at=now,
             updated_at=now,
@@ -214,7 +215,7 @@ class MicrovmService:
             snapshot_dir=Path(version.snapshot_dir),
             memory_mib=vm.memory_mib,
             vcpus=vm.vcpus,
-            cpu_fraction=vm.memory_mib / 2048.0,
+            cpu_fraction=cpu_share(vm.memory_mib),
             egress="INTERNET_EGRESS" in egress_names,
             ingress=tuple(connector_name(c) for c in vm.ingress),
             hooks=vm.hooks,

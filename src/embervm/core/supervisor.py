@@ -30,6 +30,7 @@ from embervm.core.ids import state_reason
 from embervm.core.limits import CoreLimits
 from embervm.core.recovery import after_restart
 from embervm.core.seams import HostBackend, ImageBuilder
+from embervm.sizing import cpu_share
 from embervm.store import (
     AdmissionLimits,
     MicrovmRecord,
@@ -160,7 +161,7 @@ class Supervisor:
             seconds = max(0.0, until - vm.running_since.timestamp())
         await self.repo.add_usage(
             vm.microvm_id,
-            vcpu_seconds=seconds * vm.memory_mib / 2048.0,
+            vcpu_seconds=seconds * cpu_share(vm.memory_mib),
             gib_seconds=seconds * vm.memory_mib / 1024.0,
             **extra,
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 from embervm.guest.artifacts import GuestArtifacts, host_tsc_khz, kernel_cmdline
 from embervm.guest.client import AgentClient
 from embervm.network import GATEWAY_IP, GUEST_IP, GUEST_PREFIX, VmNetwork
+from embervm.sizing import cpu_quota_for, vcpus_for
 from embervm.vmm import CgroupLimits, VmConfig
 from embervm.vmm.config import Accel
 
@@ -21,17 +22,6 @@ RESTORE_AGENT_TIMEOUT = 30.0
 def vm_dir_name(vm_id: str) -> str:
     """A short directory name for a VM: unix socket paths must stay under 108 bytes."""
     return hashlib.blake2b(vm_id.encode(), digest_size=8).hexdigest()
-
-
-def vcpus_for(memory_mib: int) -> int:
-    """DESIGN §7: one vCPU per 2 GiB of memory, at least one (QEMU has no fractional vCPU;
-    the cgroup quota carries the fraction)."""
-    return max(1, memory_mib // 2048)
-
-
-def cpu_quota_for(memory_mib: int) -> float:
-    """vCPU share per DESIGN §7 (memory / 2 GiB, at least a quarter of a core)."""
-    return max(0.25, memory_mib / 2048)
 
 
 @dataclass(frozen=True)
