@@ -2,11 +2,10 @@
 ``operations.invoke(name, params, caller)`` calls and their results into responses.
 
 Per request: SigV4's head checks (key id, scope, date: no body is read for a client without
-credentials) → bounded body read, hashed as it arrives → SigV4's signature check → route
-(``_routing``) → parse (``_parse``) → shape rules (``embervm.model``) → one call into core →
-serialize (``_serialize``). Every ``ApiError`` becomes its model error shape (``_errors``);
-anything else is logged and answered 500 ``InternalServerException`` without details. Bad
-input is always a 4xx: nothing reaches core before it passed the model's rules.
+credentials) → bounded body read, hashed as it arrives → SigV4's signature check (this
+module's ``_SigV4Middleware``) → the extra routes, or ``_dispatch.ModelDispatch`` for the
+model's operations (route, parse, shape rules, one call into core, serialize). Bad input is
+always a 4xx: nothing reaches core before it passed the model's rules.
 """
 
 from __future__ import annotations
@@ -17,28 +16,28 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
-from starlette.requests import HTTPConnection
-from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embervm.config import Settings
 from embervm.errors import (
     AccessDeniedError,
-    ApiError,
-    InternalError,
-    NotFoundError,
     ValidationError,
 )
-from embervm.model import operation_model, validate_input, validate_output, validation_message
 
+from ._dispatch import (
+    BODY_SCOPE_KEY,
+    CALLER_SCOPE_KEY,
+    ModelDispatch,
+    OperationInvoker,
+    is_public_path,
+    raw_path_of,
+    send_serialized,
+)
 from ._errors import serialize_error
-from ._parse import parse_request
-from ._routing import Router, parse_query
-from ._serialize import Serialized, serialize_output
 from .sigv4 import Admitted, SecretLookup, SigV4Verifier, VerifiedIdentity
 
 if TYPE_CHECKING:
@@ -49,17 +48,6 @@ log = logging.getLogger("embervm.api")
 MAX_BODY_BYTES = 6 * 1024 * 1024
 BODY_READ_TIMEOUT = 30.0
 INVOKE_TIMEOUT = 120.0
-CALLER_SCOPE_KEY = "embervm.caller"
-_BODY_SCOPE_KEY = "embervm.body"
-PUBLIC_PATHS = frozenset({"/ping"})
-
-
-class Operations(Protocol):
-    """What the API calls: core's ``embervm.core.operations.Operations`` implements it."""
-
-    async def invoke(
-        self, operation: str, params: dict[str, Any], caller: Caller
-    ) -> dict[str, Any]: ...
 
 
 class _BodyTooLarge(Exception):
@@ -67,7 +55,7 @@ class _BodyTooLarge(Exception):
 
 
 def create_api_app(
-    operations: Operations,
+    operations: OperationInvoker,
     credentials: SecretLookup,
     *,
     settings: Settings,
@@ -88,60 +76,8 @@ def create_api_app(
     handler must check). ``check_outputs`` holds every result of core against
     its output shape (a 500 if it does not fit) — meant for tests.
     """
-    router = Router.from_model()
     verifier = SigV4Verifier(credentials, service="lambda", clock=clock)
-
-    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":  # no extra route took it: nothing to talk to
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        request_id = scope.get("state", {}).get("request_id") or str(uuid.uuid4())
-        if _is_public(scope):
-            await _send(
-                send, Serialized(200, {"content-type": "application/json"}, b"{}"), request_id
-            )
-            return
-        operation: str | None = None
-        try:
-            query = parse_query(scope.get("query_string", b""))
-            raw_path = _raw_path(scope)
-            match = router.match(scope["method"], raw_path, query)
-            if match is None:
-                raise NotFoundError(f"No operation matches {scope['method']} {scope['path']}")
-            operation = match.route.operation
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            params = parse_request(match, query, headers, scope[_BODY_SCOPE_KEY])
-            violations = validate_input(operation, params)
-            if violations:
-                raise ValidationError(validation_message(violations))
-            caller: Caller = scope[CALLER_SCOPE_KEY]
-            try:
-                async with asyncio.timeout(invoke_timeout):
-                    output = await operations.invoke(operation, params, caller)
-            except TimeoutError:
-                log.error("%s %s timed out after %ss", request_id, operation, invoke_timeout)
-                raise InternalError("The operation did not finish in time") from None
-            if check_outputs:
-                bad = validate_output(operation, output)
-                if bad:
-                    log.error(
-                        "%s %s output breaks its shape: %s",
-                        request_id,
-                        operation,
-                        validation_message(bad),
-                    )
-                    raise InternalError("Internal server error")
-            result = serialize_output(operation_model(operation), output)
-        except ApiError as err:
-            model = operation_model(operation) if operation else None
-            result = serialize_error(model, err)
-        except Exception:
-            log.exception("%s %s failed", request_id, operation or scope.get("path"))
-            result = serialize_error(
-                operation_model(operation) if operation else None,
-                InternalError(f"Internal server error (request id {request_id})"),
-            )
-        await _send(send, result, request_id)
+    dispatch = ModelDispatch(operations, invoke_timeout=invoke_timeout, check_outputs=check_outputs)
 
     app = Starlette(routes=list(extra_routes))
     # Not a catch-all route: Starlette's path patterns stop at a decoded newline, the model's
@@ -160,36 +96,6 @@ def create_api_app(
         streamed_paths=streamed_paths,
     )
     return app
-
-
-def _is_public(scope: Scope) -> bool:
-    return scope.get("method") in ("GET", "HEAD") and scope.get("path") in PUBLIC_PATHS
-
-
-def caller_of(request: HTTPConnection) -> Caller:
-    """The verified caller of a request that reached an ``extra_routes`` handler."""
-    caller: Caller = request.scope[CALLER_SCOPE_KEY]
-    return caller
-
-
-def _raw_path(scope: Scope) -> str:
-    raw = scope.get("raw_path")
-    if raw:
-        return bytes(raw).decode("latin-1").split("?", 1)[0]
-    from urllib.parse import quote
-
-    return quote(scope["path"])
-
-
-async def _send(send: Send, result: Serialized, request_id: str) -> None:
-    headers = dict(result.headers)
-    headers["x-amzn-requestid"] = request_id
-    response = Response(result.body, status_code=result.status, headers=headers)
-    await response({"type": "http"}, _no_receive, send)
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
 
 
 class _SigV4Middleware:
@@ -218,7 +124,7 @@ class _SigV4Middleware:
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
             return
-        if scope["type"] != "http" or _is_public(scope):
+        if scope["type"] != "http" or is_public_path(scope):
             await self.app(scope, receive, send)
             return
         request_id = str(uuid.uuid4())
@@ -230,7 +136,7 @@ class _SigV4Middleware:
             admitted = self.verifier.admit(_headers(scope))
         except AccessDeniedError as err:
             log.info("%s denied: %s", request_id, err.message)
-            await _send(send, serialize_error(None, err), request_id)
+            await send_serialized(send, serialize_error(None, err), request_id)
             return
         try:
             body, digest = await self._read_body(scope, receive)
@@ -240,20 +146,20 @@ class _SigV4Middleware:
             )
             result = serialize_error(None, error)
             result.status = 413
-            await _send(send, result, request_id)
+            await send_serialized(send, result, request_id)
             return
         except TimeoutError:
             result = serialize_error(None, ValidationError("Request body was not received in time"))
-            await _send(send, result, request_id)
+            await send_serialized(send, result, request_id)
             return
         try:
             identity = self._finish(scope, admitted, scope["method"], digest)
         except AccessDeniedError as err:
             log.info("%s denied: %s", request_id, err.message)
-            await _send(send, serialize_error(None, err), request_id)
+            await send_serialized(send, serialize_error(None, err), request_id)
             return
         scope[CALLER_SCOPE_KEY] = self._caller(identity)
-        scope[_BODY_SCOPE_KEY] = body
+        scope[BODY_SCOPE_KEY] = body
         await self.app(scope, _replay(body, receive), send)
 
     async def _streamed(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
@@ -262,7 +168,7 @@ class _SigV4Middleware:
             identity = self._verify(scope, "PUT", None)
         except AccessDeniedError as err:
             log.info("%s denied: %s", request_id, err.message)
-            await _send(send, serialize_error(None, err), request_id)
+            await send_serialized(send, serialize_error(None, err), request_id)
             return
         scope[CALLER_SCOPE_KEY] = self._caller(identity)
         await self.app(scope, receive, send)
@@ -288,7 +194,7 @@ class _SigV4Middleware:
         return self.verifier.finish(
             admitted,
             method=method,
-            raw_path=_raw_path(scope),
+            raw_path=raw_path_of(scope),
             raw_query=bytes(scope.get("query_string", b"")).decode("latin-1"),
             body_sha256=body_sha256,
         )

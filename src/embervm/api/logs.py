@@ -38,7 +38,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from embervm.api._app import caller_of
+from embervm.api._dispatch import caller_of
 from embervm.api._errors import serialize_error
 from embervm.core.caller import Caller
 from embervm.errors import ApiError, InternalError, ThrottledError, ValidationError

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from embervm.api._app import caller_of
+from embervm.api._dispatch import caller_of
 from embervm.api._errors import serialize_error
 from embervm.blobs import DEFAULT_MAX_BYTES
 from embervm.errors import ApiError, ValidationError
