@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+MicrovmState = Literal["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING", "TERMINATED"]
+"""A MicroVM's state, as the model's ``MicrovmState`` enum spells it."""
+
 #: A MicroVM's id: ``mvm-`` and 20 lowercase hex digits (``core.ids`` makes them).
 MICROVM_ID_RE = re.compile(r"^mvm-[0-9a-f]{20}$")
 

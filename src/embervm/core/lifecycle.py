@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from embervm.contracts import MicrovmState
 from embervm.core.clock import Clock, to_datetime
 from embervm.core.ids import connector_name, state_reason
 from embervm.core.supervisor import Supervisor
@@ -40,7 +41,7 @@ class ResolvedVm:
     """What the proxy needs to route one request."""
 
     microvm_id: str
-    state: str
+    state: MicrovmState
     ingress: frozenset[str]  # connector names: ALL_INGRESS, HTTP_INGRESS, SHELL_INGRESS...
     address: str | None  # where to connect (None unless RUNNING here)
     auto_resume: bool

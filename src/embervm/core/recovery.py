@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from embervm.contracts import MicrovmState
 from embervm.core.ids import state_reason
 from embervm.store import MicrovmRecord
 
@@ -26,7 +27,7 @@ from embervm.store import MicrovmRecord
 class Reconciled:
     """The record's new state and values; ``metered`` when its running time ends here."""
 
-    state: str
+    state: MicrovmState
     values: dict[str, Any] = field(default_factory=dict)
     metered: bool = False
 

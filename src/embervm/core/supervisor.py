@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from embervm.contracts import SuspendOutcome, VmSpec
+from embervm.contracts import MicrovmState, SuspendOutcome, VmSpec
 from embervm.core.builds import BuildRunner
 from embervm.core.clock import Clock, to_datetime
 from embervm.core.ids import state_reason
@@ -40,7 +40,7 @@ from embervm.store import (
 
 log = logging.getLogger("embervm.core")
 
-NON_FINAL = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED")
+NON_FINAL: tuple[MicrovmState, ...] = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED")
 STOP_TIMEOUT = 30.0
 
 
@@ -142,7 +142,7 @@ class Supervisor:
         return self.clock.now()
 
     async def move(
-        self, vm_id: str, expect: Iterable[str], state: str, **values: Any
+        self, vm_id: str, expect: Iterable[MicrovmState], state: MicrovmState, **values: Any
     ) -> Transition:
         """CAS ``expect`` → ``state`` (plus ``values``); listeners hear of successes."""
         values = {"state": state, "updated_at": to_datetime(self._now()), **values}

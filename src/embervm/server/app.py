@@ -158,11 +158,11 @@ async def start_server(
         app_logs=app_logs,
     )
     ops_ref.append(ops)
-    running = [vm.microvm_id for vm in await repository.microvms_in_states(("RUNNING",))]
+    running = [vm.microvm_id for vm in await repository.microvms_in_states(["RUNNING"])]
     # A launch cut short is not taken back (its /run hook may not have run): it is reclaimed.
     parked = [
         vm.microvm_id
-        for vm in await repository.microvms_in_states(("SUSPENDED", "SUSPENDING", "PENDING"))
+        for vm in await repository.microvms_in_states(["SUSPENDED", "SUSPENDING", "PENDING"])
         if vm.state != "PENDING" or vm.suspended_at is not None
     ]
     held = await backend.recover(running, parked)

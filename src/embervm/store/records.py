@@ -9,14 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from embervm.contracts import MicrovmState
 
 # -- states (the model's enums; repeated here so store needs no botocore) -------------------
 
-MICROVM_STATES = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING", "TERMINATED")
-ACTIVE_MICROVM_STATES = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING")
+MICROVM_STATES: tuple[MicrovmState, ...] = get_args(MicrovmState)
+ACTIVE_MICROVM_STATES: tuple[MicrovmState, ...] = (
+    "PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING",
+)  # fmt: skip
 """Every state but TERMINATED: the VM still exists somewhere (counts against quotas)."""
-MEMORY_HOLDING_STATES = ("PENDING", "RUNNING", "SUSPENDING", "TERMINATING")
+MEMORY_HOLDING_STATES: tuple[MicrovmState, ...] = (
+    "PENDING",
+    "RUNNING",
+    "SUSPENDING",
+    "TERMINATING",
+)
 """States in which the VM holds (or is about to hold) host RAM; a SUSPENDED VM lives on disk."""
 
 
@@ -77,7 +86,7 @@ class MicrovmRecord:
     image_name: str
     image_arn: str
     image_version: str
-    state: str
+    state: MicrovmState
     endpoint: str
     memory_mib: int
     vcpus: int

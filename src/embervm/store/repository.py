@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from embervm.contracts import MicrovmState
 from embervm.store.records import (
     AdmissionLimits,
     BuildRecord,
@@ -186,7 +187,7 @@ class Repository(Protocol):
         image_version: str | None = None,
     ) -> list[MicrovmRecord]: ...
 
-    async def microvms_in_states(self, states: Collection[str]) -> list[MicrovmRecord]:
+    async def microvms_in_states(self, states: Collection[MicrovmState]) -> list[MicrovmRecord]:
         """Every VM (any account) in one of ``states``: the lifecycle's and recovery's scan."""
         ...
 

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from embervm.contracts import MicrovmState
 from embervm.errors import InternalError
 from embervm.store.admission import read_admission, refusal
 from embervm.store.engine import WRITE_OPTION
@@ -604,7 +605,7 @@ class SqlRepository:
         async with self._read() as conn:
             return [MicrovmRecord(**r._mapping) for r in await conn.execute(query)]
 
-    async def microvms_in_states(self, states: Collection[str]) -> list[MicrovmRecord]:
+    async def microvms_in_states(self, states: Collection[MicrovmState]) -> list[MicrovmRecord]:
         query = (
             sa.select(microvms).where(microvms.c.state.in_(list(states))).order_by(microvms.c.seq)
         )
