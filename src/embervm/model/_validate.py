@@ -9,6 +9,12 @@ Messages follow the wording AWS services use, so scripts written against AWS rea
 ``1 validation error detected: Value 'x y' at 'name' failed to satisfy constraint: Member must
 satisfy regular expression pattern: [a-zA-Z0-9-_]+``. Paths name members the way AWS does
 (``idlePolicy.maxIdleDurationSeconds``, ``allowedPorts.1.member.port``).
+
+Patterns are matched against untrusted values with RE2 (``google-re2``), which runs in time
+linear in the value: no value can make a pattern backtrack, so there is no timeout (the
+``regex`` package with a 0.1 s timeout refused valid values under load). ``_re2_pattern``
+spells the model's ``\\s``/``\\d`` the way the ``regex`` package read them (Unicode), and a
+pattern RE2 cannot match with the same meaning raises ``PatternError`` when first used.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import regex
+import re2
 from botocore.model import ListShape, MapShape, Shape, StructureShape
 
 from embervm.model._loader import operation_model
@@ -28,7 +34,6 @@ from embervm.model._loader import operation_model
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 _MAX_SHOWN = 200  # characters of a value echoed in a message
-_PATTERN_TIMEOUT = 0.1  # seconds; the model's patterns are simple, this only bounds surprises
 MAX_REPORTED = 10  # AWS reports several violations at once; a bounded number of them
 
 
@@ -73,17 +78,76 @@ def validation_message(violations: list[Violation]) -> str:
     return f"{count} validation {noun} detected: " + "; ".join(v.describe() for v in shown)
 
 
+class PatternError(ValueError):
+    """A model pattern RE2 cannot match with the meaning the ``regex`` package gave it."""
+
+
+# RE2's \s and \d are ASCII; the ``regex`` package (which matched patterns before RE2) read them
+# as Unicode: \s is White_Space (\t-\r, U+0085 and \p{Z}), \d is \p{Nd}. Spelled out for RE2,
+# the model's patterns keep the meaning they had (tests/unit/api/test_api_model_patterns.py).
+_CLASS_ESCAPES = {"s": r"\t-\r\x{85}\p{Z}", "d": r"\p{Nd}"}
+# Escapes whose meaning differs between the two engines and that are not spelled out above.
+_DIFFERING_ESCAPES = frozenset("wWbBZ")
+
+
+def _re2_pattern(pattern: str) -> str:
+    """``pattern`` (``regex`` package syntax) spelled for RE2 with the same meaning."""
+    out: list[str] = []
+    in_class = False
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\" and index + 1 < len(pattern):
+            escape = pattern[index + 1]
+            index += 2
+            if escape in _CLASS_ESCAPES:
+                spelled = _CLASS_ESCAPES[escape]
+                out.append(spelled if in_class else f"[{spelled}]")
+            elif escape in "SD" and not in_class:
+                out.append(f"[^{_CLASS_ESCAPES[escape.lower()]}]")
+            elif escape in "SD" or escape in _DIFFERING_ESCAPES:
+                raise PatternError(f"\\{escape} means something else in RE2: {pattern}")
+            else:
+                out.append("\\" + escape)
+            continue
+        index += 1
+        out.append(char)
+        if in_class:
+            if char == "]":
+                in_class = False
+            elif char == "[" and pattern.startswith(":", index):
+                raise PatternError(f"POSIX classes mean something else in RE2: {pattern}")
+        elif char == "[":
+            in_class = True
+            # A ']' first in a class (after an optional '^') is a literal in both engines.
+            for literal in "^]":
+                if pattern.startswith(literal, index):
+                    out.append(literal)
+                    index += 1
+        elif char == "(" and pattern.startswith("?", index):
+            if not pattern.startswith((":", "P<"), index + 1):
+                raise PatternError(f"inline flags and lookarounds are not supported: {pattern}")
+        elif char == "{" and pattern.startswith(",", index):
+            raise PatternError(f"'{{,n}}' is a literal in RE2: {pattern}")
+    return "".join(out)
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled(pattern: str) -> regex.Pattern[str]:
-    return regex.compile(pattern)
+def _compiled(pattern: str) -> Any:
+    try:
+        return re2.compile(_re2_pattern(pattern))
+    except re2.error as error:
+        raise PatternError(f"RE2 cannot compile the model pattern {pattern!r}: {error}") from error
 
 
 def pattern_matches(pattern: str, value: str) -> bool:
-    """Whole-string match with the ``regex`` package (the model's patterns use ``\\p{L}``)."""
-    try:
-        return _compiled(pattern).fullmatch(value, timeout=_PATTERN_TIMEOUT) is not None
-    except TimeoutError:
-        return False
+    """Whole-string match of ``value`` against a model ``pattern``, in linear time (RE2).
+
+    The value goes to RE2 as UTF-8 with lone surrogates (``"\\ud800"`` is valid JSON) passed
+    through: RE2 reads each as one character, as the ``regex`` package did.
+    """
+    encoded = value.encode("utf-8", "surrogatepass")
+    return _compiled(pattern).fullmatch(encoded) is not None
 
 
 def check_value(shape: Shape, value: Any, path: str, out: list[Violation]) -> None:
