@@ -13,6 +13,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import fcntl
+import io
 import os
 import re
 import secrets
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embervm.errors import ConfigError
+from embervm.fileio import atomic_write
 
 DEFAULT_PROFILES = ("default", "embervm")
 _PROFILE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -160,23 +162,11 @@ class CredentialStore:
         return parser
 
     def _write(self, parser: configparser.ConfigParser) -> None:
-        directory = self.path.parent
-        tmp = directory / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+        text = io.StringIO()
+        parser.write(text)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                parser.write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, text.getvalue(), mode=0o600)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise ConfigError(f"cannot write {self.path}: {exc}") from exc
 
     @contextlib.contextmanager

@@ -15,12 +15,12 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from embervm.build.plan import CopyStep, RunStep, Step, WorkdirStep
+from embervm.fileio import atomic_write
 
 KEY_VERSION = "embervm-build-cache-v1"
 
@@ -164,17 +164,7 @@ class LocalLayerCache:
     @staticmethod
     def _write(path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, text)
 
 
 def _read_and_touch(path: Path) -> str:

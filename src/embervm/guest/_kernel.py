@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embervm.errors import ArtifactError
+from embervm.fileio import atomic_write
 from embervm.guest._proc import run_tool
 
 META_PACKAGE = "linux-image-cloud-amd64"
@@ -89,9 +90,7 @@ async def resolve_kernel_package(memo: Path | None = None) -> KernelPackage:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text, mode=0o644)
 
 
 async def _ask_apt_cache() -> KernelPackage:

@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import fcntl
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from embervm.errors import NetworkSetupError
+from embervm.fileio import atomic_write
 
 from ._addressing import Pool
 from ._names import short_id
@@ -40,18 +40,8 @@ class Allocation:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` with ``data`` as JSON (``fileio.atomic_write``)."""
+    atomic_write(path, json.dumps(data, sort_keys=True))
 
 
 class AllocationStore:

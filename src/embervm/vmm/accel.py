@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from embervm.fileio import atomic_write
 from embervm.vmm.cmdline import QEMU_BINARY
 from embervm.vmm.qemu import qemu_version
 
@@ -141,6 +142,4 @@ def _read_cache(cache_file: Path) -> dict[str, str]:
 def _write_cache(cache_file: Path, cache: dict[str, str]) -> None:
     with contextlib.suppress(OSError):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + ".tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        tmp.replace(cache_file)
+        atomic_write(cache_file, json.dumps(cache, indent=1, sort_keys=True), mode=0o644)
