@@ -22,19 +22,85 @@ def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "embervm"
 
 
-def layers_dir(data_dir: Path) -> Path:
-    """Frozen qcow2 disk layers of builds (the step cache and images refer to them)."""
-    return data_dir / "layers"
+@dataclass(frozen=True)
+class DataDir:
+    """Every folder and file of the data dir, by name: the one place their paths are spelled
+    (the server through ``Settings``, the CLI through its context)."""
 
+    root: Path
 
-def uploads_dir(data_dir: Path) -> Path:
-    """Zips the CLI makes from build folders (the only part of the data dir builds read)."""
-    return data_dir / "uploads"
+    @property
+    def artifacts(self) -> Path:
+        """Guest kernel, initramfs and base images, cached by content hash."""
+        return self.root / "artifacts"
 
+    @property
+    def vms(self) -> Path:
+        return self.root / "vms"
 
-def token_keys_file(data_dir: Path) -> Path:
-    """The endpoint and shell token keys (``core.tokens``; ``embervm tokens rotate``)."""
-    return data_dir / "keys" / "tokens.json"
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def layers(self) -> Path:
+        """Frozen qcow2 disk layers of builds (the step cache and images refer to them)."""
+        return self.root / "layers"
+
+    @property
+    def build_cache(self) -> Path:
+        return self.root / "build-cache"
+
+    @property
+    def uploads(self) -> Path:
+        """Zips the CLI makes from build folders (the only part of the data dir builds read)."""
+        return self.root / "uploads"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def accel_cache(self) -> Path:
+        """What the accelerator probe found, per kernel (``vmm.accel``)."""
+        return self.run / "accel.json"
+
+    @property
+    def network(self) -> Path:
+        """Network pool allocations and the host's saved state (``embervm.network``)."""
+        return self.root / "network"
+
+    @property
+    def microvm_logs(self) -> Path:
+        """The apps' output, one file per VM (``host.applogs``)."""
+        return self.root / "microvm-logs"
+
+    @property
+    def tls(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The local CA the proxy's (and an off-loopback API's) certificates chain to."""
+        return self.tls / "ca.pem"
+
+    @property
+    def credentials(self) -> Path:
+        return self.root / "credentials"
+
+    @property
+    def token_keys(self) -> Path:
+        """The endpoint and shell token keys (``core.tokens``; ``embervm tokens rotate``)."""
+        return self.root / "keys" / "tokens.json"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "embervm.db"
+
+    @property
+    def demo_log(self) -> Path:
+        """The server's output while ``make demo`` runs it."""
+        return self.root / "demo-server.log"
 
 
 def is_loopback(host: str) -> bool:
@@ -111,49 +177,52 @@ class Settings:
         return self.api_tls_cert is not None or not is_loopback(self.api_host)
 
     @property
+    def paths(self) -> DataDir:
+        return DataDir(self.data_dir)
+
+    @property
     def token_keys_file(self) -> Path:
-        return token_keys_file(self.data_dir)
+        return self.paths.token_keys
 
     @property
     def artifacts_dir(self) -> Path:
-        """Guest kernel, initramfs and base images, cached by content hash."""
-        return self.data_dir / "artifacts"
+        return self.paths.artifacts
 
     @property
     def vms_dir(self) -> Path:
-        return self.data_dir / "vms"
+        return self.paths.vms
 
     @property
     def images_dir(self) -> Path:
-        return self.data_dir / "images"
+        return self.paths.images
 
     @property
     def layers_dir(self) -> Path:
-        return layers_dir(self.data_dir)
+        return self.paths.layers
 
     @property
     def build_cache_dir(self) -> Path:
-        return self.data_dir / "build-cache"
+        return self.paths.build_cache
 
     @property
     def run_dir(self) -> Path:
-        return self.data_dir / "run"
+        return self.paths.run
 
     @property
     def tls_dir(self) -> Path:
-        return self.data_dir / "tls"
+        return self.paths.tls
 
     @property
     def uploads_dir(self) -> Path:
-        return uploads_dir(self.data_dir)
+        return self.paths.uploads
 
     @property
     def credentials_file(self) -> Path:
-        return self.data_dir / "credentials"
+        return self.paths.credentials
 
     @property
     def sqlite_url(self) -> str:
-        return f"sqlite+aiosqlite:///{self.data_dir / 'embervm.db'}"
+        return f"sqlite+aiosqlite:///{self.paths.database}"
 
     @property
     def effective_database_url(self) -> str:

@@ -24,6 +24,7 @@ from embervm.cli import _app
 from embervm.cli._context import CliContext, CliError
 from embervm.cli.images import BASE_IMAGE_ARN, DEFAULT_BUILD_ROLE, upload_context
 from embervm.cli.microvms import connector, endpoint_request, wait_for_state
+from embervm.config import DataDir
 
 IMAGE_NAME = "flask-counter"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / IMAGE_NAME
@@ -50,7 +51,7 @@ def running_server(ctx: CliContext) -> Iterator[None]:
         say("server", f"already running at {ctx.endpoint_url}, using it")
         yield
         return
-    log_path = ctx.data_dir / "demo-server.log"
+    log_path = DataDir(ctx.data_dir).demo_log
     ctx.data_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     say("server", f"starting (log: {log_path}); the first start builds the guest kernel and image")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embervm.config import DEFAULT_API_PORT, DEFAULT_REGION, default_data_dir
+from embervm.config import DEFAULT_API_PORT, DEFAULT_REGION, DataDir, default_data_dir
 
 CLIENT_PROFILE = "embervm"
 
@@ -46,7 +46,7 @@ class CliContext:
         env_secret = os.environ.get("EMBERVM_SECRET_ACCESS_KEY")
         if env_key and env_secret:
             return env_key, env_secret
-        path = self.data_dir / "credentials"
+        path = DataDir(self.data_dir).credentials
         parser = configparser.ConfigParser()
         try:
             parser.read_string(path.read_text())
@@ -73,7 +73,7 @@ class CliContext:
         bundle = os.environ.get("EMBERVM_CA_BUNDLE")
         if bundle:
             return bundle
-        local = self.data_dir / "tls" / "ca.pem"
+        local = DataDir(self.data_dir).ca_file
         return str(local) if local.exists() else None
 
     def api_tls(self) -> ssl.SSLContext:

@@ -15,6 +15,7 @@ from embervm.api.credentials import Credential, CredentialStore
 from embervm.cli._context import EXIT_NOT_FOUND, CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli._output import OutputFormat, OutputOption, console, emit, fields, table
+from embervm.config import DataDir
 from embervm.errors import ConfigError
 
 app = typer.Typer(
@@ -38,7 +39,7 @@ def _store(data_dir: Path | None) -> CredentialStore:
         from embervm.cli._app import current
 
         data_dir = current().data_dir
-    return CredentialStore(data_dir.expanduser().resolve() / "credentials")
+    return CredentialStore(DataDir(data_dir.expanduser().resolve()).credentials)
 
 
 def _public(credential: Credential) -> dict[str, object]:

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from embervm.cli._app import current
 from embervm.cli._output import OutputFormat, OutputOption, console, emit, one_line
-from embervm.config import DEFAULT_API_PORT, DEFAULT_PROXY_HTTP_PORT, DEFAULT_PROXY_PORT
+from embervm.config import DEFAULT_API_PORT, DEFAULT_PROXY_HTTP_PORT, DEFAULT_PROXY_PORT, DataDir
 
 MIN_FREE_BYTES = 5 * 1024**3
 PROBE_SECONDS = 180
@@ -70,8 +70,8 @@ def check_kvm() -> Check:
     async def probe() -> str:
         # Fetching the guest kernel goes to the network: bounded, so doctor never hangs.
         async with asyncio.timeout(PROBE_SECONDS):
-            boot = await ensure_boot_artifacts(data_dir / "artifacts")
-            return await detect_accelerator(data_dir / "run" / "accel.json", kernel=boot.kernel)
+            boot = await ensure_boot_artifacts(DataDir(data_dir).artifacts)
+            return await detect_accelerator(DataDir(data_dir).accel_cache, kernel=boot.kernel)
 
     try:
         accel = asyncio.run(probe())

@@ -27,6 +27,7 @@ from embervm.cli._output import (
     table,
 )
 from embervm.cli._signed import stream_lines
+from embervm.config import DataDir
 
 CONNECTOR_ARN = "arn:aws:lambda:{region}:aws:network-connector:aws-network-connector:{name}"
 TOKEN_HEADER = "X-aws-proxy-auth"  # noqa: S105 - a header name, not a secret
@@ -92,7 +93,7 @@ def issue_token(vm_id: str, *, minutes: int, port: int | None, for_shell: bool) 
 def curl_line(endpoint: str, token: str) -> str:
     host = urlsplit(endpoint).hostname or ""
     port = urlsplit(endpoint).port or 443
-    ca = current().data_dir / "tls" / "ca.pem"
+    ca = DataDir(current().data_dir).ca_file
     return (
         f"curl --cacert {ca} --resolve {host}:{port}:127.0.0.1 "
         f'-H "{TOKEN_HEADER}: {token}" {endpoint}/'
@@ -310,7 +311,7 @@ def endpoint_request(
         if not sep:
             raise CliError(f"bad header {line!r}: expected 'Name: value'", 2)
         sent[name.strip()] = val.strip()
-    tls = ssl.create_default_context(cafile=str(ctx.data_dir / "tls" / "ca.pem"))
+    tls = ssl.create_default_context(cafile=str(DataDir(ctx.data_dir).ca_file))
     try:
         with httpx.Client(verify=tls, timeout=httpx.Timeout(timeout), http2=True) as client:
             return client.request(

@@ -26,6 +26,7 @@ from embervm.cli._app import current
 from embervm.cli._context import CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli.microvms import issue_token
+from embervm.config import DataDir
 
 SHELL_PORT = 8022
 
@@ -81,7 +82,7 @@ def connect_shell(vm_id: str, token: str) -> Any:
     parts = urlsplit(vm["endpoint"])
     host = parts.hostname or ""
     port = parts.port or 443
-    tls = ssl.create_default_context(cafile=str(ctx.data_dir / "tls" / "ca.pem"))
+    tls = ssl.create_default_context(cafile=str(DataDir(ctx.data_dir).ca_file))
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     except OSError as exc:

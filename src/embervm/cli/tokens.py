@@ -16,7 +16,7 @@ import typer
 from embervm.cli._context import CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli._output import OutputFormat, OutputOption, console, emit
-from embervm.config import token_keys_file
+from embervm.config import DataDir
 from embervm.errors import EmbervmError
 
 app = typer.Typer(
@@ -51,7 +51,7 @@ def rotate(
     from embervm.cli._app import current
     from embervm.core.tokens import TokenAuthority
 
-    path = token_keys_file((data_dir or current().data_dir).expanduser().resolve())
+    path = DataDir((data_dir or current().data_dir).expanduser().resolve()).token_keys
     try:
         key_id = TokenAuthority(path).rotate(revoke=revoke)
     except (OSError, ValueError, KeyError, EmbervmError) as exc:

@@ -20,7 +20,7 @@ from typing import Literal
 from embervm.build.agent import AgentOps
 from embervm.build.cache import LayerRef
 from embervm.build.machine import SnapshotSizes
-from embervm.config import Settings, layers_dir
+from embervm.config import DataDir, Settings
 from embervm.errors import GuestError, VmmError
 from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.guest.client import AgentClient
@@ -111,7 +111,7 @@ class LocalMachineProvider:
         vmm: QemuVmm | None = None,
     ) -> None:
         self._root = root
-        self._layers = layers_dir(root)
+        self._layers = DataDir(root).layers
         self._vms = root / "build-vms"
         self._boot = boot
         self._network = network
@@ -215,7 +215,7 @@ async def open_machine_provider(
     boot = BootInputs(artifacts, accel)
     own = network is None
     net = network or NetworkManager(
-        settings.data_dir / "network",
+        settings.paths.network,
         pool=settings.network_pool,
         tag=settings.network_tag,
         api_ports=[settings.api_port, settings.proxy_port, settings.proxy_http_port],

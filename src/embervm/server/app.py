@@ -101,7 +101,7 @@ async def start_server(
     progress(f"accelerator: {accel}")
 
     network = NetworkManager(
-        settings.data_dir / "network",
+        settings.paths.network,
         pool=settings.network_pool,
         tag=settings.network_tag,
         api_ports=[settings.api_port, settings.proxy_port, settings.proxy_http_port],
@@ -130,7 +130,7 @@ async def start_server(
     )
     stack.push_async_callback(_cancel_and_wait, rotating)
     app_logs = AppLogFiles(
-        settings.data_dir / "microvm-logs", retention=settings.app_log_retention_days * 86400
+        settings.paths.microvm_logs, retention=settings.app_log_retention_days * 86400
     )
     stack.push_async_callback(app_logs.close)
     pruning = asyncio.create_task(app_logs.keep_pruning(), name="app-log-retention")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cli_harness import as_json, cli
 
-from embervm.config import token_keys_file
+from embervm.config import DataDir
 from embervm.contracts import PortGrant
 from embervm.core.tokens import TokenAuthority, TokenRejected
 
@@ -20,7 +20,7 @@ def _token(server_side: TokenAuthority) -> str:
 
 
 def test_rotate_keeps_issued_tokens_and_revoke_refuses_them(tmp_path: Path) -> None:
-    server_side = TokenAuthority(token_keys_file(tmp_path))
+    server_side = TokenAuthority(DataDir(tmp_path).token_keys)
     token = _token(server_side)
     claims = server_side.verify(token, microvm_id=VM, port=22, kind="shell")
 
