@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration" / "chaos")]
+sys.path[:0] = [str(ROOT)]
 
-from chaos_server_harness import (  # noqa: E402
+from chaoslib import Row, Scenario  # noqa: E402
+from tests.framework.chaos_server_harness import (  # noqa: E402
     APP_NAME,
     HeldConnections,
     build_vm_pids,
@@ -57,8 +58,7 @@ from chaos_server_harness import (  # noqa: E402
     write_app,
     zip_app,
 )
-from chaoslib import Row, Scenario  # noqa: E402
-from tests.integration.server.server_harness import (  # noqa: E402
+from tests.framework.server_harness import (  # noqa: E402
     BASE_IMAGE_ARN,
     BUILD_ROLE,
     CONNECTOR,

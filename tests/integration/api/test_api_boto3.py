@@ -15,8 +15,8 @@ import boto3
 import botocore
 import httpx
 import pytest
-from api_live_server import LiveApi
 from botocore.config import Config
+from tests.framework.api_live_server import LiveApi
 
 from embervm.api.testing import signed_request
 from embervm.errors import ConflictError, NotFoundError, ThrottledError, ValidationError

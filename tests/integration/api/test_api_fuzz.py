@@ -29,13 +29,13 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from api_live_server import LiveApi
 from botocore.awsrequest import AWSRequest
 from botocore.model import ListShape, MapShape, Shape, StructureShape
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from tests.integration.chaos.chaos_server_harness import chaos_server
-from tests.integration.server.server_harness import LiveServer, _read_default_credentials
+from tests.framework.api_live_server import LiveApi
+from tests.framework.chaos_server_harness import chaos_server
+from tests.framework.server_harness import LiveServer, _read_default_credentials
 
 from embervm.api._routing import Router
 from embervm.api.testing import SignedRequest, sign, signed_request

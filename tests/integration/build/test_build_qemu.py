@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from build_qemu_helpers import QEMU, QemuTestProvider
+from tests.framework.build_qemu_helpers import QEMU, QemuTestProvider
 
 from embervm.build import BuildSpec, HookSettings, ImageBuild, LocalLayerCache, MemoryBuildLog
 from embervm.errors import BuildFailure

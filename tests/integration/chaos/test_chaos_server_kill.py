@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from chaos_server_harness import (
+from tests.framework.chaos_server_harness import (
     APP_NAME,
     build_vm_pids,
     chaos_server,
@@ -20,7 +20,7 @@ from chaos_server_harness import (
     vm_workdir,
     write_app,
 )
-from tests.integration.server.server_harness import (
+from tests.framework.server_harness import (
     LiveServer,
     build_image,
     run_vm,

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from chaos_server_harness import (
+from tests.framework.chaos_server_harness import (
     APP_NAME,
     HeldConnections,
     chaos_server,
@@ -18,7 +18,7 @@ from chaos_server_harness import (
     raise_nofile_limit,
     write_app,
 )
-from tests.integration.server.server_harness import LiveServer, build_image, run_vm, token
+from tests.framework.server_harness import LiveServer, build_image, run_vm, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chaos_server_harness import chaos_server
+from tests.framework.chaos_server_harness import chaos_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_harness import FollowingAppLogs, as_json, cli
-from core_live_server import CoreServer, serve
+from tests.framework.cli_harness import FollowingAppLogs, as_json, cli
+from tests.framework.core_live_server import CoreServer, serve
 
 
 @pytest.fixture(scope="session")

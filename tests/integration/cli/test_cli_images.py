@@ -9,8 +9,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from cli_harness import as_json, cli, json_lines, one_error_line
-from core_live_server import CoreServer
+from tests.framework.cli_harness import as_json, cli, json_lines, one_error_line
+from tests.framework.core_live_server import CoreServer
 
 
 def _uploaded(server: CoreServer, image: str, version: str) -> zipfile.ZipFile:

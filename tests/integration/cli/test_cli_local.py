@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from cli_harness import as_json, cli, one_error_line
-from core_live_server import CoreServer, free_port
+from tests.framework.cli_harness import as_json, cli, one_error_line
+from tests.framework.core_live_server import CoreServer, free_port
 
 import embervm
 

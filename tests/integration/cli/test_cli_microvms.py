@@ -9,8 +9,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cli_harness import Following, FollowingAppLogs, as_json, cli, json_lines, one_error_line
-from core_live_server import CoreServer
+from tests.framework.cli_harness import (
+    Following,
+    FollowingAppLogs,
+    as_json,
+    cli,
+    json_lines,
+    one_error_line,
+)
+from tests.framework.core_live_server import CoreServer
 
 UNKNOWN = "mvm-00000000000000000000"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli_harness import as_json, cli
+from tests.framework.cli_harness import as_json, cli
 
 from embervm.config import DataDir
 from embervm.contracts import PortGrant

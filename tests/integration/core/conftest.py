@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from core_live_server import CoreServer, serve
-from pg_server import postgres_server
+from tests.framework.core_live_server import CoreServer, serve
+from tests.framework.pg_server import postgres_server
 
 
 @pytest.fixture(scope="module")

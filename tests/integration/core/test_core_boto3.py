@@ -9,7 +9,7 @@ import botocore.session
 import pytest
 from botocore import xform_name
 from botocore.exceptions import ClientError
-from core_live_server import ACCOUNT, REGION, CoreServer
+from tests.framework.core_live_server import ACCOUNT, REGION, CoreServer
 
 from embervm.model import validate_output
 

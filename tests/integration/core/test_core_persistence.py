@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from core_live_server import REGION, CoreServer, serve
 from test_core_boto3 import BASE, CONNECTOR, ROLE, image, wait
+from tests.framework.core_live_server import REGION, CoreServer, serve
 
 from embervm.store.engine import create_engine, current_revision, downgrade, migrate
 

@@ -1,5 +1,5 @@
 """Fixtures of the guest integration tests (the helpers live in ``guest_vm_helpers``)."""
 
-from guest_vm_helpers import booted_vm
+from tests.framework.guest_vm_helpers import booted_vm
 
 __all__ = ["booted_vm"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_vm_helpers import qemu_argv
+from tests.framework.guest_vm_helpers import qemu_argv
 
 from embervm.guest.artifacts import GuestArtifacts
 from embervm.guest.client import AgentClient, AppSpec

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from guest_vm_helpers import BootedVm, qemu_argv
+from tests.framework.guest_vm_helpers import BootedVm, qemu_argv
 
 from embervm.guest._rootfs import HOST_CA_BUNDLE, extra_certificates
 from embervm.guest.artifacts import GuestArtifacts

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from moto.server import ThreadedMotoServer
-from server_harness import (
+from tests.framework.server_harness import (
     REPO,
     S3_CREDENTIALS,
     LiveServer,

@@ -12,7 +12,7 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from server_harness import (
+from tests.framework.server_harness import (
     ACCOUNT,
     REPO,
     S3_CREDENTIALS,

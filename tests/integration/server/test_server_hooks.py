@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import LiveServer, build_image, run_vm, token, wait_for
+from tests.framework.server_harness import LiveServer, build_image, run_vm, token, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from server_harness import DOMAIN, LiveServer, run_vm, token
+from tests.framework.server_harness import DOMAIN, LiveServer, run_vm, token
 from websockets.sync.client import connect
 from websockets.typing import Subprotocol
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import DOMAIN, LiveServer, build_image, free_port, run_vm, token
+from tests.framework.server_harness import DOMAIN, LiveServer, build_image, free_port, run_vm, token
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from server_harness import LiveServer, run_vm, token, wait_for
+from tests.framework.server_harness import LiveServer, run_vm, token, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 

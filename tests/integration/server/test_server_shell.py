@@ -8,7 +8,7 @@ import ssl
 from typing import Any
 
 import pytest
-from server_harness import DOMAIN, LiveServer, run_vm
+from tests.framework.server_harness import DOMAIN, LiveServer, run_vm
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol

@@ -1,5 +1,5 @@
 """Fixtures of the api unit tests (defined in ``api_unit_harness``)."""
 
-from api_unit_harness import api
+from tests.framework.api_unit_harness import api
 
 __all__ = ["api"]

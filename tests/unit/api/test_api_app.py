@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 import pytest
-from api_unit_harness import ApiHarness
 from botocore.parsers import create_parser
+from tests.framework.api_unit_harness import ApiHarness
 
 from embervm.errors import (
     AccessDeniedError,

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_unit_harness import ENDPOINT, ApiHarness
 from botocore.awsrequest import AWSRequest
+from tests.framework.api_unit_harness import ENDPOINT, ApiHarness
 
 from embervm.api.logs import MAX_LINE_BYTES, Followers, LineStream, encode_line, log_routes
 from embervm.api.testing import sign

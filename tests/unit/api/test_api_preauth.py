@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_unit_harness import ENDPOINT, ApiHarness
 from botocore.awsrequest import AWSRequest
 from starlette.types import Message
+from tests.framework.api_unit_harness import ENDPOINT, ApiHarness
 
 from embervm.api.testing import sign
 from embervm.errors import AccessDeniedError

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from api_unit_harness import ENDPOINT, ApiHarness
 from botocore.awsrequest import AWSRequest
+from tests.framework.api_unit_harness import ENDPOINT, ApiHarness
 
 from embervm.api.testing import sign
 from embervm.api.uploads import UPLOAD_PATH, upload_routes

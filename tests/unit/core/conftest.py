@@ -1,5 +1,5 @@
 """Fixtures of core's unit tests (defined in ``core_unit_harness``)."""
 
-from core_unit_harness import rig
+from tests.framework.core_unit_harness import rig
 
 __all__ = ["rig"]

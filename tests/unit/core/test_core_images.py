@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from core_unit_harness import ACCOUNT, BASE, Rig, image_params, make_rig
+from tests.framework.core_unit_harness import ACCOUNT, BASE, Rig, image_params, make_rig
 
 from embervm.core import Caller, CoreLimits
 from embervm.errors import ConflictError, NotFoundError, QuotaExceededError, ValidationError

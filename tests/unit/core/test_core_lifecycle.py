@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_unit_harness import ALL_INGRESS, Rig, make_rig, until
+from tests.framework.core_unit_harness import ALL_INGRESS, Rig, make_rig, until
 
 from embervm.core.testing import FakeClock, FakeHost
 from embervm.errors import ConflictError, InternalError, NotFoundError, VmmError

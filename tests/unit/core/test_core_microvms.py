@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_unit_harness import ALL_INGRESS, Rig, make_rig
+from tests.framework.core_unit_harness import ALL_INGRESS, Rig, make_rig
 
 from embervm.contracts import PortGrant
 from embervm.core import Caller, CoreLimits, RateLimit

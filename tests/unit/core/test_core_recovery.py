@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core_unit_harness import Rig, make_rig, until
+from tests.framework.core_unit_harness import Rig, make_rig, until
 
 from embervm.core.testing import FakeClock, FakeHost
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core_live_server import CoreServer
+from tests.framework.core_live_server import CoreServer
 
 from embervm.core.testing import FakeAppLogs
 

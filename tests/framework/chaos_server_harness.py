@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.integration.server.server_harness import LiveServer, free_port, token, zip_dir
+from tests.framework.server_harness import LiveServer, free_port, token, zip_dir
 
 from embervm.host._boot import vm_dir_name
 from embervm.network._names import VmNames, netns_prefix
