@@ -1,6 +1,6 @@
 """The last link of a VMM's launch chain: the view, the filter, then QEMU with the same pid.
 
-``python -I -S -c STEP <plan> <argv…>`` (no site, no embervm import; 15–20 ms here, of which
+``python -I -S -c STEP <plan> <argv…>`` (no site, no embervm import; 15 to 20 ms here, of which
 the view takes ~3 ms):
 
 1. when the plan names mounts (a jailed VMM, ``rootview``): a new mount namespace, private
