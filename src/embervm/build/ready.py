@@ -19,11 +19,12 @@ from typing import Any
 import httpx
 
 from embervm.errors import BuildFailure
+from embervm.wire import APP_PORT
 
 HOOK_PATH = "/aws/lambda-microvms/runtime/v1/"
 DEFAULT_HOOK_TIMEOUT = 30.0
-DEFAULT_APP_PORT = 8080
-DEFAULT_HOOKS_PORT = 8080
+DEFAULT_APP_PORT = APP_PORT
+DEFAULT_HOOKS_PORT = APP_PORT
 ATTEMPT_TIMEOUT = 5.0
 
 

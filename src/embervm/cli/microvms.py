@@ -28,9 +28,10 @@ from embervm.cli._output import (
 )
 from embervm.cli._signed import stream_lines
 from embervm.config import DataDir
+from embervm.wire import APP_PORT, AUTH_HEADER, PORT_HEADER
 
 CONNECTOR_ARN = "arn:aws:lambda:{region}:aws:network-connector:aws-network-connector:{name}"
-TOKEN_HEADER = "X-aws-proxy-auth"  # noqa: S105 - a header name, not a secret
+TOKEN_HEADER = AUTH_HEADER
 TERMINAL_STATES = {"TERMINATED"}
 
 IdArg = Annotated[str, typer.Argument(help="MicroVM id.")]
@@ -305,7 +306,7 @@ def endpoint_request(
     url = f"https://127.0.0.1:{parts.port or 443}/{path.lstrip('/')}"
     sent = {"Host": host if parts.port is None else f"{host}:{parts.port}", TOKEN_HEADER: value}
     if port:
-        sent["X-aws-proxy-port"] = str(port)
+        sent[PORT_HEADER] = str(port)
     for line in headers or []:
         name, sep, val = line.partition(":")
         if not sep:
@@ -330,7 +331,9 @@ def curl(
     header: Annotated[
         list[str] | None, typer.Option("--header", "-H", help="Extra header 'Name: value'.")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Target port in the VM (default 8080).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help=f"Target port in the VM (default {APP_PORT}).")
+    ] = None,
     include: Annotated[
         bool, typer.Option("--include", "-i", help="Show status and headers.")
     ] = False,

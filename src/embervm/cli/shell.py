@@ -27,8 +27,7 @@ from embervm.cli._context import CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli.microvms import issue_token
 from embervm.config import DataDir
-
-SHELL_PORT = 8022
+from embervm.wire import SHELL_PORT
 
 
 @contextlib.contextmanager

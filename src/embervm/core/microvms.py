@@ -29,7 +29,6 @@ from embervm.core.ids import (
 )
 from embervm.core.images import ImageService, _empty_lines
 from embervm.core.paging import page_size
-from embervm.core.seams import SHELL_PORT
 from embervm.errors import (
     ConflictError,
     InsufficientCapacityError,
@@ -40,8 +39,7 @@ from embervm.errors import (
 )
 from embervm.sizing import cpu_share, vcpus_for
 from embervm.store import MicrovmRecord, Page, RunnableVersion, VersionRecord
-
-AUTH_HEADER = "X-aws-proxy-auth"
+from embervm.wire import AUTH_HEADER, SHELL_PORT
 
 
 def _not_found(microvm_id: str) -> NotFoundError:

@@ -20,8 +20,6 @@ from typing import Protocol
 
 from embervm.contracts import BuildJob, BuiltImage, PortGrant, SuspendOutcome, TokenKind, VmSpec
 
-SHELL_PORT = 8022
-
 
 class HostBackend(Protocol):
     async def launch(self, vm: VmSpec) -> None:

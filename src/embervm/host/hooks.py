@@ -21,9 +21,10 @@ from typing import Any
 from embervm.errors import GuestError
 from embervm.fileio import atomic_write
 from embervm.guest.client import AgentClient
+from embervm.wire import APP_PORT
 
 HOOK_PATH = "/aws/lambda-microvms/runtime/v1/"
-DEFAULT_PORT = 8080
+DEFAULT_PORT = APP_PORT
 DEFAULT_TIMEOUT = 1.0
 MAX_TIMEOUT = 60.0  # the model's range for every runtime hook: 1-60 s
 RUNTIME_HOOKS = ("run", "resume", "suspend", "terminate")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, Protocol
 
+from embervm import wire
 from embervm.contracts import MICROVM_ID_RE
 from embervm.core.lifecycle import ResolvedVm
 from embervm.core.tokens import TokenRejected
@@ -27,12 +28,12 @@ from embervm.proxy.streams import SESSION_IDLE_TIMEOUT, TOKEN_CHECK_INTERVAL, Se
 
 log = logging.getLogger("embervm.proxy")
 
-DEFAULT_PORT = 8080
-SHELL_PORT = 8022
-AUTH_HEADER = b"x-aws-proxy-auth"
-PORT_HEADER = b"x-aws-proxy-port"
-FORCE_H2_HEADER = b"x-aws-proxy-force-h2"
-PROXY_HEADER_PREFIX = b"x-aws-proxy-"
+DEFAULT_PORT = wire.APP_PORT
+SHELL_PORT = wire.SHELL_PORT
+AUTH_HEADER = wire.lower_bytes(wire.AUTH_HEADER)
+PORT_HEADER = wire.lower_bytes(wire.PORT_HEADER)
+FORCE_H2_HEADER = wire.lower_bytes(wire.FORCE_H2_HEADER)
+PROXY_HEADER_PREFIX = wire.lower_bytes(wire.PROXY_HEADER_PREFIX)
 SUBPROTOCOL_PREFIX = "lambda-microvms"
 PORT_SUBPROTOCOL = "lambda-microvms.port."
 AUTH_SUBPROTOCOL = "lambda-microvms.authentication."
