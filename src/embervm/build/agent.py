@@ -17,7 +17,8 @@ from pathlib import Path
 from embervm.build.machine import AppLaunch, ExecOutcome, OutputSink, TreeEntry
 from embervm.build.ready import HOOK_PATH
 from embervm.errors import GuestError
-from embervm.guest.client import AgentClient, AppSpec
+from embervm.guest import GuestAgent
+from embervm.guest.client import AppSpec
 
 APP_NAME = "app"
 DIRS_PER_EXEC = 200
@@ -31,7 +32,7 @@ IDLE_JIFFIES = 3  # busy clock ticks (1/100 s) allowed in a window: under ~15 % 
 class AgentOps:
     """exec / put_file / put_tree / start_app / call_hook / probe_port / app_exit_code."""
 
-    def __init__(self, client: AgentClient) -> None:
+    def __init__(self, client: GuestAgent) -> None:
         self.client = client
         self._log_task: asyncio.Task[None] | None = None
 

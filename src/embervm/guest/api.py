@@ -14,6 +14,11 @@ from embervm.guest._wire import AppSpec, ExecResult, HttpResponse, LogLine
 
 
 class GuestAgent(Protocol):
+    @property
+    def closed(self) -> bool:
+        """The connection to the agent is gone (the VM stopped, or ``close`` was called)."""
+        ...
+
     async def close(self) -> None: ...
 
     async def health(self) -> dict[str, Any]: ...

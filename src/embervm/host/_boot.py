@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from embervm.guest import GuestAgent
 from embervm.guest.artifacts import GuestArtifacts, host_tsc_khz, kernel_cmdline
 from embervm.guest.client import AgentClient
 from embervm.network import GATEWAY_IP, GUEST_IP, GUEST_PREFIX, VmNetwork
@@ -64,6 +65,6 @@ class BootInputs:
         )
 
 
-async def connect_agent(cfg: VmConfig, *, restored: bool) -> AgentClient:
+async def connect_agent(cfg: VmConfig, *, restored: bool) -> GuestAgent:
     timeout = RESTORE_AGENT_TIMEOUT if restored else BOOT_AGENT_TIMEOUT
     return await AgentClient.connect(cfg.agent_socket, timeout=timeout, after_restore=restored)

@@ -22,12 +22,12 @@ from embervm.build.cache import LayerRef
 from embervm.build.machine import SnapshotSizes
 from embervm.config import DataDir, Settings
 from embervm.errors import GuestError, VmmError
+from embervm.guest import GuestAgent
 from embervm.guest.artifacts import ensure_guest_artifacts
-from embervm.guest.client import AgentClient
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.host._leftovers import reclaim_vm_dirs
 from embervm.network import NetworkManager
-from embervm.vmm import QemuProcess, QemuVmm, VmConfig, create_overlay
+from embervm.vmm import QemuVmm, VmConfig, Vmm, VmProcess, create_overlay
 from embervm.vmm.accel import detect_accelerator
 from embervm.vmm.snapshot import DISK, MEMORY
 
@@ -48,8 +48,8 @@ class _Machine(AgentOps):
         *,
         vm_id: str,
         workdir: Path,
-        process: QemuProcess,
-        client: AgentClient,
+        process: VmProcess,
+        client: GuestAgent,
         disk: Path,
     ) -> None:
         super().__init__(client)
@@ -108,14 +108,14 @@ class LocalMachineProvider:
         *,
         boot: BootInputs,
         network: NetworkManager,
-        vmm: QemuVmm | None = None,
+        vmm: Vmm | None = None,
     ) -> None:
         self._root = root
         self._layers = DataDir(root).layers
         self._vms = root / "build-vms"
         self._boot = boot
         self._network = network
-        self._vmm = vmm or QemuVmm.for_host()
+        self._vmm: Vmm = vmm or QemuVmm.for_host()
 
     async def reclaim_leftovers(self) -> list[str]:
         """At start-up, before any build: kill the build VMs of a dead run (their QEMU

@@ -20,7 +20,7 @@ from typing import Any
 
 from embervm.errors import GuestError
 from embervm.fileio import atomic_write
-from embervm.guest.client import AgentClient
+from embervm.guest import GuestAgent
 from embervm.wire import APP_PORT
 
 HOOK_PATH = "/aws/lambda-microvms/runtime/v1/"
@@ -88,7 +88,7 @@ def _bounded(value: object, lo: float, hi: float, default: float) -> float:
     return float(value) if lo <= value <= hi else default
 
 
-async def call_hook(agent: AgentClient, hooks: RuntimeHooks, hook: str, body: bytes = b"") -> None:
+async def call_hook(agent: GuestAgent, hooks: RuntimeHooks, hook: str, body: bytes = b"") -> None:
     """Call ``hook`` if the image enabled it; raise GuestError unless it answers 200 in time."""
     if hook not in hooks.enabled:
         return

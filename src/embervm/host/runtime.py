@@ -25,11 +25,12 @@ from pathlib import Path
 from embervm.aio import past_point_of_no_return
 from embervm.errors import GuestError, NotFoundError, RuntimeFailure, VmmError
 from embervm.fileio import atomic_write
-from embervm.guest.client import AgentClient, AppSpec, LogLine, PtySession
+from embervm.guest import GuestAgent
+from embervm.guest.client import AppSpec, LogLine, PtySession
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.host._leftovers import kill_vmms, reclaim_vm_dirs, vmm_pids
 from embervm.network import NetworkManager, VmNetwork
-from embervm.vmm import QemuProcess, QemuVmm, load_manifest
+from embervm.vmm import QemuVmm, Vmm, VmProcess, load_manifest
 from embervm.vmm.snapshot import BASE_MEMORY, MEMORY, SnapshotManifest, recover_snapshot_dir
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ class _Vm:
     vm_id: str
     workdir: Path
     network: VmNetwork
-    process: QemuProcess | None = None
-    agent: AgentClient | None = None
+    process: VmProcess | None = None
+    agent: GuestAgent | None = None
     watcher: asyncio.Task[None] | None = None
     expected_exit: bool = False
     rebuild_network: bool = False  # adopted after a restart: namespace and rules made anew
@@ -72,13 +73,13 @@ class LocalHost:
         *,
         boot: BootInputs,
         network: NetworkManager,
-        vmm: QemuVmm | None = None,
+        vmm: Vmm | None = None,
         on_exit: VmExitHandler | None = None,
     ) -> None:
         self._vms_dir = vms_dir
         self._boot = boot
         self._network = network
-        self._vmm = vmm or QemuVmm.for_host()
+        self._vmm: Vmm = vmm or QemuVmm.for_host()
         self._on_exit = on_exit
         self._vms: dict[str, _Vm] = {}
 
@@ -244,7 +245,7 @@ class LocalHost:
             # A suspend the crash cut short left the guest stopped mid-snapshot: it runs on.
             interrupted = await process.status() != "running"
             if interrupted:
-                await _cancel_migration(process)
+                await process.cancel_migration()
                 await process.cont()
             vm.agent = await connect_agent(cfg, restored=False)
             if interrupted:
@@ -301,10 +302,10 @@ class LocalHost:
         async for line in self._agent(vm_id).app_logs():
             yield line
 
-    def agent(self, vm_id: str) -> AgentClient:
+    def agent(self, vm_id: str) -> GuestAgent:
         return self._agent(vm_id)
 
-    def _agent(self, vm_id: str) -> AgentClient:
+    def _agent(self, vm_id: str) -> GuestAgent:
         vm = self._get(vm_id)
         if vm.agent is None or vm.agent.closed:
             raise GuestError(f"MicroVM {vm_id} has no agent connection (is it suspended?)")
@@ -376,18 +377,3 @@ def written_bytes(manifest: SnapshotManifest) -> int:
         for name, entry in manifest.files.items()
         if not (manifest.kind == "shared-memory" and name == MEMORY) and name != BASE_MEMORY
     )
-
-
-async def _cancel_migration(process: QemuProcess) -> None:
-    """Cancel a snapshot's migration a dead server started (its reader is gone), bounded."""
-    with contextlib.suppress(VmmError):
-        await process.qmp("migrate_cancel")
-        for _ in range(100):
-            status = await process.qmp("query-migrate")
-            if not isinstance(status, dict) or status.get("status") not in MIGRATING:
-                return
-            await asyncio.sleep(0.05)
-
-
-#: ``query-migrate`` states of a migration still in flight.
-MIGRATING = ("setup", "active", "cancelling", "device", "pre-switchover")

@@ -34,6 +34,8 @@ log = logging.getLogger("embervm.vmm")
 MIGRATION_TIMEOUT = 120.0
 #: How long an exited VMM's console and stderr pipes may take to deliver their last bytes.
 LOG_DRAIN_TIMEOUT = 5.0
+#: ``query-migrate`` states of a migration still in flight.
+MIGRATING = ("setup", "active", "cancelling", "device", "pre-switchover")
 _BANDWIDTH = 100 << 30  # the default ~32 MiB/s would make stream snapshots crawl
 
 
@@ -137,6 +139,17 @@ class QemuProcess:
         self._ensure_alive()
         result = await self._qmp.cmd("query-status")
         return str(result["status"])
+
+    async def cancel_migration(self) -> None:
+        """Cancel a snapshot's migration that a dead server started (its reader is gone);
+        returns once QEMU says none is in flight, or after ~5 s. Best effort."""
+        with contextlib.suppress(VmmError):
+            await self.qmp("migrate_cancel")
+            for _ in range(100):
+                status = await self.qmp("query-migrate")
+                if not isinstance(status, dict) or status.get("status") not in MIGRATING:
+                    return
+                await asyncio.sleep(0.05)
 
     async def pause(self) -> None:
         self._ensure_alive()
