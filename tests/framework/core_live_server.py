@@ -24,6 +24,7 @@ from botocore.config import Config
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.extensions import extension_routes
+from embervm.blobs.uploads import UploadArea
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations
 from embervm.core.testing import FakeAppLogs, FakeBuilder, FakeBuildLogs, FakeHost, FakeTokens
@@ -91,7 +92,7 @@ class CoreServer:
         self.ops = ops
         credentials = CredentialStore(settings.credentials_file)
         credentials.ensure()
-        routes, streamed = extension_routes(ops, settings.uploads_dir)
+        routes, streamed = extension_routes(ops, UploadArea(settings.uploads_dir))
         app = create_api_app(ops, credentials, settings=settings, extra_routes=routes,
                              streamed_paths=streamed, check_outputs=True)  # fmt: skip
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from embervm.blobs.uploads import TEMP_GLOB, ZIP_GLOB
 from embervm.build.cache import LocalLayerCache
 
 log = logging.getLogger("embervm.host.layergc")
@@ -151,12 +152,12 @@ def prune_uploads(uploads: Path, cutoff: float, now: float) -> int:
     """Delete uploaded zips not uploaded again since ``cutoff`` and upload temp files a crash
     left (older than ``GRACE``). Returns how many files went."""
     removed = 0
-    for path in uploads.glob("*.zip"):
+    for path in uploads.glob(ZIP_GLOB):
         with contextlib.suppress(OSError):
             if path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
-    for path in uploads.glob(".upload-*.tmp"):
+    for path in uploads.glob(TEMP_GLOB):
         with contextlib.suppress(OSError):
             if now - path.stat().st_mtime > GRACE:
                 path.unlink()

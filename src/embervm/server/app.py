@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.extensions import extension_routes
+from embervm.blobs.uploads import UploadArea
 from embervm.build.cache import LocalLayerCache
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
@@ -68,7 +69,7 @@ class RunningServer:
 
 async def _serve_api(stack: contextlib.AsyncExitStack, settings: Settings, ops: Operations) -> str:
     credentials = CredentialStore(settings.credentials_file)
-    routes, streamed = extension_routes(ops, settings.uploads_dir)
+    routes, streamed = extension_routes(ops, UploadArea(settings.uploads_dir))
     app = create_api_app(
         ops, credentials, settings=settings, extra_routes=routes, streamed_paths=streamed
     )

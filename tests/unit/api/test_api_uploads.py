@@ -13,6 +13,7 @@ from tests.framework.api_unit_harness import ENDPOINT, ApiHarness
 
 from embervm.api.testing import sign
 from embervm.api.uploads import UPLOAD_PATH, upload_routes
+from embervm.blobs.uploads import UploadArea
 
 ZIP = b"PK\x03\x04" + b"x" * 5000
 
@@ -21,7 +22,7 @@ ZIP = b"PK\x03\x04" + b"x" * 5000
 async def api(tmp_path: Path) -> AsyncIterator[ApiHarness]:
     harness = ApiHarness(
         tmp_path,
-        extra_routes=upload_routes(tmp_path / "uploads", max_bytes=64 * 1024),
+        extra_routes=upload_routes(UploadArea(tmp_path / "uploads", max_bytes=64 * 1024)),
         streamed_paths=frozenset({UPLOAD_PATH}),
     )
     async with harness.client:
