@@ -1,7 +1,7 @@
 """A test-only ``MachineProvider`` on real QEMU microVMs (TCG), for the build integration tests.
 
 Not the runtime's provider (that is the host layer's job): it boots the SPIKE.md command line
-directly, runs steps through the real guest agent (``embervm.build.agent.AgentOps``) and
+directly, runs steps through the real guest agent (``embervm.host.build_agent.AgentOps``) and
 freezes layers with QMP ``blockdev-snapshot-sync`` (the running overlay becomes the layer, a new
 overlay on top takes the writes). Its ``snapshot`` is a stand-in (a manifest and the sizes) —
 memory snapshots are the VMM's and are not exercised here.
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from embervm.build.agent import AgentOps
 from embervm.build.cache import LayerRef
 from embervm.build.machine import SnapshotSizes
 from embervm.guest.artifacts import GuestArtifacts, host_tsc_khz, kernel_cmdline
 from embervm.guest.client import AgentClient
+from embervm.host.build_agent import AgentOps
 
 QEMU = "qemu-system-x86_64"
 MEMORY_MIB = 512

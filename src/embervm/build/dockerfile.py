@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import dockerfile as _parser
 
-from embervm.build._words import expand, expand_fields, expand_text
+from embervm.build._word_expansion import expand, expand_fields, expand_text
 from embervm.build.plan import (
     BuildPlan,
     CopyStep,

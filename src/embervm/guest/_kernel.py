@@ -22,7 +22,7 @@ from pathlib import Path
 
 from embervm.errors import ArtifactError
 from embervm.fileio import atomic_write
-from embervm.guest._proc import run_tool
+from embervm.guest._host_tools import run_tool
 
 META_PACKAGE = "linux-image-cloud-amd64"
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embervm.errors import ArtifactError
-from embervm.guest._proc import run_tool
+from embervm.guest._host_tools import run_tool
 from embervm.guest.mirrors import CANONICAL, DebianMirrors
 
 DISK_SIZE = 8 * 1024**3

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from embervm.build.agent import AgentOps
 from embervm.build.cache import LayerRef
 from embervm.build.machine import SnapshotSizes
 from embervm.config import DataDir, Settings
@@ -26,6 +25,7 @@ from embervm.guest import GuestAgent
 from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.host._leftovers import reclaim_vm_dirs
+from embervm.host.build_agent import AgentOps
 from embervm.network import NetworkManager
 from embervm.vmm import QemuVmm, VmConfig, Vmm, VmProcess, create_overlay
 from embervm.vmm.accel import detect_accelerator

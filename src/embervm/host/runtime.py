@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embervm.aio import past_point_of_no_return
 from embervm.errors import GuestError, NotFoundError, RuntimeFailure, VmmError
 from embervm.fileio import atomic_write
 from embervm.guest import GuestAgent
@@ -30,6 +29,7 @@ from embervm.guest.client import AppSpec, LogLine, PtySession
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.host._leftovers import kill_vmms, reclaim_vm_dirs, vmm_pids
 from embervm.network import NetworkManager, VmNetwork
+from embervm.point_of_no_return import past_point_of_no_return
 from embervm.vmm import QemuVmm, Vmm, VmProcess, load_manifest
 from embervm.vmm.snapshot import BASE_MEMORY, MEMORY, SnapshotManifest, recover_snapshot_dir
 

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from embervm.contracts import MicrovmState
 from embervm.errors import InternalError
-from embervm.store.admission import read_admission, refusal
+from embervm.store.admission_query import read_admission, refusal
 from embervm.store.engine import WRITE_OPTION
 from embervm.store.records import (
     ACTIVE_MICROVM_STATES,

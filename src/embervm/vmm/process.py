@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from embervm.aio import past_point_of_no_return
 from embervm.errors import SnapshotError, VmmError
-from embervm.vmm import _proc
+from embervm.point_of_no_return import past_point_of_no_return
+from embervm.vmm import _procfs
 from embervm.vmm import snapshot as snap
 from embervm.vmm.cmdline import MemorySpec
 from embervm.vmm.config import VmConfig, VmStats
@@ -81,7 +81,7 @@ class QemuProcess:
         if self._child is not None:
             code = await self._child.wait()
         else:
-            await _proc.wait_pidfd(self.pid)
+            await _procfs.wait_pidfd(self.pid)
             code = -1
         if self._expected is not None:
             reason, expected = self._expected, True
@@ -190,7 +190,7 @@ class QemuProcess:
 
     async def stats(self) -> VmStats:
         self._ensure_alive()
-        return await asyncio.to_thread(_proc.read_stats, self.pid)
+        return await asyncio.to_thread(_procfs.read_stats, self.pid)
 
     # --- snapshots ----------------------------------------------------------------------------
 

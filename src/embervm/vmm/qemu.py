@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from embervm.errors import EmbervmError, JailError, SnapshotError, VmmError
-from embervm.vmm import _proc, launchstep, rootview, seccomp
+from embervm.vmm import _procfs, launchstep, rootview, seccomp
 from embervm.vmm import snapshot as snap
 from embervm.vmm.api import Vmm, VmProcess
 from embervm.vmm.cmdline import (
@@ -235,7 +235,7 @@ class QemuVmm:
 
     async def attach(self, cfg: VmConfig, pid: int) -> QemuProcess:
         """Take over a VMM started by an earlier server run (its pid and QMP socket)."""
-        argv = await asyncio.to_thread(_proc.process_cmdline, pid)
+        argv = await asyncio.to_thread(_procfs.process_cmdline, pid)
         if not argv or not any(str(cfg.qmp_socket) in a for a in argv):
             raise VmmError(f"pid {pid} is not the VMM of {cfg.vm_id} (or is gone)")
         qmp = await Qmp.connect(cfg.qmp_socket, timeout=self.start_timeout)

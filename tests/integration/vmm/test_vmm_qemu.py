@@ -33,7 +33,7 @@ from embervm.vmm import (
     ramdelta,
 )
 from embervm.vmm import snapshot as snap
-from embervm.vmm._proc import pid_alive
+from embervm.vmm._procfs import pid_alive
 from embervm.vmm.cmdline import MemorySpec
 from embervm.vmm.qmp import Qmp, migrate_from_file, set_migration_caps
 from embervm.vmm.ramdelta import DeltaUnsupported

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from embervm.errors import VmmError
-from embervm.vmm._proc import read_stats
+from embervm.vmm._procfs import read_stats
 
 ROLLUP = """55d0c0000000-7ffd8b9fe000 ---p 00000000 00:00 0                          [rollup]
 Rss:              120000 kB

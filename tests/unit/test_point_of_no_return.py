@@ -1,4 +1,5 @@
-"""``embervm.aio``: work past its point of no return finishes, and the caller hears it did."""
+"""``embervm.point_of_no_return``: work past its point of no return finishes, and the caller
+hears it did."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from embervm.aio import past_point_of_no_return
+from embervm.point_of_no_return import past_point_of_no_return
 
 
 async def test_a_cancel_during_the_work_is_withdrawn_and_the_result_returned() -> None:

@@ -1,4 +1,4 @@
-"""Small asyncio helpers shared by the layers."""
+"""``past_point_of_no_return``: finish work that can no longer be undone, whatever cancels."""
 
 from __future__ import annotations
 
