@@ -1,18 +1,23 @@
 """The endpoint proxy: clients reach the apps in their VMs, with a token, over HTTP/1.1,
 HTTP/2 (TLS and h2c), gRPC, WebSocket and server-sent events (docs/PROXY.md).
 
-- ``admission``: host name → VM, target port, token and ingress checks, connection limits.
-- ``h1relay``: HTTP/1.1 on protocol callbacks, every connection's start and the hot path;
-  ``h1wire`` parses HTTP/1.1 heads strictly (and copies bodies raw on streams), ``h1body``
-  finds where a body ends in bytes as they arrive.
-- ``http1`` / ``forced_h2``: the stream-based relays ``h1relay`` hands upgrades and force-h2
-  to; ``h2peer`` drives h2c connections to apps (h2 does that framing).
-- ``http2``: HTTP/2 from clients on protocol callbacks: ``h2server`` frames it (HPACK from
-  ``h2hpack``, request fields checked by ``h2fields``), ``h2toh1`` relays a stream to an
-  HTTP/1.1 app (``h1body.Payload`` unframes the answer), ``h2toh2`` to an h2c app (gRPC).
-- ``shell``: ``/shell`` WebSockets bridged to a PTY in the VM.
-- ``tls``: the local CA and the listener's certificate.
-- ``server``: ``EndpointProxy``, the two listeners.
+Two wings, named after the protocol the client speaks; in each, ``relay_h1`` relays to an
+HTTP/1.1 app and ``relay_h2`` to an h2c app:
+
+- ``h1``: ``relay_h1`` is HTTP/1.1 on protocol callbacks, every connection's start and the hot
+  path; ``session`` the stream-based session it hands upgrades, ``/shell`` and force-h2 to;
+  ``relay_h2`` a force-h2 request sent as h2c; ``wire`` parses HTTP/1.1 heads strictly (and
+  copies bodies raw on streams), ``body`` finds where a body ends in bytes as they arrive.
+- ``h2``: ``session`` is HTTP/2 from clients on protocol callbacks; ``frame_layer`` frames it
+  (``frames`` its vocabulary, ``send`` its sending half, HPACK from ``hpack``, request fields
+  checked by ``fields``); ``relay_h1`` relays a stream to an HTTP/1.1 app (``h1.body.Payload``
+  unframes the answer), ``relay_h2`` to an h2c app (gRPC).
+
+Shared by both: ``server`` (``EndpointProxy``, the two listeners, the choice of wing),
+``admission`` (host name → VM, target port, token and ingress checks, connection limits),
+``shell`` (``/shell`` WebSockets bridged to a PTY in the VM), ``h2c_upstream`` (h2c connections
+to apps, h2 doing that framing), ``streams`` (byte plumbing), ``tls`` (the local CA and the
+listener's certificate).
 """
 
 from embervm.proxy.server import EndpointProxy

@@ -2,12 +2,12 @@
 
 Each listener accepts on its own loop: a connection over the caps (``ConnectionLimits``: in
 all, per source address) is closed as soon as it is accepted, before a TLS handshake or a read;
-the others get their slot and start on ``h1relay.ClientRelay`` (HTTP/1.1 on callbacks, the fast
+the others get their slot and start on ``h1.relay_h1.ClientRelay`` (HTTP/1.1 on callbacks, the fast
 path). TLS connections whose ALPN chose ``h2``, plain ones that open with the HTTP/2 preface
 (h2c with prior knowledge), and HTTP/1.1 requests that turn the connection into something else
 (upgrades, ``/shell``, force-h2) are handed on with the bytes already read, and their slot:
-HTTP/2 to ``http2.Http2Session`` (on callbacks again: it takes the transport back from the
-streams it is given), everything else to the stream-based ``http1`` session. Both listeners
+HTTP/2 to ``h2.session.Http2Session`` (on callbacks again: it takes the transport back from the
+streams it is given), everything else to the stream-based ``h1.session`` session. Both listeners
 serve endpoint traffic and ``/shell``. At start the soft limit on open files is raised to the
 hard one, and the total cap is kept under it.
 """
@@ -28,10 +28,10 @@ from typing import Any
 
 from embervm.config import Settings
 from embervm.proxy.admission import Admission, ConnectionLimits, Slot, TokenVerifier, VmRoutes
-from embervm.proxy.h1relay import ClientRelay
-from embervm.proxy.h1wire import Head
-from embervm.proxy.http1 import Http1Session
-from embervm.proxy.http2 import Http2Session, upgrade_h2c
+from embervm.proxy.h1.relay_h1 import ClientRelay
+from embervm.proxy.h1.session import Http1Session
+from embervm.proxy.h1.wire import Head
+from embervm.proxy.h2.session import Http2Session, upgrade_h2c
 from embervm.proxy.shell import ShellOpener
 from embervm.proxy.streams import streams_over
 from embervm.proxy.tls import ensure_tls, server_context

@@ -23,11 +23,11 @@ from wsproto.utilities import generate_accept_token
 
 from embervm.errors import EmbervmError
 from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Target, subprotocols
-from embervm.proxy.h1wire import serialize
+from embervm.proxy.h1.wire import serialize
 from embervm.proxy.streams import READ_SIZE, Ending, SessionLease
 
 if TYPE_CHECKING:
-    from embervm.proxy.http1 import Http1Session
+    from embervm.proxy.h1.session import Http1Session
 
 log = logging.getLogger("embervm.proxy.shell")
 

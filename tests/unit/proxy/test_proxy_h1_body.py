@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from embervm.proxy.h1body import BodyEnd, Payload
-from embervm.proxy.h1wire import CHUNKED, MAX_CHUNK_LINE, NONE, TO_CLOSE, BadMessage
+from embervm.proxy.h1.body import BodyEnd, Payload
+from embervm.proxy.h1.wire import CHUNKED, MAX_CHUNK_LINE, NONE, TO_CLOSE, BadMessage
 
 CHUNKED_BODY = b"5;name=value\r\nhello\r\n6 ; x\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"
 

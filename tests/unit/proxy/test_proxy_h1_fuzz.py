@@ -1,7 +1,7 @@
 """The strict HTTP/1.1 parsers fed structured-random and mutated heads and chunked bodies, cut
 anywhere.
 
-Whatever arrives, ``h1wire`` and ``h1body`` either accept it or raise their own ``BadMessage``
+Whatever arrives, ``h1.wire`` and ``h1.body`` either accept it or raise their own ``BadMessage``
 (never another exception); what they accept keeps its promises (a head that parses forwards
 no connection-specific field and canonical framing; the response summary agrees with the full
 parser); a body is found to end exactly where its framing says, however it is split, and
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embervm.proxy.h1body import BodyEnd, Payload
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1.body import BodyEnd, Payload
+from embervm.proxy.h1.wire import (
     CHUNKED,
     HOP_BY_HOP,
     MAX_CHUNK_LINE,

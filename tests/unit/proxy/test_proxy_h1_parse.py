@@ -1,4 +1,4 @@
-"""``h1wire``'s head parser and framing rules, byte for byte: what smuggling needs (two
+"""``h1.wire``'s head parser and framing rules, byte for byte: what smuggling needs (two
 lengths, chunked beside a length, obs-fold, bare CR or LF, "name :") is refused; what RFC 9112
 allows is read the way the app will read it."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1.wire import (
     CHUNKED,
     MAX_FIELDS,
     NONE,

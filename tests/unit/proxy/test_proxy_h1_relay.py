@@ -1,4 +1,4 @@
-"""The HTTP/1.1 relay (``h1relay``) against raw apps written byte by byte: the token is checked
+"""The HTTP/1.1 relay (``h1.relay_h1``) against raw apps written byte by byte: the token is checked
 on every request of a kept connection, a cut answer cuts the client's connection, an app that
 says more than its answer is not reused, neither side is buffered without bound
 (backpressure), timeouts end idle connections."""
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 from tests.unit.proxy.conftest import OTHER, VM, Rig, suspended, until
 
-from embervm.proxy import h1relay
+from embervm.proxy.h1 import relay_h1
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -257,8 +257,8 @@ async def test_an_answer_is_not_buffered_while_the_client_does_not_read(rig: Rig
 async def test_idle_connections_end_at_their_timeouts(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(h1relay, "FIRST_REQUEST_TIMEOUT", 0.3)
-    monkeypatch.setattr(h1relay, "KEEPALIVE_TIMEOUT", 0.3)
+    monkeypatch.setattr(relay_h1, "FIRST_REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(relay_h1, "KEEPALIVE_TIMEOUT", 0.3)
     async with raw_app(answer_ok) as app:
         silent_reader, silent = await asyncio.open_connection("127.0.0.1", rig.proxy.http_port)
         assert await asyncio.wait_for(silent_reader.read(-1), 5) == b""

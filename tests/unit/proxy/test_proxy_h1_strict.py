@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from tests.unit.proxy.conftest import DOMAIN, VM, Rig
 
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1.wire import (
     CHUNKED,
     HOP_BY_HOP,
     BadMessage,

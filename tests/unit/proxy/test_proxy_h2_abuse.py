@@ -18,8 +18,8 @@ from tests.unit.proxy.test_proxy_h2_frames import (
     u32,
 )
 
-from embervm.proxy.h2frames import Stream
-from embervm.proxy.h2server import ABUSE_CREDIT, ENHANCE_YOUR_CALM, PROTOCOL_ERROR, H2Server
+from embervm.proxy.h2.frame_layer import ABUSE_CREDIT, ENHANCE_YOUR_CALM, PROTOCOL_ERROR, H2Server
+from embervm.proxy.h2.frames import Stream
 
 BLOCKED = 256
 
@@ -33,7 +33,7 @@ def client() -> Client:
 
 class Answerer(Recorder):
     """A session that answers every request at once with ``body`` (and ends the stream when
-    ``end``): a 404 as ``http2`` answered it before A2, or an app's answer still going on."""
+    ``end``): a 404 as ``h2.session`` answered it before A2, or an app's answer still going on."""
 
     def __init__(self, server: H2Server, body: bytes, end: bool) -> None:
         super().__init__()

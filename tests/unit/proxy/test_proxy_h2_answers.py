@@ -1,10 +1,11 @@
-"""What an app's HTTP/1.1 answer becomes for an HTTP/2 client (``h2toh1.response_fields``): the
-same rules as the HTTP/1.1 relay (audit A15, A18), from the same list (``h1wire.HOP_BY_HOP_H2``)."""
+"""What an app's HTTP/1.1 answer becomes for an HTTP/2 client (``h2.relay_h1.response_fields``):
+the same rules as the HTTP/1.1 relay (audit A15, A18), from the same list
+(``h1.wire.HOP_BY_HOP_H2``)."""
 
 from __future__ import annotations
 
-from embervm.proxy.h1wire import parse_response
-from embervm.proxy.h2toh1 import response_fields
+from embervm.proxy.h1.wire import parse_response
+from embervm.proxy.h2.relay_h1 import response_fields
 
 
 def _fields(raw: bytes) -> tuple[dict[bytes, bytes], bool]:

@@ -1,4 +1,4 @@
-"""The HTTP/2 frame layer (``h2server``) without I/O: the client's side is written here with
+"""The HTTP/2 frame layer (``h2.frame_layer``) without I/O: the client's side is written here with
 hyperframe and hpack (h2's own parts), so every check sees the bytes a peer would."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from embervm.proxy.h2fields import Malformed, Request, check_fields
-from embervm.proxy.h2server import (
+from embervm.proxy.h2.fields import Malformed, Request, check_fields
+from embervm.proxy.h2.frame_layer import (
     ABUSE_CREDIT,
     COMPRESSION_ERROR,
     ENHANCE_YOUR_CALM,

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embervm.proxy.h2fields import Request
-from embervm.proxy.h2frames import GOAWAY, MAX_STREAMS, PREFACE, SETTINGS, U32, frame
-from embervm.proxy.h2server import H2Server
+from embervm.proxy.h2.fields import Request
+from embervm.proxy.h2.frame_layer import H2Server
+from embervm.proxy.h2.frames import GOAWAY, MAX_STREAMS, PREFACE, SETTINGS, U32, frame
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""HPACK decoding (``h2hpack``): what RFC 7541 refuses is refused, what it allows decodes as it
+"""HPACK decoding (``h2.hpack``): what RFC 7541 refuses is refused, what it allows decodes as it
 was encoded, and no block an attacker sends makes jh2's Rust core write to stderr."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.unit.proxy.test_proxy_h2_frames import Client, goaway, raw
 
-from embervm.proxy.h2hpack import HeaderDecoder, HpackError
-from embervm.proxy.h2server import COMPRESSION_ERROR
+from embervm.proxy.h2.frame_layer import COMPRESSION_ERROR
+from embervm.proxy.h2.hpack import HeaderDecoder, HpackError
 
 # Blocks that made jh2 0.5.15 panic (found by feeding it random bytes): each one cut inside an
 # integer or a string. With RUST_BACKTRACE set each wrote a backtrace of ~10 KB to stderr.
@@ -93,7 +93,7 @@ def test_a_cut_or_mutated_block_is_decoded_or_refused(
 def test_blocks_that_made_jh2_panic_write_nothing_to_stderr() -> None:
     script = (
         "import sys\n"
-        "from embervm.proxy.h2hpack import HeaderDecoder, HpackError\n"
+        "from embervm.proxy.h2.hpack import HeaderDecoder, HpackError\n"
         f"for block in {PANICKING!r}:\n"
         "    try:\n"
         "        HeaderDecoder(65536).decode(block)\n"

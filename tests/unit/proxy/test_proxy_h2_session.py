@@ -16,8 +16,8 @@ from tests.unit.proxy.conftest import HOST, App, Rig
 from tests.unit.proxy.test_proxy_force_h2 import h2c_app
 from tests.unit.proxy.test_proxy_h2_relay import Client
 
-from embervm.proxy import http2
-from embervm.proxy.h2toh2 import MAX_H2_TARGETS
+from embervm.proxy.h2 import session as h2_session
+from embervm.proxy.h2.relay_h2 import MAX_H2_TARGETS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,8 +47,8 @@ async def test_a_refusal_ends_its_stream_for_a_client_that_grants_no_window(rig:
 @pytest.fixture
 def short_deadlines(monkeypatch: pytest.MonkeyPatch) -> float:
     """The first-request deadline and the session's tick, shortened alike (30 s and 5 s)."""
-    monkeypatch.setattr(http2, "FIRST_REQUEST_TIMEOUT", 0.3)
-    monkeypatch.setattr(http2, "TICK", 0.05)
+    monkeypatch.setattr(h2_session, "FIRST_REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(h2_session, "TICK", 0.05)
     return 0.3
 
 
@@ -91,16 +91,16 @@ async def test_a_connection_with_a_valid_token_outlives_the_first_request_deadli
 
 
 @pytest.fixture
-def sessions(monkeypatch: pytest.MonkeyPatch) -> list[http2.ClientSession]:
+def sessions(monkeypatch: pytest.MonkeyPatch) -> list[h2_session.ClientSession]:
     """Every client session the proxy makes, to look at what it holds."""
-    made: list[http2.ClientSession] = []
-    init = http2.ClientSession.__init__
+    made: list[h2_session.ClientSession] = []
+    init = h2_session.ClientSession.__init__
 
-    def recorded(self: http2.ClientSession, *args: Any) -> None:
+    def recorded(self: h2_session.ClientSession, *args: Any) -> None:
         init(self, *args)
         made.append(self)
 
-    monkeypatch.setattr(http2.ClientSession, "__init__", recorded)
+    monkeypatch.setattr(h2_session.ClientSession, "__init__", recorded)
     return made
 
 
@@ -134,7 +134,7 @@ async def settled(measure: Callable[[], int]) -> int:
 
 
 async def test_what_a_client_that_grants_no_window_pins_is_bounded(
-    rig: Rig, sessions: list[http2.ClientSession], endless_app: int
+    rig: Rig, sessions: list[h2_session.ClientSession], endless_app: int
 ) -> None:
     client = await Client.open(rig, NO_WINDOW)  # and the connection's 64 KiB, never renewed
     try:
@@ -143,7 +143,9 @@ async def test_what_a_client_that_grants_no_window_pins_is_bounded(
         await client.read(ack=False)
         (session,) = sessions
         held = await settled(lambda: session.engine.held_bytes)
-        assert held <= http2.HELD_BUDGET + 256 * 1024  # was one app read per stream: 32 of them
+        assert (
+            held <= h2_session.HELD_BUDGET + 256 * 1024
+        )  # was one app read per stream: 32 of them
         assert session.client_full
     finally:
         await client.close()

@@ -5,12 +5,12 @@ length, chunk sizes, trailers, or the connection's end) to tell where the next m
 ``Payload`` follows the same framing and also hands back the payload without chunk lines, for
 relays that re-frame it (HTTP/2 DATA frames); a chunked body's trailers are checked and
 dropped. Nothing is kept but a partial chunk-size or trailer line (at most ``MAX_CHUNK_LINE``
-bytes). Chunk lines and trailers are checked as strictly as ``h1wire`` checks them on streams.
+bytes). Chunk lines and trailers are checked as strictly as ``h1.wire`` checks them on streams.
 """
 
 from __future__ import annotations
 
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1.wire import (
     CHUNKED,
     CRLF,
     MAX_CHUNK_LINE,

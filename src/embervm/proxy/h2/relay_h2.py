@@ -3,7 +3,7 @@
 
 The rare path, so a task per stream: the client's body and trailers come through a queue, the
 answer goes to the frame layer, and the app's side is an h2 connection per VM port kept by the
-session (``forced_h2.H2Upstream``, h2 doing its framing). Data is acknowledged to the app only
+session (``h1.relay_h2.H2Upstream``, h2 doing its framing). Data is acknowledged to the app only
 once the client's window and connection took it, and to the client only once the app's h2
 connection took it: backpressure end to end.
 """
@@ -17,13 +17,13 @@ import logging
 import h2.events as ev
 
 from embervm.proxy.admission import Admission, Refusal, Target, strip_headers
-from embervm.proxy.forced_h2 import H2Upstream
-from embervm.proxy.h1wire import HOP_BY_HOP_H2, host_only_cookie
-from embervm.proxy.h2fields import Request
-from embervm.proxy.h2hpack import Header
-from embervm.proxy.h2peer import H2Peer, StreamGone
-from embervm.proxy.h2server import CANCEL
-from embervm.proxy.h2toh1 import Owner
+from embervm.proxy.h1.relay_h2 import H2Upstream
+from embervm.proxy.h1.wire import HOP_BY_HOP_H2, host_only_cookie
+from embervm.proxy.h2.fields import Request
+from embervm.proxy.h2.frame_layer import CANCEL
+from embervm.proxy.h2.hpack import Header
+from embervm.proxy.h2.relay_h1 import Owner
+from embervm.proxy.h2c_upstream import H2Peer, StreamGone
 
 log = logging.getLogger("embervm.proxy.http2")
 

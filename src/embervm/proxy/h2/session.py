@@ -1,13 +1,13 @@
 """HTTP/2 from a client (TLS with ALPN ``h2``, h2c with prior knowledge, or ``Upgrade: h2c``)
 to an app in a VM, on protocol callbacks.
 
-``ClientSession`` is the protocol of the client's connection: ``h2server`` does the framing,
+``ClientSession`` is the protocol of the client's connection: ``h2.frame_layer`` does the framing,
 each request is admitted on its own (``:authority`` picks the VM; token on every request) in
 the callback that read it when core's view of the VM is fresh (``Admission.admit_now``), in a
 task otherwise (resolve, auto-resume) or when a new app connection must be opened. Plain
-requests go to the app as HTTP/1.1 over kept connections (``h2toh1``: no task or queue per
+requests go to the app as HTTP/1.1 over kept connections (``h2.relay_h1``: no task or queue per
 stream); gRPC and ``X-aws-proxy-force-h2: true`` go as h2c over one multiplexed connection per
-VM port (``h2toh2``, a task per stream). What the frame layer has to send leaves in one write
+VM port (``h2.relay_h2``, a task per stream). What the frame layer has to send leaves in one write
 per turn of the event loop.
 
 Timeouts: 30 s for a connection that has sent no request with a valid token (from the
@@ -23,7 +23,6 @@ import base64
 import logging
 from typing import cast
 
-from embervm.proxy import h2fields
 from embervm.proxy.admission import (
     AUTH_HEADER,
     FORCE_H2_HEADER,
@@ -33,13 +32,14 @@ from embervm.proxy.admission import (
     Refusal,
     Target,
 )
-from embervm.proxy.h1wire import HOP_BY_HOP_H2, Head
-from embervm.proxy.h2fields import Malformed, Request
-from embervm.proxy.h2hpack import Header
-from embervm.proxy.h2server import CANCEL, H2Server
-from embervm.proxy.h2toh1 import H1Exchange, LinkPool
-from embervm.proxy.h2toh2 import H2Exchange, H2Upstreams
-from embervm.proxy.http1 import FIRST_REQUEST_TIMEOUT
+from embervm.proxy.h1.session import FIRST_REQUEST_TIMEOUT
+from embervm.proxy.h1.wire import HOP_BY_HOP_H2, Head
+from embervm.proxy.h2 import fields as request_fields
+from embervm.proxy.h2.fields import Malformed, Request
+from embervm.proxy.h2.frame_layer import CANCEL, H2Server
+from embervm.proxy.h2.hpack import Header
+from embervm.proxy.h2.relay_h1 import H1Exchange, LinkPool
+from embervm.proxy.h2.relay_h2 import H2Exchange, H2Upstreams
 from embervm.proxy.streams import close_quietly
 
 log = logging.getLogger("embervm.proxy.http2")
@@ -50,7 +50,7 @@ TICK = 5.0  # how often a connection looks at its streams' and its own idle time
 # Answer bytes the frame layer may hold for a client that grants no window before every app
 # connection of the client's connection stops being read (B7). What a connection can pin, in
 # all: this, plus one app read that came before the pause (256 KiB), plus the h2c apps'
-# windows (h2toh2.MAX_H2_TARGETS x 1 MiB), plus the client's own window (1 MiB): under 7 MiB.
+# windows (h2.relay_h2.MAX_H2_TARGETS x 1 MiB), plus the client's own window (1 MiB): under 7 MiB.
 HELD_BUDGET = 1024 * 1024
 HAND_OVER_READ = 1 << 30  # "everything buffered": the bytes read before the hand-over
 BAD_UPGRADE = (
@@ -166,7 +166,7 @@ class ClientSession(asyncio.Protocol):
         self.flush_soon()
         self.timer = self.loop.call_later(TICK, self._tick)
 
-    # -- streams (h2server's calls) ----------------------------------------------------------
+    # -- streams (h2.frame_layer's calls) ----------------------------------------------------------
 
     def on_request(self, stream_id: int, request: Request, ended: bool) -> None:
         fields = dict(request.fields)
@@ -295,7 +295,7 @@ class ClientSession(asyncio.Protocol):
 
 
 class Http2Session:
-    """Serves a connection handed over as streams (``h1relay`` read its first bytes): takes the
+    """Serves a connection handed over as streams (``h1.relay_h1`` read its first bytes): takes the
     bytes the streams hold and gives the transport to a ``ClientSession``."""
 
     def __init__(
@@ -341,7 +341,7 @@ def _upgrade_request(request: Head) -> Request:
                              (b":authority", request.get(b"host") or b""),
                              (b":path", request.target)]  # fmt: skip
     headers += [(k, v) for k, v in request.fields if k not in HOP_BY_HOP_H2]
-    return h2fields.request(headers)
+    return request_fields.request(headers)
 
 
 async def upgrade_h2c(

@@ -2,8 +2,8 @@
 
 ``H1Exchange`` writes the request head (built by ``request_head``) to a kept app connection
 (``AppLink``, from the session's ``LinkPool``), forwards the client's DATA as it comes (chunked
-when the client gave no length) and reads the answer: the head parsed strictly (``h1wire``),
-the body's payload unframed (``h1body.Payload``) and handed to the frame layer as it arrives; a
+when the client gave no length) and reads the answer: the head parsed strictly (``h1.wire``),
+the body's payload unframed (``h1.body.Payload``) and handed to the frame layer as it arrives; a
 small whole answer leaves in one write with the next ones of the same loop turn.
 
 Backpressure both ways: client DATA is acknowledged to the client (its window renewed) only
@@ -20,8 +20,9 @@ import asyncio
 from typing import Protocol, cast
 
 from embervm.proxy.admission import PROXY_HEADER_PREFIX, Admission, Target
-from embervm.proxy.h1body import Payload
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1.body import Payload
+from embervm.proxy.h1.session import MAX_HEAD
+from embervm.proxy.h1.wire import (
     HEAD_END,
     HOP_BY_HOP_H2,
     NONE,
@@ -32,17 +33,16 @@ from embervm.proxy.h1wire import (
     parse_response,
     response_framing,
 )
-from embervm.proxy.h2fields import Request
-from embervm.proxy.h2hpack import Header
-from embervm.proxy.h2server import INTERNAL_ERROR, H2Server
-from embervm.proxy.http1 import MAX_HEAD
+from embervm.proxy.h2.fields import Request
+from embervm.proxy.h2.frame_layer import INTERNAL_ERROR, H2Server
+from embervm.proxy.h2.hpack import Header
 from embervm.proxy.streams import CONNECT_TIMEOUT
 
 MAX_IDLE = 16  # kept app connections per target and client connection
 
 
 def request_head(request: Request, ended: bool) -> tuple[bytes, bool]:
-    """The HTTP/1.1 head for the app (``h2fields`` checked every byte of it) and whether the
+    """The HTTP/1.1 head for the app (``h2.fields`` checked every byte of it) and whether the
     body goes chunked (the client gave no length and did not end the stream)."""
     host = request.authority
     lines: list[bytes] = []

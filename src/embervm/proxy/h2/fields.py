@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from embervm.proxy.h2hpack import Header
+from embervm.proxy.h2.hpack import Header
 
 _TCHAR_LOWER = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 _FIELD_VALUE = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # VCHAR SP HTAB obs

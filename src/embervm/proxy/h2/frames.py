@@ -1,13 +1,13 @@
-"""HTTP/2's vocabulary for ``h2server``: frame types, flags, error codes, our limits, the frame
-header, and the per-stream record (RFC 9113 §4, §6, §7)."""
+"""HTTP/2's vocabulary for ``frame_layer``: frame types, flags, error codes, our limits, the
+frame header, and the per-stream record (RFC 9113 §4, §6, §7)."""
 
 from __future__ import annotations
 
 import struct
 from typing import Protocol
 
-from embervm.proxy.h2fields import Request
-from embervm.proxy.h2hpack import Header
+from embervm.proxy.h2.fields import Request
+from embervm.proxy.h2.hpack import Header
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_FRAME = 16384  # what we accept (the default: we never announce more)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import h2.events as ev
 
 from embervm.proxy.admission import Target, strip_headers
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1.wire import (
     CRLF,
     HOP_BY_HOP_H2,
     NONE,
@@ -26,11 +26,11 @@ from embervm.proxy.h1wire import (
     serialize,
     status_line,
 )
-from embervm.proxy.h2peer import H2Peer, Header, StreamGone, new_connection
+from embervm.proxy.h2c_upstream import H2Peer, Header, StreamGone, new_connection
 from embervm.proxy.streams import READ_SIZE, open_upstream
 
 if TYPE_CHECKING:
-    from embervm.proxy.http1 import Http1Session
+    from embervm.proxy.h1.session import Http1Session
 
 IDLE_TIMEOUT = 120.0
 BODY_TIMEOUT = 300.0

@@ -1,13 +1,13 @@
-"""HTTP/1.1 from a client to an app in a VM, on streams: the connections ``h1relay`` hands
+"""HTTP/1.1 from a client to an app in a VM, on streams: the connections ``h1.relay_h1`` hands
 over when a request turns the connection into something else.
 
-One ``Http1Session`` per such connection: each request head is parsed strictly (``h1wire``),
+One ``Http1Session`` per such connection: each request head is parsed strictly (``h1.wire``),
 admitted, stripped of the proxy's own fields and written to the app over a connection kept for
 the next request to the same VM and port. Bodies are copied as they are, both ways at once,
 with backpressure (``drain``). A WebSocket (or other) upgrade the app accepts with 101 turns the
 connection into a byte splice; ``/shell`` upgrades go to ``shell``; ``Upgrade: h2c`` on the
 plain listener hands the connection to the HTTP/2 session; ``X-aws-proxy-force-h2: true``
-sends the request to the app as h2c (``forced_h2``). Plain requests that follow on the same
+sends the request to the app as h2c (``h1.relay_h2``). Plain requests that follow on the same
 connection are served here too.
 """
 
@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from embervm.proxy import forced_h2
 from embervm.proxy.admission import FORCE_H2_HEADER, Admission, Refusal, Target, strip_headers
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1 import relay_h2
+from embervm.proxy.h1.wire import (
     NONE,
     TO_CLOSE,
     BadMessage,
@@ -86,7 +86,7 @@ class Http1Session:
         self.shells = shells
         self.h2c = h2c
         self.upstream: Upstream | None = None
-        self.h2_upstream: forced_h2.H2Upstream | None = None
+        self.h2_upstream: relay_h2.H2Upstream | None = None
         self.answered = False  # a response head went to the client for the current request
 
     async def refuse(self, status: int, message: str) -> None:
@@ -295,7 +295,7 @@ class Http1Session:
                 await self.refuse(refusal.status, refusal.message)
                 return False
             try:
-                app = await forced_h2.H2Upstream.open(target)
+                app = await relay_h2.H2Upstream.open(target)
             except BaseException as exc:
                 self.admission.closed(target.microvm_id)
                 if not isinstance(exc, OSError | TimeoutError):
@@ -304,7 +304,7 @@ class Http1Session:
                 return False
             self.h2_upstream = app
         try:
-            return await forced_h2.relay(self, app, head, framing)
+            return await relay_h2.relay(self, app, head, framing)
         except (TimeoutError, ConnectionError, BadMessage, asyncio.IncompleteReadError) as exc:
             log.debug("h2c exchange failed: %r", exc)
             if not self.answered:

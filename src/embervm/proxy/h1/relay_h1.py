@@ -1,14 +1,14 @@
 """HTTP/1.1 from a client to an app, on protocol callbacks: the proxy's hot path.
 
 ``ClientRelay`` is the protocol of a client connection; ``AppLink`` the protocol of the
-connection it keeps to the app's port. Each request head is parsed strictly (``h1wire``),
+connection it keeps to the app's port. Each request head is parsed strictly (``h1.wire``),
 admitted (token on every request, VM, port, ingress), stripped of the proxy's own fields and
 written to the app in one write with whatever body bytes came with it; the rest of the body
-and the answer are forwarded as they arrive, ``h1body`` following the framing only to find
+and the answer are forwarded as they arrive, ``h1.body`` following the framing only to find
 where each message ends. Backpressure: a side whose peer's write buffer is full stops being
 read until it drains. Pipelined requests wait in a bounded buffer for their turn.
 
-No coroutine or stream per request: the streams relay (``http1``) cost ~70 µs of CPU per
+No coroutine or stream per request: the streams relay (``h1.session``) cost ~70 µs of CPU per
 request, mostly in the machinery around the bytes. The rare cases, where the relay would have
 to become something else, are handed to the stream-based sessions with the bytes already read:
 upgrades (WebSocket, ``/shell``, h2c), ``X-aws-proxy-force-h2``, HTTP/2 (prior knowledge on the
@@ -37,8 +37,14 @@ from embervm.proxy.admission import (
     Target,
     strip_headers,
 )
-from embervm.proxy.h1body import NO_BODY, BodyEnd
-from embervm.proxy.h1wire import (
+from embervm.proxy.h1.body import NO_BODY, BodyEnd
+from embervm.proxy.h1.session import (
+    BODY_IDLE_TIMEOUT,
+    FIRST_REQUEST_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    MAX_HEAD,
+)
+from embervm.proxy.h1.wire import (
     HEAD_END,
     NONE,
     BadMessage,
@@ -50,12 +56,6 @@ from embervm.proxy.h1wire import (
     response_summary,
     serialize,
     status_line,
-)
-from embervm.proxy.http1 import (
-    BODY_IDLE_TIMEOUT,
-    FIRST_REQUEST_TIMEOUT,
-    KEEPALIVE_TIMEOUT,
-    MAX_HEAD,
 )
 from embervm.proxy.streams import CONNECT_TIMEOUT
 

@@ -1,4 +1,4 @@
-"""The sending half of ``h2server``: answers framed within the client's flow-control windows.
+"""The sending half of ``h2.frame_layer``: answers framed within the client's flow-control windows.
 
 What the client has no window for is held per stream, and each held stream waits in one of two
 sets: blocked on the connection's window, or on its own. A connection WINDOW_UPDATE visits only
@@ -9,7 +9,7 @@ all the streams hold: the session stops reading its apps while it is above its b
 
 from __future__ import annotations
 
-from embervm.proxy.h2frames import (
+from embervm.proxy.h2.frames import (
     ABUSE_CREDIT,
     CLOSED_MEMORY,
     CONTINUATION,
@@ -30,7 +30,7 @@ from embervm.proxy.h2frames import (
     StreamHandler,
     frame,
 )
-from embervm.proxy.h2hpack import Header, HeaderEncoder
+from embervm.proxy.h2.hpack import Header, HeaderEncoder
 
 
 class H2Sending:

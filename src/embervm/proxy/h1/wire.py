@@ -259,7 +259,7 @@ def _framing(lengths: list[bytes], codings: list[bytes]) -> tuple[bool, int | No
             return True, None
     if not lengths:
         return False, None
-    if len(lengths) == 1 and lengths[0].find(b",") < 0:  # find: see h2fields._values_ok
+    if len(lengths) == 1 and lengths[0].find(b",") < 0:  # find: see h2.fields._values_ok
         length = lengths[0].strip()  # the usual case, without building a set
     else:
         values = {v.strip() for value in lengths for v in value.split(b",")}

@@ -5,8 +5,8 @@ each request, body piece, end and reset; what the session sends (``send_headers`
 ``send_data``, ``reset``) and what the protocol itself answers (SETTINGS and PING
 acknowledgements, WINDOW_UPDATE, GOAWAY) is appended to ``out``, which the session writes
 once per turn of the event loop. HPACK is jh2's compiled codec behind a structural check
-(``h2hpack``); request header lists are checked by ``h2fields``; the sending half is
-``h2send``.
+(``h2.hpack``); request header lists are checked by ``h2.fields``; the sending half is
+``h2.send``.
 
 Written here rather than taken from h2 because h2's state machine costs ~50 µs per request on
 this machine even with jh2's HPACK (docs/ARCHITECTURE.md, "Where the code departs from the
@@ -39,9 +39,9 @@ design"). What it enforces:
 
 from __future__ import annotations
 
-from embervm.proxy import h2fields
-from embervm.proxy.h2fields import Malformed, Request
-from embervm.proxy.h2frames import (
+from embervm.proxy.h2 import fields as request_fields
+from embervm.proxy.h2.fields import Malformed, Request
+from embervm.proxy.h2.frames import (
     ABUSE_CREDIT,
     ACK,
     CANCEL,
@@ -86,8 +86,8 @@ from embervm.proxy.h2frames import (
     StreamHandler,
     frame,
 )
-from embervm.proxy.h2hpack import Header, HeaderDecoder, HeaderEncoder, HpackError
-from embervm.proxy.h2send import H2Sending
+from embervm.proxy.h2.hpack import Header, HeaderDecoder, HeaderEncoder, HpackError
+from embervm.proxy.h2.send import H2Sending
 
 __all__ = [
     "ABUSE_CREDIT",
@@ -295,7 +295,7 @@ class H2Server(H2Sending):
             self._rst(stream_id, PROTOCOL_ERROR if flags & SELF_DEPENDENT else REFUSED_STREAM)
             return
         try:
-            request = h2fields.request(headers)
+            request = request_fields.request(headers)
         except Malformed:
             self._spend()
             self._rst(stream_id, PROTOCOL_ERROR)
@@ -316,7 +316,7 @@ class H2Server(H2Sending):
         try:
             if not flags & END_STREAM or flags & SELF_DEPENDENT:
                 raise Malformed("trailers must end the stream")
-            h2fields.trailers(headers)
+            request_fields.trailers(headers)
             self._check_length(stream)
         except Malformed:
             self._stream_error(stream.id, PROTOCOL_ERROR)
