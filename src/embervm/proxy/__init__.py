@@ -16,7 +16,8 @@ HTTP/1.1 app and ``relay_h2`` to an h2c app:
 Shared by both: ``server`` (``EndpointProxy``, the two listeners, the choice of wing),
 ``admission`` (host name → VM, target port, token and ingress checks, connection limits),
 ``shell`` (``/shell`` WebSockets bridged to a PTY in the VM), ``h2c_upstream`` (h2c connections
-to apps, h2 doing that framing), ``streams`` (byte plumbing), ``tls`` (the local CA and the
+to apps, h2 doing that framing), ``limits`` (the limits, timeouts and connection-specific field
+sets more than one module reads), ``streams`` (byte plumbing), ``tls`` (the local CA and the
 listener's certificate).
 """
 

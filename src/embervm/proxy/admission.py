@@ -24,7 +24,8 @@ from embervm.errors import (
     InsufficientCapacityError,
     NotFoundError,
 )
-from embervm.proxy.streams import SESSION_IDLE_TIMEOUT, TOKEN_CHECK_INTERVAL, SessionLease
+from embervm.proxy.limits import SESSION_IDLE_TIMEOUT, TOKEN_CHECK_INTERVAL
+from embervm.proxy.streams import SessionLease
 
 log = logging.getLogger("embervm.proxy")
 

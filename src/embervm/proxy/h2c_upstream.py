@@ -1,5 +1,7 @@
 """One h2c connection to an app (the client side) driven by h2: a read loop that hands each
-stream's events to that stream's queue, and flow-controlled sends.
+stream's events to that stream's queue, and flow-controlled sends (``H2Peer``); ``H2Upstream``
+is such a connection to one VM port with the task that reads it, as a client's session keeps it
+(both wings' ``relay_h2``: force-h2 and gRPC).
 
 Data is acknowledged (the peer's window reopened) only when whoever consumed it says so, so
 a slow reader on one side slows the writer on the other: backpressure end to end.
@@ -17,11 +19,14 @@ from h2.connection import H2Connection
 from h2.exceptions import H2Error, StreamClosedError
 from h2.settings import SettingCodes, Settings
 
-from embervm.proxy.streams import READ_SIZE, close_quietly
+from embervm.proxy.admission import Target
+from embervm.proxy.limits import READ_SIZE
+from embervm.proxy.streams import close_quietly, open_upstream
 
 WINDOW = 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
 MAX_STREAMS = 256
+IDLE_TIMEOUT = 120.0  # an app connection without a stream is closed after this
 
 StreamEvent = ev.Event | None  # None: the connection is gone
 Header = tuple[bytes, bytes]
@@ -177,3 +182,29 @@ class H2Peer:
             self.conn.close_connection()
             self.write_pending()
         await close_quietly(self.writer)
+
+
+class H2Upstream:
+    """One h2c connection to an app port and the task that reads it."""
+
+    def __init__(self, target: Target, peer: H2Peer) -> None:
+        self.target = target
+        self.peer = peer
+        self.reading = asyncio.create_task(peer.read_loop(IDLE_TIMEOUT))
+
+    @classmethod
+    async def open(cls, target: Target) -> H2Upstream:
+        reader, writer = await open_upstream(target.address, target.port)
+        peer = H2Peer(reader, writer, new_connection())
+        peer.start()
+        await peer.flush()
+        return cls(target, peer)
+
+    def usable(self, target: Target) -> bool:
+        return self.target == target and not self.peer.closed and not self.reading.done()
+
+    async def close(self) -> None:
+        self.reading.cancel()
+        with contextlib.suppress(BaseException):
+            await self.reading
+        await self.peer.close()

@@ -24,7 +24,8 @@ from wsproto.utilities import generate_accept_token
 from embervm.errors import EmbervmError
 from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Target, subprotocols
 from embervm.proxy.h1.wire import serialize
-from embervm.proxy.streams import READ_SIZE, Ending, SessionLease
+from embervm.proxy.limits import READ_SIZE
+from embervm.proxy.streams import Ending, SessionLease
 
 if TYPE_CHECKING:
     from embervm.proxy.h1.session import Http1Session

@@ -9,11 +9,9 @@ import enum
 import time
 from collections.abc import Callable
 
-READ_SIZE = 64 * 1024
-CONNECT_TIMEOUT = 10.0
+from embervm.proxy.limits import CONNECT_TIMEOUT, READ_SIZE, TOKEN_CHECK_INTERVAL
+
 STREAM_LIMIT = 64 * 1024  # a StreamReader's line and head limit (asyncio.start_server's own)
-SESSION_IDLE_TIMEOUT = 600.0  # a spliced session without a byte either way (the default)
-TOKEN_CHECK_INTERVAL = 5.0  # how often a spliced session asks whether its token is still good
 
 
 class Ending(enum.StrEnum):

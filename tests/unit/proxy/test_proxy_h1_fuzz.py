@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from embervm.proxy.h1.body import BodyEnd, Payload
 from embervm.proxy.h1.wire import (
     CHUNKED,
-    HOP_BY_HOP,
     MAX_CHUNK_LINE,
     BadMessage,
     forwarded_fields,
@@ -31,6 +30,7 @@ from embervm.proxy.h1.wire import (
     response_framing,
     response_summary,
 )
+from embervm.proxy.limits import HOP_BY_HOP
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,6 @@ from tests.unit.proxy.conftest import DOMAIN, VM, Rig
 
 from embervm.proxy.h1.wire import (
     CHUNKED,
-    HOP_BY_HOP,
     BadMessage,
     forwarded_fields,
     host_only_cookie,
@@ -24,6 +23,7 @@ from embervm.proxy.h1.wire import (
     request_framing,
     response_summary,
 )
+from embervm.proxy.limits import HOP_BY_HOP
 
 pytestmark = pytest.mark.timeout(60)
 

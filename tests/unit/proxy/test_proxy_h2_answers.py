@@ -1,6 +1,6 @@
 """What an app's HTTP/1.1 answer becomes for an HTTP/2 client (``h2.relay_h1.response_fields``):
 the same rules as the HTTP/1.1 relay (audit A15, A18), from the same list
-(``h1.wire.HOP_BY_HOP_H2``)."""
+(``limits.HOP_BY_HOP_H2``)."""
 
 from __future__ import annotations
 

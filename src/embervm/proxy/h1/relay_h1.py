@@ -38,12 +38,6 @@ from embervm.proxy.admission import (
     strip_headers,
 )
 from embervm.proxy.h1.body import NO_BODY, BodyEnd
-from embervm.proxy.h1.session import (
-    BODY_IDLE_TIMEOUT,
-    FIRST_REQUEST_TIMEOUT,
-    KEEPALIVE_TIMEOUT,
-    MAX_HEAD,
-)
 from embervm.proxy.h1.wire import (
     HEAD_END,
     NONE,
@@ -57,7 +51,13 @@ from embervm.proxy.h1.wire import (
     serialize,
     status_line,
 )
-from embervm.proxy.streams import CONNECT_TIMEOUT
+from embervm.proxy.limits import (
+    BODY_IDLE_TIMEOUT,
+    CONNECT_TIMEOUT,
+    FIRST_REQUEST_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    MAX_HEAD,
+)
 
 log = logging.getLogger("embervm.proxy.h1relay")
 

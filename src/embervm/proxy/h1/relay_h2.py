@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 
 import h2.events as ev
 
-from embervm.proxy.admission import Target, strip_headers
+from embervm.proxy.admission import strip_headers
 from embervm.proxy.h1.wire import (
     CRLF,
-    HOP_BY_HOP_H2,
     NONE,
     Head,
     body_chunks,
@@ -26,40 +25,11 @@ from embervm.proxy.h1.wire import (
     serialize,
     status_line,
 )
-from embervm.proxy.h2c_upstream import H2Peer, Header, StreamGone, new_connection
-from embervm.proxy.streams import READ_SIZE, open_upstream
+from embervm.proxy.h2c_upstream import H2Peer, H2Upstream, Header, StreamGone
+from embervm.proxy.limits import BODY_IDLE_TIMEOUT, HOP_BY_HOP_H2, READ_SIZE
 
 if TYPE_CHECKING:
     from embervm.proxy.h1.session import Http1Session
-
-IDLE_TIMEOUT = 120.0
-BODY_TIMEOUT = 300.0
-
-
-class H2Upstream:
-    """One h2c connection to an app port and the task that reads it."""
-
-    def __init__(self, target: Target, peer: H2Peer) -> None:
-        self.target = target
-        self.peer = peer
-        self.reading = asyncio.create_task(peer.read_loop(IDLE_TIMEOUT))
-
-    @classmethod
-    async def open(cls, target: Target) -> H2Upstream:
-        reader, writer = await open_upstream(target.address, target.port)
-        peer = H2Peer(reader, writer, new_connection())
-        peer.start()
-        await peer.flush()
-        return cls(target, peer)
-
-    def usable(self, target: Target) -> bool:
-        return self.target == target and not self.peer.closed and not self.reading.done()
-
-    async def close(self) -> None:
-        self.reading.cancel()
-        with contextlib.suppress(BaseException):
-            await self.reading
-        await self.peer.close()
 
 
 async def relay(session: Http1Session, app: H2Upstream, request: Head, framing: int) -> bool:
@@ -92,7 +62,7 @@ async def relay(session: Http1Session, app: H2Upstream, request: Head, framing: 
 
 
 async def _request_body(session: Http1Session, peer: H2Peer, stream_id: int, framing: int) -> None:
-    async for data in body_chunks(session.reader, framing, READ_SIZE, BODY_TIMEOUT):
+    async for data in body_chunks(session.reader, framing, READ_SIZE, BODY_IDLE_TIMEOUT):
         await peer.send_data(stream_id, data)
     await peer.end(stream_id)
 
@@ -103,7 +73,7 @@ async def _response(
     writer = session.writer
     chunked = False
     while True:
-        async with asyncio.timeout(BODY_TIMEOUT):
+        async with asyncio.timeout(BODY_IDLE_TIMEOUT):
             event = await events.get()
         if isinstance(event, ev.ResponseReceived):
             raw = list(event.headers or [])

@@ -38,9 +38,15 @@ from embervm.proxy.h1.wire import (
     serialize,
     status_line,
 )
+from embervm.proxy.h2c_upstream import H2Upstream
+from embervm.proxy.limits import (
+    BODY_IDLE_TIMEOUT,
+    FIRST_REQUEST_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    READ_SIZE,
+)
 from embervm.proxy.shell import ShellOpener, serve_shell_h1
 from embervm.proxy.streams import (
-    READ_SIZE,
     SessionLease,
     close_quietly,
     open_upstream,
@@ -49,11 +55,7 @@ from embervm.proxy.streams import (
 
 log = logging.getLogger("embervm.proxy.http1")
 
-MAX_HEAD = 64 * 1024
-FIRST_REQUEST_TIMEOUT = 30.0
-KEEPALIVE_TIMEOUT = 120.0
 RESPONSE_HEAD_TIMEOUT = 300.0
-BODY_IDLE_TIMEOUT = 300.0
 SMALL_BODY = 16 * 1024
 
 H2cHandoff = Callable[[Head, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -86,7 +88,7 @@ class Http1Session:
         self.shells = shells
         self.h2c = h2c
         self.upstream: Upstream | None = None
-        self.h2_upstream: relay_h2.H2Upstream | None = None
+        self.h2_upstream: H2Upstream | None = None
         self.answered = False  # a response head went to the client for the current request
 
     async def refuse(self, status: int, message: str) -> None:
@@ -295,7 +297,7 @@ class Http1Session:
                 await self.refuse(refusal.status, refusal.message)
                 return False
             try:
-                app = await relay_h2.H2Upstream.open(target)
+                app = await H2Upstream.open(target)
             except BaseException as exc:
                 self.admission.closed(target.microvm_id)
                 if not isinstance(exc, OSError | TimeoutError):

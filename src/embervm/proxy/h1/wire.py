@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from embervm.proxy.limits import HOP_BY_HOP
+
 MAX_FIELDS = 128
 MAX_CHUNK_LINE = 4096
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
@@ -41,15 +43,6 @@ _FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")  # on lines _FIELD_LINES pas
 _FRAMING_FIELD = re.compile(rb"\n(?i:(content-length|transfer-encoding|connection)):[ \t]*([^\r]*)")
 CRLF = b"\r\n"
 HEAD_END = b"\r\n\r\n"
-# Connection-specific fields (RFC 9110 §7.6.1, §11.7): they describe one hop, never the app's
-# message, so no path relays them (the HTTP/2 paths add ``host`` and ``http2-settings``). The
-# HTTP/1.1 relay states the framing again itself (``forwarded_fields``).
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection",
-                        b"proxy-authenticate", b"proxy-authorization", b"te",
-                        b"transfer-encoding", b"upgrade"})  # fmt: skip
-# The HTTP/2 paths drop two more (RFC 9113 §8.2.2): Host travels as ``:authority`` and
-# HTTP2-Settings belongs to h2c's Upgrade.
-HOP_BY_HOP_H2 = HOP_BY_HOP | {b"host", b"http2-settings"}
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
 _SPECIAL = HOP_BY_HOP | _FRAMING_NAMES
 _SET_COOKIE = re.compile(rb"\n(?i:set-cookie):")  # see _FRAMING_FIELD

@@ -16,6 +16,7 @@ import re
 from typing import NamedTuple
 
 from embervm.proxy.h2.hpack import Header
+from embervm.proxy.limits import CONNECTION_SPECIFIC
 
 _TCHAR_LOWER = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 _FIELD_VALUE = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # VCHAR SP HTAB obs
@@ -26,9 +27,6 @@ _INNER_EDGE = re.compile(rb"\x00(?:[ \t]|(?<=[ \t]\x00))")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATH = re.compile(rb"[\x21-\x7e]+")
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 
 
 class Malformed(Exception):

@@ -21,10 +21,8 @@ from typing import Protocol, cast
 
 from embervm.proxy.admission import PROXY_HEADER_PREFIX, Admission, Target
 from embervm.proxy.h1.body import Payload
-from embervm.proxy.h1.session import MAX_HEAD
 from embervm.proxy.h1.wire import (
     HEAD_END,
-    HOP_BY_HOP_H2,
     NONE,
     TO_CLOSE,
     BadMessage,
@@ -36,7 +34,7 @@ from embervm.proxy.h1.wire import (
 from embervm.proxy.h2.fields import Request
 from embervm.proxy.h2.frame_layer import INTERNAL_ERROR, H2Server
 from embervm.proxy.h2.hpack import Header
-from embervm.proxy.streams import CONNECT_TIMEOUT
+from embervm.proxy.limits import CONNECT_TIMEOUT, HOP_BY_HOP_H2, MAX_HEAD
 
 MAX_IDLE = 16  # kept app connections per target and client connection
 

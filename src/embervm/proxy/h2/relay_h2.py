@@ -3,7 +3,7 @@
 
 The rare path, so a task per stream: the client's body and trailers come through a queue, the
 answer goes to the frame layer, and the app's side is an h2 connection per VM port kept by the
-session (``h1.relay_h2.H2Upstream``, h2 doing its framing). Data is acknowledged to the app only
+session (``h2c_upstream.H2Upstream``, h2 doing its framing). Data is acknowledged to the app only
 once the client's window and connection took it, and to the client only once the app's h2
 connection took it: backpressure end to end.
 """
@@ -17,17 +17,16 @@ import logging
 import h2.events as ev
 
 from embervm.proxy.admission import Admission, Refusal, Target, strip_headers
-from embervm.proxy.h1.relay_h2 import H2Upstream
-from embervm.proxy.h1.wire import HOP_BY_HOP_H2, host_only_cookie
+from embervm.proxy.h1.wire import host_only_cookie
 from embervm.proxy.h2.fields import Request
 from embervm.proxy.h2.frame_layer import CANCEL
 from embervm.proxy.h2.hpack import Header
 from embervm.proxy.h2.relay_h1 import Owner
-from embervm.proxy.h2c_upstream import H2Peer, StreamGone
+from embervm.proxy.h2c_upstream import H2Peer, H2Upstream, StreamGone
+from embervm.proxy.limits import BODY_IDLE_TIMEOUT, HOP_BY_HOP_H2
 
 log = logging.getLogger("embervm.proxy.http2")
 
-BODY_TIMEOUT = 300.0
 # h2c app connections per client connection: each may hold its window of answer (1 MiB) that
 # the client has not taken yet, so this bounds what a client and its apps pin (B7).
 MAX_H2_TARGETS = 4
@@ -184,7 +183,7 @@ class H2Exchange:
     async def _client_body(self, app: H2Peer, up_id: int, vm_id: str) -> None:
         routes = self.owner.pool.admission.routes
         while True:
-            async with asyncio.timeout(BODY_TIMEOUT):
+            async with asyncio.timeout(BODY_IDLE_TIMEOUT):
                 event = await self.events.get()
             if event is None:
                 raise StreamGone("client stream reset")
@@ -205,7 +204,7 @@ class H2Exchange:
         engine, stream_id = self.owner.engine, self.stream_id
         queue = app.queue(up_id)
         while True:
-            async with asyncio.timeout(BODY_TIMEOUT):
+            async with asyncio.timeout(BODY_IDLE_TIMEOUT):
                 event = await queue.get()
             if isinstance(event, ev.ResponseReceived):
                 fields = [(k, host_only_cookie(v) if k == b"set-cookie" else v)
@@ -234,6 +233,6 @@ class H2Exchange:
                 raise StreamGone("client stream gone")
             self.window.clear()
         self.owner.flush_soon()
-        async with asyncio.timeout(BODY_TIMEOUT):
+        async with asyncio.timeout(BODY_IDLE_TIMEOUT):
             await self.window.wait()
             await self.room.wait()

@@ -32,20 +32,23 @@ from embervm.proxy.admission import (
     Refusal,
     Target,
 )
-from embervm.proxy.h1.session import FIRST_REQUEST_TIMEOUT
-from embervm.proxy.h1.wire import HOP_BY_HOP_H2, Head
+from embervm.proxy.h1.wire import Head
 from embervm.proxy.h2 import fields as request_fields
 from embervm.proxy.h2.fields import Malformed, Request
 from embervm.proxy.h2.frame_layer import CANCEL, H2Server
 from embervm.proxy.h2.hpack import Header
 from embervm.proxy.h2.relay_h1 import H1Exchange, LinkPool
 from embervm.proxy.h2.relay_h2 import H2Exchange, H2Upstreams
+from embervm.proxy.limits import (
+    BODY_IDLE_TIMEOUT,
+    FIRST_REQUEST_TIMEOUT,
+    HOP_BY_HOP_H2,
+    KEEPALIVE_TIMEOUT,
+)
 from embervm.proxy.streams import close_quietly
 
 log = logging.getLogger("embervm.proxy.http2")
 
-IDLE_TIMEOUT = 120.0
-BODY_TIMEOUT = 300.0
 TICK = 5.0  # how often a connection looks at its streams' and its own idle time
 # Answer bytes the frame layer may hold for a client that grants no window before every app
 # connection of the client's connection stops being read (B7). What a connection can pin, in
@@ -78,7 +81,7 @@ class ClientSession(asyncio.Protocol):
         self.gone = False
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.idle_since = self.started = self.loop.time()
-        self.authenticated = False  # a request with a valid token came: IDLE_TIMEOUT applies
+        self.authenticated = False  # a request with a valid token came: KEEPALIVE_TIMEOUT applies
         self.timer = self.loop.call_later(TICK, self._tick)
         self.ask: Ask | None = None
         self.ask_key: tuple[bytes | None, ...] = ()
@@ -157,8 +160,8 @@ class ClientSession(asyncio.Protocol):
     def _tick(self) -> None:
         now = self.loop.time()
         for exchange in list(self.exchanges.values()):
-            exchange.expired(now, BODY_TIMEOUT)
-        idle = not self.exchanges and now - self.idle_since > IDLE_TIMEOUT  # or only held data
+            exchange.expired(now, BODY_IDLE_TIMEOUT)
+        idle = not self.exchanges and now - self.idle_since > KEEPALIVE_TIMEOUT  # or only held data
         if idle or (not self.authenticated and now - self.started > FIRST_REQUEST_TIMEOUT):
             self.engine.close()
             self.close()
