@@ -15,26 +15,34 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
 from embervm.errors import EmbervmError
-from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Target, subprotocols
+from embervm.proxy.admission import SUBPROTOCOL_PREFIX, Admission, Target, subprotocols
 from embervm.proxy.h1.wire import serialize
 from embervm.proxy.limits import READ_SIZE
 from embervm.proxy.streams import Ending, SessionLease
-
-if TYPE_CHECKING:
-    from embervm.proxy.h1.session import Http1Session
 
 log = logging.getLogger("embervm.proxy.shell")
 
 MAX_MESSAGE = 1024 * 1024
 MAX_TERMINAL = 1000
 EXIT_WAIT = 10.0
+
+
+class ShellClient(Protocol):
+    """What ``/shell`` needs of the client's HTTP/1.1 connection (``h1.session``'s
+    ``Http1Session``, which imports this module: typed by shape, not by its class)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    admission: Admission
+
+    async def refuse(self, status: int, message: str) -> None: ...
 
 
 class Pty(Protocol):
@@ -67,7 +75,7 @@ def _accept_headers(fields: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
 
 
 async def serve_shell_h1(
-    session: Http1Session,
+    session: ShellClient,
     fields: dict[bytes, bytes],
     target: Target,
     shells: ShellOpener,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h2.events as ev
 
@@ -28,11 +28,17 @@ from embervm.proxy.h1.wire import (
 from embervm.proxy.h2c_upstream import H2Peer, H2Upstream, Header, StreamGone
 from embervm.proxy.limits import BODY_IDLE_TIMEOUT, HOP_BY_HOP_H2, READ_SIZE
 
-if TYPE_CHECKING:
-    from embervm.proxy.h1.session import Http1Session
+
+class Http1Client(Protocol):
+    """What a force-h2 request needs of the client's HTTP/1.1 connection (``h1.session``'s
+    ``Http1Session``, which imports this module: typed by shape, not by its class)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    answered: bool  # a response head went to the client for the current request
 
 
-async def relay(session: Http1Session, app: H2Upstream, request: Head, framing: int) -> bool:
+async def relay(session: Http1Client, app: H2Upstream, request: Head, framing: int) -> bool:
     """Serve one request over ``app``; True when the client connection may carry another."""
     peer = app.peer
     stream_id = peer.conn.get_next_available_stream_id()
@@ -61,14 +67,14 @@ async def relay(session: Http1Session, app: H2Upstream, request: Head, framing: 
         peer.forget(stream_id)
 
 
-async def _request_body(session: Http1Session, peer: H2Peer, stream_id: int, framing: int) -> None:
+async def _request_body(session: Http1Client, peer: H2Peer, stream_id: int, framing: int) -> None:
     async for data in body_chunks(session.reader, framing, READ_SIZE, BODY_IDLE_TIMEOUT):
         await peer.send_data(stream_id, data)
     await peer.end(stream_id)
 
 
 async def _response(
-    session: Http1Session, peer: H2Peer, stream_id: int, events: asyncio.Queue[ev.Event | None]
+    session: Http1Client, peer: H2Peer, stream_id: int, events: asyncio.Queue[ev.Event | None]
 ) -> bool:
     writer = session.writer
     chunked = False
