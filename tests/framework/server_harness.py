@@ -39,7 +39,7 @@ BUILD_ROLE = "arn:aws:iam::000000000000:role/embervm-build"
 # What the server (boto3's credential chain) and the tests use against the test's S3 server.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 CONNECTOR = f"arn:aws:lambda:{REGION}:aws:network-connector:aws-network-connector:{{}}"
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
