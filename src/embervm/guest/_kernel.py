@@ -90,7 +90,7 @@ async def resolve_kernel_package(memo: Path | None = None) -> KernelPackage:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    atomic_write(path, text, mode=0o644)
+    atomic_write(path, text)
 
 
 async def _ask_apt_cache() -> KernelPackage:

@@ -142,4 +142,4 @@ def _read_cache(cache_file: Path) -> dict[str, str]:
 def _write_cache(cache_file: Path, cache: dict[str, str]) -> None:
     with contextlib.suppress(OSError):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache_file, json.dumps(cache, indent=1, sort_keys=True), mode=0o644)
+        atomic_write(cache_file, json.dumps(cache, indent=1, sort_keys=True))
