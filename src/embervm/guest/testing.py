@@ -26,9 +26,14 @@ _SRC = Path(__file__).resolve().parents[2]
 
 @contextlib.asynccontextmanager
 async def local_agent(
-    *, freeze_path: str = "/dev/shm", request_timeout: float = 20.0
+    *,
+    freeze_path: str = "/dev/shm",
+    request_timeout: float = 20.0,
+    ignored_signals: tuple[int, ...] = (),
 ) -> AsyncIterator[AgentClient]:
-    """A connected client to a fresh local agent process; everything is torn down on exit."""
+    """A connected client to a fresh local agent process; everything is torn down on exit.
+    ``ignored_signals``: the agent starts with these ignored (as under a parent that ignores
+    them)."""
     host, guest = socket.socketpair()
     env = {
         **os.environ,
@@ -38,6 +43,7 @@ async def local_agent(
         [sys.executable, "-m", "embervm.guest.agent", "--fd", str(guest.fileno()),
          "--freeze-path", freeze_path],
         pass_fds=[guest.fileno()], env=env, start_new_session=True,
+        preexec_fn=(lambda: _ignore(ignored_signals)) if ignored_signals else None,
     )  # fmt: skip
     guest.close()
     try:
@@ -56,3 +62,8 @@ async def local_agent(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait, 10)
+
+
+def _ignore(signals: tuple[int, ...]) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)

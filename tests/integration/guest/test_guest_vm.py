@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -217,3 +218,23 @@ def test_boot_without_a_disk_powers_off_with_a_message(
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
     assert proc.returncode == 0  # powered off, not hung, not crashed
     assert "embervm-init: no /dev/vda" in (tmp_path / "console.log").read_text()
+
+
+def ignored_signals(status: str) -> list[int]:
+    line = next(x for x in status.splitlines() if x.startswith("SigIgn:"))
+    mask = int(line.split()[1], 16)
+    return [sig for sig in range(1, 65) if mask & (1 << (sig - 1))]
+
+
+async def test_programs_the_agent_starts_do_not_inherit_pid_1s_shield(agent: AgentClient) -> None:
+    # The agent is PID 1 and survives SIGINT, SIGTERM and SIGHUP, with handlers: had it
+    # ignored them, every exec, app and shell would start with them ignored (exec keeps an
+    # ignored signal), and SIGTERM would not stop an app nor Ctrl-C a program in the shell.
+    r = await agent.exec(["cat", "/proc/self/status"])
+    shielded = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE}
+    assert not shielded & set(ignored_signals(r.stdout.decode()))
+    pty = await agent.open_pty(["sh", "-c", "cat /proc/self/status"])
+    out = b""
+    async for chunk in pty:
+        out += chunk
+    assert not shielded & set(ignored_signals(out.decode(errors="replace")))

@@ -388,3 +388,23 @@ async def test_http_relay_to_a_closed_port_is_connection_refused(
 async def test_http_relay_rejects_header_injection(client: AgentClient, hook_server: int) -> None:
     with pytest.raises(GuestError, match="bad_request"):
         await client.http_request(hook_server, "/x", headers=[("X-A", "b\r\nEvil: 1")])
+
+
+def ignored_mask(status: str) -> int:
+    line = next(x for x in status.splitlines() if x.startswith("SigIgn:"))
+    return int(line.split()[1], 16)
+
+
+async def test_a_terminal_starts_with_the_terminal_signals_at_their_defaults() -> None:
+    # An agent that inherited SIGINT, SIGTERM and SIGHUP ignored (PID 1 before it learned
+    # better; any background job) must not pass that on: Ctrl-C has to stop the shell's
+    # programs.
+    ignored = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    async with local_agent(ignored_signals=ignored) as agent:
+        pty = await agent.open_pty(["sh", "-c", "cat /proc/self/status"])
+        out = b""
+        async with asyncio.timeout(10):
+            async for chunk in pty:
+                out += chunk
+        mask = ignored_mask(out.decode(errors="replace"))
+        assert [sig for sig in ignored if mask & (1 << (sig - 1))] == []

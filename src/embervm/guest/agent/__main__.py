@@ -63,6 +63,10 @@ def debug_enabled() -> bool:
         return False
 
 
+def _survive(signum: int, frame: object) -> None:
+    """PID 1's handler for the terminal signals: nothing (see ``main``)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="embervm_agent")
     parser.add_argument("--fd", type=int, help="serve this already-open fd (tests)")
@@ -73,9 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.pop(var, None)
     pid1 = os.getpid() == 1
     if pid1:
-        # The kernel only delivers signals PID 1 has handlers for; ignore the terminal ones.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_IGN)
+        # PID 1 must survive the terminal signals, but not by ignoring them: an ignored signal
+        # stays ignored across exec, so every app, exec and shell would start with SIGINT,
+        # SIGTERM and SIGHUP ignored (Ctrl-C would not stop a program in the shell). A handler
+        # is reset to the default by exec. (Python already ignores SIGPIPE; ``subprocess``
+        # restores it in children.)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _survive)
         os.umask(0o022)
     try:
         if args.fd is not None:

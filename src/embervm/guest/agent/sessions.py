@@ -133,8 +133,20 @@ class ExecSession:
             children.kill_group(self.proc.pid, sig)
 
 
+#: Signals a terminal session starts with at their defaults, whatever the agent inherited
+#: (a parent that ignored SIGINT, as a background job's does, would otherwise pass that on
+#: through exec: Ctrl-C would not stop anything in the shell).
+TERMINAL_SIGNALS = (
+    signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE,
+    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+)  # fmt: skip
+
+
 def _set_ctty() -> None:
-    # Runs in the child after setsid(): make the PTY slave (fd 0) our controlling terminal.
+    # Runs in the child after setsid(): make the PTY slave (fd 0) our controlling terminal,
+    # with the terminal signals at their defaults.
+    for sig in TERMINAL_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
