@@ -4,36 +4,25 @@ Every write runs in one transaction (``_write``): on SQLite it holds the in-proc
 lock and begins IMMEDIATE; on PostgreSQL, writers that count (admission, image creation,
 deletes) first take the ``admission`` row lock, and state changes are conditional UPDATEs
 (``WHERE state IN (...)``), so two racing transitions cannot both win. Database errors are
-translated to ``InternalError`` here, at the boundary.
+translated to ``InternalError`` at the boundary (``sql_transactions``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from embervm.contracts import MicrovmState
-from embervm.errors import InternalError
-from embervm.store.admission_query import read_admission, refusal
-from embervm.store.engine import WRITE_OPTION
 from embervm.store.records import (
     ACTIVE_MICROVM_STATES,
-    MEMORY_HOLDING_STATES,
-    AdmissionLimits,
     BuildRecord,
     DeleteStatus,
     IdempotencyClaim,
     ImageRecord,
     InsertOutcome,
-    MicrovmRecord,
-    UsageRecord,
     VersionRecord,
 )
 from embervm.store.repository import (
@@ -41,127 +30,25 @@ from embervm.store.repository import (
     Change,
     ImageChange,
     Page,
-    RunnableVersion,
-    Transition,
     VersionChange,
 )
-from embervm.store.rowcache import RowCache
 from embervm.store.schema import (
-    ADMISSION_LOCK,
-    idempotency,
     image_builds,
     image_tags,
     image_versions,
     images,
-    locks,
     microvms,
-    usage,
 )
+from embervm.store.sql_microvms import SqlMicrovms
+from embervm.store.sql_transactions import Rollback, no_seq
 
-DEFAULT_TIMEOUT = 30.0
 BUILDING_IMAGE_STATES = ("CREATING", "UPDATING")
 BUILDING_VERSION_STATES = ("PENDING", "IN_PROGRESS")
 
 
-class _Rollback(Exception):
-    """Raised inside a write to undo it; carries the outcome to return."""
-
-    def __init__(self, outcome: Any) -> None:
-        super().__init__("rollback")
-        self.outcome = outcome
-
-
-def _no_seq(record: Any) -> dict[str, Any]:
-    values = asdict(record)
-    values.pop("seq", None)
-    return values
-
-
-class SqlRepository:
-    """See module doc. ``close()`` disposes of the engine."""
-
-    def __init__(self, engine: AsyncEngine, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.engine = engine
-        self._timeout = timeout
-        sqlite = engine.dialect.name == "sqlite"
-        self._writer = asyncio.Lock() if sqlite else None
-        # Only on SQLite is this process the database's only writer (see rowcache).
-        self._images: RowCache[tuple[str, str], ImageRecord] | None = None
-        self._versions: RowCache[tuple[str, str, int], VersionRecord] | None = None
-        if sqlite:
-            self._images, self._versions = RowCache(), RowCache()
-
-    async def close(self) -> None:
-        await self.engine.dispose()
-
-    # -- transactions ------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _write(self, *, images_unchanged: bool = False) -> AsyncIterator[AsyncConnection]:
-        """One write transaction; unless ``images_unchanged``, it drops the cached image and
-        version rows once it has ended (committed or not)."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                async with contextlib.AsyncExitStack() as stack:
-                    if self._writer is not None:
-                        await stack.enter_async_context(self._writer)
-                    conn = await stack.enter_async_context(self.engine.connect())
-                    conn = await conn.execution_options(**{WRITE_OPTION: True})
-                    await stack.enter_async_context(conn.begin())
-                    yield conn
-        except TimeoutError as exc:
-            raise InternalError("the database did not answer in time") from exc
-        except _Rollback:
-            raise
-        except SQLAlchemyError as exc:
-            raise InternalError("the database failed") from exc
-        finally:
-            if not images_unchanged and self._images is not None and self._versions is not None:
-                self._images.invalidate()
-                self._versions.invalidate()
-
-    @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with asyncio.timeout(self._timeout), self.engine.connect() as conn:
-                yield conn
-        except TimeoutError as exc:
-            raise InternalError("the database did not answer in time") from exc
-        except SQLAlchemyError as exc:
-            raise InternalError("the database failed") from exc
-
-    async def _lock_admission(self, conn: AsyncConnection) -> None:
-        if self._writer is not None:  # SQLite: BEGIN IMMEDIATE and the writer lock serialize
-            return
-        await conn.execute(
-            sa.select(locks.c.name).where(locks.c.name == ADMISSION_LOCK).with_for_update()
-        )
-
-    async def _check_claim(
-        self, conn: AsyncConnection, claim: IdempotencyClaim | None
-    ) -> InsertOutcome | None:
-        if claim is None:
-            return None
-        row = (
-            await conn.execute(
-                sa.select(idempotency.c.request_hash, idempotency.c.resource_id).where(
-                    idempotency.c.account_id == claim.account_id,
-                    idempotency.c.scope == claim.scope,
-                    idempotency.c.client_token == claim.client_token,
-                )
-            )
-        ).first()
-        if row is None:
-            return None
-        if row.request_hash == claim.request_hash:
-            return InsertOutcome("replayed", row.resource_id)
-        return InsertOutcome("token_reused", row.resource_id)
-
-    async def _insert_claim(
-        self, conn: AsyncConnection, claim: IdempotencyClaim | None, created_at: Any
-    ) -> None:
-        if claim is not None:
-            await conn.execute(idempotency.insert().values(**asdict(claim), created_at=created_at))
+class SqlRepository(SqlMicrovms):
+    """See module doc. The transactions are ``sql_transactions``'s, the MicroVM rows
+    ``sql_microvms``'s; the image, version, build and tag rows are here."""
 
     # -- images ------------------------------------------------------------------------------
 
@@ -192,9 +79,9 @@ class SqlRepository:
                 )
                 if int(count or 0) >= max_images:
                     return InsertOutcome("quota_images")
-            await conn.execute(images.insert().values(**_no_seq(image)))
+            await conn.execute(images.insert().values(**no_seq(image)))
             await conn.execute(image_versions.insert().values(**asdict(version)))
-            await conn.execute(image_builds.insert().values(**_no_seq(build)))
+            await conn.execute(image_builds.insert().values(**no_seq(build)))
             if tags:
                 await conn.execute(
                     image_tags.insert(),
@@ -248,7 +135,7 @@ class SqlRepository:
                 .values(**image_values, next_version=version.number + 1)
             )
             await conn.execute(image_versions.insert().values(**asdict(version)))
-            await conn.execute(image_builds.insert().values(**_no_seq(build)))
+            await conn.execute(image_builds.insert().values(**no_seq(build)))
             await self._insert_claim(conn, claim, version.created_at)
             return InsertOutcome("created", f"{version.image_name}/{version.number}")
 
@@ -367,13 +254,13 @@ class SqlRepository:
                 touched: set[tuple[str, str]] = set()
                 for change in changes:
                     if not await self._apply_one(conn, change):
-                        raise _Rollback(False)
+                        raise Rollback(False)
                     if isinstance(change, VersionChange):
                         touched.add((change.account_id, change.image_name))
                 for account_id, name in touched:
                     await self._refresh_latest_active(conn, account_id, name)
                 return True
-        except _Rollback as rollback:
+        except Rollback as rollback:
             return bool(rollback.outcome)
 
     async def _apply_one(self, conn: AsyncConnection, change: Change) -> bool:
@@ -534,150 +421,3 @@ class SqlRepository:
                     )
                 )
             return True
-
-    # -- microvms ----------------------------------------------------------------------------
-
-    async def admit_microvm(
-        self,
-        vm: MicrovmRecord,
-        *,
-        limits: AdmissionLimits,
-        runnable: RunnableVersion,
-        claim: IdempotencyClaim | None,
-    ) -> InsertOutcome:
-        async with self._write(images_unchanged=True) as conn:
-            await self._lock_admission(conn)
-            snapshot = await read_admission(conn, vm, limits=limits, runnable=runnable, claim=claim)
-            refused = refusal(snapshot, vm, limits=limits, runnable=runnable, claim=claim)
-            if refused is not None:
-                return refused
-            await conn.execute(microvms.insert().values(**_no_seq(vm)))
-            await conn.execute(
-                usage.insert().values(
-                    microvm_id=vm.microvm_id,
-                    vcpu_seconds=0.0,
-                    gib_seconds=0.0,
-                    snapshot_bytes_written=0,
-                    snapshot_bytes_read=0,
-                )
-            )
-            await self._insert_claim(conn, claim, vm.started_at)
-            return InsertOutcome("created", vm.microvm_id)
-
-    async def _host_memory(self, conn: AsyncConnection, host_id: str, *, exclude: str) -> int:
-        m = microvms.c
-        held = await conn.scalar(
-            sa.select(sa.func.coalesce(sa.func.sum(m.memory_mib), 0)).where(
-                m.host_id == host_id,
-                m.state.in_(MEMORY_HOLDING_STATES),
-                m.microvm_id != exclude,
-            )
-        )
-        return int(held or 0)
-
-    async def _vm_row(self, conn: AsyncConnection, microvm_id: str) -> MicrovmRecord | None:
-        row = (
-            await conn.execute(sa.select(microvms).where(microvms.c.microvm_id == microvm_id))
-        ).first()
-        return MicrovmRecord(**row._mapping) if row is not None else None
-
-    async def get_microvm(self, microvm_id: str) -> MicrovmRecord | None:
-        async with self._read() as conn:
-            return await self._vm_row(conn, microvm_id)
-
-    async def list_microvms(
-        self,
-        account_id: str,
-        page: Page,
-        *,
-        image_name: str | None = None,
-        image_version: str | None = None,
-    ) -> list[MicrovmRecord]:
-        m = microvms.c
-        query = sa.select(microvms).where(m.account_id == account_id)
-        if image_name is not None:
-            query = query.where(m.image_name == image_name)
-        if image_version is not None:
-            query = query.where(m.image_version == image_version)
-        if page.after is not None:
-            query = query.where(m.seq > page.after)
-        query = query.order_by(m.seq).limit(page.limit)
-        async with self._read() as conn:
-            return [MicrovmRecord(**r._mapping) for r in await conn.execute(query)]
-
-    async def microvms_in_states(self, states: Collection[MicrovmState]) -> list[MicrovmRecord]:
-        query = (
-            sa.select(microvms).where(microvms.c.state.in_(list(states))).order_by(microvms.c.seq)
-        )
-        async with self._read() as conn:
-            return [MicrovmRecord(**r._mapping) for r in await conn.execute(query)]
-
-    async def transition(
-        self,
-        microvm_id: str,
-        *,
-        expect: Collection[str],
-        values: Mapping[str, Any],
-        capacity: AdmissionLimits | None = None,
-    ) -> Transition:
-        async with self._write(images_unchanged=True) as conn:
-            if capacity is not None:
-                await self._lock_admission(conn)
-                current = await self._vm_row(conn, microvm_id)
-                if current is None:
-                    return Transition("missing")
-                if current.state not in expect:
-                    return Transition("conflict", current)
-                budget = capacity.host_memory_budget_mib
-                if budget is not None:
-                    held = await self._host_memory(conn, capacity.host_id, exclude=microvm_id)
-                    if held + current.memory_mib > budget:
-                        return Transition("capacity", current)
-            m = microvms.c
-            row = (
-                await conn.execute(
-                    microvms.update()
-                    .where(m.microvm_id == microvm_id, m.state.in_(list(expect)))
-                    .values(**values)
-                    .returning(*microvms.c)
-                )
-            ).first()
-            if row is not None:
-                return Transition("ok", MicrovmRecord(**row._mapping))
-            found = await self._vm_row(conn, microvm_id)
-            return Transition("missing" if found is None else "conflict", found)
-
-    async def update_microvm(self, microvm_id: str, values: Mapping[str, Any]) -> None:
-        async with self._write(images_unchanged=True) as conn:
-            await conn.execute(
-                microvms.update().where(microvms.c.microvm_id == microvm_id).values(**values)
-            )
-
-    async def add_usage(
-        self,
-        microvm_id: str,
-        *,
-        vcpu_seconds: float = 0.0,
-        gib_seconds: float = 0.0,
-        snapshot_bytes_written: int = 0,
-        snapshot_bytes_read: int = 0,
-    ) -> None:
-        u = usage.c
-        async with self._write(images_unchanged=True) as conn:
-            await conn.execute(
-                usage.update()
-                .where(u.microvm_id == microvm_id)
-                .values(
-                    vcpu_seconds=u.vcpu_seconds + vcpu_seconds,
-                    gib_seconds=u.gib_seconds + gib_seconds,
-                    snapshot_bytes_written=u.snapshot_bytes_written + snapshot_bytes_written,
-                    snapshot_bytes_read=u.snapshot_bytes_read + snapshot_bytes_read,
-                )
-            )
-
-    async def get_usage(self, microvm_id: str) -> UsageRecord:
-        async with self._read() as conn:
-            row = (
-                await conn.execute(sa.select(usage).where(usage.c.microvm_id == microvm_id))
-            ).first()
-        return UsageRecord(**row._mapping) if row is not None else UsageRecord(microvm_id)
