@@ -302,7 +302,9 @@ class QemuVmm:
             if incoming:
                 argv.append("-S")  # stay paused after loading: the VMM decides when to run
             if cfg.sandbox or drop is not None:
-                mounts = () if drop is None else rootview.vmm_view(cfg, memory, self.binary)
+                mounts: tuple[rootview.Mount, ...] = ()
+                if drop is not None:  # reads the disk's qcow2 headers: off the loop
+                    mounts = await asyncio.to_thread(rootview.vmm_view, cfg, memory, self.binary)
                 bpf = seccomp.program() if cfg.sandbox else None
                 argv = [*launchstep.launch_prefix(seccomp_filter=bpf, mounts=mounts), *argv]
             if cfg.netns is not None:
