@@ -6,7 +6,7 @@ Prints both times and the ratio. Uses the runtime's own build machines
 (``embervm.host.open_machine_provider``: real microVMs, real ``pip install`` through the VM's
 network, layers frozen with QMP, a real memory snapshot at the end), with the guest artifacts
 of the integration-test cache and a network tag of its own. ``--self-test`` runs the same
-harness on the fake VMs of ``embervm.build.testing`` (its times measure only the harness).
+harness on the fake VMs of ``embervm.imagebuild.testing`` (its times measure only the harness).
 
     .venv/bin/python bench/build.py [--self-test] [--example grpc-websocket]
 
@@ -31,9 +31,15 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from embervm.build import BuildSpec, ImageBuild, LocalLayerCache, MachineProvider, MemoryBuildLog
 from embervm.config import Settings
 from embervm.host import open_machine_provider
+from embervm.imagebuild import (
+    BuildSpec,
+    ImageBuild,
+    LocalLayerCache,
+    MachineProvider,
+    MemoryBuildLog,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flask-counter"
@@ -52,7 +58,7 @@ def zip_dir(folder: Path, dest: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def fake_provider(settings: Settings) -> AsyncIterator[MachineProvider]:
-    from embervm.build.testing import FakeMachineProvider
+    from embervm.imagebuild.testing import FakeMachineProvider
 
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

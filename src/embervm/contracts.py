@@ -51,7 +51,7 @@ class SuspendOutcome:
 class BuildJob:
     """One image version to build. ``request`` holds the version's configuration by model
     member names (baseImageArn, codeArtifact, hooks, environmentVariables, resources,
-    egressNetworkConnectors, logging...), ready for ``embervm.build.spec_from_request``."""
+    egressNetworkConnectors, logging...), ready for ``embervm.imagebuild.spec_from_request``."""
 
     account_id: str
     image_name: str

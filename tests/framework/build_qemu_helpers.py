@@ -21,11 +21,11 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from embervm.build.cache import LayerRef
-from embervm.build.machine import SnapshotSizes
 from embervm.guest.artifacts import GuestArtifacts, host_tsc_khz, kernel_cmdline
 from embervm.guest.client import AgentClient
 from embervm.host.build_agent import AgentOps
+from embervm.imagebuild.cache import LayerRef
+from embervm.imagebuild.machine import SnapshotSizes
 
 QEMU = "qemu-system-x86_64"
 MEMORY_MIB = 512

@@ -58,7 +58,7 @@ def zip_context(source: Path, scratch: Path) -> Path:
         return source.resolve()
     if not (source / "Dockerfile").is_file():
         raise CliError(f"{source} has no Dockerfile", EXIT_INVALID)
-    from embervm.build.dockerignore import DockerIgnore
+    from embervm.imagebuild.dockerignore import DockerIgnore
 
     ignore = DockerIgnore.from_context(source)
     files = sorted(

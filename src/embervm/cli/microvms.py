@@ -12,7 +12,6 @@ from urllib.parse import quote, urlsplit
 import typer
 from rich.markup import escape
 
-from embervm.build.request import DEFAULT_APP_MEMORY_MIB as DEFAULT_MEMORY_MIB
 from embervm.cli._app import current
 from embervm.cli._context import EXIT_INVALID, CliError
 from embervm.cli._errors import handle_errors
@@ -28,6 +27,7 @@ from embervm.cli._output import (
 )
 from embervm.cli._signed import stream_lines
 from embervm.config import DataDir
+from embervm.imagebuild.request import DEFAULT_APP_MEMORY_MIB as DEFAULT_MEMORY_MIB
 from embervm.wire import APP_PORT, AUTH_HEADER, PORT_HEADER
 
 CONNECTOR_ARN = "arn:aws:lambda:{region}:aws:network-connector:aws-network-connector:{name}"

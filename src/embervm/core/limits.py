@@ -81,7 +81,7 @@ class CoreLimits:
     host_memory_budget_mib: int | None = None  # None: no capacity check (tests, benches)
     rate_limits: Mapping[str, RateLimit] = field(default_factory=default_rate_limits)
     concurrent_builds: int = 1
-    default_memory_mib: int = 1024  # = embervm.build's default app memory: snapshot size
+    default_memory_mib: int = 1024  # = embervm.imagebuild's default app memory: snapshot size
     min_memory_mib: int = 512
     max_memory_mib: int = 8192
     default_maximum_duration_seconds: int = 28_800

@@ -3,7 +3,7 @@
 
 - ``HostBackend``: runs VMs (``embervm.host.backend.LocalHostBackend`` over ``LocalHost``).
 - ``ImageBuilder``: builds an image version into a snapshot (``PipelineImageBuilder`` in
-  ``embervm.host.imagebuilder`` adapts ``embervm.build`` and ``embervm.blobs``).
+  ``embervm.host.imagebuilder`` adapts ``embervm.imagebuild`` and ``embervm.blobs``).
 - ``BuildLogSource`` / ``AppLogSource``: lines of build logs and app logs, for the API's log
   extension endpoints (core checks the resource exists, then delegates).
 - ``TokenIssuer``: endpoint and shell tokens (``core.tokens.TokenAuthority``, the proxy's).
@@ -62,7 +62,7 @@ class ImageBuilder(Protocol):
 
 class BuildLogSource(Protocol):
     def lines(self, image_name: str, version: str, *, follow: bool) -> AsyncIterator[str]:
-        """JSON log records of one version's build (``embervm.build.log`` format); with
+        """JSON log records of one version's build (``embervm.imagebuild.log`` format); with
         ``follow``, until the build ends."""
         ...
 

@@ -1,6 +1,6 @@
 """``GuestAgent``: the seam other packages type against (``AgentClient`` implements it).
 
-Code in ``host/``, ``build/`` or ``proxy/`` that needs a guest should accept a ``GuestAgent``
+Code in ``host/``, ``imagebuild/`` or ``proxy/`` that needs a guest should accept a ``GuestAgent``
 so that unit tests can pass a fake or ``embervm.guest.testing.local_agent()``.
 """
 

@@ -14,11 +14,11 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from embervm.build.machine import AppLaunch, ExecOutcome, OutputSink, TreeEntry
-from embervm.build.ready import HOOK_PATH
 from embervm.errors import GuestError
 from embervm.guest import GuestAgent
 from embervm.guest.client import AppSpec
+from embervm.imagebuild.machine import AppLaunch, ExecOutcome, OutputSink, TreeEntry
+from embervm.imagebuild.ready import HOOK_PATH
 
 APP_NAME = "app"
 DIRS_PER_EXEC = 200

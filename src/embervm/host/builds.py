@@ -1,4 +1,4 @@
-"""``LocalMachineProvider``: the build pipeline's VMs on this host (``embervm.build.machine``).
+"""``LocalMachineProvider``: the build pipeline's VMs on this host (``embervm.imagebuild.machine``).
 
 Disk layers are qcow2 files in ``layers/``; the managed base image's layer is the raw base
 disk itself. A build VM boots on a fresh overlay in ``layers/`` over its parent layer;
@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from embervm.build.cache import LayerRef
-from embervm.build.machine import SnapshotSizes
 from embervm.config import DataDir, Settings
 from embervm.errors import GuestError, VmmError
 from embervm.guest import GuestAgent
@@ -26,6 +24,8 @@ from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.host._leftovers import reclaim_vm_dirs
 from embervm.host.build_agent import AgentOps
+from embervm.imagebuild.cache import LayerRef
+from embervm.imagebuild.machine import SnapshotSizes
 from embervm.network import NetworkManager
 from embervm.vmm import QemuVmm, VmConfig, Vmm, VmProcess, create_overlay
 from embervm.vmm.accel import detect_accelerator
@@ -100,7 +100,7 @@ class _Machine(AgentOps):
 
 
 class LocalMachineProvider:
-    """Implements ``embervm.build.machine.MachineProvider`` with real microVMs."""
+    """Implements ``embervm.imagebuild.machine.MachineProvider`` with real microVMs."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """``PipelineImageBuilder`` (core's ``ImageBuilder``) and ``BuildLogFiles`` (its
-``BuildLogSource``): builds run by ``embervm.build.ImageBuild`` on this host's build microVMs.
+``BuildLogSource``): builds run by ``embervm.imagebuild.ImageBuild`` on this host's build microVMs.
 
 Files of one version live in ``DATA_DIR/images/<account>/<image>/<version>/``: ``snapshot/``
 (what RunMicrovm restores), ``build.log`` (JSON records, followed live by the API) and
@@ -15,7 +15,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from embervm.blobs import SYSTEM_DENIED, FilePolicy, S3Config, fetch_code_artifact
-from embervm.build import (
+from embervm.config import Settings
+from embervm.contracts import BuildJob, BuiltImage
+from embervm.errors import BuildFailure
+from embervm.imagebuild import (
     ImageBuild,
     LocalBuildLog,
     LocalLayerCache,
@@ -24,9 +27,6 @@ from embervm.build import (
     open_build_log,
     spec_from_request,
 )
-from embervm.config import Settings
-from embervm.contracts import BuildJob, BuiltImage
-from embervm.errors import BuildFailure
 
 BUILD_LOG = "build.log"
 FOLLOW_IDLE_TIMEOUT = 3600.0  # a log whose writer died (server killed) ends after this

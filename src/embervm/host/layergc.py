@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embervm.blobs.uploads import TEMP_GLOB, ZIP_GLOB
-from embervm.build.cache import LocalLayerCache
+from embervm.imagebuild.cache import LocalLayerCache
 
 log = logging.getLogger("embervm.host.layergc")
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.extensions import extension_routes
 from embervm.blobs.uploads import UploadArea
-from embervm.build.cache import LocalLayerCache
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
 from embervm.core.tokens import TokenAuthority
@@ -35,6 +34,7 @@ from embervm.host.applogs import AppLogFiles
 from embervm.host.backend import LocalHostBackend
 from embervm.host.imagebuilder import BuildLogFiles, PipelineImageBuilder
 from embervm.host.layergc import keep_collecting
+from embervm.imagebuild.cache import LocalLayerCache
 from embervm.network import NetworkManager
 from embervm.proxy import EndpointProxy
 from embervm.server.api_listener import serve_api

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.cache import LayerRef, LocalLayerCache
 from embervm.host.layergc import GRACE, backing_file, collect, prune_uploads
+from embervm.imagebuild.cache import LayerRef, LocalLayerCache
 from embervm.vmm import create_overlay
 
 pytestmark = pytest.mark.integration

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embervm.build.machine import AppLaunch
 from embervm.guest.artifacts import GuestArtifacts
 from embervm.host import LaunchSpec, LocalHost, LocalMachineProvider
 from embervm.host._boot import BootInputs, vm_dir_name
+from embervm.imagebuild.machine import AppLaunch
 from embervm.network import NetworkManager
 
 pytestmark = [

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.machine import AppLaunch, TreeEntry
 from embervm.guest.testing import local_agent
 from embervm.host.build_agent import AgentOps
+from embervm.imagebuild.machine import AppLaunch, TreeEntry
 
 HOOK_APP = """
 import http.server, sys

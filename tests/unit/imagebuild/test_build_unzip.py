@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.unzip import safe_extract
 from embervm.errors import BuildFailure
+from embervm.imagebuild.unzip import safe_extract
 
 
 def make_zip(path: Path, entries: Sequence[tuple[str | zipfile.ZipInfo, bytes]], **kw: int) -> Path:

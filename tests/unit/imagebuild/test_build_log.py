@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from embervm.build.log import (
+from embervm.imagebuild.log import (
     LineSplitter,
     LocalBuildLog,
     LogRecord,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.cache import LayerRef, base_key, describe_step, step_key
-from embervm.build.context import BuildContext, digest_items
-from embervm.build.dockerfile import parse_dockerfile
-from embervm.build.plan import CopyStep, RunStep
+from embervm.imagebuild.cache import LayerRef, base_key, describe_step, step_key
+from embervm.imagebuild.context import BuildContext, digest_items
+from embervm.imagebuild.dockerfile import parse_dockerfile
+from embervm.imagebuild.plan import CopyStep, RunStep
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from embervm.build.glob import MAX_PATTERN, Glob, GlobError
+from embervm.imagebuild.glob import MAX_PATTERN, Glob, GlobError
 
 #: The audit's pattern: exponential for a backtracking regex against 255 'a's.
 EVIL = "*a" * 15 + "*b"
@@ -64,8 +64,8 @@ def test_copy_sources_with_an_evil_glob_finish(tmp_path: object) -> None:
     # Before the fix the pattern became a backtracking regex that held the GIL for hours.
     assert _finishes(f"""
         import pathlib, tempfile
-        from embervm.build.context import BuildContext
-        from embervm.build.dockerfile import parse_dockerfile
+        from embervm.imagebuild.context import BuildContext
+        from embervm.imagebuild.dockerfile import parse_dockerfile
         root = pathlib.Path(tempfile.mkdtemp())
         (root / ("a" * 200)).write_text("x")
         ctx = BuildContext(root)
@@ -82,6 +82,6 @@ def test_copy_sources_with_an_evil_glob_finish(tmp_path: object) -> None:
 
 def test_dockerignore_with_an_evil_line_finishes() -> None:
     assert _finishes(f"""
-        from embervm.build.dockerignore import DockerIgnore
+        from embervm.imagebuild.dockerignore import DockerIgnore
         assert not DockerIgnore.from_text("{EVIL}").is_excluded("a" * 255)
     """)

@@ -17,10 +17,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from embervm.build.dockerignore import DockerIgnore
-from embervm.build.glob import Glob, GlobError
-from embervm.build.plan import CopyStep
 from embervm.errors import BuildFailure
+from embervm.imagebuild.dockerignore import DockerIgnore
+from embervm.imagebuild.glob import Glob, GlobError
+from embervm.imagebuild.plan import CopyStep
 
 _GLOB = re.compile(r"[*?\[]")
 _ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")

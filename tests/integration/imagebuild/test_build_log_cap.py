@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from tests.framework.build_qemu_helpers import QEMU, QemuTestProvider
 
-from embervm.build import BuildSpec, ImageBuild, LocalBuildLog, LocalLayerCache
 from embervm.errors import BuildFailure
 from embervm.guest.artifacts import GuestArtifacts
+from embervm.imagebuild import BuildSpec, ImageBuild, LocalBuildLog, LocalLayerCache
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from embervm.build.ready import HookSettings
-from embervm.build.spec import ArtifactFetcher, BuildSpec
+from embervm.imagebuild.ready import HookSettings
+from embervm.imagebuild.spec import ArtifactFetcher, BuildSpec
 
 DEFAULT_APP_MEMORY_MIB = 1024
 INTERNET_EGRESS = "INTERNET_EGRESS"

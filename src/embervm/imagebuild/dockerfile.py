@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import dockerfile as _parser
 
-from embervm.build._word_expansion import expand, expand_fields, expand_text
-from embervm.build.plan import (
+from embervm.errors import BuildFailure
+from embervm.imagebuild._word_expansion import expand, expand_fields, expand_text
+from embervm.imagebuild.plan import (
     BuildPlan,
     CopyStep,
     ImageConfig,
@@ -29,7 +30,6 @@ from embervm.build.plan import (
     StepState,
     WorkdirStep,
 )
-from embervm.errors import BuildFailure
 
 MANAGED_IMAGES = frozenset({"debian12"})
 MANAGED_PREFIX = "embervm/"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.context import BuildContext, digest_items
-from embervm.build.dockerfile import parse_dockerfile
-from embervm.build.plan import CopyStep
 from embervm.errors import BuildFailure
+from embervm.imagebuild.context import BuildContext, digest_items
+from embervm.imagebuild.dockerfile import parse_dockerfile
+from embervm.imagebuild.plan import CopyStep
 
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 

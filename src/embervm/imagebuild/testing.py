@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embervm.build.cache import LayerRef
-from embervm.build.machine import AppLaunch, ExecOutcome, OutputSink, SnapshotSizes, TreeEntry
-from embervm.build.ready import http_hook, tcp_probe
+from embervm.imagebuild.cache import LayerRef
+from embervm.imagebuild.machine import AppLaunch, ExecOutcome, OutputSink, SnapshotSizes, TreeEntry
+from embervm.imagebuild.ready import http_hook, tcp_probe
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The typed build plan a Dockerfile becomes: steps that change the disk, and image settings.
 
 Each step carries the state it runs in (environment, build args, working directory, user,
-shell), so a step's cache key can be computed from the step alone (``embervm.build.cache``).
+shell), so a step's cache key can be computed from the step alone (``embervm.imagebuild.cache``).
 """
 
 from __future__ import annotations

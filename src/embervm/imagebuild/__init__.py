@@ -9,12 +9,12 @@ the runtime implements) ← ``log`` / ``ready`` ← ``spec`` (a build's input an
 implements ``MachineProvider``; core wires a fetcher from ``embervm.blobs``.
 """
 
-from embervm.build.builder import ImageBuild
-from embervm.build.cache import LayerCache, LayerRef, LocalLayerCache
-from embervm.build.context import BuildContext
-from embervm.build.dockerfile import managed_image_name, parse_dockerfile
-from embervm.build.dockerignore import DockerIgnore
-from embervm.build.log import (
+from embervm.imagebuild.builder import ImageBuild
+from embervm.imagebuild.cache import LayerCache, LayerRef, LocalLayerCache
+from embervm.imagebuild.context import BuildContext
+from embervm.imagebuild.dockerfile import managed_image_name, parse_dockerfile
+from embervm.imagebuild.dockerignore import DockerIgnore
+from embervm.imagebuild.log import (
     BuildLog,
     LocalBuildLog,
     LogRecord,
@@ -22,7 +22,7 @@ from embervm.build.log import (
     NullBuildLog,
     open_build_log,
 )
-from embervm.build.machine import (
+from embervm.imagebuild.machine import (
     AppLaunch,
     AppMachine,
     BuildMachine,
@@ -32,11 +32,11 @@ from embervm.build.machine import (
     SnapshotSizes,
     TreeEntry,
 )
-from embervm.build.plan import BuildPlan, ImageConfig
-from embervm.build.ready import HOOK_PATH, HookSettings, http_hook, tcp_probe
-from embervm.build.request import build_egress, spec_from_request
-from embervm.build.spec import ArtifactFetcher, BuildResult, BuildSpec
-from embervm.build.unzip import ZipLimits, safe_extract
+from embervm.imagebuild.plan import BuildPlan, ImageConfig
+from embervm.imagebuild.ready import HOOK_PATH, HookSettings, http_hook, tcp_probe
+from embervm.imagebuild.request import build_egress, spec_from_request
+from embervm.imagebuild.spec import ArtifactFetcher, BuildResult, BuildSpec
+from embervm.imagebuild.unzip import ZipLimits, safe_extract
 
 __all__ = [
     "HOOK_PATH",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from embervm.build.dockerfile import DEFAULT_PATH, managed_image_name, parse_dockerfile
-from embervm.build.plan import CopyStep, RunStep, WorkdirStep
 from embervm.errors import BuildFailure
+from embervm.imagebuild.dockerfile import DEFAULT_PATH, managed_image_name, parse_dockerfile
+from embervm.imagebuild.plan import CopyStep, RunStep, WorkdirStep
 
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 

@@ -13,8 +13,8 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
-from embervm.build.glob import Glob, GlobError
 from embervm.errors import BuildFailure
+from embervm.imagebuild.glob import Glob, GlobError
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
-"""What the runtime must provide to the build pipeline (the seam between build/ and host/).
+"""What the runtime must provide to the build pipeline (the seam between imagebuild/ and host/).
 
 The build never touches QEMU, disks or networks itself: it asks a ``MachineProvider`` for a
 build VM booted from a layer, runs steps in it, freezes layers, then asks for an app VM booted
 from the final layer, checks readiness and snapshots it. Fakes implement these for unit tests
-(``tests/unit/build``); the host layer implements them on real microVMs.
+(``tests/unit/imagebuild``); the host layer implements them on real microVMs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from embervm.build.cache import LayerRef
+from embervm.imagebuild.cache import LayerRef
 
 OutputSink = Callable[[str, bytes], None]
 """Receives ``(stream, chunk)`` with stream "stdout" or "stderr"; chunks may split lines."""
@@ -94,7 +94,7 @@ class AppMachine(BuildMachine, Protocol):
     async def call_hook(self, port: int, hook: str, *, timeout: float) -> int | None:  # noqa: ASYNC109
         """POST ``/aws/lambda-microvms/runtime/v1/<hook>`` to the guest's ``port``; the HTTP
         status, or None when nothing answered within ``timeout``. (The agent's HTTP relay or a
-        host→guest network path; ``embervm.build.ready.http_hook`` does the latter.)"""
+        host→guest network path; ``embervm.imagebuild.ready.http_hook`` does the latter.)"""
         ...
 
     async def probe_port(self, port: int, *, timeout: float) -> bool:  # noqa: ASYNC109

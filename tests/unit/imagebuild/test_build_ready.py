@@ -5,8 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from embervm.build.ready import HOOK_PATH, HookSettings, http_hook, wait_for_hook, wait_for_port
 from embervm.errors import BuildFailure
+from embervm.imagebuild.ready import (
+    HOOK_PATH,
+    HookSettings,
+    http_hook,
+    wait_for_hook,
+    wait_for_port,
+)
 
 
 def test_hook_settings_from_model() -> None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embervm.build.cache import (
+from embervm.imagebuild.cache import (
     LayerRef,
     LocalLayerCache,
     base_key,
     describe_step,
     step_key,
 )
-from embervm.build.context import BuildContext, digest_items
-from embervm.build.dockerfile import parse_dockerfile
-from embervm.build.plan import CopyStep
+from embervm.imagebuild.context import BuildContext, digest_items
+from embervm.imagebuild.dockerfile import parse_dockerfile
+from embervm.imagebuild.plan import CopyStep
 
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 DOCKERFILE = """FROM embervm/debian12

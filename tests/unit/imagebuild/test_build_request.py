@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embervm.build.request import build_egress, spec_from_request
+from embervm.imagebuild.request import build_egress, spec_from_request
 
 CONNECTOR = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:"
 

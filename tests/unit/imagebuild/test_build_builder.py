@@ -12,14 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.builder import ImageBuild
-from embervm.build.cache import LayerRef, LocalLayerCache
-from embervm.build.log import MemoryBuildLog
-from embervm.build.machine import OutputSink
-from embervm.build.ready import HookSettings
-from embervm.build.spec import BuildResult, BuildSpec
-from embervm.build.testing import ExecCall, FakeAppMachine, FakeBuildMachine, FakeMachineProvider
 from embervm.errors import BuildFailure, VmmError
+from embervm.imagebuild.builder import ImageBuild
+from embervm.imagebuild.cache import LayerRef, LocalLayerCache
+from embervm.imagebuild.log import MemoryBuildLog
+from embervm.imagebuild.machine import OutputSink
+from embervm.imagebuild.ready import HookSettings
+from embervm.imagebuild.spec import BuildResult, BuildSpec
+from embervm.imagebuild.testing import (
+    ExecCall,
+    FakeAppMachine,
+    FakeBuildMachine,
+    FakeMachineProvider,
+)
 
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 DOCKERFILE = """FROM embervm/debian12

@@ -7,11 +7,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embervm.build.cache import LayerRef
-from embervm.build.machine import AppLaunch
-from embervm.build.plan import ImageConfig
-from embervm.build.ready import HookSettings
-from embervm.build.unzip import ZipLimits
+from embervm.imagebuild.cache import LayerRef
+from embervm.imagebuild.machine import AppLaunch
+from embervm.imagebuild.plan import ImageConfig
+from embervm.imagebuild.ready import HookSettings
+from embervm.imagebuild.unzip import ZipLimits
 
 ArtifactFetcher = Callable[[Path], Awaitable[Path]]
 """Given a destination path, put the code artifact zip there (e.g. ``fetch_code_artifact``)."""

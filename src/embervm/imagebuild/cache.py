@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from embervm.build.plan import CopyStep, RunStep, Step, WorkdirStep
 from embervm.fileio import atomic_write
+from embervm.imagebuild.plan import CopyStep, RunStep, Step, WorkdirStep
 
 KEY_VERSION = "embervm-build-cache-v1"
 

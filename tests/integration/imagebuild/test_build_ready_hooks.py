@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build import BuildSpec, ImageBuild
-from embervm.build.cache import LocalLayerCache
-from embervm.build.log import MemoryBuildLog
-from embervm.build.ready import HOOK_PATH, HookSettings, http_hook, wait_for_hook
-from embervm.build.testing import FakeMachineProvider
 from embervm.errors import BuildFailure
+from embervm.imagebuild import BuildSpec, ImageBuild
+from embervm.imagebuild.cache import LocalLayerCache
+from embervm.imagebuild.log import MemoryBuildLog
+from embervm.imagebuild.ready import HOOK_PATH, HookSettings, http_hook, wait_for_hook
+from embervm.imagebuild.testing import FakeMachineProvider
 
 pytestmark = pytest.mark.integration
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from embervm.build.dockerignore import DockerIgnore
+from embervm.imagebuild.dockerignore import DockerIgnore
 
 RULES = """
 # comment

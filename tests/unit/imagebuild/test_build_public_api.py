@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 import embervm.blobs
-import embervm.build
+import embervm.imagebuild
 
-SRC = Path(embervm.build.__file__).resolve().parents[1]
+SRC = Path(embervm.imagebuild.__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", [embervm.build, embervm.blobs])
+@pytest.mark.parametrize("module", [embervm.imagebuild, embervm.blobs])
 def test_all_names_exist_and_are_sorted(module: object) -> None:
     names = module.__all__  # type: ignore[attr-defined]
     assert names == sorted(names, key=lambda n: (not n.isupper(), n))
@@ -27,7 +27,7 @@ def test_package_imports_no_runtime_or_sibling(package: str) -> None:
     forbidden = {
         "build": ("embervm.blobs", "embervm.host", "embervm.vmm", "embervm.network",
                   "embervm.core", "embervm.api"),
-        "blobs": ("embervm.build", "embervm.host", "embervm.vmm", "embervm.core",
+        "blobs": ("embervm.imagebuild", "embervm.host", "embervm.vmm", "embervm.core",
                   "embervm.api"),
     }[package]  # fmt: skip
     for path in (SRC / package).glob("*.py"):

@@ -24,22 +24,22 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from embervm.build.cache import LayerCache, LayerRef, base_key, describe_step, step_key
-from embervm.build.context import BuildContext, CopyItem, digest_items
-from embervm.build.dockerfile import parse_dockerfile
-from embervm.build.log import BuildLog, LineSplitter
-from embervm.build.machine import (
+from embervm.errors import BuildFailure, EmbervmError
+from embervm.imagebuild.cache import LayerCache, LayerRef, base_key, describe_step, step_key
+from embervm.imagebuild.context import BuildContext, CopyItem, digest_items
+from embervm.imagebuild.dockerfile import parse_dockerfile
+from embervm.imagebuild.log import BuildLog, LineSplitter
+from embervm.imagebuild.machine import (
     AppLaunch,
     AppMachine,
     BuildMachine,
     MachineProvider,
     TreeEntry,
 )
-from embervm.build.plan import BuildPlan, CopyStep, ImageConfig, RunStep, Step, WorkdirStep
-from embervm.build.ready import DEFAULT_APP_PORT, wait_for_hook, wait_for_port
-from embervm.build.spec import BuildResult, BuildSpec
-from embervm.build.unzip import safe_extract
-from embervm.errors import BuildFailure, EmbervmError
+from embervm.imagebuild.plan import BuildPlan, CopyStep, ImageConfig, RunStep, Step, WorkdirStep
+from embervm.imagebuild.ready import DEFAULT_APP_PORT, wait_for_hook, wait_for_port
+from embervm.imagebuild.spec import BuildResult, BuildSpec
+from embervm.imagebuild.unzip import safe_extract
 
 logger = logging.getLogger("embervm.build")
 
