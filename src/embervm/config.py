@@ -15,7 +15,7 @@ DEFAULT_REGION = "us-east-1"
 
 
 def default_data_dir() -> Path:
-    """``EMBERVM_DATA_DIR`` or ``~/.local/share/embervm`` (DESIGN §1)."""
+    """``EMBERVM_DATA_DIR`` or ``~/.local/share/embervm`` (README.md, "Configuration")."""
     env = os.environ.get("EMBERVM_DATA_DIR")
     if env:
         return Path(env).expanduser().resolve()

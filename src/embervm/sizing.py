@@ -1,8 +1,9 @@
 """How big a VM is from its memory: the one home of Lambda MicroVMs' sizing rule.
 
-One vCPU per 2 GiB of memory (DESIGN §7): a 2 GiB VM is entitled to one CPU, a 512 MiB VM to a
-quarter of one. QEMU has no fractional vCPU, so the VMM gets whole vCPUs (at least one) and
-its cgroup quota carries the fraction; usage is metered in the entitled share.
+One vCPU per 2 GiB of memory (docs/ARCHITECTURE.md, "Sizes and metering"): a 2 GiB VM is
+entitled to one CPU, a 512 MiB VM to a quarter of one. QEMU has no fractional vCPU, so the VMM
+gets whole vCPUs (at least one) and its cgroup quota carries the fraction; usage is metered in
+the entitled share.
 """
 
 from __future__ import annotations

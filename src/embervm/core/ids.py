@@ -1,4 +1,4 @@
-"""Identifiers, ARNs and network connectors: formats the model's patterns accept (DESIGN §1).
+"""Identifiers, ARNs and network connectors: formats the model's patterns accept (docs/API.md).
 
 - MicroVM ids: ``mvm-`` + 20 lowercase hex digits — a valid DNS label, so the endpoint host
   ``<id>.<domain>`` works as is.
@@ -6,7 +6,7 @@
   live under the account ``aws``.
 - Image versions are decimal numbers ("1", "2", ...) in creation order.
 - Connectors: ``arn:aws:lambda:<region>:aws:network-connector:aws-network-connector:<NAME>``
-  (REFERENCE.md); the bare ``<NAME>`` is accepted too and stored as the full ARN.
+  (docs/API.md); the bare ``<NAME>`` is accepted too and stored as the full ARN.
 - ``state_reason``: the model's microVM ``stateReason`` is a NonBlankString (``[^\\s]+``), so a
   reason is a code, optionally with a detail whose whitespace became underscores.
 """

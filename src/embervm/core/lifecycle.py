@@ -7,9 +7,10 @@ Timers live in the store, so they survive a restart:
 - lifetime: ``expires_at`` (start + ``maximumDurationInSeconds``) → terminate, in any state.
 
 ``record_activity`` is called by the proxy for every inbound request (only inbound traffic
-counts, REFERENCE.md): it is an in-memory write, flushed to the store once per tick, so the
-hot path costs nothing. ``ensure_running`` holds a request while a SUSPENDED VM resumes (one
-resume however many callers wait) and cancels a suspend in progress rather than waiting for it.
+counts, as on Lambda MicroVMs: docs/PROXY.md): it is an in-memory write, flushed to the store
+once per tick, so the hot path costs nothing. ``ensure_running`` holds a request while a
+SUSPENDED VM resumes (one resume however many callers wait) and cancels a suspend in progress
+rather than waiting for it.
 """
 
 from __future__ import annotations

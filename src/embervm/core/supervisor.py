@@ -1,4 +1,4 @@
-"""``Supervisor``: the background half of the state machine (DESIGN §7).
+"""``Supervisor``: the background half of the state machine (docs/ARCHITECTURE.md).
 
 API calls only move a VM to a transitional state (PENDING, SUSPENDING, TERMINATING) with a
 compare-and-set in the store and hand the real work to a task owned here; the task drives the

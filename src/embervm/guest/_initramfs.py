@@ -3,7 +3,7 @@
 ``/init`` (busybox sh) loads the modules, waits for ``/dev/vda``, mounts it as the root, brings
 up ``eth0`` from the ``vmip=``/``vmgw=`` kernel parameters, copies the agent into a tmpfs at
 ``/run/embervm`` and ``switch_root``s into ``python3 -m embervm_agent`` as PID 1 (no shell and no
-dynamically linked tool run in the guest before the agent; SPIKE.md measured this path).
+dynamically linked tool run in the guest before the agent; its timings: docs/GUEST_PROTOCOL.md).
 
 The agent ships here rather than on the base disk so that changing it rebuilds a 3 MiB archive
 in well under a second instead of a multi-minute root filesystem.

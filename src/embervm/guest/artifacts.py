@@ -200,7 +200,7 @@ def host_tsc_khz(
 
 
 def kernel_cmdline(*, guest_ip: str, gateway: str, prefix: int, tsc_khz: int | None) -> str:
-    """The tuned kernel command line of SPIKE.md (quiet, fast, and free of the PIT boot hang).
+    """The tuned kernel command line (docs/GUEST_PROTOCOL.md): quiet, fast, free of the PIT hang.
 
     ``tsc_early_khz`` is what lets the VMM run ``microvm,pit=off,pic=off`` without hanging;
     when ``tsc_khz`` is None it is left out and the VMM must keep the PIT on.

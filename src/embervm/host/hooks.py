@@ -6,7 +6,7 @@ VM's ingress connectors are, and no network rule has to let the host in.
 
 ``run`` and ``resume`` get one attempt within their timeout (the app answered when the
 snapshot was taken, so it answers at once after a restore); ``suspend`` and ``terminate`` are
-retried until they answer 200 or their timeout ends (REFERENCE.md: "may be retried").
+retried until they answer 200 or their timeout ends (AWS may retry them too: docs/HOOKS.md).
 """
 
 from __future__ import annotations

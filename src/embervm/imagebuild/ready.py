@@ -1,6 +1,6 @@
 """Readiness of a freshly booted image: the ``ready``/``validate`` hooks, or the app's port.
 
-Hooks (REFERENCE.md "Hooks"): ``POST http://<guest>:<hooks.port>/aws/lambda-microvms/runtime/
+Hooks (docs/HOOKS.md): ``POST http://<guest>:<hooks.port>/aws/lambda-microvms/runtime/
 v1/<hook>``; 200 = ready, 503 = not yet (retried), anything else fails the build; the whole wait
 is bounded by the hook's timeout (default 30 s). Connection errors are retried too: the app may
 not listen yet. With the ready hook off, the first EXPOSEd TCP port (8080 by default) must

@@ -1,6 +1,6 @@
 """Loading the botocore ``lambda-microvms`` service model, once per process.
 
-The model file shipped with botocore is the contract (DESIGN §8): nothing here restates it.
+The model file shipped with botocore is the contract (docs/API.md): nothing here restates it.
 The API version is pinned so that a botocore upgrade which adds a new version cannot silently
 change what the server speaks; ``scripts/gen_model.py --check`` notices a changed model.
 """

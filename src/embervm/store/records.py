@@ -115,7 +115,7 @@ class MicrovmRecord:
 
 @dataclass(frozen=True)
 class UsageRecord:
-    """Metering per VM (DESIGN §7): what a bill would be computed from."""
+    """Metering per VM: what a bill would be computed from (docs/ARCHITECTURE.md)."""
 
     microvm_id: str
     vcpu_seconds: float = 0.0

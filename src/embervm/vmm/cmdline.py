@@ -1,9 +1,10 @@
-"""The QEMU command line of a microVM (SPIKE.md recipe), as a pure function of a ``VmConfig``.
+"""The QEMU command line of a microVM, as a pure function of a ``VmConfig``.
 
 Kept pure so unit tests can pin every flag: the boot-hang fix (``pit=off,pic=off``, which needs
-``tsc_early_khz`` in the kernel command line), the RAM in a ``memory-backend-file`` (what makes
-snapshots cheap), the agent port QEMU serves, the seccomp sandbox, the privilege drop and the
-serial console written into a pipe (docs/JAIL.md).
+``tsc_early_khz`` in the kernel command line: docs/GUEST_PROTOCOL.md), the RAM in a
+``memory-backend-file`` (what makes snapshots cheap: docs/SNAPSHOTS.md), the agent port QEMU
+serves, the seccomp sandbox, the privilege drop and the serial console written into a pipe
+(docs/JAIL.md).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Literal
 
 Accel = Literal["kvm", "tcg"]
 
-#: Every guest has the same MAC (and address), so snapshots restore anywhere (DESIGN §3).
+#: Every guest has the same MAC (and address), so snapshots restore anywhere (docs/NETWORK.md).
 GUEST_MAC = "52:54:00:12:34:56"
 #: Name of the virtio-serial port the guest agent listens on.
 AGENT_PORT_NAME = "org.embervm.agent"
