@@ -19,7 +19,14 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from embervm.errors import ApiError, InternalError, NotFoundError, ValidationError
-from embervm.model import operation_model, validate_input, validate_output, validation_message
+from embervm.model import (
+    OperationName,
+    is_operation_name,
+    operation_model,
+    validate_input,
+    validate_output,
+    validation_message,
+)
 
 from ._errors import serialize_error
 from ._parse import parse_request
@@ -40,7 +47,7 @@ class OperationInvoker(Protocol):
     """What the API calls: core's ``embervm.core.operations.Operations`` implements it."""
 
     async def invoke(
-        self, operation: str, params: dict[str, Any], caller: Caller
+        self, operation: OperationName, params: dict[str, Any], caller: Caller
     ) -> dict[str, Any]: ...
 
 
@@ -70,7 +77,7 @@ class ModelDispatch:
             query = parse_query(scope.get("query_string", b""))
             raw_path = raw_path_of(scope)
             match = self.router.match(scope["method"], raw_path, query)
-            if match is None:
+            if match is None or not is_operation_name(match.route.operation):
                 raise NotFoundError(f"No operation matches {scope['method']} {scope['path']}")
             operation = match.route.operation
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

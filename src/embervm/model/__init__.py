@@ -12,6 +12,8 @@
 ``OperationName`` and the examples in its tests.
 """
 
+import typing
+
 from embervm.model._examples import EXAMPLE_TIME, example_input, example_output, example_value
 from embervm.model._generated import MODEL_SHA256, OPERATION_NAMES, OperationName
 from embervm.model._loader import (
@@ -35,6 +37,14 @@ from embervm.model._validate import (
     validation_message,
 )
 
+_OPERATION_NAME_SET: frozenset[str] = frozenset(OPERATION_NAMES)
+
+
+def is_operation_name(name: str) -> typing.TypeGuard[OperationName]:
+    """``name`` is one of the model's operations (narrows a routed name to ``OperationName``)."""
+    return name in _OPERATION_NAME_SET
+
+
 __all__ = [
     "API_VERSION",
     "EXAMPLE_TIME",
@@ -50,6 +60,7 @@ __all__ = [
     "example_input",
     "example_output",
     "example_value",
+    "is_operation_name",
     "model_sha256",
     "operation_model",
     "operation_names",
