@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,20 +23,18 @@ MICROVM_ID_RE = re.compile(r"^mvm-[0-9a-f]{20}$")
 
 @dataclass(frozen=True)
 class VmSpec:
-    """One VM to launch from an image version's snapshot (RunMicrovm)."""
+    """One VM to launch from an image version's snapshot (RunMicrovm): what a host reads.
+
+    The size is not here: a restore cannot change guest RAM, so the snapshot fixes memory, and
+    the host derives vCPUs and the CPU quota from it (``embervm.sizing``). Ingress is the
+    proxy's business, the environment was baked into the snapshot at build time.
+    """
 
     microvm_id: str
     snapshot_dir: Path
-    memory_mib: int
-    vcpus: int  # whole vCPUs for the VMM (``sizing.vcpus_for``)
-    cpu_fraction: float  # the share of a CPU the VM is entitled to (``sizing.cpu_share``)
     egress: bool  # INTERNET_EGRESS
-    ingress: tuple[str, ...]  # connector names: ALL_INGRESS, HTTP_INGRESS, SHELL_INGRESS...
     hooks: Mapping[str, Any] | None  # the image version's model ``Hooks`` (port, microvmHooks)
     run_hook_payload: str | None  # body of the /run hook
-    image_arn: str = ""
-    image_version: str = ""
-    environment: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from embervm.errors import (
     QuotaExceededError,
     ValidationError,
 )
-from embervm.sizing import cpu_share, vcpus_for
+from embervm.sizing import vcpus_for
 from embervm.store import MicrovmRecord, Page, RunnableVersion, VersionRecord
 from embervm.wire import AUTH_HEADER, SHELL_PORT
 
@@ -211,16 +211,9 @@ class MicrovmService:
         return VmSpec(
             microvm_id=vm.microvm_id,
             snapshot_dir=Path(version.snapshot_dir),
-            memory_mib=vm.memory_mib,
-            vcpus=vm.vcpus,
-            cpu_fraction=cpu_share(vm.memory_mib),
             egress="INTERNET_EGRESS" in egress_names,
-            ingress=tuple(connector_name(c) for c in vm.ingress),
             hooks=vm.hooks,
             run_hook_payload=vm.run_hook_payload,
-            image_arn=vm.image_arn,
-            image_version=vm.image_version,
-            environment=dict(version.config.get("environmentVariables") or {}),
         )
 
     # -- reads -------------------------------------------------------------------------------

@@ -4,10 +4,10 @@ It adds what the runtime does not know about: the image's runtime hooks (``hooks
 log files (``applogs``) and cancellable suspends. A VM's hooks are saved next to its logs at
 launch, so a resume after a server restart still calls them.
 
-Size: ``VmSpec.memory_mib`` is the image version's, which its snapshot fixes (a restore cannot
-change guest RAM), and LocalHost gives the VMM the snapshot's memory, one vCPU per 2 GiB and a
-cgroup CPU quota of memory / 2 GiB (at least a quarter core): ``VmSpec.vcpus`` and
-``cpu_fraction`` follow from the same memory, so nothing here has to pass them on.
+Size: a VM's memory is its image version's, which the snapshot fixes (a restore cannot change
+guest RAM), and LocalHost gives the VMM the snapshot's memory, one vCPU per 2 GiB and a cgroup
+CPU quota of memory / 2 GiB (at least a quarter core, ``embervm.sizing``), so ``VmSpec`` carries
+no size.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from embervm.contracts import SuspendOutcome, VmSpec
 from embervm.errors import GuestError, RuntimeFailure
-from embervm.host import LaunchSpec, LocalHost
+from embervm.host.runtime import LaunchSpec, LocalHost
 from embervm.host.applogs import AppLogFiles
 from embervm.host.hooks import RuntimeHooks, call_hook
 

@@ -13,14 +13,12 @@ import asyncio
 import contextlib
 import secrets
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from embervm.config import DataDir, Settings
+from embervm.config import DataDir
 from embervm.errors import GuestError, VmmError
 from embervm.guest import GuestAgent
-from embervm.guest.artifacts import ensure_guest_artifacts
 from embervm.host._boot import BootInputs, connect_agent, vm_dir_name
 from embervm.host._leftovers import reclaim_vm_dirs
 from embervm.host.build_agent import AgentOps
@@ -28,7 +26,6 @@ from embervm.imagebuild.cache import LayerRef
 from embervm.imagebuild.machine import SnapshotSizes
 from embervm.network import NetworkManager
 from embervm.vmm import QemuVmm, VmConfig, Vmm, VmProcess, create_overlay
-from embervm.vmm.accel import detect_accelerator
 from embervm.vmm.snapshot import DISK, MEMORY
 
 BASE_IMAGES = ("debian12",)
@@ -198,32 +195,3 @@ class LocalMachineProvider:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
         if disk.parent == self._layers:
             await asyncio.to_thread(disk.unlink, True)
-
-
-@contextlib.asynccontextmanager
-async def open_machine_provider(
-    settings: Settings, *, network: NetworkManager | None = None
-) -> AsyncIterator[LocalMachineProvider]:
-    """A provider for this host's settings (guest artifacts built or found in the cache;
-    a network manager started and stopped here unless one is passed in)."""
-    artifacts = await ensure_guest_artifacts(
-        settings.artifacts_dir,
-        debian_mirror=settings.debian_mirror,
-        debian_security_mirror=settings.debian_security_mirror,
-    )
-    accel = await detect_accelerator(settings.run_dir / "accel.json", kernel=artifacts.kernel)
-    boot = BootInputs(artifacts, accel)
-    own = network is None
-    net = network or NetworkManager(
-        settings.paths.network,
-        pool=settings.network_pool,
-        tag=settings.network_tag,
-        api_ports=[settings.api_port, settings.proxy_port, settings.proxy_http_port],
-    )
-    if own:
-        await net.start()
-    try:
-        yield LocalMachineProvider(settings.data_dir, boot=boot, network=net)
-    finally:
-        if own:
-            await net.stop()

@@ -1,10 +1,11 @@
 """Compose the parts into one running server, and take them down in reverse.
 
 Start-up order (each part's shutdown is pushed on one exit stack, so a failure half-way
-releases exactly what was acquired): data dir and credentials → guest artifacts (built once,
-cached by hash) → accelerator probe → network (host rules, resolver) → host runtime (leftovers
-of dead runs reclaimed; suspended VMs kept) → store → core services (recovery, timers) →
-control API listener → endpoint proxy listeners → ``embervm ready api=... proxy=...``.
+releases exactly what was acquired): data dir and credentials → the host's parts
+(``embervm.host.start_host_parts``: guest artifacts, accelerator, network, runtime, build
+machines, the adapters of core's seams) → store → core services → the VMs of the last run taken
+back (leftovers reclaimed, suspended VMs kept) → timers → control API listener → endpoint proxy
+listeners → ``embervm ready api=... proxy=...``.
 
 Every listening socket is bound before anything is announced, so a port in use is reported
 as one readable line, not as a traceback from deep inside a web server.
@@ -22,25 +23,17 @@ from dataclasses import dataclass
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.extensions import extension_routes
+from embervm.background import start_background
 from embervm.blobs.uploads import UploadArea
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
 from embervm.core.tokens import TokenAuthority
 from embervm.errors import EmbervmError
-from embervm.guest.artifacts import ensure_guest_artifacts
-from embervm.host import LocalHost, open_machine_provider
-from embervm.host._boot import BootInputs
-from embervm.host.applogs import AppLogFiles
-from embervm.host.backend import LocalHostBackend
-from embervm.host.imagebuilder import BuildLogFiles, PipelineImageBuilder
-from embervm.host.layergc import keep_collecting
-from embervm.imagebuild.cache import LocalLayerCache
-from embervm.network import NetworkManager
+from embervm.host import LocalHost, start_host_parts
 from embervm.proxy import EndpointProxy
 from embervm.server.api_listener import serve_api
 from embervm.server.datadir import secure_data_dir
 from embervm.store import open_repository
-from embervm.vmm.accel import detect_accelerator
 
 log = logging.getLogger("embervm.server")
 
@@ -91,72 +84,28 @@ async def start_server(
         await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(CredentialStore(settings.credentials_file).ensure)
 
-    progress("preparing guest artifacts (the first start builds them: a few minutes)")
-    artifacts = await ensure_guest_artifacts(
-        settings.artifacts_dir,
-        progress=progress,
-        debian_mirror=settings.debian_mirror,
-        debian_security_mirror=settings.debian_security_mirror,
-    )
-    accel = await detect_accelerator(settings.run_dir / "accel.json", kernel=artifacts.kernel)
-    progress(f"accelerator: {accel}")
-
-    network = NetworkManager(
-        settings.paths.network,
-        pool=settings.network_pool,
-        tag=settings.network_tag,
-        api_ports=[settings.api_port, settings.proxy_port, settings.proxy_http_port],
-    )
-    await network.start()
-    stack.push_async_callback(network.stop)
-
-    repository = await open_repository(settings.effective_database_url)
-    stack.push_async_callback(repository.close)
-
     ops_ref: list[Operations] = []
 
     async def vm_exited(vm_id: str, reason: str) -> None:
         if ops_ref:
             await ops_ref[0].vm_exited(vm_id, reason)
 
-    host = LocalHost(
-        settings.vms_dir, boot=BootInputs(artifacts, accel), network=network, on_exit=vm_exited
-    )
-    stack.push_async_callback(host.detach_all)  # running VMs outlive a server restart
-    machines = await stack.enter_async_context(open_machine_provider(settings, network=network))
-
+    parts = await start_host_parts(settings, stack, on_exit=vm_exited, progress=progress)
+    repository = await open_repository(settings.effective_database_url)
+    stack.push_async_callback(repository.close)
     tokens = TokenAuthority(settings.token_keys_file)
-    rotating = asyncio.create_task(
-        tokens.keep_rotating(settings.token_key_rotation_hours), name="token-key-rotation"
+    start_background(
+        stack, tokens.keep_rotating(settings.token_key_rotation_hours), name="token-key-rotation"
     )
-    stack.push_async_callback(_cancel_and_wait, rotating)
-    app_logs = AppLogFiles(
-        settings.paths.microvm_logs, retention=settings.app_log_retention_days * 86400
-    )
-    stack.push_async_callback(app_logs.close)
-    pruning = asyncio.create_task(app_logs.keep_pruning(), name="app-log-retention")
-    stack.push_async_callback(_cancel_and_wait, pruning)
-    collecting = asyncio.create_task(
-        keep_collecting(
-            settings.layers_dir,
-            [settings.images_dir, settings.vms_dir],
-            LocalLayerCache(settings.build_cache_dir),
-            uploads=settings.uploads_dir,
-            cache_days=settings.build_cache_days,
-        ),
-        name="disk-layer-collector",
-    )
-    stack.push_async_callback(_cancel_and_wait, collecting)
-    backend = LocalHostBackend(host, app_logs)
     ops = Operations(
         settings=settings,
         repository=repository,
-        host=backend,
-        builder=PipelineImageBuilder(settings, machines),
+        host=parts.backend,
+        builder=parts.builder,
         tokens=tokens,
         limits=limits or CoreLimits(host_memory_budget_mib=host_memory_budget_mib()),
-        build_logs=BuildLogFiles(settings),
-        app_logs=app_logs,
+        build_logs=parts.build_logs,
+        app_logs=parts.app_logs,
     )
     ops_ref.append(ops)
     running = [vm.microvm_id for vm in await repository.microvms_in_states(["RUNNING"])]
@@ -166,11 +115,9 @@ async def start_server(
         for vm in await repository.microvms_in_states(["SUSPENDED", "SUSPENDING", "PENDING"])
         if vm.state != "PENDING" or vm.suspended_at is not None
     ]
-    held = await backend.recover(running, parked)
-    await network.reclaim_leftovers(set(held))
-    removed = await host.reclaim_leftovers() + await machines.reclaim_leftovers()
+    held, removed = await parts.take_back(running, parked)
     if held or removed:
-        progress(f"took back {len(held)} VMs of the last run; removed {len(removed)} leftovers")
+        progress(f"took back {len(held)} VMs of the last run; removed {removed} leftovers")
     await ops.start()
     stack.push_async_callback(ops.stop)
 
@@ -178,23 +125,17 @@ async def start_server(
     if settings.api_listen is None and settings.api_host != settings.listen_host:
         # --listen used to move the API too: say where it is now (A7).
         progress(f"control API on {api_url} only; --api-listen puts it on the network (HTTPS)")
-    proxy = EndpointProxy(settings, lifecycle=ops.lifecycle, tokens=tokens, shells=host)
+    proxy = EndpointProxy(settings, lifecycle=ops.lifecycle, tokens=tokens, shells=parts.runtime)
     await proxy.start()
     stack.push_async_callback(proxy.stop)
     return RunningServer(
         settings=settings,
         operations=ops,
-        host=host,
+        host=parts.runtime,
         api_url=api_url,
         proxy_url=f"https://{settings.listen_host}:{proxy.tls_port}",
         proxy_http_url=f"http://{settings.listen_host}:{proxy.http_port}",
     )
-
-
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def _wait_for_signal() -> None:

@@ -154,11 +154,7 @@ def vm_spec(image: BuiltImage, payload: str | None = None) -> VmSpec:
     return VmSpec(
         microvm_id=new_microvm_id(),
         snapshot_dir=image.snapshot_dir,
-        memory_mib=image.memory_mib,
-        vcpus=1,
-        cpu_fraction=0.25,
         egress=False,
-        ingress=("HTTP_INGRESS",),
         hooks=HOOKS,
         run_hook_payload=payload,
     )
