@@ -20,9 +20,9 @@ from typing import TypeVar
 
 from embervm.contracts import SuspendOutcome, VmSpec
 from embervm.errors import GuestError, RuntimeFailure
-from embervm.host.runtime import LaunchSpec, LocalHost
 from embervm.host.applogs import AppLogFiles
 from embervm.host.hooks import RuntimeHooks, call_hook
+from embervm.host.runtime import LaunchSpec, LocalHost
 
 log = logging.getLogger("embervm.host.backend")
 
