@@ -231,9 +231,11 @@ def get(vm_id: IdArg, output: OutputOption = OutputFormat.text) -> None:
 def _transition(call: str, vm_id: str, wanted: set[str], wait: bool, output: OutputFormat) -> None:
     client = current().client()
     started = time.monotonic()
-    vm = strip_metadata(getattr(client, call)(microvmIdentifier=vm_id))
+    getattr(client, call)(microvmIdentifier=vm_id)  # the model's answer holds nothing
     if wait:
         vm = wait_for_state(vm_id, wanted, timeout=300)
+    else:
+        vm = strip_metadata(client.get_microvm(microvmIdentifier=vm_id))
     elapsed = time.monotonic() - started
     result = {**vm, "seconds": round(elapsed, 3)}
     emit(

@@ -240,6 +240,30 @@ def test_a_transition_waits_for_its_state(
     assert result.stdout.startswith(f"{VM} {final} in ")
 
 
+@pytest.mark.parametrize(
+    ("command", "call", "now"),
+    [
+        ("suspend", "suspend_microvm", "SUSPENDING"),
+        ("resume", "resume_microvm", "PENDING"),
+        ("terminate", "terminate_microvm", "TERMINATING"),
+    ],
+)
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_a_transition_without_waiting_says_the_state_it_left_the_vm_in(
+    stub: Stubber, command: str, call: str, now: str, output: str
+) -> None:
+    # The model's answers to Suspend/Resume/TerminateMicrovm are empty: no state in them.
+    stub.add_response(call, {}, {"microvmIdentifier": VM})
+    stub.add_response("get_microvm", _vm(now), {"microvmIdentifier": VM})
+    result = runner.invoke(cli, [command, VM, "--no-wait", "-o", output])
+    assert result.exit_code == 0, result.output
+    if output == "json":
+        answer = json.loads(result.stdout)
+        assert (answer["microvmId"], answer["state"]) == (VM, now)
+    else:
+        assert result.stdout.startswith(f"{VM} {now} in ")
+
+
 # -- tokens ----------------------------------------------------------------------------------
 
 
