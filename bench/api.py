@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # `python bench/api.py`: the fakes are ``tests.framework``
+
 CONCURRENCY = 50
 REQUESTS = 1500
 TARGET_MS = 20.0
@@ -46,11 +49,11 @@ def free_port() -> int:
 def serve(port: int, data_dir: Path) -> None:
     """Child process: the API over the real core and a SQLite store."""
     import uvicorn
+    from tests.framework.fake_core import FakeBuilder, FakeHost, FakeTokens
 
     from embervm.api import CredentialStore, create_api_app
     from embervm.config import Settings
     from embervm.core import CoreLimits, Operations
-    from embervm.core.testing import FakeBuilder, FakeHost, FakeTokens
     from embervm.store import open_repository
 
     async def main() -> None:
@@ -137,8 +140,7 @@ def _measure_with_cpu(
 
 def run() -> dict[str, Any]:
     import boto3
-
-    from embervm.api.testing import signed_request
+    from tests.framework.fake_api import signed_request
 
     data_dir = Path(tempfile.mkdtemp(prefix="embervm-bench-api-"))
     port = free_port()

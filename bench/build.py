@@ -6,7 +6,7 @@ Prints both times and the ratio. Uses the runtime's own build machines
 (``embervm.host.open_machine_provider``: real microVMs, real ``pip install`` through the VM's
 network, layers frozen with QMP, a real memory snapshot at the end), with the guest artifacts
 of the integration-test cache and a network tag of its own. ``--self-test`` runs the same
-harness on the fake VMs of ``embervm.imagebuild.testing`` (its times measure only the harness).
+harness on the fake VMs of ``tests.framework.fake_imagebuild`` (its times measure only the harness).
 
     .venv/bin/python bench/build.py [--self-test] [--example grpc-websocket]
 
@@ -42,6 +42,7 @@ from embervm.imagebuild import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # `python bench/build.py`: the fakes are ``tests.framework``
 EXAMPLE = ROOT / "examples" / "flask-counter"
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 TARGET_RATIO = 0.25
@@ -58,7 +59,7 @@ def zip_dir(folder: Path, dest: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def fake_provider(settings: Settings) -> AsyncIterator[MachineProvider]:
-    from embervm.imagebuild.testing import FakeMachineProvider
+    from tests.framework.fake_imagebuild import FakeMachineProvider
 
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

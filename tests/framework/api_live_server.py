@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from tests.framework.fake_api import FakeOperations
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.credentials import Credential
-from embervm.api.testing import FakeOperations
 from embervm.config import Settings
 
 

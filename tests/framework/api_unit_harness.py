@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 from botocore.awsrequest import AWSRequest
+from tests.framework.fake_api import FakeOperations, sign, signed_request
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.credentials import Credential
-from embervm.api.testing import FakeOperations, sign, signed_request
 from embervm.config import Settings
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.framework.core_live_server import CoreServer
-
-from embervm.core.testing import FakeAppLogs
+from tests.framework.fake_core import FakeAppLogs
 
 EMBERVM = [sys.executable, "-m", "embervm.cli"]
 UNREACHABLE_URL = "http://127.0.0.1:9"  # discard port: nothing listens there

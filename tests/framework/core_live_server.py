@@ -1,6 +1,6 @@
 """The control API over the REAL core and store, on uvicorn at 127.0.0.1:<free port>.
 
-Only the runtime seams are fakes (``embervm.core.testing``: no VMs, no builds): everything a
+Only the runtime seams are fakes (``tests.framework.fake_core``: no VMs, no builds): everything a
 client sees — routing, validation, SigV4, state machine, admission, idempotency, pagination,
 persistence — is the production code. The server runs its own event loop in a thread; a test
 may stop it and start a new one on the same database (a restart).
@@ -21,13 +21,13 @@ from typing import Any
 import boto3
 import uvicorn
 from botocore.config import Config
+from tests.framework.fake_core import FakeAppLogs, FakeBuilder, FakeBuildLogs, FakeHost, FakeTokens
 
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.extensions import extension_routes
 from embervm.blobs.uploads import UploadArea
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations
-from embervm.core.testing import FakeAppLogs, FakeBuilder, FakeBuildLogs, FakeHost, FakeTokens
 from embervm.store import open_repository
 
 REGION = "us-east-1"

@@ -1,5 +1,5 @@
 """The rig of core's unit tests: ``Operations`` over a real SQLite store in a tmp dir, with the
-public fakes of ``embervm.core.testing`` behind every seam and a clock moved by hand."""
+fakes of ``tests.framework.fake_core`` behind every seam and a clock moved by hand."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from embervm.config import Settings
-from embervm.core import Caller, CoreLimits, Operations
-from embervm.core.testing import (
+from tests.framework.fake_core import (
     FakeAppLogs,
     FakeBuilder,
     FakeBuildLogs,
@@ -21,6 +18,9 @@ from embervm.core.testing import (
     FakeHost,
     FakeTokens,
 )
+
+from embervm.config import Settings
+from embervm.core import Caller, CoreLimits, Operations
 from embervm.model import validate_output
 from embervm.store import SqlRepository, open_repository
 

@@ -1,7 +1,7 @@
 """``GuestAgent``: the seam other packages type against (``AgentClient`` implements it).
 
 Code in ``host/``, ``imagebuild/`` or ``proxy/`` that needs a guest should accept a ``GuestAgent``
-so that unit tests can pass a fake or ``embervm.guest.testing.local_agent()``.
+so that unit tests can pass a fake or ``tests.framework.local_guest_agent.local_agent()``.
 """
 
 from __future__ import annotations

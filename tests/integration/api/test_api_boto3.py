@@ -17,8 +17,8 @@ import httpx
 import pytest
 from botocore.config import Config
 from tests.framework.api_live_server import LiveApi
+from tests.framework.fake_api import signed_request
 
-from embervm.api.testing import signed_request
 from embervm.errors import ConflictError, NotFoundError, ThrottledError, ValidationError
 from embervm.model import OPERATION_NAMES, example_input, example_output, validate_output
 

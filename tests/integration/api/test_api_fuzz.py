@@ -35,10 +35,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tests.framework.api_live_server import LiveApi
 from tests.framework.chaos_server_harness import chaos_server
+from tests.framework.fake_api import SignedRequest, sign, signed_request
 from tests.framework.server_harness import LiveServer, _read_default_credentials
 
 from embervm.api._routing import Router
-from embervm.api.testing import SignedRequest, sign, signed_request
 from embervm.errors import ValidationError
 from embervm.model import (
     OPERATION_NAMES,

@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 import boto3
 import pytest
 from botocore.config import Config
+from tests.framework.fake_api import FakeOperations
 
 from embervm.api import CredentialStore, create_api_app
-from embervm.api.testing import FakeOperations
 from embervm.config import Settings
 from embervm.server.api_listener import serve_api
 

@@ -1,6 +1,7 @@
 """Runtime hook calls (``embervm.host.hooks``) through the real guest agent's HTTP relay
-(``embervm.guest.testing.local_agent``: the agent the guest runs, as a local process) to a real
-HTTP server on 127.0.0.1 playing the app: retries, single attempts, timeouts, settings."""
+(``tests.framework.local_guest_agent.local_agent``: the agent the guest runs, as a local
+process) to a real HTTP server on 127.0.0.1 playing the app: retries, single attempts,
+timeouts, settings."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.framework.local_guest_agent import local_agent
 
 from embervm.errors import GuestError
 from embervm.guest.client import AgentClient
-from embervm.guest.testing import local_agent
 from embervm.host.hooks import HOOK_PATH, RuntimeHooks, call_hook
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.framework.fake_imagebuild import FakeMachineProvider
 
 from embervm.errors import BuildFailure
 from embervm.imagebuild import BuildSpec, ImageBuild
 from embervm.imagebuild.cache import LocalLayerCache
 from embervm.imagebuild.log import MemoryBuildLog
 from embervm.imagebuild.ready import HOOK_PATH, HookSettings, http_hook, wait_for_hook
-from embervm.imagebuild.testing import FakeMachineProvider
 
 pytestmark = pytest.mark.integration
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"

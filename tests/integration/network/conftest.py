@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.framework.fake_network import attach_veth_guest
 
 from embervm.network import CommandResult, NetworkManager, SubprocessRunner, VmNetwork
-from embervm.network.testing import attach_veth_guest
 
 INTERNET_IP = "203.0.113.10"
 INTERNET_LINK_HOST = "198.51.100.1"

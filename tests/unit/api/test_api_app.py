@@ -290,9 +290,9 @@ async def test_websocket_extra_routes_need_a_signed_handshake(tmp_path: Any) -> 
     from botocore.awsrequest import AWSRequest
     from starlette.routing import WebSocketRoute
     from starlette.websockets import WebSocket
+    from tests.framework.fake_api import sign
 
     from embervm.api import caller_of
-    from embervm.api.testing import sign
 
     async def shell(websocket: WebSocket) -> None:
         await websocket.accept()
@@ -316,8 +316,7 @@ async def test_websocket_extra_routes_need_a_signed_handshake(tmp_path: Any) -> 
 
 async def test_websockets_to_unknown_paths_are_closed(api: ApiHarness) -> None:
     from botocore.awsrequest import AWSRequest
-
-    from embervm.api.testing import sign
+    from tests.framework.fake_api import sign
 
     request = AWSRequest(method="GET", url="http://testserver/embervm/v1/shell")
     sign(request, api.credential.access_key_id, api.credential.secret_access_key)

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSRequest
 from tests.framework.api_unit_harness import ENDPOINT, ApiHarness
+from tests.framework.fake_api import sign
 
 from embervm.api.logs import MAX_LINE_BYTES, Followers, LineStream, encode_line, log_routes
-from embervm.api.testing import sign
 from embervm.core.caller import Caller
 from embervm.errors import NotFoundError, ThrottledError
 

@@ -13,8 +13,8 @@ import pytest
 from botocore.awsrequest import AWSRequest
 from starlette.types import Message
 from tests.framework.api_unit_harness import ENDPOINT, ApiHarness
+from tests.framework.fake_api import sign
 
-from embervm.api.testing import sign
 from embervm.errors import AccessDeniedError
 
 BODY = json.dumps({"imageIdentifier": "web"}).encode()

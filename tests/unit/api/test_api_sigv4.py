@@ -7,9 +7,9 @@ import hashlib
 import time
 
 import pytest
+from tests.framework.fake_api import SignedRequest, signed_request
 
 from embervm.api.sigv4 import SigV4Verifier, VerifiedIdentity
-from embervm.api.testing import SignedRequest, signed_request
 from embervm.errors import AccessDeniedError
 
 KEY = "AKIAEXAMPLEEXAMPLE00"

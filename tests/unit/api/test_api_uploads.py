@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from botocore.awsrequest import AWSRequest
 from tests.framework.api_unit_harness import ENDPOINT, ApiHarness
+from tests.framework.fake_api import sign
 
-from embervm.api.testing import sign
 from embervm.api.uploads import UPLOAD_PATH, upload_routes
 from embervm.blobs.uploads import UploadArea
 

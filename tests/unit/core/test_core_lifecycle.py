@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from tests.framework.core_unit_harness import ALL_INGRESS, Rig, make_rig, until
+from tests.framework.fake_core import FakeClock, FakeHost
 
-from embervm.core.testing import FakeClock, FakeHost
 from embervm.errors import ConflictError, InternalError, NotFoundError, VmmError
 
 

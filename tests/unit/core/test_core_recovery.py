@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.framework.core_unit_harness import Rig, make_rig, until
-
-from embervm.core.testing import FakeClock, FakeHost
+from tests.framework.fake_core import FakeClock, FakeHost
 
 
 async def _killed_then_restarted(

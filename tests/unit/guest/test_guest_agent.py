@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from tests.framework.local_guest_agent import local_agent
 
 from embervm.errors import GuestError
 from embervm.guest.agent.protocol import Decoder, encode
 from embervm.guest.client import AgentClient, AppSpec
-from embervm.guest.testing import local_agent
 
 SRC = Path(__file__).resolve().parents[3] / "src"  # for the raw-socket agent fixture
 

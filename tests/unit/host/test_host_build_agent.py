@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tests.framework.local_guest_agent import local_agent
 
-from embervm.guest.testing import local_agent
 from embervm.host.build_agent import AgentOps
 from embervm.imagebuild.machine import AppLaunch, TreeEntry
 

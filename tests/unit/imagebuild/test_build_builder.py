@@ -11,6 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tests.framework.fake_imagebuild import (
+    ExecCall,
+    FakeAppMachine,
+    FakeBuildMachine,
+    FakeMachineProvider,
+)
 
 from embervm.errors import BuildFailure, VmmError
 from embervm.imagebuild.builder import ImageBuild
@@ -19,12 +25,6 @@ from embervm.imagebuild.log import MemoryBuildLog
 from embervm.imagebuild.machine import OutputSink
 from embervm.imagebuild.ready import HookSettings
 from embervm.imagebuild.spec import BuildResult, BuildSpec
-from embervm.imagebuild.testing import (
-    ExecCall,
-    FakeAppMachine,
-    FakeBuildMachine,
-    FakeMachineProvider,
-)
 
 ARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian12"
 DOCKERFILE = """FROM embervm/debian12

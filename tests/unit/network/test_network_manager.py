@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.framework.fake_network import FakeRunner
 
 from embervm.errors import NetworkSetupError
 from embervm.network import CommandResult, EgressLimits, NetworkManager
 from embervm.network._manager import HostPaths
-from embervm.network.testing import FakeRunner
 
 
 @dataclass

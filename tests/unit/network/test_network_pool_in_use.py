@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.framework.fake_network import FakeRunner
 from tests.unit.network.test_network_manager import make_rig
 
 from embervm.errors import NetworkSetupError
 from embervm.network import CommandResult
-from embervm.network.testing import FakeRunner
 
 
 def host_addresses(*links: dict[str, Any]) -> FakeRunner:

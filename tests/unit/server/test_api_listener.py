@@ -13,10 +13,10 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from tests.framework.fake_api import FakeOperations
 
 import embervm.server.api_listener as listener
 from embervm.api import CredentialStore, create_api_app
-from embervm.api.testing import FakeOperations
 from embervm.config import Settings
 from embervm.proxy.tls import ensure_tls
 from embervm.server.api_listener import MAX_HEAD_BYTES, BoundedH11Protocol, serve_api

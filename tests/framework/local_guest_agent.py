@@ -1,4 +1,4 @@
-"""Test helpers (public): a real agent on this host, without QEMU.
+"""A real guest agent on this host, without QEMU (not a fake).
 
 ``local_agent()`` starts the very agent the guest runs (``python -m embervm.guest.agent``) as a
 child process speaking over a socketpair, and yields a connected ``AgentClient``. Commands run
@@ -19,9 +19,10 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import embervm
 from embervm.guest.client import AgentClient
 
-_SRC = Path(__file__).resolve().parents[2]
+_SRC = Path(embervm.__file__).resolve().parents[1]  # the folder embervm is imported from
 
 
 @contextlib.asynccontextmanager

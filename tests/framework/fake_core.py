@@ -1,4 +1,4 @@
-"""Public fakes of core's seams (like ``trio.testing``): a clock you move by hand, a host and an
+"""Fakes of core's seams (``embervm.core.seams``): a clock you move by hand, a host and an
 image builder that do no real work but can be held (gates) or made to fail, a token issuer,
 and log sources. Used by core's unit tests and by benches/tests of layers above core.
 """

@@ -1,4 +1,4 @@
-"""Test helpers for the API (public, like ``trio.testing``).
+"""Fakes for the control API (``embervm.api``): the core it calls, and clients that sign.
 
 - ``FakeOperations`` answers every operation with a model-valid canned output (all members
   filled, from ``embervm.model.example_output``), records each call, and raises a programmed

@@ -1,5 +1,5 @@
-"""Fakes of the build seam (``MachineProvider``, ``BuildMachine``, ``AppMachine``), public so
-core's tests can drive whole builds without VMs.
+"""Fakes of the build seam (``embervm.imagebuild.machine``: ``MachineProvider``,
+``BuildMachine``, ``AppMachine``), so tests can drive whole builds without VMs.
 
 The fake build VM keeps a dict filesystem per layer; ``exec`` calls a script the test gives
 (``ExecScript``), which may read and change that filesystem, return an exit code, print, or hang.

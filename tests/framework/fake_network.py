@@ -1,4 +1,5 @@
-"""Test helpers, public like ``trio.testing``: a recording fake runner and a guest stand-in.
+"""Fakes for ``embervm.network``: a recording fake of its ``CommandRunner`` seam, and a guest
+stand-in.
 
 ``attach_veth_guest`` replaces a VM's tap with a veth of the same name whose other end sits in
 a namespace the test owns and carries the guest's address, MAC and route. The VM namespace's
@@ -11,9 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ._addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX
-from ._commands import DEFAULT_TIMEOUT, CommandResult, CommandRunner, failure
-from ._manager import VmNetwork
+from embervm.network._addressing import (
+    GATEWAY_IP,
+    GATEWAY_MAC,
+    GUEST_IP,
+    GUEST_MAC,
+    GUEST_PREFIX,
+)
+from embervm.network._commands import DEFAULT_TIMEOUT, CommandResult, CommandRunner, failure
+from embervm.network._manager import VmNetwork
 
 
 @dataclass
