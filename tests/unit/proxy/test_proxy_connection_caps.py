@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.unit.proxy.conftest import DOMAIN, VM, App, LocalShells, Routes, running, until
+from tests.framework.proxy_unit_harness import DOMAIN, VM, App, LocalShells, Routes, running, until
 
 from embervm.config import Settings
 from embervm.contracts import PortGrant

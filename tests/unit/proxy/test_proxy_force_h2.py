@@ -1,5 +1,6 @@
-"""``X-aws-proxy-force-h2: true``: requests reach an app that speaks only h2c (written here
-with h2), from HTTP/1.1 and HTTP/2 clients, bodies both ways, kept connection."""
+"""``X-aws-proxy-force-h2: true``: requests reach an app that speaks only h2c
+(``tests.framework.proxy_h2_peers.h2c_app``, written with h2), from HTTP/1.1 and HTTP/2
+clients, bodies both ways, kept connection."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-from tests.unit.proxy.conftest import (
+from tests.framework.proxy_h2_peers import h2c_app
+from tests.framework.proxy_unit_harness import (
     HOST,
     VM,
     Rig,
@@ -26,33 +28,6 @@ from tests.unit.proxy.conftest import (
 from embervm.proxy.admission import connection_limit
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def h2c_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers each stream with what it saw (headers, body size), then a trailer."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    conn.initiate_connection()
-    writer.write(conn.data_to_send())
-    heads: dict[int, dict[str, str]] = {}
-    sizes: dict[int, int] = {}
-    while data := await reader.read(65536):
-        for event in conn.receive_data(data):
-            if isinstance(event, h2.events.RequestReceived):
-                heads[event.stream_id] = {k.decode(): v.decode() for k, v in event.headers}
-                sizes[event.stream_id] = 0
-            elif isinstance(event, h2.events.DataReceived):
-                sizes[event.stream_id] += len(event.data)
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
-                sid = event.stream_id
-                body = json.dumps({"headers": heads[sid], "size": sizes[sid],
-                                   "connection": id(conn)}).encode()  # fmt: skip
-                conn.send_headers(sid, [(":status", "200"), ("content-type", "application/json")])
-                conn.send_data(sid, body)
-                conn.send_headers(sid, [("x-trailer", "yes")], end_stream=True)
-        writer.write(conn.data_to_send())
-        await writer.drain()
-    writer.close()
 
 
 @pytest.fixture

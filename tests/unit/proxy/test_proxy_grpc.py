@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from tests.unit.proxy.conftest import HOST, Rig
+from tests.framework.proxy_unit_harness import HOST, Rig
 
 pytestmark = pytest.mark.timeout(60)
 

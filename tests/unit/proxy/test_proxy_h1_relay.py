@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from tests.unit.proxy.conftest import OTHER, VM, Rig, suspended, until
+from tests.framework.proxy_unit_harness import OTHER, VM, Rig, suspended, until
 
 from embervm.proxy.h1 import relay_h1
 

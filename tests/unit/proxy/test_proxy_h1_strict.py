@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from tests.unit.proxy.conftest import DOMAIN, VM, Rig
+from tests.framework.proxy_unit_harness import DOMAIN, VM, Rig
 
 from embervm.proxy.h1.wire import (
     CHUNKED,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from hyperframe.frame import RstStreamFrame, SettingsFrame, WindowUpdateFrame
-from tests.unit.proxy.test_proxy_h2_frames import (
+from tests.framework.proxy_h2_frame_client import (
     Client,
     Recorder,
     data,

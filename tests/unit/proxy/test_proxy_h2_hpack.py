@@ -11,7 +11,7 @@ import hpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.unit.proxy.test_proxy_h2_frames import Client, goaway, raw
+from tests.framework.proxy_h2_frame_client import Client, goaway, raw
 
 from embervm.proxy.h2.frame_layer import COMPRESSION_ERROR
 from embervm.proxy.h2.hpack import HeaderDecoder, HpackError

@@ -12,9 +12,8 @@ from typing import Any
 import h2.events
 import h2.settings
 import pytest
-from tests.unit.proxy.conftest import HOST, App, Rig
-from tests.unit.proxy.test_proxy_force_h2 import h2c_app
-from tests.unit.proxy.test_proxy_h2_relay import Client
+from tests.framework.proxy_h2_peers import Client, h2c_app
+from tests.framework.proxy_unit_harness import HOST, App, Rig
 
 from embervm.proxy.h2 import session as h2_session
 from embervm.proxy.h2.relay_h2 import MAX_H2_TARGETS

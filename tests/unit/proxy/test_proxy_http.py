@@ -13,7 +13,7 @@ import h2.events
 import h2.settings
 import httpx
 import pytest
-from tests.unit.proxy.conftest import (
+from tests.framework.proxy_unit_harness import (
     HOST,
     OTHER,
     VM,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tests.unit.proxy.conftest import App, Rig, until
+from tests.framework.proxy_unit_harness import App, Rig, until
 
 pytestmark = pytest.mark.timeout(60)
 

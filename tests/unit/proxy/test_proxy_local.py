@@ -12,7 +12,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.unit.proxy.conftest import HOST, OTHER, VM, LocalShells, Routes, dead_port, running
+from tests.framework.proxy_unit_harness import (
+    HOST,
+    OTHER,
+    VM,
+    LocalShells,
+    Routes,
+    dead_port,
+    running,
+)
 
 from embervm.config import Settings
 from embervm.contracts import PortGrant

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import websockets
-from tests.unit.proxy.conftest import DOMAIN, VM, Rig
+from tests.framework.proxy_unit_harness import DOMAIN, VM, Rig
 from websockets.asyncio.client import ClientConnection, connect
 
 from embervm.proxy.streams import Ending, SessionLease

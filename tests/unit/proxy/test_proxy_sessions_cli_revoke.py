@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import websockets
-from tests.unit.proxy.conftest import DOMAIN, VM, Rig
+from tests.framework.proxy_unit_harness import DOMAIN, VM, Rig
 from websockets.asyncio.client import ClientConnection, connect
 
 from embervm.proxy.streams import Ending

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from tests.unit.proxy.conftest import LocalShells, Routes, running
+from tests.framework.proxy_unit_harness import LocalShells, Routes, running
 
 import embervm.proxy.tls as tls
 from embervm.config import Settings

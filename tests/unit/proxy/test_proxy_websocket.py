@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import websockets
-from tests.unit.proxy.conftest import HOST, VM, Rig, gather_bounded, running
+from tests.framework.proxy_unit_harness import HOST, VM, Rig, gather_bounded, running
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
