@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.network.conftest import (
+from tests.framework.network_netns_world import (
     API_PORT,
     CLIENT,
     GUEST_PORT,

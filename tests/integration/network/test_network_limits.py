@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.integration.network.conftest import INTERNET_IP, World, open_world, sh
+from tests.framework.network_netns_world import INTERNET_IP, World, open_world, sh
 
 from embervm.network import EgressLimits
 

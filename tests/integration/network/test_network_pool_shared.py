@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.integration.network.conftest import API_PORT, World, leftovers, new_tag, sh
+from tests.framework.network_netns_world import API_PORT, World, leftovers, new_tag, sh
 
 from embervm.errors import NetworkSetupError
 from embervm.network import NetworkManager

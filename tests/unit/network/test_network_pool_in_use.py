@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from tests.framework.fake_network import FakeRunner
-from tests.unit.network.test_network_manager import make_rig
+from tests.framework.network_unit_harness import make_rig
 
 from embervm.errors import NetworkSetupError
 from embervm.network import CommandResult
