@@ -1,3 +1,5 @@
-"""The lab and image fixtures of test_vmm_qemu, shared with the other modules here."""
+"""Fixtures of the QEMU VMM's integration tests (defined in ``vmm_qemu_lab``)."""
 
-from test_vmm_qemu import image, lab, lab_root  # noqa: F401
+from tests.framework.vmm_qemu_lab import image, lab, lab_root
+
+__all__ = ["image", "lab", "lab_root"]

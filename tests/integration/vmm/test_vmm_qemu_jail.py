@@ -1,7 +1,7 @@
 """The VMM jail against real QEMU (TCG): a jailed QEMU runs as a uid of its own with no
 capability, chrooted into its VM's directory, in a cgroup that caps its tasks, and still
 boots, restores, snapshots (through fds it is handed) and suspends; a guest that floods its
-serial console leaves a bounded console.log. Fixtures come from test_vmm_qemu."""
+serial console leaves a bounded console.log. Fixtures come from ``tests.framework.vmm_qemu_lab``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_vmm_qemu import Lab, agent, sh
+from tests.framework.vmm_qemu_lab import Lab, agent, sh
 
 from embervm.errors import VmmError
 from embervm.vmm import CgroupLimits, QemuVmm, VmConfig, detect_cgroup_driver, seccomp
