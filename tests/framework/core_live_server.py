@@ -12,6 +12,7 @@ import asyncio
 import configparser
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from embervm.store import open_repository
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
+BASE = f"arn:aws:lambda:{REGION}:aws:microvm-image:debian12"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/build"
+CONNECTOR = f"arn:aws:lambda:{REGION}:aws:network-connector:aws-network-connector:{{}}"
 
 
 def free_port() -> int:
@@ -139,3 +143,22 @@ def serve(data_dir: Path, database_url: str, **kw: Any) -> Iterator[CoreServer]:
         yield server
     finally:
         server.stop()
+
+
+def wait(fetch: Any, done: Any, what: str, timeout: float = 30.0) -> Any:
+    """``fetch()`` again until ``done`` says yes (AssertionError after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {value}"
+        time.sleep(0.05)
+
+
+def image(client: Any, name: str, **extra: Any) -> dict[str, Any]:
+    """An image created through ``client``, once its first build has ended."""
+    client.create_microvm_image(name=name, baseImageArn=BASE, buildRoleArn=ROLE,
+                                codeArtifact={"uri": "file:///tmp/app.zip"}, **extra)  # fmt: skip
+    return dict(wait(lambda: client.get_microvm_image(imageIdentifier=name),
+                     lambda i: i["state"] != "CREATING", f"image {name}"))  # fmt: skip

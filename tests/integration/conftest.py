@@ -9,22 +9,12 @@ second.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-from pathlib import Path
 
 import pytest
+from tests.framework.integration_cache import test_cache_dir
 
 from embervm.guest.artifacts import GuestArtifacts, ensure_guest_artifacts
-
-
-def test_cache_dir() -> Path:
-    """Where integration tests keep artifacts between runs."""
-    env = os.environ.get("EMBERVM_TEST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "embervm-test"
-
-
-test_cache_dir.__test__ = False  # type: ignore[attr-defined]  # not a test, despite the name
 
 
 @pytest.fixture(scope="session")

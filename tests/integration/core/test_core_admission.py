@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from test_core_boto3 import image
-from tests.framework.core_live_server import ACCOUNT, REGION, serve
+from tests.framework.core_live_server import ACCOUNT, REGION, image, serve
 
 from embervm.core import CoreLimits
 

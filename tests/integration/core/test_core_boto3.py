@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import botocore.session
 import pytest
 from botocore import xform_name
 from botocore.exceptions import ClientError
-from tests.framework.core_live_server import ACCOUNT, REGION, CoreServer
+from tests.framework.core_live_server import (
+    ACCOUNT,
+    BASE,
+    CONNECTOR,
+    REGION,
+    ROLE,
+    CoreServer,
+    image,
+    wait,
+)
 
 from embervm.model import validate_output
-
-BASE = f"arn:aws:lambda:{REGION}:aws:microvm-image:debian12"
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/build"
-CONNECTOR = f"arn:aws:lambda:{REGION}:aws:network-connector:aws-network-connector:{{}}"
 
 
 def checked(operation: str, response: dict[str, Any]) -> dict[str, Any]:
@@ -33,23 +37,6 @@ def _wire(value: Any) -> Any:
     if hasattr(value, "timestamp"):
         return value.timestamp()
     return value
-
-
-def wait(fetch: Any, done: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {value}"
-        time.sleep(0.05)
-
-
-def image(client: Any, name: str, **extra: Any) -> dict[str, Any]:
-    client.create_microvm_image(name=name, baseImageArn=BASE, buildRoleArn=ROLE,
-                                codeArtifact={"uri": "file:///tmp/app.zip"}, **extra)  # fmt: skip
-    return dict(wait(lambda: client.get_microvm_image(imageIdentifier=name),
-                     lambda i: i["state"] != "CREATING", f"image {name}"))  # fmt: skip
 
 
 def test_all_24_operations_answer_in_their_model_shapes(api: CoreServer) -> None:

@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from test_core_boto3 import BASE, CONNECTOR, ROLE, image, wait
-from tests.framework.core_live_server import REGION, CoreServer, serve
+from tests.framework.core_live_server import (
+    BASE,
+    CONNECTOR,
+    REGION,
+    ROLE,
+    CoreServer,
+    image,
+    serve,
+    wait,
+)
 
 from embervm.store.engine import create_engine, current_revision, downgrade, migrate
 

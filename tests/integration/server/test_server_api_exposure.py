@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from tests.framework.integration_cache import test_cache_dir
 from tests.framework.server_harness import LiveServer, free_port
-from tests.integration.conftest import test_cache_dir
 
 from embervm.guest.artifacts import GuestArtifacts
 
