@@ -9,7 +9,7 @@ The server is the production API + core + SQLite store (WAL) on uvicorn, in its 
 no VM is booted), so RunMicrovm measures what the API call itself costs: validation, SigV4,
 admission and the PENDING record in one transaction, the answer. Requests are signed before
 the clock starts (the client would otherwise compete with the server for the two cores).
-Target (DESIGN.md §10): RunMicrovm p50 ≤ 20 ms. Two loads: closed loop (each of the 50
+Target (docs/PERFORMANCE.md): RunMicrovm p50 ≤ 20 ms. Two loads: closed loop (each of the 50
 clients sends again as soon as it has its answer: the server's saturation, where latency is
 50 / throughput) and paced (each client sends one request a second: the latency a client sees
 when the server is not saturated). Bounded: about 40 s.

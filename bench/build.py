@@ -1,4 +1,4 @@
-"""Rebuild after an app-only change vs first build (DESIGN §10 target: ≤ 0.25x).
+"""Rebuild after an app-only change vs first build (target, docs/PERFORMANCE.md: ≤ 0.25x).
 
 Builds examples/flask-counter twice with one layer cache: first with an empty cache, then after
 appending a comment to app.py, so the second build reuses every step before ``COPY app.py``.

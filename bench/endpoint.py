@@ -12,7 +12,7 @@ httpx through the endpoint proxy:
     by the guest agent, first 200 from it (measured inside the guest, so no network either);
   - the first request to a SUSPENDED VM with auto-resume vs a request to the RUNNING VM, both on
     a new connection (3 cycles).
-Targets (DESIGN.md §10): RunMicrovm → first byte ≥ 15x faster than cold boot → first byte, and
+Targets (docs/PERFORMANCE.md): RunMicrovm → first byte ≥ 15x faster than cold boot → first byte, and
 ≤ 0.5 s absolute; auto-resume adds ≤ 0.5 s. Takes about 3 minutes (the build is most of it).
 """
 

@@ -7,7 +7,7 @@ Loopback only. The upstream is nginx serving a small static file (faster than th
 the proxy's own cost shows). Measured in one run, same client settings each time:
   (a) straight to the upstream, (b) through Embervm's EndpointProxy (real token checks, header
   stripping, keep-alive upstream), (c) through nginx configured as a reverse proxy to the same
-  upstream. Targets (DESIGN.md §10): (b) ≥ 0.5x (c) requests/s, and (b) adds ≤ 1 ms at p50
+  upstream. Targets (docs/PERFORMANCE.md): (b) ≥ 0.5x (c) requests/s, and (b) adds ≤ 1 ms at p50
   over (a). nginx and the proxy each get one worker process (the proxy is one asyncio loop).
 Runs in about a minute; every process it starts is stopped before it exits.
 """

@@ -6,7 +6,7 @@
 Needs root (the base disk is built with mmdebstrap once), QEMU and the guest artifacts (cached in
 ``$EMBERVM_TEST_CACHE`` or ``~/.cache/embervm-test``). Every time is host wall clock, measured to
 "the guest agent answered hello" unless the row says otherwise. Runs in about a minute; every
-VM it starts is killed before it exits. Targets are DESIGN.md §10.
+VM it starts is killed before it exits. Targets: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """A test-only ``MachineProvider`` on real QEMU microVMs (TCG), for the build integration tests.
 
-Not the runtime's provider (that is the host layer's job): it boots the SPIKE.md command line
-directly, runs steps through the real guest agent (``embervm.host.build_agent.AgentOps``) and
-freezes layers with QMP ``blockdev-snapshot-sync`` (the running overlay becomes the layer, a new
-overlay on top takes the writes). Its ``snapshot`` is a stand-in (a manifest and the sizes) —
-memory snapshots are the VMM's and are not exercised here.
+Not the runtime's provider (that is the host layer's job): it boots a QEMU microvm command line of
+its own directly (the boot recipe of docs/GUEST_PROTOCOL.md; the runtime's command line is
+``embervm.vmm.cmdline``), runs steps through the real guest agent
+(``embervm.host.build_agent.AgentOps``) and freezes layers with QMP ``blockdev-snapshot-sync`` (the
+running overlay becomes the layer, a new overlay on top takes the writes). Its ``snapshot`` is a
+stand-in (a manifest and the sizes) — memory snapshots are the VMM's and are not exercised here.
 
 Imported by this unique module name (no second ``conftest``).
 """

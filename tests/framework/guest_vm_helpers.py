@@ -1,11 +1,12 @@
-"""A booted QEMU microvm (TCG) for the guest tests: the SPIKE.md command line.
+"""A booted QEMU microvm (TCG) for the guest tests, on a command line written out here.
 
 Imported by the guest test modules by this unique name (a second ``conftest`` module name would
 clash with other areas' conftests when the whole tree runs).
 
-This is the SPIKE.md command line, launched directly: the guest tests need a real VM but not
-the VMM layer. Every test connects its own ``AgentClient`` to the same VM, which exercises the
-reconnect path (each new ``hello`` resets the previous connection's sessions).
+This is the boot recipe of docs/GUEST_PROTOCOL.md as a plain QEMU command line, launched directly
+(the runtime's command line is ``embervm.vmm.cmdline``): the guest tests need a real VM but not the
+VMM layer. Every test connects its own ``AgentClient`` to the same VM, which exercises the reconnect
+path (each new ``hello`` resets the previous connection's sessions).
 """
 
 from __future__ import annotations

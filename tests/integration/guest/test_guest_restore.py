@@ -1,4 +1,6 @@
-"""The agent across a QEMU snapshot and restore (SPIKE.md recipe a, driven over raw QMP).
+"""The agent across a QEMU snapshot and restore, driven over raw QMP: the VM stopped and migrated
+to a file, then a new QEMU started with ``-incoming`` from it and ``cont`` (the runtime's
+restore, docs/SNAPSHOTS.md "Restore", in its plainest form).
 
 What the guest side must get right: the restored agent still holds the host connection of
 the snapshot in its memory; the new QEMU's chardev has a new client; the host's ``hello``
