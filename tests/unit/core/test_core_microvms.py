@@ -8,18 +8,22 @@ from typing import Any
 
 import pytest
 from tests.framework.core_unit_harness import ALL_INGRESS, Rig, make_rig
+from tests.framework.fake_core import FakeBuilder, FakeHost
 
+from embervm.config import Settings
 from embervm.contracts import PortGrant
 from embervm.core import Caller, CoreLimits, RateLimit
 from embervm.errors import (
     ConflictError,
     InsufficientCapacityError,
+    InternalError,
     NotFoundError,
     QuotaExceededError,
     ThrottledError,
     ValidationError,
     VmmError,
 )
+from embervm.store import open_repository
 
 CONNECTOR = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:{}"
 
@@ -41,21 +45,24 @@ async def test_endpoint_is_id_under_domain_on_proxy_port(rig: Rig) -> None:
     assert vm["endpoint"] == f"https://{vm['microvmId']}.microvm.localhost:8443"
 
 
-async def test_launch_gets_size_connectors_and_run_hook_payload(rig: Rig) -> None:
+async def test_launch_gets_snapshot_egress_hooks_and_run_hook_payload(rig: Rig) -> None:
     await rig.image(resources=[{"minimumMemoryInMiB": 4096}], hooks={"port": 9000})
     vm = await rig.run(runHookPayload='{"tenant": 7}', egressNetworkConnectors=[])
     spec = rig.host.specs[vm["microvmId"]]
-    assert (spec.memory_mib, spec.vcpus, spec.cpu_fraction) == (4096, 2, 2.0)
-    assert (spec.egress, spec.ingress) == (False, ("HTTP_INGRESS",))
+    assert spec.egress is False
     assert (spec.run_hook_payload, spec.hooks) == ('{"tenant": 7}', {"port": 9000})
     assert spec.snapshot_dir == rig.settings.images_dir / "web" / "1" / "snapshot"
 
 
-async def test_small_vm_gets_one_whole_vcpu_and_a_quarter_share(rig: Rig) -> None:
-    await rig.image(resources=[{"minimumMemoryInMiB": 512}])
+@pytest.mark.parametrize(("memory", "vcpus"), [(512, 1), (2048, 1), (4096, 2)])
+async def test_a_vm_is_admitted_with_its_image_size_and_one_vcpu_per_2_gib(
+    rig: Rig, memory: int, vcpus: int
+) -> None:
+    await rig.image(resources=[{"minimumMemoryInMiB": memory}])
     vm = await rig.run()
-    spec = rig.host.specs[vm["microvmId"]]
-    assert (spec.vcpus, spec.cpu_fraction) == (1, 0.25)
+    record = await rig.repo.get_microvm(vm["microvmId"])
+    assert record is not None
+    assert (record.memory_mib, record.vcpus) == (memory, vcpus)
 
 
 async def test_default_connectors_are_http_ingress_and_internet_egress(rig: Rig) -> None:
@@ -544,6 +551,28 @@ async def test_app_logs_need_an_existing_vm(rig: Rig) -> None:
 
 
 async def test_every_operation_is_served(rig: Rig) -> None:
-    from embervm.model import operation_names
+    from embervm.model import OPERATION_NAMES
 
-    assert rig.ops.operation_names == frozenset(operation_names())
+    assert set(rig.ops._handlers) == set(OPERATION_NAMES)
+
+
+async def test_an_operation_the_model_gained_without_a_handler_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import embervm.core.operations as operations_module
+
+    grown = (*operations_module.OPERATION_NAMES, "ForkMicrovm")
+    monkeypatch.setattr(operations_module, "OPERATION_NAMES", grown)
+    settings = Settings(data_dir=tmp_path / "data")
+    repo = await open_repository(settings.effective_database_url)
+    try:
+        with pytest.raises(InternalError, match="no handler for ForkMicrovm"):
+            operations_module.Operations(
+                settings=settings,
+                repository=repo,
+                host=FakeHost(),
+                builder=FakeBuilder(settings.images_dir),
+                page_key=b"k" * 32,
+            )
+    finally:
+        await repo.close()
