@@ -5,8 +5,9 @@ Layering inside the package: ``ids``/``clock``/``paging``/``limits`` (data and s
 sources, ``TokenIssuer``; the values they carry are in ``embervm.contracts``) ← ``builds``
 (image builds in the background) ← ``supervisor`` (background transitions) ← ``lifecycle``
 (idle/lifetime timers, auto-resume, the proxy's view) ← ``images``/``microvms`` (the
-operations) ← ``operations`` (``Operations.invoke``, the API's one entry point). ``testing``
-holds public fakes of the seams. Core writes no SQL (``embervm.store``) and knows no HTTP.
+operations) ← ``operations`` (``Operations.invoke``, the API's one entry point). Fakes of
+the seams live with the tests (``tests/framework/fake_core.py``). Core writes no SQL
+(``embervm.store``) and knows no HTTP.
 """
 
 from embervm.core.caller import Caller

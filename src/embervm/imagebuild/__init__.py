@@ -5,8 +5,8 @@ Layering inside the package: ``plan`` (data) ← ``dockerfile`` / ``dockerignore
 (parsing) ← ``context`` (files for COPY) ← ``cache`` (keys, layer map) ← ``machine`` (the seam
 the runtime implements) ← ``log`` / ``ready`` ← ``spec`` (a build's input and result, data) ←
 ``builder`` (orchestration) ← ``request``.
-``testing`` holds public fakes of the seam. build imports no runtime module: the host layer
-implements ``MachineProvider``; core wires a fetcher from ``embervm.blobs``.
+Its fakes live with the tests (``tests/framework/fake_imagebuild.py``). It imports no runtime
+module: the host layer implements ``MachineProvider``; core wires a fetcher from ``embervm.blobs``.
 """
 
 from embervm.imagebuild.builder import ImageBuild

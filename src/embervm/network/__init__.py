@@ -10,7 +10,6 @@ Layering inside the package (everything Linux-specific is here and goes through
 - ``_resolver``: the dnsmasq process guests use for DNS.
 - ``_manager``: ``NetworkManager`` ties them together.
 - ``_tapfd``: ``open_tap`` hands a VMM the tap as a file descriptor (no root, no netns).
-- ``testing``: helpers for tests (a fake runner, a veth stand-in for the guest NIC).
 
 docs/NETWORK.md describes the addressing and every rule, and why.
 """

@@ -2,7 +2,8 @@
 
 Everything Linux-specific that the network code does goes through a ``CommandRunner``. The real
 one runs the program with a timeout and turns a failure into ``NetworkSetupError`` carrying the
-command and its stderr; unit tests substitute a fake that records commands (``testing``).
+command and its stderr; unit tests substitute a fake that records commands
+(``tests/framework/fake_network.py``).
 """
 
 from __future__ import annotations

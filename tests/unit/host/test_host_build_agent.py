@@ -1,4 +1,4 @@
-"""AgentOps over a real local agent process (embervm.guest.testing.local_agent, no QEMU):
+"""AgentOps over a real local agent process (``tests.framework.local_guest_agent``, no QEMU):
 exec with env/cwd and streamed output, folder trees with modes, the app's output and exit,
 hook calls through the agent's HTTP relay, port probes."""
 
