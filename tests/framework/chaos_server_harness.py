@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.framework.integration_cache import test_cache_dir
 from tests.framework.server_harness import LiveServer, free_port, token, zip_dir
 
 from embervm.host._boot import vm_dir_name
@@ -86,7 +87,7 @@ def chaos_server(data_dir: Path, *extra_args: str) -> Iterator[LiveServer]:
     design: left on the host, a network holds its pool's addresses for good)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "artifacts").exists():
-        (data_dir / "artifacts").symlink_to(_test_cache() / "artifacts")
+        (data_dir / "artifacts").symlink_to(test_cache_dir() / "artifacts")
     server = LiveServer(
         data_dir, free_port(), free_port(), free_port(), extra_args=list(extra_args)
     )
@@ -117,11 +118,6 @@ def _terminate_every_vm(server: LiveServer) -> None:
         with contextlib.suppress(Exception):  # one the watcher ended meanwhile
             client.terminate_microvm(microvmIdentifier=vm_id)
     poll(lambda: not _all_vm_ids(server), RECOVERY_TIMEOUT, "every VM terminated")
-
-
-def _test_cache() -> Path:
-    env = os.environ.get("EMBERVM_TEST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "embervm-test"
 
 
 def kill_and_restart(server: LiveServer) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from tests.framework.integration_cache import test_cache_dir
 
 from embervm.config import Settings
 from embervm.contracts import BuildJob, BuiltImage, VmSpec
@@ -71,10 +72,7 @@ class World:
 
 
 def _shared_artifacts_dir() -> Path:
-    env = os.environ.get("EMBERVM_TEST_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "embervm-test") / (
-        "artifacts"
-    )
+    return test_cache_dir() / "artifacts"
 
 
 def _prepare(settings: Settings) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from moto.server import ThreadedMotoServer
+from tests.framework.integration_cache import test_cache_dir
 from tests.framework.server_harness import (
     REPO,
     S3_CREDENTIALS,
@@ -36,11 +37,6 @@ def kill_vmms_of(data_dir: Path) -> None:
                     os.kill(int(proc.name), signal.SIGKILL)
 
 
-def _test_cache() -> Path:
-    env = os.environ.get("EMBERVM_TEST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "embervm-test"
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 API (moto's HTTP server) on 127.0.0.1, for s3:// code artifacts."""
@@ -59,7 +55,7 @@ def live_server(
 ) -> Iterator[LiveServer]:
     """``embervm server`` on free ports; artifacts and build layers from the test cache."""
     data_dir = tmp_path_factory.mktemp("server-data")
-    cache = _test_cache()
+    cache = test_cache_dir()
     (data_dir / "artifacts").symlink_to(cache / "artifacts")
     server = LiveServer(
         data_dir,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.framework.integration_cache import test_cache_dir
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -38,8 +39,7 @@ def _counts(output: str) -> list[int]:
 def test_make_demo_runs_end_to_end_twice(tmp_path: Path, guest_artifacts: object) -> None:
     if not all(_port_free(port) for port in DEMO_PORTS):
         pytest.skip("a server already listens on the demo's default ports")
-    cache = Path(os.environ.get("EMBERVM_TEST_CACHE", Path.home() / ".cache" / "embervm-test"))
-    (tmp_path / "artifacts").symlink_to(cache.expanduser() / "artifacts")
+    (tmp_path / "artifacts").symlink_to(test_cache_dir() / "artifacts")
     for _ in range(2):
         done = _run_demo(tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr

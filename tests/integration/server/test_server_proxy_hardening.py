@@ -8,7 +8,6 @@ per-address cap are closed at once while the held ones keep working (A8)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.framework.integration_cache import test_cache_dir
 from tests.framework.server_harness import DOMAIN, LiveServer, build_image, free_port, run_vm, token
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -137,8 +137,7 @@ def read_all(ws: ClientConnection) -> None:
 @pytest.fixture
 def capped_server(guest_artifacts: GuestArtifacts, tmp_path: Path) -> Iterator[LiveServer]:
     """A second server (no VM needed) that lets 3 connections per address in."""
-    cache = Path(os.environ.get("EMBERVM_TEST_CACHE", "~/.cache/embervm-test")).expanduser()
-    (tmp_path / "artifacts").symlink_to(cache / "artifacts")
+    (tmp_path / "artifacts").symlink_to(test_cache_dir() / "artifacts")
     server = LiveServer(tmp_path, free_port(), free_port(), free_port(),
                         extra_args=["--proxy-max-connections-per-ip", "3"])  # fmt: skip
     server.start()
