@@ -33,8 +33,11 @@ class BootInputs:
     accel: Accel = "tcg"
 
     def cmdline(self) -> str:
+        return self._cmdline(host_tsc_khz())
+
+    def _cmdline(self, tsc_khz: int | None) -> str:
         return kernel_cmdline(
-            guest_ip=GUEST_IP, gateway=GATEWAY_IP, prefix=GUEST_PREFIX, tsc_khz=host_tsc_khz()
+            guest_ip=GUEST_IP, gateway=GATEWAY_IP, prefix=GUEST_PREFIX, tsc_khz=tsc_khz
         )
 
     def config(
@@ -47,7 +50,13 @@ class BootInputs:
         jail: bool = True,
     ) -> VmConfig:
         """The VM's config; ``jail``: a cgroup with limits and a QEMU that drops to a uid of
-        its own in a chroot of ``workdir`` (docs/JAIL.md)."""
+        its own in a chroot of ``workdir`` (docs/JAIL.md).
+
+        The kernel learns the TSC rate from the line (``tsc_early_khz``), which is what lets the
+        VMM turn the PIT and PIC off; where the host's rate cannot be read, the line goes
+        without it and the VM keeps the legacy timers (docs/GUEST_PROTOCOL.md, the boot hang).
+        """
+        tsc_khz = host_tsc_khz()
         return VmConfig.for_workdir(
             vm_id,
             workdir,
@@ -55,7 +64,8 @@ class BootInputs:
             vcpus=vcpus_for(memory_mib),
             kernel=self.artifacts.kernel,
             initrd=self.artifacts.initrd,
-            cmdline=self.cmdline(),
+            cmdline=self._cmdline(tsc_khz),
+            legacy_timers=tsc_khz is None,
             kernel_release=self.artifacts.kernel_release,
             accel=self.accel,
             netns=network.netns if network else None,
