@@ -1,10 +1,11 @@
-"""State of Embervm: images, versions, builds, microVMs, tags, idempotency, usage.
+"""State of Embervm: images, versions, builds, microVMs, tags, idempotency, usage, hosts.
 
 - ``records``: the rows as frozen dataclasses (what core sees).
 - ``repository``: the ``Repository`` protocol core codes against, and its change types.
 - ``schema``: the tables (SQLAlchemy Core); ``migrations/``: Alembic, run at start-up.
 - ``engine``: engines (SQLite WAL by default, PostgreSQL by URL) and ``migrate``.
-- ``sql``: ``SqlRepository``, the implementation.
+- ``hosts``: the ``HostRegistry`` protocol of the fleet's hosts (leases, epochs, LOST, drain).
+- ``sql``: ``SqlRepository``, the implementation of both (hosts: ``sql_hosts``).
 
 ``open_repository(url)`` is the one call the server needs: engine, migrations to head, repo.
 """
@@ -12,13 +13,18 @@
 from __future__ import annotations
 
 from embervm.store.engine import create_engine, current_revision, downgrade, migrate
+from embervm.store.hosts import HostRegistry
 from embervm.store.records import (
     ACTIVE_MICROVM_STATES,
+    HOST_STATES,
     MEMORY_HOLDING_STATES,
     MICROVM_STATES,
     AdmissionLimits,
     BuildRecord,
     DeleteStatus,
+    HostFence,
+    HostRecord,
+    HostState,
     IdempotencyClaim,
     ImageRecord,
     InsertOutcome,
@@ -55,6 +61,7 @@ async def open_repository(url: str, *, migrate_to: str | None = "head") -> SqlRe
 
 __all__ = [
     "ACTIVE_MICROVM_STATES",
+    "HOST_STATES",
     "MEMORY_HOLDING_STATES",
     "MICROVM_STATES",
     "AdmissionLimits",
@@ -63,6 +70,10 @@ __all__ = [
     "BuildRecord",
     "Change",
     "DeleteStatus",
+    "HostFence",
+    "HostRecord",
+    "HostRegistry",
+    "HostState",
     "IdempotencyClaim",
     "ImageChange",
     "ImageRecord",

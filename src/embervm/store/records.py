@@ -110,7 +110,39 @@ class MicrovmRecord:
     suspended_at: datetime | None = None
     running_since: datetime | None = None
     last_snapshot_bytes: int = 0
+    host_epoch: int | None = None  # the epoch of ``host_id`` it was placed with (fleet)
     seq: int | None = None
+
+
+HostState = Literal["ACTIVE", "DRAINING", "LOST"]
+HOST_STATES: tuple[HostState, ...] = get_args(HostState)
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """A host of the fleet (``sql_hosts``). ``epoch`` grows with every registration; the
+    timestamps come from the database's clock."""
+
+    host_id: str
+    epoch: int
+    state: HostState
+    address: str  # ADDR:PORT the proxies and APIs dial
+    pid: int
+    memory_total_mib: int
+    memory_reserved_mib: int  # as the host last reported it
+    capabilities: dict[str, Any]  # what a snapshot restore must match (QEMU, accelerator, CPU)
+    registered_at: datetime
+    heartbeat_at: datetime
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class HostFence:
+    """A host's write is applied only while ``host_id`` is at ``epoch`` and not LOST (and, for
+    a MicroVM row, only if the VM is placed on that host with that epoch)."""
+
+    host_id: str
+    epoch: int
 
 
 @dataclass(frozen=True)

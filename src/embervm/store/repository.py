@@ -17,6 +17,7 @@ from embervm.store.records import (
     AdmissionLimits,
     BuildRecord,
     DeleteStatus,
+    HostFence,
     IdempotencyClaim,
     ImageRecord,
     InsertOutcome,
@@ -66,8 +67,8 @@ class RunnableVersion:
 
 @dataclass(frozen=True)
 class Transition:
-    status: Literal["ok", "conflict", "missing", "capacity"]
-    record: MicrovmRecord | None = None  # the row after the change (ok) or as found (conflict)
+    status: Literal["ok", "conflict", "missing", "capacity", "fenced"]
+    record: MicrovmRecord | None = None  # the row after the change (ok) or as found (otherwise)
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,11 @@ class Repository(Protocol):
         expect: Collection[str],
         values: Mapping[str, Any],
         capacity: AdmissionLimits | None = None,
+        fence: HostFence | None = None,
     ) -> Transition:
         """Compare-and-set on the VM's state. With ``capacity``, the VM's memory must also
-        fit the host's budget (resume)."""
+        fit the host's budget (resume). With ``fence`` (a fleet host's write), the VM must be
+        placed on that host with that epoch and the host not LOST, else ``fenced``."""
         ...
 
     async def update_microvm(self, microvm_id: str, values: Mapping[str, Any]) -> None:

@@ -132,6 +132,7 @@ microvms = sa.Table(
     sa.Column("execution_role_arn", sa.String(2048)),
     sa.Column("snapshot_dir", sa.Text),
     sa.Column("host_id", sa.String(64), nullable=False),
+    sa.Column("host_epoch", sa.Integer),
     sa.Column("address", sa.String(256)),
     sa.Column("started_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
@@ -143,7 +144,12 @@ microvms = sa.Table(
     sa.Column("last_snapshot_bytes", sa.BigInteger, nullable=False),
     sa.Index(None, "account_id", "state"),
     sa.Index(None, "state"),
+    sa.Index(None, "host_id", "state"),
 )
+"""``host_id``: the host the VM is placed on (of a SUSPENDED VM whose host was lost: the last
+one, a placement preference). ``host_epoch``: that host's epoch when the VM was placed on it
+(None for a single-host server, and once the host is lost); a host's writes to the row check
+it (``sql_hosts``)."""
 
 usage = sa.Table(
     "usage",
@@ -165,6 +171,24 @@ idempotency = sa.Table(
     sa.Column("resource_id", sa.String(256), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
 )
+
+hosts = sa.Table(
+    "hosts",
+    metadata,
+    sa.Column("host_id", sa.String(64), primary_key=True),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("memory_total_mib", sa.Integer, nullable=False),
+    sa.Column("memory_reserved_mib", sa.Integer, nullable=False),
+    sa.Column("capabilities", sa.JSON, nullable=False),
+    sa.Column("registered_at", UtcDateTime, nullable=False),
+    sa.Column("heartbeat_at", UtcDateTime, nullable=False),
+    sa.Column("lease_expires_at", UtcDateTime, nullable=False),
+)
+"""The fleet's hosts (``sql_hosts``): one row per ``--host-id``, its epoch bumped on every
+registration, its lease judged by the database clock."""
 
 locks = sa.Table(
     "locks",

@@ -39,6 +39,7 @@ from embervm.store.schema import (
     images,
     microvms,
 )
+from embervm.store.sql_hosts import SqlHosts
 from embervm.store.sql_microvms import SqlMicrovms
 from embervm.store.sql_transactions import Rollback, no_seq
 
@@ -46,9 +47,10 @@ BUILDING_IMAGE_STATES = ("CREATING", "UPDATING")
 BUILDING_VERSION_STATES = ("PENDING", "IN_PROGRESS")
 
 
-class SqlRepository(SqlMicrovms):
+class SqlRepository(SqlMicrovms, SqlHosts):
     """See module doc. The transactions are ``sql_transactions``'s, the MicroVM rows
-    ``sql_microvms``'s; the image, version, build and tag rows are here."""
+    ``sql_microvms``'s, the fleet's hosts ``sql_hosts``'s (``HostRegistry``); the image,
+    version, build and tag rows are here."""
 
     # -- images ------------------------------------------------------------------------------
 

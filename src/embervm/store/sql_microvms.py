@@ -2,7 +2,7 @@
 
 Admission reads what it needs in one statement (``admission_query``) under the admission lock;
 state changes are conditional UPDATEs (``WHERE state IN (...)``), so two racing transitions
-cannot both win.
+cannot both win. A fleet host's transition also carries its ``HostFence`` (``sql_hosts``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from embervm.store.admission_query import read_admission, refusal
 from embervm.store.records import (
     MEMORY_HOLDING_STATES,
     AdmissionLimits,
+    HostFence,
     IdempotencyClaim,
     InsertOutcome,
     MicrovmRecord,
@@ -25,6 +26,7 @@ from embervm.store.records import (
 )
 from embervm.store.repository import Page, RunnableVersion, Transition
 from embervm.store.schema import microvms, usage
+from embervm.store.sql_hosts import fenced, vm_fence
 from embervm.store.sql_transactions import SqlTransactions, no_seq
 
 
@@ -111,13 +113,17 @@ class SqlMicrovms(SqlTransactions):
         expect: Collection[str],
         values: Mapping[str, Any],
         capacity: AdmissionLimits | None = None,
+        fence: HostFence | None = None,
     ) -> Transition:
+        guard = vm_fence(fence) if fence is not None else ()
         async with self._write(images_unchanged=True) as conn:
             if capacity is not None:
                 await self._lock_admission(conn)
                 current = await self._vm_row(conn, microvm_id)
                 if current is None:
                     return Transition("missing")
+                if fence is not None and not await self._fence_holds(conn, fence, current):
+                    return Transition("fenced", current)
                 if current.state not in expect:
                     return Transition("conflict", current)
                 budget = capacity.host_memory_budget_mib
@@ -129,7 +135,7 @@ class SqlMicrovms(SqlTransactions):
             row = (
                 await conn.execute(
                     microvms.update()
-                    .where(m.microvm_id == microvm_id, m.state.in_(list(expect)))
+                    .where(m.microvm_id == microvm_id, m.state.in_(list(expect)), *guard)
                     .values(**values)
                     .returning(*microvms.c)
                 )
@@ -137,7 +143,17 @@ class SqlMicrovms(SqlTransactions):
             if row is not None:
                 return Transition("ok", MicrovmRecord(**row._mapping))
             found = await self._vm_row(conn, microvm_id)
-            return Transition("missing" if found is None else "conflict", found)
+            if found is None:
+                return Transition("missing")
+            if fence is not None and not await self._fence_holds(conn, fence, found):
+                return Transition("fenced", found)
+            return Transition("conflict", found)
+
+    @staticmethod
+    async def _fence_holds(conn: AsyncConnection, fence: HostFence, vm: MicrovmRecord) -> bool:
+        if vm.host_id != fence.host_id or vm.host_epoch != fence.epoch:
+            return False
+        return bool(await conn.scalar(sa.select(fenced(fence.host_id, fence.epoch))))
 
     async def update_microvm(self, microvm_id: str, values: Mapping[str, Any]) -> None:
         async with self._write(images_unchanged=True) as conn:
