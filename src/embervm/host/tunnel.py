@@ -285,9 +285,8 @@ class TunnelListener:
         except Exception as exc:  # resolve() broke: close without an answer
             clean = False
             self.errors.warning("tunnel: serving %s failed: %r", peer, exc, exc_info=True)
-        except BaseException:
-            clean = False
-            raise
+        except asyncio.CancelledError:  # stop(): this task is the connection's own, and
+            clean = False  # ends here (3.11's StreamReaderProtocol logs a cancelled one)
         finally:
             if pending:
                 self.pending -= 1
