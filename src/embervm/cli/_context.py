@@ -80,6 +80,18 @@ class CliContext:
         """What httpx verifies the control API with (see ``api_ca_bundle``)."""
         return ssl.create_default_context(cafile=self.api_ca_bundle())
 
+    def endpoint_tls(self) -> ssl.SSLContext:
+        """What the endpoint proxy's certificate is verified with: the server's local CA
+        (``DATA_DIR/tls/ca.pem``), which must be here (the CLI runs with the server's data dir)."""
+        ca = DataDir(self.data_dir).ca_file
+        try:
+            return ssl.create_default_context(cafile=str(ca))
+        except FileNotFoundError:
+            raise CliError(
+                f"{ca} is missing: the endpoint proxy's certificate is checked with the "
+                "server's local CA; run this on the server's machine with its --data-dir"
+            ) from None
+
     def client(self) -> Any:
         """A boto3 ``lambda-microvms`` client pointed at this server (created once)."""
         if self._client is None:

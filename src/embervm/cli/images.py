@@ -104,6 +104,12 @@ def create(
     output: OutputOption = OutputFormat.text,
 ) -> None:
     """Build an image (a new version if it exists) from a folder or zip."""
+    environment: dict[str, str] | None = None
+    if env:  # checked before the upload: a typo must not cost one
+        pairs = [item.partition("=") for item in env]
+        if any(not sep for _, sep, _ in pairs):
+            raise CliError("--env takes NAME=value", 2)
+        environment = {key: value for key, _, value in pairs}
     ctx = current()
     client = ctx.client()
     uri = upload_context(ctx, source)
@@ -114,11 +120,8 @@ def create(
     }
     if memory is not None:
         request["resources"] = [{"minimumMemoryInMiB": memory}]
-    if env:
-        pairs = [item.partition("=") for item in env]
-        if any(not sep for _, sep, _ in pairs):
-            raise CliError("--env takes NAME=value", 2)
-        request["environmentVariables"] = {key: value for key, _, value in pairs}
+    if environment is not None:
+        request["environmentVariables"] = environment
     started = time.monotonic()
     if _image_exists(client, name):
         image = strip_metadata(client.update_microvm_image(imageIdentifier=name, **request))

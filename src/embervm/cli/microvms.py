@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import ssl
 import sys
 import time
 from typing import Annotated, Any
@@ -314,7 +313,7 @@ def endpoint_request(
         if not sep:
             raise CliError(f"bad header {line!r}: expected 'Name: value'", 2)
         sent[name.strip()] = val.strip()
-    tls = ssl.create_default_context(cafile=str(DataDir(ctx.data_dir).ca_file))
+    tls = ctx.endpoint_tls()
     try:
         with httpx.Client(verify=tls, timeout=httpx.Timeout(timeout), http2=True) as client:
             return client.request(

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,7 +25,6 @@ from embervm.cli._app import current
 from embervm.cli._context import CliError
 from embervm.cli._errors import handle_errors
 from embervm.cli.microvms import issue_token
-from embervm.config import DataDir
 from embervm.wire import SHELL_PORT
 
 
@@ -81,7 +79,7 @@ def connect_shell(vm_id: str, token: str) -> Any:
     parts = urlsplit(vm["endpoint"])
     host = parts.hostname or ""
     port = parts.port or 443
-    tls = ssl.create_default_context(cafile=str(DataDir(ctx.data_dir).ca_file))
+    tls = ctx.endpoint_tls()
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     except OSError as exc:

@@ -183,3 +183,11 @@ def test_current_makes_a_default_context_once(monkeypatch: pytest.MonkeyPatch) -
     first = _app.current()
     assert isinstance(first, CliContext)
     assert _app.current() is first
+
+
+def test_the_endpoint_ca_missing_is_one_clear_error(ctx: CliContext) -> None:
+    with pytest.raises(CliError) as raised:
+        ctx.endpoint_tls()
+    assert raised.value.exit_code == EXIT_FAILED
+    assert str(DataDir(ctx.data_dir).ca_file) in raised.value.message
+    assert "--data-dir" in raised.value.message

@@ -208,11 +208,14 @@ def test_create_on_an_existing_image_makes_a_new_version(
     assert isinstance(answer["seconds"], float)
 
 
-@pytest.mark.usefixtures("stub", "uploaded")
-def test_an_env_without_equals_is_a_usage_error(app_dir: Path) -> None:
+@pytest.mark.usefixtures("stub")
+def test_an_env_without_equals_is_a_usage_error_before_any_upload(
+    app_dir: Path, uploaded: list[dict[str, bytes]]
+) -> None:
     result = runner.invoke(cli, ["images", "create", str(app_dir), "-n", "web", "-e", "A"])
     assert result.exit_code == 2
     assert result.stderr == "error: --env takes NAME=value\n"
+    assert uploaded == []
 
 
 def test_a_failed_build_is_exit_7_with_the_versions_reason(
