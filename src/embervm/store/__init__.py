@@ -6,6 +6,8 @@
 - ``engine``: engines (SQLite WAL by default, PostgreSQL by URL) and ``migrate``.
 - ``hosts``: the ``HostRegistry`` protocol of the fleet's hosts (leases, epochs, LOST, drain).
 - ``sql``: ``SqlRepository``, the implementation of both (hosts: ``sql_hosts``).
+- ``placement``: which fleet host takes a VM, chosen in the transaction that admits or
+  resumes it (``AdmissionLimits.placement``).
 
 ``open_repository(url)`` is the one call the server needs: engine, migrations to head, repo.
 """
@@ -30,6 +32,7 @@ from embervm.store.records import (
     InsertOutcome,
     InsertStatus,
     MicrovmRecord,
+    Placement,
     UsageRecord,
     VersionRecord,
 )
@@ -81,6 +84,7 @@ __all__ = [
     "InsertStatus",
     "MicrovmRecord",
     "Page",
+    "Placement",
     "Repository",
     "RunnableVersion",
     "SqlRepository",

@@ -7,6 +7,7 @@ model's member names, so core renders outputs without translating field names tw
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, get_args
@@ -169,13 +170,33 @@ class IdempotencyClaim:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """How a fleet places a VM on a host (``store.placement``): the capabilities a host must
+    have (equal values), how far its memory may be overcommitted, the hosts tried first, and
+    how many random candidates the best of K compares."""
+
+    required: Mapping[str, Any] = field(default_factory=dict)
+    overcommit: float = 1.0
+    prefer: tuple[str, ...] = ()
+    choices: int = 2
+
+    def preferring(self, host_id: str) -> Placement:
+        """The same placement with ``host_id`` tried first (a resume: the VM's last host)."""
+        rest = tuple(h for h in self.prefer if h != host_id)
+        return Placement(self.required, self.overcommit, (host_id, *rest), self.choices)
+
+
+@dataclass(frozen=True)
 class AdmissionLimits:
-    """Checked inside the write transaction that creates (or resumes) a VM."""
+    """Checked inside the write transaction that creates (or resumes) a VM. One host
+    (``host_id``, with its ``host_memory_budget_mib``), or a fleet: ``placement`` picks the
+    host."""
 
     max_microvms: int | None = None  # per account, every non-terminated VM
     max_total_memory_mib: int | None = None  # per account, memory of non-terminated VMs
     host_memory_budget_mib: int | None = None  # per host, VMs that hold RAM
     host_id: str = "local"
+    placement: Placement | None = None
 
 
 InsertStatus = Literal[

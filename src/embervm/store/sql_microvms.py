@@ -8,6 +8,7 @@ cannot both win. A fleet host's transition also carries its ``HostFence`` (``sql
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from embervm.contracts import MicrovmState
 from embervm.store.admission_query import read_admission, refusal
+from embervm.store.placement import choose_host
 from embervm.store.records import (
     MEMORY_HOLDING_STATES,
     AdmissionLimits,
@@ -45,6 +47,16 @@ class SqlMicrovms(SqlTransactions):
             refused = refusal(snapshot, vm, limits=limits, runnable=runnable, claim=claim)
             if refused is not None:
                 return refused
+            if limits.placement is not None:
+                host = await choose_host(
+                    conn,
+                    memory_mib=vm.memory_mib,
+                    placement=limits.placement,
+                    exclude_vm=vm.microvm_id,
+                )
+                if host is None:
+                    return InsertOutcome("capacity")
+                vm = replace(vm, host_id=host.host_id, host_epoch=host.epoch)
             await conn.execute(microvms.insert().values(**no_seq(vm)))
             await conn.execute(
                 usage.insert().values(
@@ -131,6 +143,16 @@ class SqlMicrovms(SqlTransactions):
                     held = await self._host_memory(conn, capacity.host_id, exclude=microvm_id)
                     if held + current.memory_mib > budget:
                         return Transition("capacity", current)
+                if capacity.placement is not None:
+                    host = await choose_host(
+                        conn,
+                        memory_mib=current.memory_mib,
+                        placement=capacity.placement.preferring(current.host_id),
+                        exclude_vm=microvm_id,
+                    )
+                    if host is None:
+                        return Transition("capacity", current)
+                    values = {**values, "host_id": host.host_id, "host_epoch": host.epoch}
             m = microvms.c
             row = (
                 await conn.execute(

@@ -64,14 +64,14 @@ def place_vm(repo: SqlRepository) -> PlaceVm:
 
     async def place(
         microvm_id: str, host_id: str, host_epoch: int | None, *, state: str = "RUNNING",
-        **values: Any,
+        memory_mib: int = 1024, **values: Any,
     ) -> MicrovmRecord:  # fmt: skip
         now = datetime.now(UTC)
         vm = MicrovmRecord(
             microvm_id=microvm_id, account_id="123456789012", image_name="web",
             image_arn="arn:aws:lambda:us-east-1:123456789012:microvm-image:web",
             image_version="1", state=state, endpoint=f"{microvm_id}.microvm.localhost",
-            memory_mib=1024, vcpus=1, maximum_duration_seconds=28800, started_at=now,
+            memory_mib=memory_mib, vcpus=1, maximum_duration_seconds=28800, started_at=now,
             updated_at=now, expires_at=now + timedelta(hours=8), host_id=host_id,
             host_epoch=host_epoch, address="10.213.0.2", running_since=now, **values,
         )  # fmt: skip
