@@ -236,6 +236,9 @@ class LocalSeaweedFS:
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
             "-master.telemetry=false", f"-master.volumeSizeLimitMB={self.volume_size_mb}",
             f"-volume.max={self.max_volumes}", "-volume.preStopSeconds=0",
+            # The volume server's connection deadline (30 s): its graceful stop waits it out
+            # after any upload (a SIGTERM took 30 s), while its only clients are in-process.
+            "-idleTimeout=5",
         ]  # fmt: skip
         for name in ("filer", "s3"):  # else weed puts them in /tmp
             sock = self.root / f"{name}.sock"

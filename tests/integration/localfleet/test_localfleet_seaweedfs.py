@@ -183,6 +183,11 @@ async def test_killed_in_the_middle_of_an_upload(seaweedfs: LocalSeaweedFS, tmp_
     assert b"".join([c async for c in store.get_stream("before/kept")]) == (
         b"written before the crash"
     )
+    # After uploads, SIGTERM still stops it in a few seconds (not its 30 s connection deadline).
+    await store.put_file("after/restart", big)
+    started = time.monotonic()
+    seaweedfs.stop()
+    assert time.monotonic() - started < seaweedfs.stop_grace / 2
 
 
 async def test_a_store_whose_server_is_gone_fails_in_bounded_time(
