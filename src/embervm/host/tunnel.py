@@ -12,9 +12,15 @@ key). Per connection the listener
 4. connects to the guest's address and port within ``connect_timeout`` (10 s):
    ``UNREACHABLE`` and close if that fails;
 5. answers ``OK`` and relays both ways until both directions end (a half-close is passed on)
-   or either side breaks (then both are closed). Each direction reads only while the other
-   side's writes drain (backpressure). Bytes from the proxy are activity: ``on_activity``
-   gets the VM id, at most once per second per connection.
+   or either side breaks (then both are reset). Bytes from the proxy are activity:
+   ``on_activity`` gets the VM id, at most once per second per connection.
+
+The relay runs on protocol callbacks, like the proxy's HTTP/1.1 relay: no task or stream per
+direction, a chunk read from one socket is written to the other at once, and a side is not
+read while the other side's write buffer is over its high-water mark (backpressure; 64 KiB
+plus the sockets' buffers in flight per direction). The preamble is read on the same
+callbacks; only the connect to the guest runs in a task, with both sockets paused meanwhile
+(a proxy that leaves then is noticed once the connect ends).
 
 Endpoint tokens are the proxy's business; this listener only knows that the dialer holds the
 key. An idle relay is the proxy's to time out; when the proxy or the guest goes away without a
@@ -37,13 +43,19 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from embervm.tunnel_wire import MAX_PREAMBLE, REPLAY_CAPACITY, Answer, PreambleVerifier, Refusal
+from embervm.tunnel_wire import (
+    MAX_PREAMBLE,
+    REPLAY_CAPACITY,
+    Answer,
+    Preamble,
+    PreambleVerifier,
+    Refusal,
+)
 
 log = logging.getLogger("embervm.host.tunnel")
 
-READ_SIZE = 64 * 1024  # one read from either socket; each reader buffers at most about twice
 ACTIVITY_INTERVAL = 1.0  # seconds: on_activity at most this often per connection
 LOG_INTERVAL = 10.0  # seconds between two log lines about refusals
 KEEPALIVE = (60, 10, 6)  # TCP keepalive: idle seconds, seconds between probes, probes
@@ -81,8 +93,8 @@ class QuietLog:
         self.logger.warning(message, *args, exc_info=exc_info)
 
 
-def _socket_options(writer: asyncio.StreamWriter, *, reset: bool = False) -> None:
-    sock: Any = writer.get_extra_info("socket")
+def _socket_options(transport: asyncio.BaseTransport, *, reset: bool = False) -> None:
+    sock: Any = transport.get_extra_info("socket")
     if sock is None:
         return
     with contextlib.suppress(OSError):
@@ -94,40 +106,6 @@ def _socket_options(writer: asyncio.StreamWriter, *, reset: bool = False) -> Non
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-
-
-async def _read_preamble(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | str:
-    """The preamble line (LF included) and whatever came after it in the same reads, never
-    reading more than ``MAX_PREAMBLE`` bytes in all; or why there is none."""
-    data = b""
-    while (end := data.find(b"\n")) < 0:
-        if len(data) >= MAX_PREAMBLE:
-            return f"no line end in the first {MAX_PREAMBLE} bytes"
-        chunk = await reader.read(MAX_PREAMBLE - len(data))
-        if not chunk:
-            return "closed before its preamble"
-        data += chunk
-    return data[: end + 1], data[end + 1 :]
-
-
-async def _pipe(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    on_data: Callable[[], None] | None,
-) -> bool:
-    """Copy until EOF, each write drained before the next read, then half-close ``writer``:
-    True. False when either side broke."""
-    try:
-        while data := await reader.read(READ_SIZE):
-            if on_data is not None:
-                on_data()
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-        return True
-    except (ConnectionError, OSError):
-        return False
 
 
 class _Activity:
@@ -151,6 +129,149 @@ class _Activity:
             self.callback(self.microvm_id)
         except Exception as exc:  # a bug of the host's; the relay goes on
             self.errors.warning("tunnel on_activity(%s) failed: %r", self.microvm_id, exc)
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relay, on protocol callbacks (no task, no stream per direction): what
+    it reads is written to the other side's transport, and it is not read while the other
+    side's write buffer is over its high-water mark (backpressure both ways). An EOF is
+    passed on as a half-close; when both directions have ended, both sockets close; when one
+    breaks, both are reset."""
+
+    transport: asyncio.Transport
+    other: _Side | None = None
+    eof = False
+    activity: _Activity | None = None
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is not None:
+            if self.activity is not None:
+                self.activity()
+            other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        other = self.other
+        if other is None:
+            return False
+        if other.eof:  # both directions have ended: close both (their buffers are flushed)
+            other.transport.close()
+            return False
+        other.transport.write_eof()
+        return True  # keep ours open: the other direction goes on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        other = self.other
+        if other is not None and not other.transport.is_closing():
+            if exc is None and self.eof and other.eof:
+                other.transport.close()
+            else:  # it broke (or ended without its EOF): the other side is of no use
+                other.transport.abort()
+
+    def pause_writing(self) -> None:
+        if self.other is not None and not self.other.transport.is_closing():
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and not self.other.transport.is_closing():
+            self.other.transport.resume_reading()
+
+
+class _Guest(_Side):
+    """The connection to the guest's port: not read until it is linked to its client."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.pause_reading()
+        _socket_options(transport)
+
+
+class _Client(_Side):
+    """A connection from a proxy: its preamble, then its half of the relay."""
+
+    def __init__(self, listener: TunnelListener) -> None:
+        self.listener = listener
+        self.peer = "?"
+        self.admitted = False  # holds a slot of the caps
+        self.pending = False  # holds a slot of the connections in their preamble
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.opening: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if peername else "?"
+        listener = self.listener
+        if not listener.take(self.peer):
+            listener.refusals.warning("tunnel: turned %s away: over a connection cap", self.peer)
+            _socket_options(transport, reset=True)
+            self.transport.abort()
+            return
+        self.admitted = self.pending = True
+        listener.clients.add(self)
+        _socket_options(transport)
+        timeout = listener.limits.preamble_timeout
+        reason = f"no preamble within {timeout:g} s"
+        self.timer = asyncio.get_running_loop().call_later(timeout, self.cut, reason)
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is not None:
+            super().data_received(data)
+            return
+        if not self.pending:  # not linked yet, reading paused: a late chunk waits with the rest
+            self.buffer += data
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\n", 0, MAX_PREAMBLE)
+        if end < 0:
+            if len(self.buffer) >= MAX_PREAMBLE:
+                self.cut(f"no line end in the first {MAX_PREAMBLE} bytes")
+            return
+        line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
+        self.leave_pending()
+        preamble = self.listener.verifier.verify(line)
+        if isinstance(preamble, Refusal):
+            self.listener.refusals.warning("tunnel: refused %s: %s", self.peer, preamble.value)
+            self.answer(Answer.REFUSED)
+            return
+        self.transport.pause_reading()  # until linked to the guest
+        self.opening = asyncio.get_running_loop().create_task(self.listener.open(self, preamble))
+
+    def eof_received(self) -> bool:
+        if self.other is None:
+            self.cut("closed before its preamble" if self.pending else "closed while opening")
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.leave_pending()
+        if self.opening is not None:
+            self.opening.cancel()
+        if self.admitted:
+            self.admitted = False
+            self.listener.release(self.peer)
+            self.listener.clients.discard(self)
+
+    def leave_pending(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.pending:
+            self.pending = False
+            self.listener.pending -= 1
+
+    def cut(self, reason: str) -> None:
+        """End a connection that gets no answer."""
+        if self.pending:
+            self.listener.refusals.warning("tunnel: cut %s: %s", self.peer, reason)
+        self.transport.abort()
+
+    def answer(self, answer: Answer) -> None:
+        """The answer that ends the connection."""
+        self.transport.write(answer.line)
+        self.transport.close()
 
 
 class TunnelListener:
@@ -181,7 +302,7 @@ class TunnelListener:
         self.pending = 0
         self._by_peer: dict[str, int] = {}
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.clients: set[_Client] = set()
         self.refusals = QuietLog(log)  # peers that get no tunnel
         self.errors = QuietLog(log)  # the host's own bugs (resolve, on_activity)
 
@@ -190,8 +311,9 @@ class TunnelListener:
         return self._port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self._port, limit=READ_SIZE, backlog=1024
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Client(self), self.host, self._port, backlog=1024
         )
         self._port = self._server.sockets[0].getsockname()[1]
 
@@ -200,14 +322,17 @@ class TunnelListener:
         if self._server is None:
             return
         self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        clients = list(self.clients)
+        for client in clients:
+            client.transport.abort()  # cancels its opening; resets its guest connection
+        opening = [client.opening for client in clients if client.opening is not None]
+        await asyncio.gather(*opening, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
         await asyncio.sleep(0)  # the aborted transports close their sockets
 
-    def _take(self, peer: str) -> bool:
+    def take(self, peer: str) -> bool:
+        """A slot for a new connection from ``peer``, unless that is over a cap."""
         on_peer = self._by_peer.get(peer, 0)
         limits = self.limits
         if (
@@ -221,7 +346,7 @@ class TunnelListener:
         self._by_peer[peer] = on_peer + 1
         return True
 
-    def _release(self, peer: str) -> None:
+    def release(self, peer: str) -> None:
         self.held -= 1
         left = self._by_peer[peer] - 1
         if left:
@@ -229,101 +354,36 @@ class TunnelListener:
         else:
             del self._by_peer[peer]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = str(peername[0]) if peername else "?"
-        if not self._take(peer):
-            self.refusals.warning("tunnel: turned %s away: over a connection cap", peer)
-            _socket_options(writer, reset=True)
-            writer.transport.abort()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        pending = True
-        clean = True  # False: close both sides at once, whatever is still buffered
-        guest: asyncio.StreamWriter | None = None
+    async def open(self, client: _Client, preamble: Preamble) -> None:
+        """Link a verified client to its guest, or answer why not."""
+        vm, port = preamble.microvm_id, preamble.port
         try:
-            _socket_options(writer)
-            try:
-                async with asyncio.timeout(self.limits.preamble_timeout):
-                    read = await _read_preamble(reader)
-            except TimeoutError:
-                read = f"no preamble within {self.limits.preamble_timeout:g} s"
-            except (ConnectionError, OSError) as exc:
-                read = f"broke in its preamble: {exc!r}"
-            if isinstance(read, str):
-                self.refusals.warning("tunnel: cut %s: %s", peer, read)
-                clean = False  # nothing to say to it
-                return
-            line, early = read
-            preamble = self.verifier.verify(line)
-            self.pending -= 1
-            pending = False
-            if isinstance(preamble, Refusal):
-                self.refusals.warning("tunnel: refused %s: %s", peer, preamble.value)
-                writer.write(Answer.REFUSED.line)
-                return
-            vm, port = preamble.microvm_id, preamble.port
             address = self.resolve(vm)
-            if address is None:
-                log.debug("tunnel: %s is not here (asked by %s)", vm, peer)
-                writer.write(Answer.NOT_HERE.line)
-                return
-            try:
-                async with asyncio.timeout(self.limits.connect_timeout):
-                    guest_reader, guest = await asyncio.open_connection(
-                        address, port, limit=READ_SIZE
-                    )
-            except (OSError, TimeoutError) as exc:
-                log.debug("tunnel: %s port %d unreachable at %s: %r", vm, port, address, exc)
-                writer.write(Answer.UNREACHABLE.line)
-                return
-            _socket_options(guest)
-            writer.write(Answer.OK.line)
-            clean = await self._relay(vm, (reader, writer), (guest_reader, guest), early)
-        except Exception as exc:  # resolve() broke: close without an answer
-            clean = False
-            self.errors.warning("tunnel: serving %s failed: %r", peer, exc, exc_info=True)
-        except asyncio.CancelledError:  # stop(): this task is the connection's own, and
-            clean = False  # ends here (3.11's StreamReaderProtocol logs a cancelled one)
-        finally:
-            if pending:
-                self.pending -= 1
-            for side in (writer, guest):
-                if side is None:
-                    continue
-                if clean:  # an answer or the relay's last bytes may be buffered: flush them
-                    side.close()
-                else:
-                    side.transport.abort()
-            self._release(peer)
-            self._tasks.discard(task)
-
-    async def _relay(
-        self,
-        vm: str,
-        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-        guest: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-        early: bytes,
-    ) -> bool:
-        """Relay until both directions end (True) or a side breaks (False)."""
-        activity = None
-        if self.on_activity is not None:
-            activity = _Activity(self.on_activity, vm, self.errors)
-        if early:  # sent right behind the preamble, before our answer
-            if activity is not None:
-                activity()
-            guest[1].write(early)
-        inbound = asyncio.create_task(_pipe(client[0], guest[1], activity))
-        outbound = asyncio.create_task(_pipe(guest[0], client[1], None))
+        except Exception as exc:  # the host's bug: close without an answer
+            self.errors.warning("tunnel: resolve(%s) failed: %r", vm, exc, exc_info=True)
+            client.transport.abort()
+            return
+        if address is None:
+            log.debug("tunnel: %s is not here (asked by %s)", vm, client.peer)
+            client.answer(Answer.NOT_HERE)
+            return
+        loop = asyncio.get_running_loop()
         try:
-            pending: set[asyncio.Task[bool]] = {inbound, outbound}
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if not all(task.result() for task in done):
-                    return False
-            return True
-        finally:
-            inbound.cancel()
-            outbound.cancel()
+            async with asyncio.timeout(self.limits.connect_timeout):
+                _, guest = await loop.create_connection(_Guest, address, port)
+        except (OSError, TimeoutError) as exc:
+            log.debug("tunnel: %s port %d unreachable at %s: %r", vm, port, address, exc)
+            client.answer(Answer.UNREACHABLE)
+            return
+        if client.transport.is_closing():  # the proxy went away meanwhile
+            guest.transport.abort()
+            return
+        client.other, guest.other = guest, client
+        if self.on_activity is not None:
+            client.activity = _Activity(self.on_activity, vm, self.errors)
+        client.transport.write(Answer.OK.line)
+        early, client.buffer = client.buffer, b""
+        if early:  # sent right behind the preamble, before our answer
+            client.data_received(early)
+        client.transport.resume_reading()
+        guest.transport.resume_reading()

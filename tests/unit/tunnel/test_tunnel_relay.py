@@ -31,6 +31,7 @@ from embervm.tunnel_wire import Answer, new_preamble
 
 pytestmark = pytest.mark.timeout(60)
 
+
 KEY = os.urandom(32)
 VM = "mvm-0123456789abcdef0123"
 ELSEWHERE = "mvm-fedcba9876543210fedc"
@@ -293,23 +294,16 @@ async def test_a_guest_port_that_does_not_answer_is_unreachable() -> None:
         assert isinstance(caught.value, OSError)  # like open_upstream's dead guest
 
 
-async def test_a_guest_connect_that_hangs_is_unreachable_at_the_connect_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    real = asyncio.open_connection
-    hung = 12345  # the guest port whose connect never completes
-
-    async def open_connection(host: str, port: int, **kwargs: object) -> Streams:
-        if port == hung:
-            await asyncio.sleep(30)
-        return await real(host, port, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(asyncio, "open_connection", open_connection)
-    async with rig(limits=TunnelLimits(connect_timeout=0.5)) as r:
-        started = time.monotonic()
-        with pytest.raises(GuestUnreachable):
-            await r.dial(port=hung)
-        assert 0.4 < time.monotonic() - started < 3
+async def test_a_guest_connect_that_hangs_is_unreachable_at_the_connect_timeout() -> None:
+    with socket.socket() as full, socket.socket() as first:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # room for one connection nobody accepts: the next SYNs are dropped
+        first.connect(full.getsockname())
+        async with rig(limits=TunnelLimits(connect_timeout=0.5)) as r:
+            started = time.monotonic()
+            with pytest.raises(GuestUnreachable):
+                await r.dial(port=full.getsockname()[1])
+            assert 0.4 < time.monotonic() - started < 3
 
 
 async def test_a_wrong_key_is_refused() -> None:
@@ -481,6 +475,48 @@ async def test_stop_ends_the_relays(caplog: pytest.LogCaptureFixture) -> None:
         assert listener.held == 0
         writer.close()
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+async def test_stop_does_not_wait_for_a_guest_connect_that_hangs() -> None:
+    with socket.socket() as full, socket.socket() as first:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # the next connects hang (their SYNs are dropped)
+        first.connect(full.getsockname())
+        listener = TunnelListener(
+            KEY,
+            lambda vm: "127.0.0.1",
+            host="127.0.0.1",
+            port=0,
+            limits=TunnelLimits(connect_timeout=30),
+        )
+        await listener.start()
+        address = f"127.0.0.1:{listener.port}"
+        port = full.getsockname()[1]
+        dial = asyncio.create_task(dial_via_host(address, KEY, VM, port, timeout=30))
+        await until(lambda: listener.held == 1 and listener.pending == 0)
+        started = time.monotonic()
+        await listener.stop()
+        assert time.monotonic() - started < 1
+        with pytest.raises((TunnelError, ConnectionError)):
+            await dial
+
+
+def test_a_guest_is_not_read_before_it_is_linked_to_its_client() -> None:
+    """A guest that speaks first (a banner) must not be read while the listener still
+    answers the proxy: a byte read then would have nowhere to go."""
+
+    class Transport(asyncio.Transport):
+        paused = False
+
+        def pause_reading(self) -> None:
+            self.paused = True
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return default
+
+    transport = Transport()
+    tunnel_module._Guest().connection_made(transport)
+    assert transport.paused
 
 
 async def test_the_dialer_times_out_on_a_host_that_never_answers() -> None:
