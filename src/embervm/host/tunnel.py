@@ -141,6 +141,7 @@ class _Side(asyncio.Protocol):
     transport: asyncio.Transport
     other: _Side | None = None
     eof = False
+    full = False  # our write buffer is over its high-water mark: the other side is paused
     activity: _Activity | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -170,10 +171,12 @@ class _Side(asyncio.Protocol):
                 other.transport.abort()
 
     def pause_writing(self) -> None:
+        self.full = True
         if self.other is not None and not self.other.transport.is_closing():
             self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.full = False
         if self.other is not None and not self.other.transport.is_closing():
             self.other.transport.resume_reading()
 
@@ -385,5 +388,6 @@ class TunnelListener:
         early, client.buffer = client.buffer, b""
         if early:  # sent right behind the preamble, before our answer
             client.data_received(early)
-        client.transport.resume_reading()
+        if not guest.full:  # the early bytes may have filled the guest's buffer already
+            client.transport.resume_reading()
         guest.transport.resume_reading()
