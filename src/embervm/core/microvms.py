@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-from embervm.contracts import PortGrant, TokenKind, VmSpec
+from embervm.contracts import PortGrant, TokenKind
 from embervm.core import render
 from embervm.core.caller import Caller
 from embervm.core.context import CoreContext, claim_for
@@ -29,6 +28,7 @@ from embervm.core.ids import (
 )
 from embervm.core.images import ImageService, _empty_lines
 from embervm.core.paging import page_size
+from embervm.core.vmspec import vm_spec
 from embervm.errors import (
     ConflictError,
     InsufficientCapacityError,
@@ -163,7 +163,7 @@ class MicrovmService:
             claim=claim,
         )
         if outcome.status == "created":
-            self.ctx.supervisor.start_launch(vm, lambda: self._spec(vm, version))
+            self.ctx.supervisor.start_launch(vm, lambda: vm_spec(vm, version))
             return render.microvm(vm)
         return await self._refused(outcome.status, outcome.resource_id, caller, image.arn)
 
@@ -202,18 +202,6 @@ class MicrovmService:
             "The MicroVM image version is no longer runnable",
             resourceId=arn,
             resourceType="MicrovmImageVersion",
-        )
-
-    def _spec(self, vm: MicrovmRecord, version: VersionRecord) -> VmSpec:
-        if not version.snapshot_dir:
-            raise InternalError(f"version {version.version} has no snapshot")
-        egress_names = {connector_name(c) for c in vm.egress}
-        return VmSpec(
-            microvm_id=vm.microvm_id,
-            snapshot_dir=Path(version.snapshot_dir),
-            egress="INTERNET_EGRESS" in egress_names,
-            hooks=vm.hooks,
-            run_hook_payload=vm.run_hook_payload,
         )
 
     # -- reads -------------------------------------------------------------------------------

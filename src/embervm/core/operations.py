@@ -4,6 +4,10 @@
 the botocore model's member names (shape rules already checked by the API; cross-field and
 state rules are checked here). Every call is rate-limited per (account, operation) first.
 
+In a fleet (docs/FLEET.md) an API process's ``Operations`` only writes intents
+(``runs_vms=False``, with the ``placement`` of its hosts) and a host's carries them out
+(``fence``: its id and epoch; ``supervisor.adopt``).
+
 Lifetime: ``await ops.start()`` reconciles what a previous run left half-done and starts the
 lifecycle timers; ``await ops.stop()`` cancels background work (or ``async with ops:``).
 """
@@ -26,7 +30,7 @@ from embervm.core.seams import AppLogSource, BuildLogSource, HostBackend, ImageB
 from embervm.core.supervisor import Supervisor
 from embervm.errors import InternalError, ValidationError
 from embervm.model import OPERATION_NAMES, OperationName
-from embervm.store import Repository
+from embervm.store import HostFence, Placement, Repository
 
 Handler = Callable[[dict[str, Any], Caller], Awaitable[dict[str, Any]]]
 
@@ -54,6 +58,9 @@ class Operations:
         app_logs: AppLogSource | None = None,
         page_key: bytes | None = None,
         host_id: str = "local",
+        fence: HostFence | None = None,
+        runs_vms: bool = True,
+        placement: Placement | None = None,
         tick_interval: float = 1.0,
         chipset_generation: str = "x86-64-v2",
     ) -> None:
@@ -68,6 +75,9 @@ class Operations:
             clock=self.clock,
             limits=self.limits,
             host_id=host_id,
+            fence=fence,
+            runs_vms=runs_vms,
+            placement=placement,
         )
         self.lifecycle = Lifecycle(
             self.supervisor, repository, self.clock, tick_interval=tick_interval

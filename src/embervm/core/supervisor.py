@@ -13,6 +13,12 @@ the loser's final CAS simply fails — nobody overwrites a newer state.
 Per VM, host operations run one at a time (``_host_lock``); deciding-and-spawning runs under
 ``_control`` so a flight (launch/resume/suspend task) is registered before anyone else looks.
 Builds run in tasks owned here too, driven by ``builds.BuildRunner``.
+
+In a fleet (docs/FLEET.md) the task runs on the VM's host. An API process's supervisor
+(``runs_vms=False``) only writes intents: the compare-and-set, with ``placement`` choosing the
+host of a resume. A host's supervisor (``fence``: its id and epoch) takes the work placed on it
+with ``adopt`` and drives its ``HostBackend`` as one process does; every state it writes holds
+only while its epoch does. One process (``embervm server``) is both, with no fence.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ from embervm.core.ids import state_reason
 from embervm.core.limits import CoreLimits
 from embervm.core.recovery import after_restart
 from embervm.core.seams import HostBackend, ImageBuilder
+from embervm.core.vmspec import vm_spec
 from embervm.sizing import cpu_share
 from embervm.store import (
     AdmissionLimits,
+    HostFence,
     MicrovmRecord,
+    Placement,
     Repository,
     Transition,
 )
@@ -54,7 +63,12 @@ class Supervisor:
         clock: Clock,
         limits: CoreLimits,
         host_id: str = "local",
+        fence: HostFence | None = None,
+        runs_vms: bool = True,
+        placement: Placement | None = None,
     ) -> None:
+        if fence is not None and fence.host_id != host_id:
+            raise ValueError("a host's fence names its own host")
         self.repo = repository
         self.host = host
         self.builds = BuildRunner(
@@ -67,7 +81,11 @@ class Supervisor:
         self.clock = clock
         self.limits = limits
         self.host_id = host_id
+        self.fence = fence
+        self.runs_vms = runs_vms
+        self.placement = placement
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping: set[str] = set()  # VMs whose terminate task runs here
         self._flights: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._host_locks: dict[str, asyncio.Lock] = {}
@@ -146,7 +164,9 @@ class Supervisor:
     ) -> Transition:
         """CAS ``expect`` → ``state`` (plus ``values``); listeners hear of successes."""
         values = {"state": state, "updated_at": to_datetime(self._now()), **values}
-        result = await self.repo.transition(vm_id, expect=tuple(expect), values=values)
+        result = await self.repo.transition(
+            vm_id, expect=tuple(expect), values=values, fence=self.fence
+        )
         if result.status == "ok" and result.record is not None:
             self._notify(result.record)
         return result
@@ -172,12 +192,16 @@ class Supervisor:
             max_total_memory_mib=self.limits.max_total_memory_mib,
             host_memory_budget_mib=self.limits.host_memory_budget_mib,
             host_id=self.host_id,
+            placement=self.placement,
         )
 
     # -- launch ------------------------------------------------------------------------------
 
     def start_launch(self, vm: MicrovmRecord, spec_factory: Callable[[], VmSpec]) -> None:
-        """Launch a freshly admitted PENDING VM in the background."""
+        """Launch a freshly admitted PENDING VM in the background (an API process of a fleet:
+        its host adopts it)."""
+        if not self.runs_vms:
+            return
         task = self.spawn(self._launch(vm.microvm_id, spec_factory), f"launch {vm.microvm_id}")
         self._flight(vm.microvm_id, task)
 
@@ -224,8 +248,15 @@ class Supervisor:
                 cancel = self._cancels.get(vm_id)
                 if cancel is not None:
                     cancel.set()
-                self.spawn(self._terminate(vm_id), f"terminate {vm_id}")
+                self._start_terminate(vm_id)
             return result
+
+    def _start_terminate(self, vm_id: str) -> None:
+        if not self.runs_vms or vm_id in self._stopping:
+            return
+        self._stopping.add(vm_id)
+        task = self.spawn(self._terminate(vm_id), f"terminate {vm_id}")
+        task.add_done_callback(lambda _: self._stopping.discard(vm_id))
 
     async def _terminate(self, vm_id: str) -> None:
         async with self._lock(self._host_locks, vm_id):
@@ -275,11 +306,16 @@ class Supervisor:
         async with self._lock(self._control_locks, vm_id):
             result = await self.move(vm_id, ["RUNNING"], "SUSPENDING", state_reason=reason)
             if result.status == "ok":
-                cancel = asyncio.Event()
-                self._cancels[vm_id] = cancel
-                task = self.spawn(self._suspend(vm_id, cancel), f"suspend {vm_id}")
-                self._flight(vm_id, task)
+                self._start_suspend(vm_id)
             return result
+
+    def _start_suspend(self, vm_id: str) -> None:
+        if not self.runs_vms:
+            return
+        cancel = asyncio.Event()
+        self._cancels[vm_id] = cancel
+        task = self.spawn(self._suspend(vm_id, cancel), f"suspend {vm_id}")
+        self._flight(vm_id, task)
 
     def cancel_suspend(self, vm_id: str) -> bool:
         """Ask a running suspend to stop (the VM keeps running). True if one was running."""
@@ -375,9 +411,14 @@ class Supervisor:
             )
             if result.status == "ok" and result.record is not None:
                 self._notify(result.record)
-                task = self.spawn(self._resume(vm_id), f"resume {vm_id}")
-                self._flight(vm_id, task)
+                self._start_resume(vm_id)
             return result
+
+    def _start_resume(self, vm_id: str) -> None:
+        if not self.runs_vms:
+            return
+        task = self.spawn(self._resume(vm_id), f"resume {vm_id}")
+        self._flight(vm_id, task)
 
     async def _resume(self, vm_id: str) -> None:
         async with self._lock(self._host_locks, vm_id):
@@ -419,7 +460,7 @@ class Supervisor:
         (``recovery.after_restart``); builds that were running are failed (their build VM
         is gone)."""
         for vm in await self.repo.microvms_in_states(
-            ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING")
+            ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING"), host_id=self.host_id
         ):
             await self._recover_vm(vm)
         await self.builds.fail_interrupted()
@@ -427,7 +468,7 @@ class Supervisor:
     async def _recover_vm(self, vm: MicrovmRecord) -> None:
         vm_id = vm.microvm_id
         if vm.state == "TERMINATING":
-            self.spawn(self._terminate(vm_id), f"terminate {vm_id}")
+            self._start_terminate(vm_id)
             return
         now = self._now()
         target = after_restart(
@@ -445,3 +486,47 @@ class Supervisor:
         if result.status == "ok" and target.state == "TERMINATED":
             with contextlib.suppress(Exception):  # whatever the host still holds of it
                 await self.host.terminate(vm_id)
+
+    # -- a fleet host's work -----------------------------------------------------------------
+
+    async def adopt(self) -> int:
+        """Start the work the store placed on this host (at this epoch) that no task here runs
+        yet: a launch or a resume (PENDING), a suspend, a terminate. Returns how many started.
+        A fleet host calls it when woken and on a short poll, so a lost wake-up only delays."""
+        started = 0
+        placed = await self.repo.microvms_in_states(
+            ("PENDING", "SUSPENDING", "TERMINATING"), host_id=self.host_id
+        )
+        for vm in placed:
+            if self.fence is not None and vm.host_epoch != self.fence.epoch:
+                continue
+            async with self._lock(self._control_locks, vm.microvm_id):
+                if await self._adopt_one(vm):
+                    started += 1
+        return started
+
+    async def _adopt_one(self, vm: MicrovmRecord) -> bool:
+        vm_id = vm.microvm_id
+        if vm_id in self._flights or vm_id in self._stopping:
+            return False
+        if vm.state == "TERMINATING":
+            self._start_terminate(vm_id)
+        elif vm.state == "SUSPENDING":
+            self._start_suspend(vm_id)
+        elif vm.suspended_at is not None:
+            self._start_resume(vm_id)
+        else:
+            version = await self.repo.get_version(
+                vm.account_id, vm.image_name, int(vm.image_version)
+            )
+            if version is None or not version.snapshot_dir:
+                await self.move(
+                    vm_id,
+                    ["PENDING"],
+                    "TERMINATED",
+                    state_reason=state_reason("LaunchFailed", "the image version is gone"),
+                    terminated_at=to_datetime(self._now()),
+                )
+                return False
+            self.start_launch(vm, lambda: vm_spec(vm, version))
+        return True

@@ -188,8 +188,11 @@ class Repository(Protocol):
         image_version: str | None = None,
     ) -> list[MicrovmRecord]: ...
 
-    async def microvms_in_states(self, states: Collection[MicrovmState]) -> list[MicrovmRecord]:
-        """Every VM (any account) in one of ``states``: the lifecycle's and recovery's scan."""
+    async def microvms_in_states(
+        self, states: Collection[MicrovmState], *, host_id: str | None = None
+    ) -> list[MicrovmRecord]:
+        """Every VM (any account) in one of ``states``, or only those placed on ``host_id``:
+        the lifecycle's and recovery's scan, a fleet host's work."""
         ...
 
     async def transition(

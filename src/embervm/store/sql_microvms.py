@@ -111,10 +111,13 @@ class SqlMicrovms(SqlTransactions):
         async with self._read() as conn:
             return [MicrovmRecord(**r._mapping) for r in await conn.execute(query)]
 
-    async def microvms_in_states(self, states: Collection[MicrovmState]) -> list[MicrovmRecord]:
-        query = (
-            sa.select(microvms).where(microvms.c.state.in_(list(states))).order_by(microvms.c.seq)
-        )
+    async def microvms_in_states(
+        self, states: Collection[MicrovmState], *, host_id: str | None = None
+    ) -> list[MicrovmRecord]:
+        m = microvms.c
+        query = sa.select(microvms).where(m.state.in_(list(states))).order_by(m.seq)
+        if host_id is not None:
+            query = query.where(m.host_id == host_id)
         async with self._read() as conn:
             return [MicrovmRecord(**r._mapping) for r in await conn.execute(query)]
 

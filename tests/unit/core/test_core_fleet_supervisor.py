@@ -1,0 +1,144 @@
+"""The supervisor split of a fleet (docs/FLEET.md), over one SQLite store: an API process's
+``Operations`` (``runs_vms=False``, a ``Placement``) only writes intents; a host's
+(``fence`` = its id and epoch) takes them with ``supervisor.adopt`` and drives its backend;
+a host whose epoch is superseded can change nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tests.framework.core_unit_harness import Rig, make_rig
+from tests.framework.fake_core import FakeBuilder, FakeHost, FakeTokens
+
+from embervm.core import CoreLimits, Operations
+from embervm.store import HostFence, Placement, SqlRepository, open_repository
+from embervm.store.schema import image_versions
+
+
+@dataclass
+class Fleet:
+    rig: Rig  # one process (`embervm server`): only used to build the image
+    api: Operations
+    host: Operations
+    host_backend: FakeHost
+    repos: list[SqlRepository]
+
+    async def call(self, operation: str, **params: object) -> dict[str, object]:
+        return await self.api.invoke(operation, dict(params), self.rig.caller)  # type: ignore[arg-type]
+
+    async def state(self, vm_id: str) -> str:
+        return str((await self.call("GetMicrovm", microvmIdentifier=vm_id))["state"])
+
+    async def host_works(self, ops: Operations | None = None) -> int:
+        """The host adopts what is placed on it and finishes it."""
+        worker = ops or self.host
+        started = await worker.supervisor.adopt()
+        await worker.supervisor.idle()
+        return started
+
+
+async def operations(
+    rig: Rig, repo: SqlRepository, backend: FakeHost, **role: object
+) -> Operations:
+    ops = Operations(
+        settings=rig.settings,
+        repository=repo,
+        host=backend,
+        builder=FakeBuilder(rig.settings.images_dir),
+        tokens=FakeTokens(),
+        limits=CoreLimits(rate_limits={}),
+        **role,  # type: ignore[arg-type]
+    )
+    await ops.supervisor.start()
+    return ops
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    rig = await make_rig(tmp_path)
+    await rig.image()
+    url = rig.settings.effective_database_url
+    repos = [await open_repository(url) for _ in range(2)]
+    host = await repos[1].register("h1", "10.0.0.5:8790", 100, 16384, {"accelerator": "tcg"}, 60)
+    backend = FakeHost()
+    api = await operations(
+        rig, repos[0], FakeHost(), runs_vms=False, placement=Placement(), host_id="api"
+    )
+    worker = await operations(
+        rig, repos[1], backend, host_id="h1", fence=HostFence("h1", host.epoch)
+    )
+    yield Fleet(rig, api, worker, backend, repos)
+    for ops in (api, worker, rig.ops):
+        await ops.stop()
+    for repo in (*repos, rig.repo):
+        await repo.close()
+
+
+async def test_the_api_only_writes_intents_and_the_host_carries_them_out(fleet: Fleet) -> None:
+    vm = await fleet.call("RunMicrovm", imageIdentifier="web")
+    vm_id = str(vm["microvmId"])
+    record = await fleet.repos[0].get_microvm(vm_id)
+    assert record is not None
+    assert (record.state, record.host_id, record.host_epoch) == ("PENDING", "h1", 1)
+    assert fleet.host_backend.calls == []  # nothing ran in the API process
+    assert await fleet.host_works() == 1
+    assert await fleet.state(vm_id) == "RUNNING"
+    assert fleet.host_backend.specs[vm_id].snapshot_dir.name == "snapshot"
+
+    await fleet.call("SuspendMicrovm", microvmIdentifier=vm_id)
+    assert await fleet.state(vm_id) == "SUSPENDING"
+    assert await fleet.host_works() == 1
+    assert await fleet.state(vm_id) == "SUSPENDED"
+
+    await fleet.call("ResumeMicrovm", microvmIdentifier=vm_id)
+    assert await fleet.state(vm_id) == "PENDING"
+    assert await fleet.host_works() == 1
+    assert await fleet.state(vm_id) == "RUNNING"
+
+    await fleet.call("TerminateMicrovm", microvmIdentifier=vm_id)
+    assert await fleet.host_works() == 1
+    assert await fleet.state(vm_id) == "TERMINATED"
+    assert [op for op, _ in fleet.host_backend.calls] == [
+        "launch",
+        "suspend",
+        "resume",
+        "terminate",
+    ]
+    assert await fleet.host_works() == 0  # nothing left to adopt
+
+
+async def test_work_in_flight_is_not_adopted_twice(fleet: Fleet) -> None:
+    vm_id = str((await fleet.call("RunMicrovm", imageIdentifier="web"))["microvmId"])
+    fleet.host_backend.gates.hold("launch")
+    assert await fleet.host.supervisor.adopt() == 1
+    assert await fleet.host.supervisor.adopt() == 0  # the launch is still in flight
+    fleet.host_backend.gates.release("launch")
+    await fleet.host.supervisor.idle()
+    assert fleet.host_backend.count("launch", vm_id) == 1
+    assert await fleet.state(vm_id) == "RUNNING"
+
+
+async def test_a_host_whose_epoch_was_superseded_can_change_nothing(fleet: Fleet) -> None:
+    vm_id = str((await fleet.call("RunMicrovm", imageIdentifier="web"))["microvmId"])
+    await fleet.host_works()
+    assert await fleet.state(vm_id) == "RUNNING"
+    await fleet.call("SuspendMicrovm", microvmIdentifier=vm_id)
+    # The host restarts (a new epoch); the old process, still alive, tries the suspend.
+    await fleet.repos[1].register("h1", "10.0.0.5:8790", 100, 16384, {"accelerator": "tcg"}, 60)
+    assert await fleet.host_works() == 1  # the VM was placed at its epoch: it does the work
+    assert fleet.host_backend.count("suspend", vm_id) == 1
+    assert await fleet.state(vm_id) == "SUSPENDING"  # but its SUSPENDED was fenced off
+
+
+async def test_a_vm_whose_image_version_is_gone_is_not_launched(fleet: Fleet) -> None:
+    vm_id = str((await fleet.call("RunMicrovm", imageIdentifier="web"))["microvmId"])
+    async with fleet.repos[0].engine.begin() as conn:  # the API refuses this; a bad row does not
+        await conn.execute(image_versions.update().values(snapshot_dir=None))
+    assert await fleet.host_works() == 0
+    assert fleet.host_backend.calls == []
+    vm = await fleet.call("GetMicrovm", microvmIdentifier=vm_id)
+    assert vm["state"] == "TERMINATED"
+    assert str(vm["stateReason"]).startswith("LaunchFailed")
