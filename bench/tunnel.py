@@ -12,7 +12,7 @@ host), (b) client → ``TunnelListener`` (a child process on uvloop, as ``emberv
 → upstream, the connections opened with ``dial_via_host`` (preamble, HMAC, answer). Printed:
 requests/s of (b) / (a) with 32 connections, the p50 latency (b) adds on one connection, the
 tunnel process's CPU per request, and what opening a connection costs each way.
-Runs in about 40 s; every process it starts is stopped before it exits.
+Runs in about 30 s; every process it starts is stopped before it exits.
 """
 
 from __future__ import annotations
