@@ -10,7 +10,7 @@ everything it runs when a heartbeat answers None. Any API process may run
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from embervm.errors import ConfigError
@@ -100,6 +100,16 @@ class HostRegistry(Protocol):
         ...
 
     async def get_host(self, host_id: str) -> HostRecord | None: ...
+
+    async def rebind(
+        self, host_id: str, epoch: int, held: Collection[str]
+    ) -> tuple[list[str], list[str]] | None:
+        """After the host registered at ``epoch`` (a restart, or a membership lost and found):
+        its live VMs of older epochs that it ``held`` again, and PENDING ones (their task
+        starts afresh), move to ``epoch``; the others are TERMINATED with the lost-host reason
+        (the host does not run them). Returns (rebound ids, terminated ids), or None when the
+        host is not at ``epoch`` any more (fenced)."""
+        ...
 
     async def host_vm_exited(self, host_id: str, epoch: int, microvm_id: str, reason: str) -> bool:
         """The host saw the VMM of a RUNNING VM die: the VM becomes TERMINATED with

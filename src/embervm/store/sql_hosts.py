@@ -54,7 +54,7 @@ transaction that writes the VM with ``host_epoch``, so it cannot interleave with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -284,6 +284,43 @@ class SqlHosts(SqlTransactions):
         )
         async with self._write(images_unchanged=True) as conn:
             return (await conn.execute(statement)).first() is not None
+
+    async def rebind(
+        self, host_id: str, epoch: int, held: Collection[str]
+    ) -> tuple[list[str], list[str]] | None:
+        m = microvms.c
+        now = self._now()
+        stale = (
+            m.host_id == host_id,
+            m.state.in_(LIVE_ON_HOST),
+            sa.or_(m.host_epoch.is_(None), m.host_epoch != epoch),
+        )
+        kept = sa.or_(m.microvm_id.in_(list(held)), m.state == "PENDING")
+        async with self._write(images_unchanged=True) as conn:
+            if not await conn.scalar(sa.select(fenced(host_id, epoch))):
+                return None
+            rebound = await conn.scalars(
+                microvms.update()
+                .where(*stale, kept)
+                .values(host_epoch=epoch, updated_at=now)
+                .returning(m.microvm_id)
+            )
+            rebound_ids = sorted(rebound.all())
+            ended = await conn.scalars(
+                microvms.update()
+                .where(*stale, sa.not_(kept))
+                .values(
+                    state="TERMINATED",
+                    state_reason=lost_reason_sql(m.host_id),
+                    terminated_at=now,
+                    updated_at=now,
+                    running_since=None,
+                    address=None,
+                    host_epoch=None,
+                )
+                .returning(m.microvm_id)
+            )
+            return rebound_ids, sorted(ended.all())
 
 
 def lost_reason_sql(host_id: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
