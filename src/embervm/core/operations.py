@@ -30,7 +30,7 @@ from embervm.core.seams import AppLogSource, BuildLogSource, HostBackend, ImageB
 from embervm.core.supervisor import Supervisor
 from embervm.errors import InternalError, ValidationError
 from embervm.model import OPERATION_NAMES, OperationName
-from embervm.store import HostFence, Placement, Repository
+from embervm.store import HostFence, HostRegistry, Placement, Repository
 
 Handler = Callable[[dict[str, Any], Caller], Awaitable[dict[str, Any]]]
 
@@ -61,6 +61,7 @@ class Operations:
         fence: HostFence | None = None,
         runs_vms: bool = True,
         placement: Placement | None = None,
+        hosts: HostRegistry | None = None,
         tick_interval: float = 1.0,
         chipset_generation: str = "x86-64-v2",
     ) -> None:
@@ -78,6 +79,7 @@ class Operations:
             fence=fence,
             runs_vms=runs_vms,
             placement=placement,
+            hosts=hosts,
         )
         self.lifecycle = Lifecycle(
             self.supervisor, repository, self.clock, tick_interval=tick_interval

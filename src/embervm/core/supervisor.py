@@ -41,6 +41,7 @@ from embervm.sizing import cpu_share
 from embervm.store import (
     AdmissionLimits,
     HostFence,
+    HostRegistry,
     MicrovmRecord,
     Placement,
     Repository,
@@ -51,6 +52,7 @@ log = logging.getLogger("embervm.core")
 
 NON_FINAL: tuple[MicrovmState, ...] = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED")
 STOP_TIMEOUT = 30.0
+ADOPT_POLL_SECONDS = 1.0  # a fleet host looks for work this often without a wake-up
 
 
 class Supervisor:
@@ -66,6 +68,7 @@ class Supervisor:
         fence: HostFence | None = None,
         runs_vms: bool = True,
         placement: Placement | None = None,
+        hosts: HostRegistry | None = None,
     ) -> None:
         if fence is not None and fence.host_id != host_id:
             raise ValueError("a host's fence names its own host")
@@ -84,6 +87,7 @@ class Supervisor:
         self.fence = fence
         self.runs_vms = runs_vms
         self.placement = placement
+        self.hosts = hosts  # a fleet: wake-ups between API processes and hosts
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: set[str] = set()  # VMs whose terminate task runs here
         self._flights: dict[str, asyncio.Task[None]] = {}
@@ -201,6 +205,7 @@ class Supervisor:
         """Launch a freshly admitted PENDING VM in the background (an API process of a fleet:
         its host adopts it)."""
         if not self.runs_vms:
+            self._wake(vm.microvm_id)
             return
         task = self.spawn(self._launch(vm.microvm_id, spec_factory), f"launch {vm.microvm_id}")
         self._flight(vm.microvm_id, task)
@@ -252,7 +257,10 @@ class Supervisor:
             return result
 
     def _start_terminate(self, vm_id: str) -> None:
-        if not self.runs_vms or vm_id in self._stopping:
+        if not self.runs_vms:
+            self._wake(vm_id)
+            return
+        if vm_id in self._stopping:
             return
         self._stopping.add(vm_id)
         task = self.spawn(self._terminate(vm_id), f"terminate {vm_id}")
@@ -311,6 +319,7 @@ class Supervisor:
 
     def _start_suspend(self, vm_id: str) -> None:
         if not self.runs_vms:
+            self._wake(vm_id)
             return
         cancel = asyncio.Event()
         self._cancels[vm_id] = cancel
@@ -416,6 +425,7 @@ class Supervisor:
 
     def _start_resume(self, vm_id: str) -> None:
         if not self.runs_vms:
+            self._wake(vm_id)
             return
         task = self.spawn(self._resume(vm_id), f"resume {vm_id}")
         self._flight(vm_id, task)
@@ -530,3 +540,32 @@ class Supervisor:
                 return False
             self.start_launch(vm, lambda: vm_spec(vm, version))
         return True
+
+    def _wake(self, vm_id: str) -> None:
+        """An API process wrote work: wake the VM's host (best effort; it also polls)."""
+        if self.hosts is not None:
+            self.spawn(self._wake_host_of(vm_id), f"wake the host of {vm_id}")
+
+    async def _wake_host_of(self, vm_id: str) -> None:
+        vm = await self.repo.get_microvm(vm_id)
+        if vm is not None and self.hosts is not None:
+            await self.hosts.wake_host(vm.host_id)
+
+    async def keep_adopting(self, poll_seconds: float = ADOPT_POLL_SECONDS) -> None:
+        """A fleet host: ``adopt`` whenever woken (``NOTIFY``) and every ``poll_seconds``."""
+        woken = asyncio.Event()
+        listening: contextlib.AbstractAsyncContextManager[None] = (
+            self.hosts.listening_for_work(self.host_id, woken.set)
+            if self.hosts is not None
+            else contextlib.nullcontext()
+        )
+        async with listening:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(poll_seconds):
+                        await woken.wait()
+                woken.clear()
+                try:
+                    await self.adopt()
+                except Exception:
+                    log.exception("adopting work failed (retrying)")

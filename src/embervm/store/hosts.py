@@ -9,8 +9,9 @@ everything it runs when a heartbeat answers None. Any API process may run
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from embervm.errors import ConfigError
@@ -109,6 +110,17 @@ class HostRegistry(Protocol):
         starts afresh), move to ``epoch``; the others are TERMINATED with the lost-host reason
         (the host does not run them). Returns (rebound ids, terminated ids), or None when the
         host is not at ``epoch`` any more (fenced)."""
+        ...
+
+    async def wake_host(self, host_id: str) -> None:
+        """Tell ``host_id`` it has work (``NOTIFY``); best effort, never raises."""
+        ...
+
+    def listening_for_work(
+        self, host_id: str, wake: Callable[[], None]
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """While open, ``wake()`` is called when ``host_id`` is told it has work (and once
+        after every (re)connection of the listening session)."""
         ...
 
     async def host_vm_exited(self, host_id: str, epoch: int, microvm_id: str, reason: str) -> bool:

@@ -48,13 +48,22 @@ on the expiry. In the same transaction the host's VMs are settled:
   their last host (a placement preference, and the column is NOT NULL), ``host_epoch`` and
   ``address`` are cleared: no host holds them, a resume places them anew.
 
-A placement (not here yet) must lock the chosen host's row (``SELECT … FOR SHARE``) in the
+Placement (``store.placement``) locks the chosen host's row (``SELECT … FOR SHARE``) in the
 transaction that writes the VM with ``host_epoch``, so it cannot interleave with the marking.
+
+Wake-ups: an API process that wrote work for a host sends ``NOTIFY embervm_work, '<host>'``
+(``wake_host``); the host holds a ``LISTEN`` connection (``listening_for_work``) and looks for
+work when it hears its id. A notification is only a wake-up: a host also looks on a short
+poll, so everything works when every notification is lost (a restart of PostgreSQL, a dropped
+listening connection), only later. On SQLite (one process) both are no-ops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -62,10 +71,17 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from embervm.errors import InternalError
 from embervm.store.hosts import LOST_REASON_AROUND, HostRegistry, check_address, check_host_id
 from embervm.store.records import HostFence, HostRecord
 from embervm.store.schema import hosts, microvms
 from embervm.store.sql_transactions import SqlTransactions
+
+log = logging.getLogger("embervm.store.hosts")
+
+WORK_CHANNEL = "embervm_work"
+"""The ``NOTIFY`` channel of wake-ups; the payload is the host id that has work."""
+LISTEN_CHECK_SECONDS = 2.0
 
 LIVE_ON_HOST = ("PENDING", "RUNNING", "SUSPENDING", "TERMINATING")
 """VM states that need the host: a lost host's VMs in them are TERMINATED."""
@@ -321,6 +337,71 @@ class SqlHosts(SqlTransactions):
                 .returning(m.microvm_id)
             )
             return rebound_ids, sorted(ended.all())
+
+    # -- wake-ups ----------------------------------------------------------------------------
+
+    async def wake_host(self, host_id: str) -> None:
+        if self._dialect != "postgresql":
+            return  # one process: nothing to wake
+        with contextlib.suppress(InternalError):  # a wake-up lost is only a poll later
+            async with self._read() as conn:
+                await conn.execute(sa.select(sa.func.pg_notify(WORK_CHANNEL, host_id)))
+                await conn.commit()
+
+    @contextlib.asynccontextmanager
+    async def listening_for_work(
+        self, host_id: str, wake: Callable[[], None]
+    ) -> AsyncIterator[None]:
+        if self._dialect != "postgresql":
+            yield
+            return
+        task = asyncio.create_task(self._listen(host_id, wake), name=f"listen {host_id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _listen(self, host_id: str, wake: Callable[[], None]) -> None:
+        """Hold a connection with ``LISTEN``; open it again when it closes or stops answering
+        (a ``SELECT 1`` every few seconds: a partition sends no FIN)."""
+
+        def heard(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            if payload == host_id:
+                wake()
+
+        while True:
+            try:
+                async with self.engine.connect() as conn:
+                    try:
+                        await self._hold_listener(conn, heard, wake)
+                    finally:  # never back to the pool with a LISTEN on it
+                        with contextlib.suppress(Exception):
+                            await conn.invalidate()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("listening for work: %s (retrying)", exc)
+            await asyncio.sleep(LISTEN_CHECK_SECONDS)
+
+    @staticmethod
+    async def _hold_listener(
+        conn: AsyncConnection, heard: Callable[..., None], wake: Callable[[], None]
+    ) -> None:
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        closed = asyncio.Event()
+        raw.add_termination_listener(lambda _raw: closed.set())
+        await raw.add_listener(WORK_CHANNEL, heard)
+        wake()  # whatever was sent while nobody listened: look once
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LISTEN_CHECK_SECONDS):
+                    await closed.wait()
+            if closed.is_set():
+                return
+            async with asyncio.timeout(LISTEN_CHECK_SECONDS):
+                await raw.fetchval("SELECT 1")
 
 
 def lost_reason_sql(host_id: sa.ColumnElement[str]) -> sa.ColumnElement[str]:

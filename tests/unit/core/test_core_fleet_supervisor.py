@@ -5,6 +5,8 @@ a host whose epoch is superseded can change nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +144,17 @@ async def test_a_vm_whose_image_version_is_gone_is_not_launched(fleet: Fleet) ->
     vm = await fleet.call("GetMicrovm", microvmIdentifier=vm_id)
     assert vm["state"] == "TERMINATED"
     assert str(vm["stateReason"]).startswith("LaunchFailed")
+
+
+async def test_a_host_adopts_on_its_poll_without_any_wake_up(fleet: Fleet) -> None:
+    """SQLite carries no NOTIFY: the poll alone must pick the work up."""
+    worker = asyncio.create_task(fleet.host.supervisor.keep_adopting(poll_seconds=0.02))
+    try:
+        vm_id = str((await fleet.call("RunMicrovm", imageIdentifier="web"))["microvmId"])
+        async with asyncio.timeout(10):
+            while await fleet.state(vm_id) != "RUNNING":  # noqa: ASYNC110 - the store is the signal
+                await asyncio.sleep(0.01)
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
