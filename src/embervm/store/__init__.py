@@ -5,7 +5,10 @@
 - ``schema``: the tables (SQLAlchemy Core); ``migrations/``: Alembic, run at start-up.
 - ``engine``: engines (SQLite WAL by default, PostgreSQL by URL) and ``migrate``.
 - ``hosts``: the ``HostRegistry`` protocol of the fleet's hosts (leases, epochs, LOST, drain).
-- ``sql``: ``SqlRepository``, the implementation of both (hosts: ``sql_hosts``).
+- ``secrets``: the ``SecretStore`` protocol of the secrets a fleet's roles share (the fleet
+  key, key rings such as the token keys).
+- ``sql``: ``SqlRepository``, the implementation of all three (hosts: ``sql_hosts``, secrets:
+  ``sql_secrets``).
 - ``placement``: which fleet host takes a VM, chosen in the transaction that admits or
   resumes it (``AdmissionLimits.placement``).
 
@@ -47,6 +50,7 @@ from embervm.store.repository import (
     Transition,
     VersionChange,
 )
+from embervm.store.secrets import TOKEN_KEYS, KeyRingState, RingKey, SecretStore
 from embervm.store.sql import SqlRepository
 
 
@@ -67,6 +71,7 @@ __all__ = [
     "HOST_STATES",
     "MEMORY_HOLDING_STATES",
     "MICROVM_STATES",
+    "TOKEN_KEYS",
     "AdmissionLimits",
     "BuildChange",
     "BuildFilter",
@@ -82,11 +87,14 @@ __all__ = [
     "ImageRecord",
     "InsertOutcome",
     "InsertStatus",
+    "KeyRingState",
     "MicrovmRecord",
     "Page",
     "Placement",
     "Repository",
+    "RingKey",
     "RunnableVersion",
+    "SecretStore",
     "SqlRepository",
     "Transition",
     "UsageRecord",

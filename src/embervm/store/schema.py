@@ -200,3 +200,19 @@ locks = sa.Table(
 PostgreSQL; SQLite serializes writers anyway)."""
 
 ADMISSION_LOCK = "admission"
+
+secrets = sa.Table(
+    "secrets",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("ring", sa.String(64)),
+    sa.Column("key_id", sa.String(64)),
+    sa.Column("retired_at", UtcDateTime),
+    sa.Column("version", sa.Integer),
+)
+"""The secrets every role of a fleet shares (``sql_secrets``): ``fleet-key`` (the tunnel's key);
+per key ring (``token-keys``) a head row named after the ring (empty ``value``, its ``version``
+bumped by every change; the ring's lock) and one row per key named ``<ring>/<key_id>`` (``ring``,
+``key_id``, ``retired_at``: None for the current key)."""

@@ -41,16 +41,18 @@ from embervm.store.schema import (
 )
 from embervm.store.sql_hosts import SqlHosts
 from embervm.store.sql_microvms import SqlMicrovms
+from embervm.store.sql_secrets import SqlSecrets
 from embervm.store.sql_transactions import Rollback, no_seq
 
 BUILDING_IMAGE_STATES = ("CREATING", "UPDATING")
 BUILDING_VERSION_STATES = ("PENDING", "IN_PROGRESS")
 
 
-class SqlRepository(SqlMicrovms, SqlHosts):
+class SqlRepository(SqlMicrovms, SqlHosts, SqlSecrets):
     """See module doc. The transactions are ``sql_transactions``'s, the MicroVM rows
-    ``sql_microvms``'s, the fleet's hosts ``sql_hosts``'s (``HostRegistry``); the image,
-    version, build and tag rows are here."""
+    ``sql_microvms``'s, the fleet's hosts ``sql_hosts``'s (``HostRegistry``), its shared
+    secrets ``sql_secrets``'s (``SecretStore``); the image, version, build and tag rows are
+    here."""
 
     # -- images ------------------------------------------------------------------------------
 
