@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from embervm.blobs._keys import check_key
 from embervm.errors import NotFoundError, RuntimeFailure
@@ -36,6 +36,11 @@ class BlobStore(Protocol):
     async def exists(self, key: str) -> bool: ...
 
     async def delete(self, key: str) -> None: ...
+
+
+def _close_opened(opening: asyncio.Future[Any]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 async def stream_to_file(
@@ -107,8 +112,12 @@ class LocalBlobStore:
 
     async def get_stream(self, key: str, *, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
         path = self.path_of(key)
+        opening = asyncio.ensure_future(asyncio.to_thread(path.open, "rb"))
         try:
-            fh = await asyncio.to_thread(path.open, "rb")
+            fh = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)  # the thread opens it anyway: close it
+            raise
         except FileNotFoundError as exc:
             raise NotFoundError(f"blob {key!r} does not exist") from exc
         except OSError as exc:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +146,36 @@ async def test_fetch_size_limit_counts_real_bytes(tmp_path: Path) -> None:
     with pytest.raises(BuildFailure, match="larger than 999 bytes"):
         await fetch_code_artifact(src.as_uri(), tmp_path / "out" / "a.zip", max_bytes=999)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+async def test_a_read_cancelled_while_the_file_opens_closes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open runs in a thread that a cancel cannot stop: what it opens must still be closed
+    (it leaked as a ResourceWarning before)."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    await store.put("a/b", b"data")
+    started, release = threading.Event(), threading.Event()
+    opened: list[Any] = []
+    real_open = Path.open
+
+    def slow_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        started.set()
+        release.wait(10)
+        handle = real_open(self, *args, **kwargs)
+        opened.append(handle)
+        return handle
+
+    monkeypatch.setattr(Path, "open", slow_open)
+    reading = asyncio.create_task(anext(store.get_stream("a/b")))
+    await asyncio.to_thread(started.wait, 10)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    release.set()
+    for _ in range(200):
+        if opened and opened[0].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert opened
+    assert opened[0].closed
