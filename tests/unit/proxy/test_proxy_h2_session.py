@@ -70,7 +70,11 @@ async def test_a_connection_without_a_valid_token_ends_at_the_first_request_dead
             assert not client.closed, "closed without GOAWAY"
             terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
         assert terminated[0].error_code == 0
-        assert await client.read() == []  # then closed
+        try:
+            after = await client.read()
+        except ConnectionResetError:  # a request of ours was still unread when it closed: the
+            after = []  # kernel answers RST rather than FIN; either way, closed after GOAWAY
+        assert after == []  # then closed
     finally:
         await client.close()
 
