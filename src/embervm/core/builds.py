@@ -5,20 +5,36 @@ both IN_PROGRESS, drives core's ``ImageBuilder`` seam and ends the build, the ve
 image in one store change: SUCCESSFUL with the snapshot, or FAILED with the builder's reason
 (``BuildFailure``; anything else is an internal error, logged). The tasks belong to the
 ``Supervisor`` (its ``spawn``), which stops them with everything else.
+
+In a fleet (docs/FLEET.md) an API process runs no build (``runs_builds=False``): the version
+and build wait PENDING and any host may take one (``adopt``, when it has a free build slot),
+writing its id and epoch on the build as it moves it IN_PROGRESS. The builds of a host that
+was lost are failed by the API processes' reaper (``fail_builds_of``); a host that restarts
+fails the ones it was running before (``fail_interrupted``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 from embervm.contracts import BuildJob, BuiltImage
 from embervm.core.clock import Clock, to_datetime
 from embervm.core.seams import ImageBuilder
 from embervm.errors import BuildFailure
-from embervm.store import BuildChange, BuildFilter, ImageChange, Page, Repository, VersionChange
+from embervm.store import (
+    BuildChange,
+    BuildFilter,
+    BuildRecord,
+    HostFence,
+    ImageChange,
+    Page,
+    Repository,
+    VersionChange,
+    VersionRecord,
+)
 
 log = logging.getLogger("embervm.core")
 
@@ -34,22 +50,43 @@ class BuildRunner:
         clock: Clock,
         concurrent_builds: int,
         spawn: Spawn,
+        runs_builds: bool = True,
+        fence: HostFence | None = None,
+        wake: Callable[[], None] | None = None,
     ) -> None:
         self.repo = repository
         self.builder = builder
         self.clock = clock
         self._spawn = spawn
-        self._slots = asyncio.Semaphore(max(1, concurrent_builds))
+        self._concurrent = max(1, concurrent_builds)
+        self._slots = asyncio.Semaphore(self._concurrent)
+        self.runs_builds = runs_builds
+        self.fence = fence
+        self._wake = wake
+        self._mine: set[str] = set()  # build ids waiting for or holding a slot here
 
     def start(self, job: BuildJob, *, building: str, done: str, failed: str) -> None:
-        """Run ``job`` in the background; the image goes ``building`` → ``done``|``failed``."""
-        self._spawn(self._build(job, building, done, failed), f"build {job.image_name}")
+        """Run ``job`` in the background; the image goes ``building`` → ``done``|``failed``
+        (an API process of a fleet: a host takes it)."""
+        if not self.runs_builds:
+            if self._wake is not None:
+                self._wake()
+            return
+        self._start(job, building, done, failed)
+
+    def _start(self, job: BuildJob, building: str, done: str, failed: str) -> None:
+        self._mine.add(job.build_id)
+        task = self._spawn(self._build(job, building, done, failed), f"build {job.image_name}")
+        task.add_done_callback(lambda _: self._mine.discard(job.build_id))
 
     async def _build(self, job: BuildJob, building: str, done: str, failed: str) -> None:
         number = int(job.version)
+        claim: dict[str, object] = {"state": "IN_PROGRESS"}
+        if self.fence is not None:
+            claim |= {"host_id": self.fence.host_id, "host_epoch": self.fence.epoch}
         async with self._slots:
             started = await self.repo.apply(
-                BuildChange(job.build_id, {"state": "IN_PROGRESS"}, ("PENDING",)),
+                BuildChange(job.build_id, claim, ("PENDING",)),
                 VersionChange(
                     job.account_id,
                     job.image_name,
@@ -173,25 +210,96 @@ class BuildRunner:
         await self.builder.discard(image_name, version)
 
     async def fail_interrupted(self) -> None:
-        """After a restart: builds that were running are failed (their build VM is gone)."""
-        for version in await self.repo.versions_in_states(("PENDING", "IN_PROGRESS")):
+        """After a restart: builds that were running here are failed (their build VM is
+        gone). One machine: every unfinished build; a fleet host: those it ran at an older
+        epoch; an API process of a fleet: none (hosts run them)."""
+        if not self.runs_builds:
+            return
+        if self.fence is not None:
+            fence = self.fence
+            await self._fail_where(
+                lambda build: build.host_id == fence.host_id and build.host_epoch != fence.epoch,
+                "the host restarted during the build",
+            )
+            return
+        await self._fail_where(lambda build: True, "the server restarted during the build")
+
+    async def fail_builds_of(self, host_ids: Collection[str]) -> None:
+        """The reaper: builds that lost hosts were running fail (their build VM is gone)."""
+        lost = set(host_ids)
+        if lost:
+            await self._fail_where(
+                lambda build: build.host_id in lost, "the host running the build was lost"
+            )
+
+    async def adopt(self) -> int:
+        """A fleet host: take PENDING builds while build slots are free here. Returns how
+        many it started."""
+        started = 0
+        for version, build, image_state in await self._waiting():
+            if len(self._mine) >= self._concurrent:
+                break
+            if build.build_id in self._mine:
+                continue
             image = await self.repo.get_image(version.account_id, version.image_name)
-            builds = await self.repo.list_builds(
+            if image is None:
+                continue
+            building = image_state
+            updating = building == "UPDATING"
+            self._start(
+                BuildJob(
+                    account_id=image.account_id,
+                    image_name=image.name,
+                    image_arn=image.arn,
+                    version=version.version,
+                    build_id=build.build_id,
+                    request=dict(version.config),
+                    memory_mib=version.memory_mib,
+                ),
+                building,
+                "UPDATED" if updating else "CREATED",
+                "UPDATE_FAILED" if updating else "CREATE_FAILED",
+            )
+            started += 1
+        return started
+
+    async def _waiting(self) -> list[tuple[VersionRecord, BuildRecord, str]]:
+        found = []
+        for version in await self.repo.versions_in_states(("PENDING",)):
+            image = await self.repo.get_image(version.account_id, version.image_name)
+            if image is None or image.state not in ("CREATING", "UPDATING"):
+                continue
+            for build in await self._builds_of(version):
+                if build.state == "PENDING":
+                    found.append((version, build, image.state))
+        return found
+
+    async def _builds_of(self, version: VersionRecord) -> list[BuildRecord]:
+        return (
+            await self.repo.list_builds(
                 version.account_id,
                 version.image_name,
                 version.number,
                 Page(limit=50),
                 BuildFilter(),
             )
+            or []
+        )
+
+    async def _fail_where(self, which: Callable[[BuildRecord], bool], reason: str) -> None:
+        for version in await self.repo.versions_in_states(("PENDING", "IN_PROGRESS")):
+            image = await self.repo.get_image(version.account_id, version.image_name)
             building = image.state if image is not None else "CREATING"
             failed = "CREATE_FAILED" if building == "CREATING" else "UPDATE_FAILED"
-            for build in builds or []:
+            for build in await self._builds_of(version):
+                if build.state not in ("PENDING", "IN_PROGRESS") or not which(build):
+                    continue
                 await self.fail(
                     version.account_id,
                     version.image_name,
                     version.number,
                     build.build_id,
-                    "the server restarted during the build",
+                    reason,
                     building=building,
                     failed=failed,
                 )

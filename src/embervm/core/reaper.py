@@ -1,13 +1,14 @@
 """The reaper of a fleet's API processes: hosts whose lease ran out (the database's clock) are
 marked LOST, their running VMs TERMINATED with a reason that names the host, their suspended
 VMs freed to resume elsewhere (``HostRegistry.mark_lost_expired``: one statement; each host is
-marked once however many API processes reap at the same time)."""
+marked once however many API processes reap at the same time), and the builds they ran fail."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from embervm.core.builds import BuildRunner
 from embervm.store import HostRecord, HostRegistry
 
 log = logging.getLogger("embervm.core.reaper")
@@ -28,11 +29,19 @@ async def reap_once(hosts: HostRegistry) -> list[HostRecord]:
     return lost
 
 
-async def keep_reaping(hosts: HostRegistry, interval: float = REAP_SECONDS) -> None:
+async def keep_reaping(
+    hosts: HostRegistry,
+    interval: float = REAP_SECONDS,
+    *,
+    builds: BuildRunner | None = None,
+) -> None:
+    """Reap every ``interval``; the builds the lost hosts ran fail (``builds``)."""
     failing = False
     while True:
         try:
-            await reap_once(hosts)
+            lost = await reap_once(hosts)
+            if lost and builds is not None:
+                await builds.fail_builds_of([host.host_id for host in lost])
             failing = False
         except asyncio.CancelledError:
             raise

@@ -53,6 +53,7 @@ log = logging.getLogger("embervm.core")
 NON_FINAL: tuple[MicrovmState, ...] = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED")
 STOP_TIMEOUT = 30.0
 ADOPT_POLL_SECONDS = 1.0  # a fleet host looks for work this often without a wake-up
+ANY_HOST = "*"  # the wake-up of work any host may take (a build)
 
 
 class Supervisor:
@@ -80,6 +81,9 @@ class Supervisor:
             clock=clock,
             concurrent_builds=limits.concurrent_builds,
             spawn=self.spawn,
+            runs_builds=runs_vms,
+            fence=fence,
+            wake=lambda: self._wake_hosts(ANY_HOST),
         )
         self.clock = clock
         self.limits = limits
@@ -503,7 +507,7 @@ class Supervisor:
         """Start the work the store placed on this host (at this epoch) that no task here runs
         yet: a launch or a resume (PENDING), a suspend, a terminate. Returns how many started.
         A fleet host calls it when woken and on a short poll, so a lost wake-up only delays."""
-        started = 0
+        started = await self.builds.adopt() if self.runs_vms else 0
         placed = await self.repo.microvms_in_states(
             ("PENDING", "SUSPENDING", "TERMINATING"), host_id=self.host_id
         )
@@ -541,10 +545,21 @@ class Supervisor:
             self.start_launch(vm, lambda: vm_spec(vm, version))
         return True
 
+    def set_fence(self, fence: HostFence) -> None:
+        """A fleet host registered again (a new epoch): its writes from now on carry it."""
+        if fence.host_id != self.host_id:
+            raise ValueError("a host's fence names its own host")
+        self.fence = fence
+        self.builds.fence = fence
+
     def _wake(self, vm_id: str) -> None:
         """An API process wrote work: wake the VM's host (best effort; it also polls)."""
         if self.hosts is not None:
             self.spawn(self._wake_host_of(vm_id), f"wake the host of {vm_id}")
+
+    def _wake_hosts(self, host_id: str) -> None:
+        if self.hosts is not None:
+            self.spawn(self.hosts.wake_host(host_id), f"wake {host_id}")
 
     async def _wake_host_of(self, vm_id: str) -> None:
         vm = await self.repo.get_microvm(vm_id)

@@ -78,6 +78,8 @@ class BuildRecord:
     state_reason: str | None = None
     snapshot_build: dict[str, int] | None = None
     seq: int | None = None
+    host_id: str | None = None  # a fleet: the host running (or that ran) the build
+    host_epoch: int | None = None
 
 
 @dataclass(frozen=True)

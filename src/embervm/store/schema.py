@@ -96,6 +96,8 @@ image_builds = sa.Table(
     sa.Column("chipset_generation", sa.String(64), nullable=False),
     sa.Column("snapshot_build", sa.JSON),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("host_id", sa.String(64)),  # a fleet: the host running the build
+    sa.Column("host_epoch", sa.Integer),
     sa.Index(None, "account_id", "image_name", "version_number"),
 )
 

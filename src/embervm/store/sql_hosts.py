@@ -52,10 +52,11 @@ Placement (``store.placement``) locks the chosen host's row (``SELECT … FOR SH
 transaction that writes the VM with ``host_epoch``, so it cannot interleave with the marking.
 
 Wake-ups: an API process that wrote work for a host sends ``NOTIFY embervm_work, '<host>'``
-(``wake_host``); the host holds a ``LISTEN`` connection (``listening_for_work``) and looks for
-work when it hears its id. A notification is only a wake-up: a host also looks on a short
-poll, so everything works when every notification is lost (a restart of PostgreSQL, a dropped
-listening connection), only later. On SQLite (one process) both are no-ops.
+(``wake_host``; ``'*'`` for work any host may take, a build); the host holds a ``LISTEN``
+connection (``listening_for_work``) and looks for work when it hears its id or ``'*'``. A
+notification is only a wake-up: a host also looks on a short poll, so everything works when
+every notification is lost (a restart of PostgreSQL, a dropped listening connection), only
+later. On SQLite (one process) both are no-ops.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ log = logging.getLogger("embervm.store.hosts")
 
 WORK_CHANNEL = "embervm_work"
 """The ``NOTIFY`` channel of wake-ups; the payload is the host id that has work."""
+ANY_HOST = "*"
+"""The payload of work any host may take (a build)."""
 LISTEN_CHECK_SECONDS = 2.0
 
 LIVE_ON_HOST = ("PENDING", "RUNNING", "SUSPENDING", "TERMINATING")
@@ -368,7 +371,7 @@ class SqlHosts(SqlTransactions):
         (a ``SELECT 1`` every few seconds: a partition sends no FIN)."""
 
         def heard(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            if payload == host_id:
+            if payload in (host_id, ANY_HOST):
                 wake()
 
         while True:

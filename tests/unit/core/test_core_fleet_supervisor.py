@@ -12,11 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.framework.core_unit_harness import Rig, make_rig
+from tests.framework.core_unit_harness import ACCOUNT, Rig, image_params, make_rig, until
 from tests.framework.fake_core import FakeBuilder, FakeHost, FakeTokens
 
 from embervm.core import CoreLimits, Operations
-from embervm.store import HostFence, Placement, SqlRepository, open_repository
+from embervm.store import (
+    BuildFilter,
+    HostFence,
+    Page,
+    Placement,
+    SqlRepository,
+    open_repository,
+)
 from embervm.store.schema import image_versions
 
 
@@ -43,13 +50,17 @@ class Fleet:
 
 
 async def operations(
-    rig: Rig, repo: SqlRepository, backend: FakeHost, **role: object
+    rig: Rig,
+    repo: SqlRepository,
+    backend: FakeHost,
+    builder: FakeBuilder | None = None,
+    **role: object,
 ) -> Operations:
     ops = Operations(
         settings=rig.settings,
         repository=repo,
         host=backend,
-        builder=FakeBuilder(rig.settings.images_dir),
+        builder=builder or FakeBuilder(rig.settings.images_dir),
         tokens=FakeTokens(),
         limits=CoreLimits(rate_limits={}),
         **role,  # type: ignore[arg-type]
@@ -158,3 +169,69 @@ async def test_a_host_adopts_on_its_poll_without_any_wake_up(fleet: Fleet) -> No
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await worker
+
+
+async def test_an_image_built_in_a_fleet_is_built_by_the_host_that_takes_it(
+    fleet: Fleet,
+) -> None:
+    params = image_params("api-built")
+    image = await fleet.call("CreateMicrovmImage", **params)
+    assert image["state"] == "CREATING"
+    await fleet.api.supervisor.idle()
+    version = await fleet.repos[0].get_version(ACCOUNT, "api-built", 1)
+    assert version is not None
+    assert version.state == "PENDING"  # the API process built nothing
+    await fleet.host_works()
+    built = await fleet.call("GetMicrovmImage", imageIdentifier="api-built")
+    assert built["state"] == "CREATED"
+    builds = await fleet.repos[0].list_builds(ACCOUNT, "api-built", 1, Page(limit=5), BuildFilter())
+    assert [(b.state, b.host_id, b.host_epoch) for b in builds] == [("SUCCESSFUL", "h1", 1)]
+
+
+async def test_the_builds_of_a_lost_host_fail_and_a_restarted_host_fails_its_old_ones(
+    tmp_path: Path,
+) -> None:
+    rig = await make_rig(tmp_path)
+    url = rig.settings.effective_database_url
+    repo = await open_repository(url)
+    host = await repo.register("h1", "10.0.0.5:8790", 100, 16384, {}, 60)
+    slow = FakeBuilder(rig.settings.images_dir)
+    slow.gates.hold("build")
+    api = await operations(rig, repo, FakeHost(), runs_vms=False, host_id="api")
+    worker = await operations(rig, repo, FakeHost(), slow, host_id="h1", fence=HostFence("h1", 1))
+    try:
+        await api.invoke("CreateMicrovmImage", image_params("a"), rig.caller)
+        await api.invoke("CreateMicrovmImage", image_params("b"), rig.caller)
+        assert await worker.supervisor.adopt() == 1  # one build slot (CoreLimits' default)
+        assert await worker.supervisor.adopt() == 0  # full: "b" waits for a host
+        await until(lambda: len(slow.jobs) == 1)  # "a" is IN_PROGRESS on h1
+        await api.supervisor.builds.fail_builds_of(["h2"])  # another host: nothing
+        assert await state(api, rig, "a") == "CREATING"
+        await api.supervisor.builds.fail_builds_of(["h1"])
+        assert (await state(api, rig, "a"), await state(api, rig, "b")) == (
+            "CREATE_FAILED",
+            "CREATING",  # never taken: it still waits
+        )
+        slow.gates.release("build")
+        await until(lambda: len(slow.jobs) == 1)
+        await worker.supervisor.idle()  # "a" ends: its result is refused (it failed meanwhile)
+        assert await state(api, rig, "a") == "CREATE_FAILED"
+        slow.gates.hold("build")
+        assert await worker.supervisor.adopt() == 1  # now "b"
+        await until(lambda: len(slow.jobs) == 2)
+        restarted = await repo.register("h1", "10.0.0.5:8790", 100, 16384, {}, 60)
+        worker.supervisor.set_fence(HostFence("h1", restarted.epoch))
+        await worker.supervisor.builds.fail_interrupted()
+        assert await state(api, rig, "b") == "CREATE_FAILED"
+        assert host.epoch == 1
+    finally:
+        slow.gates.release("build")
+        for ops in (api, worker, rig.ops):
+            await ops.stop()
+        await repo.close()
+        await rig.repo.close()
+
+
+async def state(ops: Operations, rig: Rig, image: str) -> str:
+    got = await ops.invoke("GetMicrovmImage", {"imageIdentifier": image}, rig.caller)
+    return str(got["state"])

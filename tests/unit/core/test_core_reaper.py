@@ -67,3 +67,27 @@ async def test_the_loop_goes_on_after_the_store_failed(repo: SqlRepository) -> N
         with contextlib.suppress(asyncio.CancelledError):
             await loop
     assert flaky.calls >= 2
+
+
+class Builds:
+    def __init__(self) -> None:
+        self.failed: list[list[str]] = []
+
+    async def fail_builds_of(self, host_ids: list[str]) -> None:
+        self.failed.append(list(host_ids))
+
+
+async def test_the_builds_of_reaped_hosts_fail(repo: SqlRepository) -> None:
+    await register(repo, "h1", lease=0.05)
+    await register(repo, "h2", lease=60.0)
+    builds = Builds()
+    loop = asyncio.create_task(keep_reaping(repo, interval=0.05, builds=builds))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(10):
+            while not builds.failed:  # noqa: ASYNC110 - the fake records the call
+                await asyncio.sleep(0.02)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert builds.failed == [["h1"]]
