@@ -6,6 +6,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 DEFAULT_API_PORT = 8700
 DEFAULT_PROXY_PORT = 8443
@@ -114,6 +115,10 @@ def is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+Role = Literal["all", "api", "proxy", "host"]
+ROLES: tuple[Role, ...] = ("all", "api", "proxy", "host")
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
@@ -163,6 +168,11 @@ class Settings:
     # sources name, else deb.debian.org; ``guest.mirrors``). Not part of the disk's cache key.
     debian_mirror: str | None = None
     debian_security_mirror: str | None = None
+    # A fleet (docs/FLEET.md): which part this process plays ("all": everything, one machine),
+    # a host's stable name and where proxies reach its tunnel listener (ADDR:PORT).
+    role: Role = "all"
+    host_id: str | None = None
+    advertise: str | None = None
 
     @property
     def api_host(self) -> str:

@@ -1,4 +1,5 @@
-"""``embervm server``: one process with the control API, the endpoint proxy and the host."""
+"""``embervm server``: one process with the control API, the endpoint proxy and the host; in a
+fleet, one of them (``--role``, docs/FLEET.md)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from embervm.config import (
     DEFAULT_DOMAIN,
     DEFAULT_PROXY_HTTP_PORT,
     DEFAULT_PROXY_PORT,
+    ROLES,
     Settings,
 )
 
@@ -180,6 +182,28 @@ def server(
             "host's apt sources name, else http://deb.debian.org/debian-security).",
         ),
     ] = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            envvar="EMBERVM_ROLE",
+            help="What this process plays: all (one machine, the default), or in a fleet "
+            "api, proxy or host (docs/FLEET.md; PostgreSQL only).",
+        ),
+    ] = "all",
+    host_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EMBERVM_HOST_ID",
+            help="--role host: this machine's name, stable across restarts.",
+        ),
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EMBERVM_ADVERTISE",
+            help="--role host: ADDR:PORT where the fleet's proxies reach this host's tunnel.",
+        ),
+    ] = None,
 ) -> None:
     """Run the server in the foreground; prints `embervm ready api=... proxy=...` when up."""
     from embervm.errors import ConfigError
@@ -210,6 +234,8 @@ def server(
             raise typer.BadParameter(
                 f"{network!r} is not a network", param_hint="--artifact-private-network"
             ) from exc
+    if role not in ROLES:
+        raise typer.BadParameter(f"{role!r}: use one of {', '.join(ROLES)}", param_hint="--role")
     ctx = current()
     settings = Settings(
         data_dir=(data_dir or ctx.data_dir).expanduser().resolve(),
@@ -238,6 +264,9 @@ def server(
         proxy_session_idle_timeout=proxy_session_idle_timeout,
         debian_mirror=mirrors["--debian-mirror"],
         debian_security_mirror=mirrors["--debian-security-mirror"],
+        role=role,
+        host_id=host_id,
+        advertise=advertise,
     )
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         code = runner.run(run_server(settings))

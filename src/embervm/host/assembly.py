@@ -65,6 +65,7 @@ def network_manager(settings: Settings) -> NetworkManager:
 class HostParts:
     """A started host: the runtime, its build machines and the adapters core drives."""
 
+    boot: BootInputs
     network: NetworkManager
     runtime: LocalHost
     machines: LocalMachineProvider
@@ -116,6 +117,7 @@ async def start_host_parts(
         name="disk-layer-collector",
     )
     return HostParts(
+        boot=boot,
         network=network,
         runtime=runtime,
         machines=machines,

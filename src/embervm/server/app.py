@@ -28,9 +28,10 @@ from embervm.blobs.uploads import UploadArea
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
 from embervm.core.tokens import TokenAuthority
-from embervm.errors import EmbervmError
+from embervm.errors import ConfigError, EmbervmError
 from embervm.host import LocalHost, start_host_parts
 from embervm.proxy import EndpointProxy
+from embervm.server import roles
 from embervm.server.api_listener import serve_api
 from embervm.server.datadir import secure_data_dir
 from embervm.store import open_repository
@@ -160,13 +161,26 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
+async def start_role(
+    settings: Settings, stack: contextlib.AsyncExitStack, progress: Progress = _stderr_progress
+) -> str:
+    """Start what ``settings.role`` plays (docs/FLEET.md); returns its ready line."""
+    if settings.role == "all":
+        return (await start_server(settings, stack, progress=progress)).ready_line
+    roles.check_fleet_settings(settings)
+    if settings.role == "host":
+        return (await roles.start_host_role(settings, stack, progress)).ready_line
+    if settings.role == "api":
+        return (await roles.start_api_role(settings, stack, _serve_api)).ready_line
+    raise ConfigError(f"--role {settings.role} is not built yet (docs/FLEET.md)")
+
+
 async def run_server(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM: 0 after a clean stop, 1 when start-up failed."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         async with contextlib.AsyncExitStack() as stack:
-            server = await start_server(settings, stack)
-            print(server.ready_line, flush=True)
+            print(await start_role(settings, stack), flush=True)
             await _wait_for_signal()
             _stderr_progress("stopping")
     except EmbervmError as exc:

@@ -1,0 +1,143 @@
+"""The fleet's roles as real processes on a real PostgreSQL (docs/FLEET.md): an `--role api`
+process places and writes intents, an `--role host` process builds the image and runs the VM;
+the host, SIGKILLed with its VMMs, is declared LOST within its lease and its running VM is
+TERMINATED with a reason that names it. The proxy role is not here yet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.framework.integration_cache import test_cache_dir
+from tests.framework.server_harness import (
+    REPO,
+    LiveServer,
+    build_image,
+    free_port,
+    run_vm,
+    wait_for,
+)
+
+from embervm.errors import ConfigError
+from embervm.guest.artifacts import GuestArtifacts
+from embervm.localfleet import LocalPostgres
+from embervm.localfleet import free_port as free_local_port
+from embervm.store import HostRecord, open_repository
+
+APP = REPO / "tests" / "integration" / "server" / "hardening_app"  # stdlib only: a quick build
+LEASE_SECONDS = 10.0  # host.membership.DEFAULT_LEASE_SECONDS
+
+
+@pytest.fixture
+def postgres() -> Iterator[LocalPostgres]:
+    root = Path(tempfile.mkdtemp(prefix="embervm-fleet-"))
+    root.chmod(0o711)  # as root, PostgreSQL runs as the postgres user
+    pg = LocalPostgres(root / "postgres")
+    try:
+        try:
+            pg.init()
+        except ConfigError as exc:
+            pytest.skip(str(exc))
+        pg.start(free_local_port())
+        yield pg
+    finally:
+        with contextlib.suppress(Exception):
+            pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def kill_vmms_of(data_dir: Path) -> list[int]:
+    killed = []
+    needle = str(data_dir).encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (proc / "cmdline").read_bytes()
+                if b"qemu-system" in cmdline and needle in cmdline:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(int(proc.name))
+    return killed
+
+
+def hosts_of(url: str) -> list[HostRecord]:
+    async def read() -> list[HostRecord]:
+        repo = await open_repository(url)
+        try:
+            return await repo.list_hosts()
+        finally:
+            await repo.close()
+
+    return asyncio.run(read())
+
+
+def test_an_api_and_a_host_run_a_vm_and_a_killed_host_is_lost_within_its_lease(
+    postgres: LocalPostgres, guest_artifacts: GuestArtifacts, tmp_path: Path
+) -> None:
+    api_dir, host_dir = tmp_path / "api", tmp_path / "host"
+    for folder in (api_dir, host_dir):
+        folder.mkdir()
+    (host_dir / "artifacts").symlink_to(test_cache_dir() / "artifacts")
+    tunnel = f"127.0.0.1:{free_port()}"
+    api = LiveServer(
+        api_dir, free_port(), free_port(), free_port(),
+        extra_args=["--role", "api", "--database-url", postgres.url],
+    )  # fmt: skip
+    host = LiveServer(
+        host_dir, free_port(), free_port(), free_port(),
+        extra_args=[
+            "--role", "host", "--host-id", "h1", "--advertise", tunnel,
+            "--database-url", postgres.url, "--artifact-root", str(api_dir / "uploads"),
+        ],
+    )  # fmt: skip
+    try:
+        host.start()
+        assert host.ready_line == f"embervm ready host=h1 epoch=1 tunnel={tunnel}"
+        api.start()
+        assert api.ready_line.startswith("embervm ready api=http://127.0.0.1:")
+        [registered] = hosts_of(postgres.url)
+        assert (registered.host_id, registered.state, registered.address) == (
+            "h1",
+            "ACTIVE",
+            tunnel,
+        )
+        assert registered.capabilities["accelerator"] in ("tcg", "kvm")
+
+        image = build_image(api, "fleet-app", APP)  # built by the host: the API runs no build
+        assert image["state"] == "CREATED", image
+        vm = run_vm(api, "fleet-app")
+        assert vm["state"] == "RUNNING", vm
+
+        assert host.process is not None
+        host.process.send_signal(signal.SIGKILL)
+        host.process.wait()
+        assert kill_vmms_of(host_dir)  # the VM's QEMU dies with its host
+        killed = time.monotonic()
+        client = api.client()
+        ended = wait_for(
+            lambda: client.get_microvm(microvmIdentifier=vm["microvmId"]),
+            lambda got: got["state"] == "TERMINATED",
+            60.0,
+            "the lost host's VM to be terminated",
+        )
+        took = time.monotonic() - killed
+        print(f"host killed -> its VM TERMINATED in {took:.1f} s (lease {LEASE_SECONDS} s)")
+        assert ended["stateReason"] == "HostLost:the_host_h1_stopped_answering"
+        assert took <= 2 * LEASE_SECONDS, took
+        [lost] = hosts_of(postgres.url)
+        assert lost.state == "LOST"
+    finally:
+        api.stop()
+        host.stop()
+        # A host restarted on its data dir reclaims what the killed one left (network, dirs).
+        with contextlib.suppress(RuntimeError):
+            host.start()
+        host.stop()
+        kill_vmms_of(host_dir)
