@@ -48,6 +48,7 @@ class ResolvedVm:
     auto_resume: bool
     endpoint: str
     memory_mib: int = 1024  # the proxy bounds a VM's connections by its size
+    host_id: str | None = None  # the host it is placed on (a fleet's proxy dials that host)
 
     def allows(self, kind: str) -> bool:
         """``kind`` "http" or "shell": does the VM accept that traffic at all?"""
@@ -65,6 +66,7 @@ def _resolved(vm: MicrovmRecord) -> ResolvedVm:
         auto_resume=bool((vm.idle_policy or {}).get("autoResumeEnabled")),
         endpoint=vm.endpoint,
         memory_mib=vm.memory_mib,
+        host_id=vm.host_id,
     )
 
 
@@ -118,6 +120,11 @@ class Lifecycle:
         resolved = _resolved(vm)
         self._cache[microvm_id] = (self._monotonic(), resolved)
         return resolved
+
+    def forget(self, microvm_id: str) -> None:
+        """Drop the cached view of the VM: its host said it does not run it (a fleet's
+        proxy), so the next ``resolve`` or ``resolved`` reads the store."""
+        self._cache.pop(microvm_id, None)
 
     def _changed(self, vm: MicrovmRecord) -> None:
         self._cache[vm.microvm_id] = (self._monotonic(), _resolved(vm))
