@@ -15,10 +15,12 @@ HTTP/1.1 app and ``relay_h2`` to an h2c app:
 
 Shared by both: ``server`` (``EndpointProxy``, the two listeners, the choice of wing),
 ``admission`` (host name → VM, target port, token and ingress checks, connection limits),
-``shell`` (``/shell`` WebSockets bridged to a PTY in the VM), ``h2c_upstream`` (h2c connections
-to apps, h2 doing that framing), ``limits`` (the limits, timeouts and connection-specific field
-sets more than one module reads), ``streams`` (byte plumbing), ``tls`` (the local CA and the
-listener's certificate).
+``shell`` (``/shell`` WebSockets bridged to a PTY in the VM), ``upstream`` (how every app
+connection is opened: straight to the guest on this machine, or through the tunnel of the host
+that runs the VM in a fleet, resolving the VM once more when that host says it is not there),
+``h2c_upstream`` (h2c connections to apps, h2 doing that framing), ``limits`` (the limits,
+timeouts and connection-specific field sets more than one module reads), ``streams`` (byte
+plumbing), ``tls`` (the local CA and the listener's certificate).
 """
 
 from embervm.proxy.server import EndpointProxy

@@ -53,6 +53,10 @@ class VmRoutes(Protocol):
 
     def record_activity(self, microvm_id: str) -> None: ...
 
+    def forget(self, microvm_id: str) -> None:
+        """Drop the cached view of the VM (its host said it does not run it)."""
+        ...
+
 
 class Claims(Protocol):
     """What the proxy reads of a verified token (``core.tokens.TokenClaims``)."""
@@ -80,13 +84,15 @@ class Refusal(Exception):
 
 
 FORBIDDEN = Refusal(403, "Forbidden")
+NOT_RUNNING = "MicroVM is not running"  # a 502's message
 
 
 class Target(NamedTuple):  # a tuple: made for every request, compared with the kept one
     microvm_id: str
-    address: str
+    address: str  # the guest's address on its host (one machine: where to connect)
     port: int
     limit: int  # app connections the VM's size allows at once (``connection_limit``)
+    host_id: str | None = None  # the host that runs it (a fleet: whose tunnel to dial)
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,7 @@ class Admission:
             return None
         if not vm.allows(ask.kind):
             raise FORBIDDEN
-        return self._target(ask, vm)
+        return self._target(ask.port, vm)
 
     async def admit(self, ask: Ask) -> Target:
         """Check the token and the VM (resuming it if it is suspended with auto-resume)."""
@@ -271,12 +277,28 @@ class Admission:
 
     async def _admit(self, ask: Ask) -> tuple[Target, Claims]:
         claims = self._check_token(ask)
+        vm = await self._running(ask.microvm_id, ask.kind)
+        return self._target(ask.port, vm), claims
+
+    async def reresolve(self, target: Target) -> Target:
+        """``target`` again, read from the store rather than the cache (resumed if it was
+        suspended with auto-resume): the VM's host said it does not run it. Refusals as
+        ``admit``'s; the token and the ingress were checked when ``target`` was admitted."""
+        self.routes.forget(target.microvm_id)
+        vm = await self._running(target.microvm_id, None)
+        return self._target(target.port, vm)
+
+    async def _running(self, microvm_id: str, kind: str | None) -> ResolvedVm:
+        """The VM, running (``kind``: first check that it takes that traffic)."""
         try:
-            vm = await self.routes.resolve(ask.microvm_id)
-            if not vm.allows(ask.kind):
+            if kind is None:
+                return await self.routes.ensure_running(microvm_id)
+            vm = await self.routes.resolve(microvm_id)
+            if not vm.allows(kind):
                 raise FORBIDDEN
             if vm.address is None:
-                vm = await self.routes.ensure_running(ask.microvm_id)
+                vm = await self.routes.ensure_running(microvm_id)
+            return vm
         except NotFoundError:
             raise Refusal(404, "MicroVM not found") from None
         except ConflictError:
@@ -284,9 +306,8 @@ class Admission:
         except InsufficientCapacityError:
             raise Refusal(503, "No capacity to resume the MicroVM") from None
         except EmbervmError as exc:
-            log.warning("MicroVM %s could not be started for a request: %s", ask.microvm_id, exc)
+            log.warning("MicroVM %s could not be started for a request: %s", microvm_id, exc)
             raise Refusal(502, "MicroVM could not be resumed") from None
-        return self._target(ask, vm), claims
 
     def _check_token(self, ask: Ask) -> Claims:
         if not ask.token:
@@ -299,11 +320,12 @@ class Admission:
             log.debug("token refused for %s: %s", ask.microvm_id, exc)
             raise FORBIDDEN from None
 
-    def _target(self, ask: Ask, vm: ResolvedVm) -> Target:
+    def _target(self, port: int, vm: ResolvedVm) -> Target:
         if vm.address is None:
-            raise Refusal(502, "MicroVM is not running")
+            raise Refusal(502, NOT_RUNNING)
         self.routes.record_activity(vm.microvm_id)
-        return Target(vm.microvm_id, vm.address, ask.port, connection_limit(vm.memory_mib))
+        return Target(vm.microvm_id, vm.address, port, connection_limit(vm.memory_mib),
+                      vm.host_id)  # fmt: skip
 
     def reserve(self, target: Target) -> None:
         """Count one more connection to the VM's app, before it is opened: ``Refusal`` 429

@@ -21,7 +21,8 @@ from h2.settings import SettingCodes, Settings
 
 from embervm.proxy.admission import Target
 from embervm.proxy.limits import READ_SIZE
-from embervm.proxy.streams import close_quietly, open_upstream
+from embervm.proxy.streams import close_quietly
+from embervm.proxy.upstream import DIRECT, Upstream
 
 WINDOW = 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
@@ -193,8 +194,8 @@ class H2Upstream:
         self.reading = asyncio.create_task(peer.read_loop(IDLE_TIMEOUT))
 
     @classmethod
-    async def open(cls, target: Target) -> H2Upstream:
-        reader, writer = await open_upstream(target.address, target.port)
+    async def open(cls, target: Target, upstream: Upstream = DIRECT) -> H2Upstream:
+        reader, writer = await upstream.connect(target)
         peer = H2Peer(reader, writer, new_connection())
         peer.start()
         await peer.flush()

@@ -35,6 +35,7 @@ from embervm.proxy.h2.session import Http2Session, upgrade_h2c
 from embervm.proxy.shell import ShellOpener
 from embervm.proxy.streams import streams_over
 from embervm.proxy.tls import ensure_tls, server_context
+from embervm.proxy.upstream import DIRECT, Upstream
 
 log = logging.getLogger("embervm.proxy")
 
@@ -114,8 +115,10 @@ class EndpointProxy:
         tokens: TokenVerifier,
         shells: ShellOpener,
         tls: tuple[Path, Path] | None = None,
+        upstream: Upstream = DIRECT,
     ) -> None:
         self.settings = settings
+        self.upstream = upstream  # how the apps are reached (a fleet's: ``TunnelUpstream``)
         idle = settings.proxy_session_idle_timeout
         self.admission = Admission(settings.domain, lifecycle, tokens, session_idle_timeout=idle)
         self.shells = shells
@@ -185,7 +188,8 @@ class EndpointProxy:
     async def _open(self, conn: socket.socket, slot: Slot, tls: ssl.SSLContext | None) -> None:
         """Serve an accepted connection (after its TLS handshake, for the TLS listener)."""
         loop = asyncio.get_running_loop()
-        relay = ClientRelay(self.admission, self._hand_off, tls=tls is not None, slot=slot)
+        relay = ClientRelay(self.admission, self._hand_off, tls=tls is not None, slot=slot,
+                            upstream=self.upstream)  # fmt: skip
         self._relays.add(relay)
         try:
             if tls is None:
@@ -207,7 +211,7 @@ class EndpointProxy:
     ) -> None:
         reader, writer = streams_over(transport, data, eof)
         if http2:
-            session = Http2Session(reader, writer, self.admission).run()
+            session = Http2Session(reader, writer, self.admission, self.upstream).run()
         else:
             session = self._http1(reader, writer)
         task = asyncio.get_running_loop().create_task(self._serve(session, slot))
@@ -227,9 +231,10 @@ class EndpointProxy:
         async def h2c(
             head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
-            await upgrade_h2c(self.admission, head, reader, writer)
+            await upgrade_h2c(self.admission, head, reader, writer, self.upstream)
 
         try:
-            await Http1Session(reader, writer, self.admission, self.shells, h2c=h2c).run()
+            await Http1Session(reader, writer, self.admission, self.shells, h2c=h2c,
+                               dialer=self.upstream).run()  # fmt: skip
         except Exception:  # one broken connection must never take the listener down
             log.exception("HTTP/1.1 connection failed")

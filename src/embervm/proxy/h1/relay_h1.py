@@ -53,11 +53,11 @@ from embervm.proxy.h1.wire import (
 )
 from embervm.proxy.limits import (
     BODY_IDLE_TIMEOUT,
-    CONNECT_TIMEOUT,
     FIRST_REQUEST_TIMEOUT,
     KEEPALIVE_TIMEOUT,
     MAX_HEAD,
 )
+from embervm.proxy.upstream import DIRECT, Upstream, reach
 
 log = logging.getLogger("embervm.proxy.h1relay")
 
@@ -112,8 +112,17 @@ class ClientRelay(asyncio.Protocol):
 
     transport: asyncio.Transport  # from connection_made, before any other callback
 
-    def __init__(self, admission: Admission, hand_off: HandOff, *, tls: bool, slot: Slot) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        hand_off: HandOff,
+        *,
+        tls: bool,
+        slot: Slot,
+        upstream: Upstream = DIRECT,
+    ) -> None:
         self.admission = admission
+        self.upstream = upstream  # how app connections are opened (``upstream``)
         self.hand_off = hand_off
         self.tls = tls
         self.slot = slot  # this connection's place under the connection caps
@@ -277,11 +286,8 @@ class ClientRelay(asyncio.Protocol):
         """A new kept connection to the target (None: refused with 502, or the client left)."""
         self._drop_app()
         self.admission.reserve(target)  # Refusal (429) goes to the caller
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, app = await self.loop.create_connection(
-                    lambda: AppLink(self, target), target.address, target.port
-                )
+        try:  # the target may change: the VM's host said it is elsewhere (a fleet)
+            target, app = await reach(self.admission, target, self._link)
         except BaseException as exc:
             self.admission.closed(target.microvm_id)
             if isinstance(exc, OSError | TimeoutError):
@@ -294,6 +300,9 @@ class ClientRelay(asyncio.Protocol):
             return None
         self.app = app
         return app
+
+    async def _link(self, target: Target) -> AppLink:
+        return await self.upstream.link(target, lambda: AppLink(self, target))
 
     def _send(self, app: AppLink, head: Head, framing: int) -> None:
         self.state = _EXCHANGE

@@ -46,12 +46,9 @@ from embervm.proxy.limits import (
     READ_SIZE,
 )
 from embervm.proxy.shell import ShellOpener, serve_shell_h1
-from embervm.proxy.streams import (
-    SessionLease,
-    close_quietly,
-    open_upstream,
-    splice,
-)
+from embervm.proxy.streams import SessionLease, close_quietly, splice
+from embervm.proxy.upstream import DIRECT, reach
+from embervm.proxy.upstream import Upstream as Dialer
 
 log = logging.getLogger("embervm.proxy.http1")
 
@@ -81,10 +78,12 @@ class Http1Session:
         shells: ShellOpener,
         *,
         h2c: H2cHandoff | None = None,
+        dialer: Dialer = DIRECT,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.admission = admission
+        self.dialer = dialer  # how app connections are opened (``proxy.upstream``)
         self.shells = shells
         self.h2c = h2c
         self.upstream: Upstream | None = None
@@ -189,13 +188,16 @@ class Http1Session:
             return current
         await self._drop_upstream()
         self.admission.reserve(target)  # Refusal (429) goes to the caller
-        try:
-            reader, writer = await open_upstream(target.address, target.port)
+        try:  # the target may change: the VM's host said it is elsewhere (a fleet)
+            target, (reader, writer) = await reach(self.admission, target, self.dialer.connect)
         except BaseException:
             self.admission.closed(target.microvm_id)
             raise
         self.upstream = Upstream(target, reader, writer)
         return self.upstream
+
+    async def _open_h2(self, target: Target) -> H2Upstream:
+        return await H2Upstream.open(target, self.dialer)
 
     async def _exchange(
         self, upstream: Upstream, head: Head, framing: int, upgrade: SessionLease | None
@@ -297,14 +299,17 @@ class Http1Session:
                 await self.refuse(refusal.status, refusal.message)
                 return False
             try:
-                app = await H2Upstream.open(target)
+                _, opened = await reach(self.admission, target, self._open_h2)
             except BaseException as exc:
                 self.admission.closed(target.microvm_id)
+                if isinstance(exc, Refusal):
+                    await self.refuse(exc.status, exc.message)
+                    return False
                 if not isinstance(exc, OSError | TimeoutError):
                     raise
                 await self.refuse(502, f"The app is not answering on port {target.port}")
                 return False
-            self.h2_upstream = app
+            self.h2_upstream = app = opened
         try:
             return await relay_h2.relay(self, app, head, framing)
         except (TimeoutError, ConnectionError, BadMessage, asyncio.IncompleteReadError) as exc:

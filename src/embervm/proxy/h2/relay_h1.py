@@ -34,7 +34,8 @@ from embervm.proxy.h1.wire import (
 from embervm.proxy.h2.fields import Request
 from embervm.proxy.h2.frame_layer import INTERNAL_ERROR, H2Server
 from embervm.proxy.h2.hpack import Header
-from embervm.proxy.limits import CONNECT_TIMEOUT, HOP_BY_HOP_H2, MAX_HEAD
+from embervm.proxy.limits import HOP_BY_HOP_H2, MAX_HEAD
+from embervm.proxy.upstream import DIRECT, Upstream, reach
 
 MAX_IDLE = 16  # kept app connections per target and client connection
 
@@ -153,8 +154,9 @@ class AppLink(asyncio.Protocol):
 class LinkPool:
     """A client connection's idle app connections, per target."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, upstream: Upstream = DIRECT) -> None:
         self.admission = admission
+        self.upstream = upstream
         self.idle: dict[Target, list[AppLink]] = {}
 
     def take(self, target: Target) -> AppLink | None:
@@ -166,18 +168,19 @@ class LinkPool:
         return None
 
     async def connect(self, target: Target) -> AppLink:
-        """A new connection (OSError or TimeoutError when the app does not answer)."""
-        loop = asyncio.get_running_loop()
+        """A new connection (OSError or TimeoutError when the app does not answer; its
+        ``target`` is another when the VM's host said it is elsewhere: ``upstream.reach``)."""
         self.admission.reserve(target)  # Refusal (429) goes to the caller
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, link = await loop.create_connection(lambda: AppLink(self, target),
-                                                       target.address, target.port)  # fmt: skip
+            _, link = await reach(self.admission, target, self._link)
         except BaseException:
             self.admission.closed(target.microvm_id)
             raise
         link.counted = True
         return link
+
+    async def _link(self, target: Target) -> AppLink:
+        return await self.upstream.link(target, lambda: AppLink(self, target))
 
     def give(self, link: AppLink) -> None:
         link.exchange = None

@@ -24,6 +24,7 @@ from embervm.proxy.h2.hpack import Header
 from embervm.proxy.h2.relay_h1 import Owner
 from embervm.proxy.h2c_upstream import H2Peer, H2Upstream, StreamGone
 from embervm.proxy.limits import BODY_IDLE_TIMEOUT, HOP_BY_HOP_H2
+from embervm.proxy.upstream import DIRECT, Upstream, reach
 
 log = logging.getLogger("embervm.proxy.http2")
 
@@ -40,8 +41,9 @@ class H2Upstreams:
     (``Admission.reserve``) from the moment it is being opened until it is closed, and a
     client connection has at most ``MAX_H2_TARGETS`` (a 429 for a stream that needs one more)."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, upstream: Upstream = DIRECT) -> None:
         self.admission = admission
+        self.upstream = upstream
         self.open: dict[Target, H2Upstream] = {}
         self.opening: dict[Target, asyncio.Task[H2Upstream]] = {}
         self.retired: list[H2Upstream] = []
@@ -56,15 +58,23 @@ class H2Upstreams:
             if len(self.opening) + live >= MAX_H2_TARGETS:
                 raise TOO_MANY_TARGETS
             self.admission.reserve(target)  # Refusal (429) goes to the stream
-            opening = self.opening[target] = asyncio.create_task(H2Upstream.open(target))
+            opening = self.opening[target] = asyncio.create_task(self._open(target))
             opening.add_done_callback(lambda task: self._opened(target, task))
         fresh = await asyncio.shield(opening)
-        if self.open.get(target) is not fresh:
-            stale = self.open.get(target)
+        kept = fresh.target  # not ``target`` if the VM's host said it is elsewhere
+        if self.open.get(kept) is not fresh:
+            stale = self.open.get(kept)
             if stale is not None:
                 self.retired.append(stale)
-            self.open[target] = fresh
+            self.open[kept] = fresh
         return fresh.peer
+
+    async def _open(self, target: Target) -> H2Upstream:
+        _, opened = await reach(self.admission, target, self._open_once)
+        return opened
+
+    async def _open_once(self, target: Target) -> H2Upstream:
+        return await H2Upstream.open(target, self.upstream)
 
     def _opened(self, target: Target, task: asyncio.Task[H2Upstream]) -> None:
         self.opening.pop(target, None)

@@ -46,6 +46,7 @@ from embervm.proxy.limits import (
     KEEPALIVE_TIMEOUT,
 )
 from embervm.proxy.streams import close_quietly
+from embervm.proxy.upstream import DIRECT, Upstream
 
 log = logging.getLogger("embervm.proxy.http2")
 
@@ -66,13 +67,15 @@ Exchange = H1Exchange | H2Exchange
 class ClientSession(asyncio.Protocol):
     """One client's HTTP/2 connection and the streams it carries."""
 
-    def __init__(self, transport: asyncio.Transport, admission: Admission) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, admission: Admission, upstream: Upstream = DIRECT
+    ) -> None:
         self.transport = transport
         self.admission = admission
         self.loop = asyncio.get_running_loop()
         self.engine = H2Server(self)
-        self.pool = LinkPool(admission)
-        self.upstreams = H2Upstreams(admission)
+        self.pool = LinkPool(admission, upstream)
+        self.upstreams = H2Upstreams(admission, upstream)
         self.exchanges: dict[int, Exchange] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.transport_full = False  # the client's connection does not take what we write
@@ -302,15 +305,20 @@ class Http2Session:
     bytes the streams hold and gives the transport to a ``ClientSession``."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admission: Admission
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        admission: Admission,
+        upstream: Upstream = DIRECT,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.admission = admission
+        self.upstream = upstream
 
     async def run(self, *, upgraded: tuple[bytes, Request] | None = None) -> None:
         transport = cast(asyncio.Transport, self.writer.transport)
-        session = ClientSession(transport, self.admission)
+        session = ClientSession(transport, self.admission, self.upstream)
         attached = False
         try:
             if upgraded is not None:
@@ -352,6 +360,7 @@ async def upgrade_h2c(
     request: Head,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    upstream: Upstream = DIRECT,
 ) -> None:
     """``Upgrade: h2c`` (RFC 7540 §3.2): answer 101, then serve the request as stream 1."""
     raw = (request.get(b"http2-settings") or b"").strip()
@@ -365,4 +374,4 @@ async def upgrade_h2c(
         await close_quietly(writer)
         return
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
-    await Http2Session(reader, writer, admission).run(upgraded=(settings, stream_one))
+    await Http2Session(reader, writer, admission, upstream).run(upgraded=(settings, stream_one))
