@@ -28,7 +28,7 @@ from embervm.blobs.uploads import UploadArea
 from embervm.config import Settings
 from embervm.core import CoreLimits, Operations, host_memory_budget_mib
 from embervm.core.tokens import TokenAuthority
-from embervm.errors import ConfigError, EmbervmError
+from embervm.errors import EmbervmError
 from embervm.host import LocalHost, start_host_parts
 from embervm.proxy import EndpointProxy
 from embervm.server import roles
@@ -172,7 +172,7 @@ async def start_role(
         return (await roles.start_host_role(settings, stack, progress)).ready_line
     if settings.role == "api":
         return (await roles.start_api_role(settings, stack, _serve_api)).ready_line
-    raise ConfigError(f"--role {settings.role} is not built yet (docs/FLEET.md)")
+    return (await roles.start_proxy_role(settings, stack)).ready_line
 
 
 async def run_server(settings: Settings) -> int:

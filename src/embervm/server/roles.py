@@ -6,8 +6,11 @@
   ``--advertise``.
 - ``api``: the control API over core in intent mode (``runs_vms=False``: placement and
   compare-and-set, no VM and no build here), the lifecycle timers and the reaper of lost hosts.
+- ``proxy``: the endpoint proxy, checking tokens with the keys in the store and reaching each
+  VM through its host's tunnel (``TunnelUpstream``); auto-resume writes the intent like the API
+  does. The shell (``/shell``) is not reachable through it yet.
 
-Every fleet role needs PostgreSQL (``check_fleet_settings``). The ``proxy`` role is being built.
+Every fleet role needs PostgreSQL (``check_fleet_settings``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from embervm.host import HostParts, start_host_parts
 from embervm.host.capabilities import host_capabilities, host_cpu_model
 from embervm.host.membership import HostMembership
 from embervm.host.tunnel import TunnelListener
+from embervm.proxy import EndpointProxy
 from embervm.proxy.host_dial import split_address
+from embervm.proxy.shell import Pty
+from embervm.proxy.upstream import TunnelUpstream
 from embervm.store import HostFence, Placement, SqlRepository, open_repository
 from embervm.store.hosts import check_address, check_host_id
 from embervm.vmm import QemuVmm
@@ -194,22 +200,62 @@ async def start_api_role(
     await asyncio.to_thread(settings.run_dir.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(CredentialStore(settings.credentials_file).ensure)
     repository = await _open_store(settings, stack)
+    ops, _ = await _intent_operations(settings, stack, repository, "api")
+    start_background(stack, keep_reaping(repository, builds=ops.supervisor.builds), name="reaper")
+    api_url = await serve_api(stack, settings, ops)
+    return RunningRole(f"embervm ready api={api_url}")
+
+
+async def _intent_operations(
+    settings: Settings, stack: contextlib.AsyncExitStack, repository: SqlRepository, name: str
+) -> tuple[Operations, TokenAuthority]:
+    """Core as a fleet's API or proxy process runs it: intents only, token keys in the store."""
     ring = await StoreKeyRing.open(repository)
     stack.push_async_callback(ring.close)
+    tokens = TokenAuthority(ring)
     nothing_here = _NoVmsHere()
     ops = Operations(
         settings=settings,
         repository=repository,
         host=nothing_here,
         builder=nothing_here,
-        tokens=TokenAuthority(ring),
-        host_id="api",
+        tokens=tokens,
+        host_id=name,
         runs_vms=False,
         placement=Placement(),
         hosts=repository,
     )
     await ops.start()
     stack.push_async_callback(ops.stop)
-    start_background(stack, keep_reaping(repository, builds=ops.supervisor.builds), name="reaper")
-    api_url = await serve_api(stack, settings, ops)
-    return RunningRole(f"embervm ready api={api_url}")
+    return ops, tokens
+
+
+# -- proxy -----------------------------------------------------------------------------------
+
+
+class _NoShellsHere:
+    async def open_shell(self, vm_id: str, *, cols: int, rows: int) -> Pty:
+        raise RuntimeFailure("the shell is not reachable through a fleet's proxy yet")
+
+
+async def start_proxy_role(settings: Settings, stack: contextlib.AsyncExitStack) -> RunningRole:
+    repository = await _open_store(settings, stack)
+    fleet_key = await repository.fleet_key()
+    ops, tokens = await _intent_operations(settings, stack, repository, "proxy")
+
+    async def host_addresses() -> dict[str, str]:
+        return {h.host_id: h.address for h in await repository.list_hosts() if h.state != "LOST"}
+
+    proxy = EndpointProxy(
+        settings,
+        lifecycle=ops.lifecycle,
+        tokens=tokens,
+        shells=_NoShellsHere(),
+        upstream=TunnelUpstream(fleet_key, host_addresses),
+    )
+    await proxy.start()
+    stack.push_async_callback(proxy.stop)
+    return RunningRole(
+        f"embervm ready proxy=https://{settings.listen_host}:{proxy.tls_port} "
+        f"proxy_http=http://{settings.listen_host}:{proxy.http_port}"
+    )

@@ -1,7 +1,9 @@
 """The fleet's roles as real processes on a real PostgreSQL (docs/FLEET.md): an `--role api`
-process places and writes intents, an `--role host` process builds the image and runs the VM;
-the host, SIGKILLed with its VMMs, is declared LOST within its lease and its running VM is
-TERMINATED with a reason that names it. The proxy role is not here yet."""
+process places and writes intents, an `--role host` process builds the image and runs the VM,
+an `--role proxy` process reaches it through the host's tunnel with a token the API minted
+(keys in the store) and resumes it on traffic after a suspend; the host, SIGKILLed with its
+VMMs, is declared LOST within its lease and its running VM is TERMINATED with a reason that
+names it."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from tests.framework.server_harness import (
     build_image,
     free_port,
     run_vm,
+    token,
     wait_for,
 )
 
@@ -78,11 +81,11 @@ def hosts_of(url: str) -> list[HostRecord]:
     return asyncio.run(read())
 
 
-def test_an_api_and_a_host_run_a_vm_and_a_killed_host_is_lost_within_its_lease(
+def test_api_host_and_proxy_run_serve_and_resume_a_vm_and_a_killed_host_is_lost_in_its_lease(
     postgres: LocalPostgres, guest_artifacts: GuestArtifacts, tmp_path: Path
 ) -> None:
-    api_dir, host_dir = tmp_path / "api", tmp_path / "host"
-    for folder in (api_dir, host_dir):
+    api_dir, host_dir, proxy_dir = tmp_path / "api", tmp_path / "host", tmp_path / "proxy"
+    for folder in (api_dir, host_dir, proxy_dir):
         folder.mkdir()
     (host_dir / "artifacts").symlink_to(test_cache_dir() / "artifacts")
     tunnel = f"127.0.0.1:{free_port()}"
@@ -96,6 +99,10 @@ def test_an_api_and_a_host_run_a_vm_and_a_killed_host_is_lost_within_its_lease(
             "--role", "host", "--host-id", "h1", "--advertise", tunnel,
             "--database-url", postgres.url, "--artifact-root", str(api_dir / "uploads"),
         ],
+    )  # fmt: skip
+    proxy = LiveServer(
+        proxy_dir, free_port(), free_port(), free_port(),
+        extra_args=["--role", "proxy", "--database-url", postgres.url],
     )  # fmt: skip
     try:
         host.start()
@@ -112,17 +119,38 @@ def test_an_api_and_a_host_run_a_vm_and_a_killed_host_is_lost_within_its_lease(
 
         image = build_image(api, "fleet-app", APP)  # built by the host: the API runs no build
         assert image["state"] == "CREATED", image
-        vm = run_vm(api, "fleet-app")
+        policy = {"maxIdleDurationSeconds": 3600, "suspendedDurationSeconds": 3600,
+                  "autoResumeEnabled": True}  # fmt: skip
+        vm = run_vm(api, "fleet-app", idlePolicy=policy)
         assert vm["state"] == "RUNNING", vm
+        vm_id = vm["microvmId"]
+
+        proxy.start()
+        assert proxy.ready_line.startswith("embervm ready proxy=https://127.0.0.1:")
+        secret = token(api, vm_id)  # sealed by the API, opened by the proxy: one key ring
+        answer = proxy.get(vm_id, secret)
+        assert answer.status_code == 200, answer.text
+        assert "headers" in answer.json()  # the app in the VM on the host answered
+
+        client = api.client()
+        client.suspend_microvm(microvmIdentifier=vm_id)
+        wait_for(
+            lambda: client.get_microvm(microvmIdentifier=vm_id),
+            lambda got: got["state"] == "SUSPENDED",
+            120.0,
+            "the host to suspend the VM",
+        )
+        resumed = proxy.get(vm_id, secret)  # auto-resume through the proxy, on its host
+        assert resumed.status_code == 200, resumed.text
+        assert client.get_microvm(microvmIdentifier=vm_id)["state"] == "RUNNING"
 
         assert host.process is not None
         host.process.send_signal(signal.SIGKILL)
         host.process.wait()
         assert kill_vmms_of(host_dir)  # the VM's QEMU dies with its host
         killed = time.monotonic()
-        client = api.client()
         ended = wait_for(
-            lambda: client.get_microvm(microvmIdentifier=vm["microvmId"]),
+            lambda: client.get_microvm(microvmIdentifier=vm_id),
             lambda got: got["state"] == "TERMINATED",
             60.0,
             "the lost host's VM to be terminated",
@@ -134,6 +162,7 @@ def test_an_api_and_a_host_run_a_vm_and_a_killed_host_is_lost_within_its_lease(
         [lost] = hosts_of(postgres.url)
         assert lost.state == "LOST"
     finally:
+        proxy.stop()
         api.stop()
         host.stop()
         # A host restarted on its data dir reclaims what the killed one left (network, dirs).
