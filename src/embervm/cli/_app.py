@@ -67,9 +67,10 @@ def version() -> None:
 
 
 def _register() -> None:
-    from embervm.cli import credentials, doctor, images, microvms, server, shell, tokens
+    from embervm.cli import credentials, doctor, fleet, images, microvms, server, shell, tokens
 
     app.add_typer(credentials.app, name="credentials")
+    app.add_typer(fleet.app, name="fleet")
     app.add_typer(tokens.app, name="tokens")
     server.register(app)
     images.register(app)

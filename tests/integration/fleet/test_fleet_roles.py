@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.framework.integration_cache import test_cache_dir
@@ -81,6 +85,16 @@ def hosts_of(url: str) -> list[HostRecord]:
     return asyncio.run(read())
 
 
+def fleet_cli(url: str, *args: str) -> Any:
+    done = subprocess.run(
+        [sys.executable, "-m", "embervm.cli", "fleet", *args, "--database-url", url,
+         "--output", "json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def test_api_host_and_proxy_run_serve_and_resume_a_vm_and_a_killed_host_is_lost_in_its_lease(
     postgres: LocalPostgres, guest_artifacts: GuestArtifacts, tmp_path: Path
 ) -> None:
@@ -144,6 +158,18 @@ def test_api_host_and_proxy_run_serve_and_resume_a_vm_and_a_killed_host_is_lost_
         assert resumed.status_code == 200, resumed.text
         assert client.get_microvm(microvmIdentifier=vm_id)["state"] == "RUNNING"
 
+        [listed] = fleet_cli(postgres.url, "hosts")
+        assert listed == {
+            "hostId": "h1", "state": "ACTIVE", "pid": listed["pid"], "address": tunnel,
+            "epoch": 1, "memoryMiB": {"total": listed["memoryMiB"]["total"], "reserved": 1024},
+            "microvms": [vm_id],
+        }  # fmt: skip
+        assert host.process is not None
+        assert listed["pid"] == host.process.pid
+        assert fleet_cli(postgres.url, "drain", "h1")["state"] == "DRAINING"
+        with pytest.raises(client.exceptions.InsufficientCapacityException):
+            client.run_microvm(imageIdentifier="fleet-app")  # no host takes new VMs
+
         assert host.process is not None
         host.process.send_signal(signal.SIGKILL)
         host.process.wait()
@@ -161,6 +187,7 @@ def test_api_host_and_proxy_run_serve_and_resume_a_vm_and_a_killed_host_is_lost_
         assert took <= 2 * LEASE_SECONDS, took
         [lost] = hosts_of(postgres.url)
         assert lost.state == "LOST"
+        assert fleet_cli(postgres.url, "hosts")[0]["microvms"] == []
     finally:
         proxy.stop()
         api.stop()
