@@ -240,15 +240,7 @@ class SqlHosts(SqlTransactions):
         await conn.execute(
             microvms.update()
             .where(m.host_id.in_(host_ids), m.state.in_(LIVE_ON_HOST))
-            .values(
-                state="TERMINATED",
-                state_reason=lost_reason_sql(m.host_id),
-                terminated_at=now,
-                updated_at=now,
-                running_since=None,
-                address=None,
-                host_epoch=None,
-            )
+            .values(**_lost_values(now))
         )
         await conn.execute(
             microvms.update()
@@ -328,15 +320,7 @@ class SqlHosts(SqlTransactions):
             ended = await conn.scalars(
                 microvms.update()
                 .where(*stale, sa.not_(kept))
-                .values(
-                    state="TERMINATED",
-                    state_reason=lost_reason_sql(m.host_id),
-                    terminated_at=now,
-                    updated_at=now,
-                    running_since=None,
-                    address=None,
-                    host_epoch=None,
-                )
+                .values(**_lost_values(now))
                 .returning(m.microvm_id)
             )
             return rebound_ids, sorted(ended.all())
@@ -405,6 +389,19 @@ class SqlHosts(SqlTransactions):
                 return
             async with asyncio.timeout(LISTEN_CHECK_SECONDS):
                 await raw.fetchval("SELECT 1")
+
+
+def _lost_values(now: sa.ColumnElement[datetime]) -> dict[str, Any]:
+    """A live VM its host no longer runs: TERMINATED, the host's name in the reason."""
+    return {
+        "state": "TERMINATED",
+        "state_reason": lost_reason_sql(microvms.c.host_id),
+        "terminated_at": now,
+        "updated_at": now,
+        "running_since": None,
+        "address": None,
+        "host_epoch": None,
+    }
 
 
 def lost_reason_sql(host_id: sa.ColumnElement[str]) -> sa.ColumnElement[str]:

@@ -11,11 +11,9 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 import pytest
 from tests.framework.integration_cache import test_cache_dir
+from tests.framework.local_services import service_root, started_postgres
 from tests.framework.server_harness import (
     REPO,
     LiveServer,
@@ -33,10 +32,8 @@ from tests.framework.server_harness import (
     wait_for,
 )
 
-from embervm.errors import ConfigError
 from embervm.guest.artifacts import GuestArtifacts
 from embervm.localfleet import LocalPostgres
-from embervm.localfleet import free_port as free_local_port
 from embervm.store import HostRecord, open_repository
 
 APP = REPO / "tests" / "integration" / "server" / "hardening_app"  # stdlib only: a quick build
@@ -45,20 +42,8 @@ LEASE_SECONDS = 10.0  # host.membership.DEFAULT_LEASE_SECONDS
 
 @pytest.fixture
 def postgres() -> Iterator[LocalPostgres]:
-    root = Path(tempfile.mkdtemp(prefix="embervm-fleet-"))
-    root.chmod(0o711)  # as root, PostgreSQL runs as the postgres user
-    pg = LocalPostgres(root / "postgres")
-    try:
-        try:
-            pg.init()
-        except ConfigError as exc:
-            pytest.skip(str(exc))
-        pg.start(free_local_port())
+    with service_root("embervm-fleet-") as root, started_postgres(root) as pg:
         yield pg
-    finally:
-        with contextlib.suppress(Exception):
-            pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def kill_vmms_of(data_dir: Path) -> list[int]:

@@ -7,28 +7,20 @@ The folders live under a temp dir opened for passing (0711): as root, PostgreSQL
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.framework.local_services import last_resort_stop, service_root
 
 from embervm.errors import ConfigError
-from embervm.localfleet import LocalPostgres, LocalSeaweedFS, ProcessIdentity, free_port
+from embervm.localfleet import LocalPostgres, LocalSeaweedFS, free_port
 
 
 @pytest.fixture
 def fleet_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="embervm-localfleet-"))
-    root.chmod(0o711)
-    try:
+    with service_root() as root:
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -42,7 +34,7 @@ def postgres(fleet_root: Path) -> Iterator[LocalPostgres]:
     try:
         yield pg
     finally:
-        _last_resort_stop(pg.stop, pg.process)
+        last_resort_stop(pg.stop, pg.process)
 
 
 @pytest.fixture
@@ -58,17 +50,4 @@ def seaweedfs(fleet_root: Path) -> Iterator[LocalSeaweedFS]:
         sw.create_bucket("embervm")
         yield sw
     finally:
-        _last_resort_stop(sw.stop, sw.process)
-
-
-def _last_resort_stop(
-    stop: Callable[[], None], process: Callable[[], ProcessIdentity | None]
-) -> None:
-    """``stop()``; if that fails, SIGKILL whatever still runs, so no test leaves a process."""
-    try:
-        stop()
-    finally:
-        identity = process()
-        if identity is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(identity.pid, signal.SIGKILL)
+        last_resort_stop(sw.stop, sw.process)

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from tests.framework.local_services import service_root, started_postgres
 
-from embervm.errors import ConfigError
-from embervm.localfleet import LocalPostgres, free_port
+from embervm.localfleet import LocalPostgres
 from embervm.store import SqlRepository, open_repository
 
 
@@ -51,20 +48,8 @@ async def test_a_host_hears_its_own_wake_ups_only(database_url: str, repo: SqlRe
 @pytest.fixture
 def restartable_postgres() -> Iterator[LocalPostgres]:
     """A PostgreSQL of the test's own (the shared test server must not be restarted)."""
-    root = Path(tempfile.mkdtemp(prefix="embervm-wakeups-"))
-    root.chmod(0o711)  # as root, PostgreSQL runs as the postgres user
-    pg = LocalPostgres(root / "postgres")
-    try:
-        try:
-            pg.init()
-        except ConfigError as exc:
-            pytest.skip(str(exc))
-        pg.start(free_port())
+    with service_root("embervm-wakeups-") as root, started_postgres(root) as pg:
         yield pg
-    finally:
-        with contextlib.suppress(Exception):
-            pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_listening_survives_a_postgresql_restart(
