@@ -5,12 +5,15 @@ header checks off, to send what a hostile peer would) to the proxy's plain liste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import h2.config
 import h2.connection
 import h2.events
-from tests.framework.proxy_unit_harness import HOST, Rig
+import pytest
+from tests.framework.proxy_unit_harness import HOST, Rig, listening_socket
 
 
 class Client:
@@ -124,3 +127,24 @@ async def h2c_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.write(conn.data_to_send())
         await writer.drain()
     writer.close()
+
+
+@pytest.fixture
+async def h2c_port() -> AsyncIterator[int]:
+    """The port of an h2c app (``h2c_app``) on 127.0.0.1, closed after the test."""
+    sock = listening_socket()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await h2c_app(reader, writer)
+
+    server = await asyncio.start_server(serve, sock=sock)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()

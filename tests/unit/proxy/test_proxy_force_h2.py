@@ -5,22 +5,18 @@ clients, bodies both ways, kept connection."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 
 import h2.config
 import h2.connection
 import h2.events
 import httpx
 import pytest
-from tests.framework.proxy_h2_peers import h2c_app
 from tests.framework.proxy_unit_harness import (
     HOST,
     VM,
     Rig,
     gather_bounded,
-    listening_socket,
     running,
     until,
 )
@@ -28,26 +24,6 @@ from tests.framework.proxy_unit_harness import (
 from embervm.proxy.admission import connection_limit
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def h2c_port() -> AsyncIterator[int]:
-    sock = listening_socket()
-    writers: list[asyncio.StreamWriter] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(ConnectionError):
-            await h2c_app(reader, writer)
-
-    server = await asyncio.start_server(serve, sock=sock)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()
-        await server.wait_closed()
 
 
 async def test_http1_client_reaches_an_h2c_only_app(rig: Rig, h2c_port: int) -> None:

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.framework.proxy_h2_peers import h2c_app
 from tests.framework.proxy_unit_harness import (
     DOMAIN,
     HOST,
     VM,
     App,
     LocalShells,
-    listening_socket,
     running,
 )
 from websockets.asyncio.client import connect
@@ -167,26 +165,6 @@ def moved(first: str = "a", then: str = "b") -> FleetRoutes:
 
 
 # -- apps ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def h2c_port() -> AsyncIterator[int]:
-    sock = listening_socket()
-    writers: list[asyncio.StreamWriter] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(ConnectionError):
-            await h2c_app(reader, writer)
-
-    server = await asyncio.start_server(handle, sock=sock)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()
-        await server.wait_closed()
 
 
 async def echo(ws: ServerConnection) -> None:
