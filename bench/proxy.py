@@ -16,41 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchprocs import cpu_seconds, free_port, process
 
 VM_ID = "mvm-0123456789abcdef0123"
 DOMAIN = "microvm.localhost"
 DURATION = 8
 CONNECTIONS = 32
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 NGINX_UPSTREAM = """
@@ -73,21 +56,6 @@ http {{ access_log off;
     location / {{ proxy_pass http://app; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header X-aws-proxy-auth ""; }} }} }}
 """
-
-
-@contextlib.contextmanager
-def process(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def nginx(root: Path, name: str, conf: str) -> list[str]:
@@ -122,12 +90,6 @@ def h2load(port: int, headers: dict[str, str]) -> dict[str, float]:
     assert codes is not None, out
     return {"rps": rps, "ok": float(codes.group(1)),
             "non_2xx": float(sum(int(n) for n in codes.groups()[1:]))}  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def nginx_worker(root: Path, name: str) -> int:
