@@ -61,6 +61,7 @@ class _Vm:
     watcher: asyncio.Task[None] | None = None
     expected_exit: bool = False
     rebuild_network: bool = False  # adopted after a restart: namespace and rules made anew
+    memory_mib: int = 0  # the guest's RAM while a VMM runs it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -94,6 +95,10 @@ class LocalHost:
         vm = self._vms.get(vm_id)
         return bool(vm and vm.process and vm.process.returncode is None)
 
+    def memory_in_use_mib(self) -> int:
+        """The guest RAM of the VMs whose VMM runs here (a fleet host reports it)."""
+        return sum(vm.memory_mib for vm in self._vms.values() if self.is_running(vm.vm_id))
+
     def is_suspended(self, vm_id: str) -> bool:
         """Held with its suspend snapshot and no VMM (suspended, or adopted after a restart)."""
         vm = self._vms.get(vm_id)
@@ -120,7 +125,7 @@ class LocalHost:
             undo.callback(shutil.rmtree, workdir, ignore_errors=True)
             net = await self._network.create(spec.vm_id, egress=spec.egress)
             undo.push_async_callback(self._network.destroy, spec.vm_id)
-            vm = _Vm(spec.vm_id, workdir, net)
+            vm = _Vm(spec.vm_id, workdir, net, memory_mib=manifest.memory_mib)
             cfg = self._boot.config(
                 spec.vm_id, workdir, memory_mib=manifest.memory_mib, network=net
             )
@@ -173,6 +178,7 @@ class LocalHost:
                 vm_id, vm.workdir, memory_mib=manifest.memory_mib, network=vm.network
             )
             vm.expected_exit = False
+            vm.memory_mib = manifest.memory_mib
             vm.process = await self._vmm.restore(cfg, snapshot, consume=True)
             try:
                 vm.agent = await connect_agent(cfg, restored=True)
@@ -240,7 +246,7 @@ class LocalHost:
         except RuntimeFailure as exc:
             log.warning("MicroVM %s: cannot re-attach: %s", vm_id, exc)
             return False
-        vm = _Vm(vm_id, workdir, net, process=process)
+        vm = _Vm(vm_id, workdir, net, process=process, memory_mib=memory_mib)
         try:
             # A suspend the crash cut short left the guest stopped mid-snapshot: it runs on.
             interrupted = await process.status() != "running"

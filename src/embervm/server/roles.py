@@ -30,7 +30,7 @@ from embervm.core.keyring_store import StoreKeyRing
 from embervm.core.reaper import keep_reaping
 from embervm.core.tokens import TokenAuthority
 from embervm.errors import ConfigError, RuntimeFailure
-from embervm.host import HostParts, start_host_parts
+from embervm.host import start_host_parts
 from embervm.host.capabilities import host_capabilities, host_cpu_model
 from embervm.host.membership import HostMembership
 from embervm.host.tunnel import TunnelListener
@@ -122,7 +122,7 @@ async def start_host_role(
             accel=parts.boot.accel,
             cpu_model=host_cpu_model(),
         ),
-        reserved_mib=lambda: _reserved_mib(parts),
+        reserved_mib=parts.runtime.memory_in_use_mib,
         on_lost=lost,
         on_registered=registered,
         pid=os.getpid(),
@@ -150,11 +150,6 @@ async def start_host_role(
     start_background(stack, membership.keep_beating(), name="host-membership")
     start_background(stack, ops.supervisor.keep_adopting(), name="adopt-work")
     return RunningRole(f"embervm ready host={host_id} epoch={record.epoch} tunnel={advertise}")
-
-
-def _reserved_mib(parts: HostParts) -> int:
-    del parts  # the store counts what is placed here; the host reports none of its own yet
-    return 0
 
 
 # -- api -------------------------------------------------------------------------------------

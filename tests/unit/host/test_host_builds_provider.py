@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from tests.unit.host.vm_fakes import AgentConnector, FakeNetwork, FakeVmm, manifest
+from tests.framework.host_vm_fakes import AgentConnector, FakeNetwork, FakeVmm, manifest
 
 from embervm.errors import GuestError, VmmError
 from embervm.guest.artifacts import GuestArtifacts

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from tests.unit.host.vm_fakes import SNAPSHOT, VM, HostRig, manifest
+from tests.framework.host_vm_fakes import SNAPSHOT, VM, HostRig, manifest
 
 from embervm.errors import GuestError, NotFoundError, VmmError
 from embervm.host.runtime import LaunchSpec

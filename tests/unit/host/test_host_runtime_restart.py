@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.unit.host.vm_fakes import SNAPSHOT, VM, HostRig, manifest
+from tests.framework.host_vm_fakes import SNAPSHOT, VM, HostRig, manifest
 
 from embervm.host import runtime
 from embervm.host._boot import vm_dir_name

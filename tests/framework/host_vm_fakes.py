@@ -1,7 +1,7 @@
 """Fakes behind the host's seams for its unit tests: ``vmm.Vmm`` / ``vmm.VmProcess``, the
 ``NetworkManager`` calls the host makes, and the ``guest.GuestAgent`` calls it makes.
 
-Small and local on purpose (imported as ``tests.unit.host.vm_fakes``); nothing here starts a
+Small and local on purpose (imported as ``tests.framework.host_vm_fakes``); nothing here starts a
 process or touches the network. Each fake records what was asked of it. ``HostRig`` puts
 them together behind a ``LocalHost``.
 """
