@@ -257,6 +257,16 @@ class Supervisor:
                 cancel = self._cancels.get(vm_id)
                 if cancel is not None:
                     cancel.set()
+                unheld = result.record is not None and result.record.host_epoch is None
+                if not self.runs_vms and unheld:  # a fleet VM no host holds: nothing to stop
+                    return await self.move(
+                        vm_id,
+                        ["TERMINATING"],
+                        "TERMINATED",
+                        terminated_at=to_datetime(self._now()),
+                        running_since=None,
+                        address=None,
+                    )
                 self._start_terminate(vm_id)
             return result
 

@@ -24,7 +24,7 @@ from embervm.store import (
     SqlRepository,
     open_repository,
 )
-from embervm.store.schema import image_versions
+from embervm.store.schema import image_versions, microvms
 
 
 @dataclass
@@ -235,3 +235,15 @@ async def test_the_builds_of_a_lost_host_fail_and_a_restarted_host_fails_its_old
 async def state(ops: Operations, rig: Rig, image: str) -> str:
     got = await ops.invoke("GetMicrovmImage", {"imageIdentifier": image}, rig.caller)
     return str(got["state"])
+
+
+async def test_terminating_a_suspended_vm_of_a_lost_host_needs_no_host(fleet: Fleet) -> None:
+    vm_id = str((await fleet.call("RunMicrovm", imageIdentifier="web"))["microvmId"])
+    await fleet.host_works()
+    await fleet.call("SuspendMicrovm", microvmIdentifier=vm_id)
+    await fleet.host_works()
+    async with fleet.repos[0].engine.begin() as conn:  # what the reaper leaves of it
+        await conn.execute(microvms.update().values(host_epoch=None))
+    await fleet.call("TerminateMicrovm", microvmIdentifier=vm_id)
+    assert await fleet.state(vm_id) == "TERMINATED"  # not TERMINATING forever
+    assert await fleet.host_works() == 0
