@@ -17,8 +17,9 @@ Builds run in tasks owned here too, driven by ``builds.BuildRunner``.
 In a fleet (docs/FLEET.md) the task runs on the VM's host. An API process's supervisor
 (``runs_vms=False``) only writes intents: the compare-and-set, with ``placement`` choosing the
 host of a resume. A host's supervisor (``fence``: its id and epoch) takes the work placed on it
-with ``adopt`` and drives its ``HostBackend`` as one process does; every state it writes holds
-only while its epoch does. One process (``embervm server``) is both, with no fence.
+with ``adopt`` (``core.fleetwork``) and drives its ``HostBackend`` as one process does; every
+state it writes holds only while its epoch does. One process (``embervm server``) is both, with
+no fence.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from typing import Any
 from embervm.contracts import MicrovmState, SuspendOutcome, VmSpec
 from embervm.core.builds import BuildRunner
 from embervm.core.clock import Clock, to_datetime
+from embervm.core.fleetwork import ANY_HOST, FleetWork
 from embervm.core.ids import state_reason
 from embervm.core.limits import CoreLimits
 from embervm.core.recovery import after_restart
 from embervm.core.seams import HostBackend, ImageBuilder
-from embervm.core.vmspec import vm_spec
 from embervm.sizing import cpu_share
 from embervm.store import (
     AdmissionLimits,
@@ -52,11 +53,9 @@ log = logging.getLogger("embervm.core")
 
 NON_FINAL: tuple[MicrovmState, ...] = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED")
 STOP_TIMEOUT = 30.0
-ADOPT_POLL_SECONDS = 1.0  # a fleet host looks for work this often without a wake-up
-ANY_HOST = "*"  # the wake-up of work any host may take (a build)
 
 
-class Supervisor:
+class Supervisor(FleetWork):
     def __init__(
         self,
         *,
@@ -88,10 +87,10 @@ class Supervisor:
         self.clock = clock
         self.limits = limits
         self.host_id = host_id
-        self.fence = fence
+        self.fence: HostFence | None = fence
         self.runs_vms = runs_vms
         self.placement = placement
-        self.hosts = hosts  # a fleet: wake-ups between API processes and hosts
+        self.hosts: HostRegistry | None = hosts  # a fleet: wake-ups between processes
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: set[str] = set()  # VMs whose terminate task runs here
         self._flights: dict[str, asyncio.Task[None]] = {}
@@ -510,87 +509,3 @@ class Supervisor:
         if result.status == "ok" and target.state == "TERMINATED":
             with contextlib.suppress(Exception):  # whatever the host still holds of it
                 await self.host.terminate(vm_id)
-
-    # -- a fleet host's work -----------------------------------------------------------------
-
-    async def adopt(self) -> int:
-        """Start the work the store placed on this host (at this epoch) that no task here runs
-        yet: a launch or a resume (PENDING), a suspend, a terminate. Returns how many started.
-        A fleet host calls it when woken and on a short poll, so a lost wake-up only delays."""
-        started = await self.builds.adopt() if self.runs_vms else 0
-        placed = await self.repo.microvms_in_states(
-            ("PENDING", "SUSPENDING", "TERMINATING"), host_id=self.host_id
-        )
-        for vm in placed:
-            if self.fence is not None and vm.host_epoch != self.fence.epoch:
-                continue
-            async with self._lock(self._control_locks, vm.microvm_id):
-                if await self._adopt_one(vm):
-                    started += 1
-        return started
-
-    async def _adopt_one(self, vm: MicrovmRecord) -> bool:
-        vm_id = vm.microvm_id
-        if vm_id in self._flights or vm_id in self._stopping:
-            return False
-        if vm.state == "TERMINATING":
-            self._start_terminate(vm_id)
-        elif vm.state == "SUSPENDING":
-            self._start_suspend(vm_id)
-        elif vm.suspended_at is not None:
-            self._start_resume(vm_id)
-        else:
-            version = await self.repo.get_version(
-                vm.account_id, vm.image_name, int(vm.image_version)
-            )
-            if version is None or not version.snapshot_dir:
-                await self.move(
-                    vm_id,
-                    ["PENDING"],
-                    "TERMINATED",
-                    state_reason=state_reason("LaunchFailed", "the image version is gone"),
-                    terminated_at=to_datetime(self._now()),
-                )
-                return False
-            self.start_launch(vm, lambda: vm_spec(vm, version))
-        return True
-
-    def set_fence(self, fence: HostFence) -> None:
-        """A fleet host registered again (a new epoch): its writes from now on carry it."""
-        if fence.host_id != self.host_id:
-            raise ValueError("a host's fence names its own host")
-        self.fence = fence
-        self.builds.fence = fence
-
-    def _wake(self, vm_id: str) -> None:
-        """An API process wrote work: wake the VM's host (best effort; it also polls)."""
-        if self.hosts is not None:
-            self.spawn(self._wake_host_of(vm_id), f"wake the host of {vm_id}")
-
-    def _wake_hosts(self, host_id: str) -> None:
-        if self.hosts is not None:
-            self.spawn(self.hosts.wake_host(host_id), f"wake {host_id}")
-
-    async def _wake_host_of(self, vm_id: str) -> None:
-        vm = await self.repo.get_microvm(vm_id)
-        if vm is not None and self.hosts is not None:
-            await self.hosts.wake_host(vm.host_id)
-
-    async def keep_adopting(self, poll_seconds: float = ADOPT_POLL_SECONDS) -> None:
-        """A fleet host: ``adopt`` whenever woken (``NOTIFY``) and every ``poll_seconds``."""
-        woken = asyncio.Event()
-        listening: contextlib.AbstractAsyncContextManager[None] = (
-            self.hosts.listening_for_work(self.host_id, woken.set)
-            if self.hosts is not None
-            else contextlib.nullcontext()
-        )
-        async with listening:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(poll_seconds):
-                        await woken.wait()
-                woken.clear()
-                try:
-                    await self.adopt()
-                except Exception:
-                    log.exception("adopting work failed (retrying)")
