@@ -6,12 +6,9 @@ server's clock); clients reach it over real TCP: boto3, the AWS CLI, httpx.
 
 from __future__ import annotations
 
-import importlib
 import socket
-import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,32 +20,6 @@ from tests.framework.fake_api import FakeOperations
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.credentials import Credential
 from embervm.config import Settings
-
-
-def _ensure_caller_module() -> None:
-    """Until core lands ``embervm.core.caller`` (the brief's ``Caller(access_key_id,
-    account_id, region)``), register a stand-in of that shape; the real one wins once it
-    exists."""
-    try:
-        importlib.import_module("embervm.core.caller")
-    except ModuleNotFoundError:
-
-        @dataclass(frozen=True)
-        class Caller:
-            access_key_id: str
-            account_id: str
-            region: str
-
-        if "embervm.core" not in sys.modules:
-            core = types.ModuleType("embervm.core")
-            core.__path__ = []  # type: ignore[attr-defined]
-            sys.modules["embervm.core"] = core
-        module = types.ModuleType("embervm.core.caller")
-        module.Caller = Caller  # type: ignore[attr-defined]
-        sys.modules["embervm.core.caller"] = module
-
-
-_ensure_caller_module()
 
 
 class ServerClock:

@@ -7,11 +7,7 @@ registered so the API can be tested on its own; once the real module exists it i
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +19,6 @@ from tests.framework.fake_api import FakeOperations, sign, signed_request
 from embervm.api import CredentialStore, create_api_app
 from embervm.api.credentials import Credential
 from embervm.config import Settings
-
-
-def _ensure_caller_module() -> None:
-    try:
-        importlib.import_module("embervm.core.caller")
-    except ModuleNotFoundError:
-
-        @dataclass(frozen=True)
-        class Caller:
-            access_key_id: str
-            account_id: str
-            region: str
-
-        if "embervm.core" not in sys.modules:
-            core = types.ModuleType("embervm.core")
-            core.__path__ = []  # type: ignore[attr-defined]
-            sys.modules["embervm.core"] = core
-        caller = types.ModuleType("embervm.core.caller")
-        caller.Caller = Caller  # type: ignore[attr-defined]
-        sys.modules["embervm.core.caller"] = caller
-
-
-_ensure_caller_module()
-
 
 ENDPOINT = "http://testserver"
 
