@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,22 +31,6 @@ IGNORES_TERM = (
     "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "print('ready', flush=True); time.sleep(60)"
 )
-
-
-@pytest.fixture
-def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Children a test starts; SIGKILLed and reaped afterwards whatever happened."""
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        yield children
-    finally:
-        for child in children:
-            if child.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=10)
-            if child.stdout is not None:
-                child.stdout.close()
 
 
 def start(spawned: list[subprocess.Popen[bytes]], argv: list[str]) -> ProcessIdentity:

@@ -3,11 +3,9 @@ whom it stops (only the processes the file describes), and when it keeps the fil
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +26,6 @@ from embervm.localfleet import state as state_module
 from embervm.localfleet._proc import ProcessIdentity
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        yield children
-    finally:
-        for child in children:
-            if child.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=10)
 
 
 def spawn(spawned: list[subprocess.Popen[bytes]], name: str, **how: Any) -> ProcessRecord:
